@@ -1,0 +1,163 @@
+"""Client and AsyncClient: the same calls, blocking and asyncio. Sampling keywords are SamplingParams'."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from laas.client.types import (
+    Chunk,
+    ModelDescription,
+    Result,
+    chunk_from_pb,
+    error_from_rpc,
+    model_from_pb,
+    sampling_pb,
+)
+from laas.daemon.settings import DEFAULT_LISTEN
+from laas.v1 import runtime_pb2 as pb
+from laas.v1 import runtime_pb2_grpc as pb_grpc
+
+Message = Mapping[str, str] | tuple[str, str]
+
+
+def _chat_request(messages: Sequence[Message], model: str, sampling: Mapping[str, Any]) -> pb.ChatRequest:
+    wire = [pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
+            else pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+    return pb.ChatRequest(model=model, messages=wire, sampling=sampling_pb(**sampling))
+
+
+def _health_name(status: int) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+
+class Client:
+    """Blocking client. `target` is host:port (default: the local daemon)."""
+
+    def __init__(self, target: str = DEFAULT_LISTEN, *, channel: grpc.Channel | None = None) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.RuntimeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
+                 **sampling: Any) -> Iterator[Chunk]:
+        """Streams chunks as the daemon decodes them. Breaking out of the loop cancels the request."""
+        request = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling))
+        return self._stream(self._stub.Generate(request, timeout=timeout))
+
+    def chat(self, messages: Sequence[Message], *, model: str = "", timeout: float | None = None,
+             **sampling: Any) -> Iterator[Chunk]:
+        """Streams the assistant's reply to `messages` ({"role", "content"} mappings or (role, content))."""
+        return self._stream(self._stub.Chat(_chat_request(messages, model, sampling), timeout=timeout))
+
+    def complete(self, prompt: str, **kwargs: Any) -> Result:
+        """generate(), joined."""
+        return Result.join(self.generate(prompt, **kwargs))
+
+    def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
+                 timeout: float | None = None) -> list[int]:
+        request = pb.TokenizeRequest(model=model, text=text, add_special=add_special)
+        return list(self._call(self._stub.Tokenize, request, timeout).tokens)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelDescription]:
+        return [model_from_pb(m) for m in self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models]
+
+    def model(self, name: str = "", *, timeout: float | None = None) -> ModelDescription:
+        return model_from_pb(self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """SERVING, NOT_SERVING, ... for the daemon ("") or one service."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return _health_name(self._call(self._health.Check, request, timeout).status)
+
+    @staticmethod
+    def _call(method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+    @staticmethod
+    def _stream(call: Any) -> Iterator[Chunk]:
+        try:
+            for msg in call:
+                yield chunk_from_pb(msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        finally:
+            call.cancel()  # no-op when the stream ended; cancels the daemon's work when the caller stopped
+
+
+class AsyncClient:
+    """asyncio client; the same calls as Client, awaited, and streams as async iterators."""
+
+    def __init__(self, target: str = DEFAULT_LISTEN, *, channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.RuntimeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
+                 **sampling: Any) -> AsyncIterator[Chunk]:
+        request = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling))
+        return self._stream(self._stub.Generate(request, timeout=timeout))
+
+    def chat(self, messages: Sequence[Message], *, model: str = "", timeout: float | None = None,
+             **sampling: Any) -> AsyncIterator[Chunk]:
+        return self._stream(self._stub.Chat(_chat_request(messages, model, sampling), timeout=timeout))
+
+    async def complete(self, prompt: str, **kwargs: Any) -> Result:
+        return Result.join([c async for c in self.generate(prompt, **kwargs)])
+
+    async def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
+                       timeout: float | None = None) -> list[int]:
+        request = pb.TokenizeRequest(model=model, text=text, add_special=add_special)
+        return list((await self._call(self._stub.Tokenize, request, timeout)).tokens)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelDescription]:
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [model_from_pb(m) for m in response.models]
+
+    async def model(self, name: str = "", *, timeout: float | None = None) -> ModelDescription:
+        return model_from_pb(await self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return _health_name((await self._call(self._health.Check, request, timeout)).status)
+
+    @staticmethod
+    async def _call(method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+    @staticmethod
+    async def _stream(call: Any) -> AsyncIterator[Chunk]:
+        try:
+            async for msg in call:
+                yield chunk_from_pb(msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,133 @@
+"""`laas`: the command-line client (generate, chat, models, model, tokenize, health).
+
+Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
+field are printed), 2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from laas.client.api import Client
+from laas.client.types import Chunk
+from laas.daemon.errors import LaasError
+from laas.daemon.settings import DEFAULT_LISTEN
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laas", description="client of the laas daemon (laasd)")
+    parser.add_argument("--target", default=os.environ.get("LAAS_TARGET", DEFAULT_LISTEN),
+                        help=f"daemon address host:port (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
+    parser.add_argument("--timeout", type=float, help="deadline of each call, seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def sampling(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-m", "--model", default="", help="model name (default: the daemon's default)")
+        p.add_argument("-n", "--max-tokens", type=int)
+        p.add_argument("-t", "--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--min-p", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        p.add_argument("--repeat-penalty", type=float)
+        p.add_argument("--stats", action="store_true", help="print usage and timings to stderr at the end")
+
+    gen = sub.add_parser("generate", help="complete a prompt, streaming")
+    gen.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    sampling(gen)
+    chat = sub.add_parser("chat", help="chat with the model's chat template (interactive without a message)")
+    chat.add_argument("message", nargs="?", help="one user message; omit for an interactive session")
+    chat.add_argument("--system", help="a system message")
+    sampling(chat)
+    sub.add_parser("models", help="list the daemon's models")
+    model = sub.add_parser("model", help="describe one model (JSON)")
+    model.add_argument("name", nargs="?", default="")
+    tok = sub.add_parser("tokenize", help="print the token ids of a text")
+    tok.add_argument("text")
+    tok.add_argument("-m", "--model", default="")
+    sub.add_parser("health", help="print the daemon's health (exit 1 unless SERVING)")
+    return parser
+
+
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty")
+
+
+def _print_stream(chunks: Iterator[Chunk], stats: bool) -> str:
+    parts = []
+    last = None
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        parts.append(chunk.text)
+        last = chunk
+    sys.stdout.write("\n")
+    if stats and last is not None:
+        t = last.timings
+        print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + {last.completion_tokens} tokens; "
+              f"first token {t.get('time_to_first_token_ms', 0):.0f} ms; "
+              f"{t.get('decode_tokens_per_second', 0):.1f} tok/s]", file=sys.stderr)
+    return "".join(parts)
+
+
+def _run(args: argparse.Namespace, client: Client) -> int:
+    sampling: dict[str, Any] = {k: getattr(args, k) for k in _SAMPLING_KEYS if getattr(args, k, None) is not None}
+    if args.command == "generate":
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        _print_stream(client.generate(prompt, model=args.model, timeout=args.timeout, **sampling), args.stats)
+    elif args.command == "chat":
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        interactive = args.message is None
+        while True:
+            if interactive:
+                try:
+                    line = input(">>> ")
+                except EOFError:
+                    return 0
+                if not line.strip():
+                    continue
+            history.append({"role": "user", "content": line if interactive else args.message})
+            reply = _print_stream(client.chat(history, model=args.model, timeout=args.timeout, **sampling),
+                                  args.stats)
+            history.append({"role": "assistant", "content": reply})
+            if not interactive:
+                return 0
+    elif args.command == "models":
+        print(f"{'NAME':32} {'FORMAT':6} {'QUANT':8} {'CONTEXT':>7} {'SIZE':>9}  STATE")
+        for m in client.models(timeout=args.timeout):
+            star = "*" if m.is_default else " "
+            print(f"{m.name + star:32} {m.format:6} {m.quantization:8} {m.context_length:>7} "
+                  f"{m.size_bytes / 1e6:>7.1f}MB  {m.state}{' ' + m.error if m.error else ''}")
+    elif args.command == "model":
+        m = client.model(args.name, timeout=args.timeout)
+        print(json.dumps({k: getattr(m, k) for k in m.__dataclass_fields__}, indent=2))
+    elif args.command == "tokenize":
+        tokens = client.tokenize(args.text, model=args.model, timeout=args.timeout)
+        print(json.dumps({"count": len(tokens), "tokens": tokens}))
+    elif args.command == "health":
+        status = client.health(timeout=args.timeout or 5.0)
+        print(status)
+        return 0 if status == "SERVING" else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.target) as client:
+            return _run(args, client)
+    except LaasError as e:
+        where = f" (field: {e.field})" if e.field else ""
+        print(f"laas: {e.code.name}: {e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

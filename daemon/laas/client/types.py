@@ -1,0 +1,107 @@
+"""The client's own types, and their conversion from the wire (the client side of the protobuf edge)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from laas.daemon.errors import FIELD_METADATA_KEY, LaasError, error_for_status
+from laas.v1 import runtime_pb2 as pb
+
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed message: a text delta; the last one also has finish_reason, usage and timings."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Mapping[str, float] = field(default_factory=dict)
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A whole generation: the joined text and the last chunk's figures."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Mapping[str, float]
+    model: str
+
+    @classmethod
+    def join(cls, chunks: Iterable[Chunk]) -> Result:
+        parts, last, model = [], Chunk(""), ""
+        for c in chunks:
+            parts.append(c.text)
+            model = model or c.model
+            last = c
+        return cls("".join(parts), last.finish_reason or "", last.prompt_tokens, last.completion_tokens,
+                   last.timings, model)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    name: str
+    format: str
+    quantization: str
+    context_length: int
+    trained_context_length: int
+    size_bytes: int
+    architecture: str
+    loaded: bool
+    state: str
+    is_default: bool
+    active_requests: int
+    queued_requests: int
+    error: str
+
+
+def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
+    if msg.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        return Chunk(text=msg.text, model=msg.model)
+    t = msg.timings
+    timings = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
+    return Chunk(text=msg.text, finish_reason=_FINISH.get(msg.finish_reason, "unknown"),
+                 prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
+                 timings=timings, model=msg.model)
+
+
+def model_from_pb(m: pb.Model) -> ModelDescription:
+    return ModelDescription(
+        name=m.name, format=pb.ModelFormat.Name(m.format).removeprefix("MODEL_FORMAT_").lower(),
+        quantization=m.quantization, context_length=m.context_length,
+        trained_context_length=m.trained_context_length, size_bytes=m.size_bytes, architecture=m.architecture,
+        loaded=m.loaded, state=pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
+        is_default=m.is_default, active_requests=m.active_requests, queued_requests=m.queued_requests,
+        error=m.error,
+    )
+
+
+def sampling_pb(max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
+                stop: Sequence[str] = (), repeat_penalty: float | None = None,
+                presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                ignore_eos: bool = False) -> pb.SamplingParams:
+    values: dict[str, Any] = {k: v for k, v in locals().items() if v is not None and k not in ("stop", "ignore_eos")}
+    return pb.SamplingParams(stop=list(stop), ignore_eos=ignore_eos, **values)
+
+
+def error_from_rpc(e: grpc.RpcError) -> LaasError:
+    """The laas error for a failed call, with the field the daemon named in its trailing metadata."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    error = error_for_status(code, details or "")
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == FIELD_METADATA_KEY:
+            error.field = value if isinstance(value, str) else value.decode()
+    return error

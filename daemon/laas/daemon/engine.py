@@ -1,0 +1,134 @@
+"""The Engine interface and the domain types every engine speaks.
+
+Layer: domain. Local backends (GGUF, later ONNX), LAN peers and cloud endpoints all implement
+:class:`Engine`; the gRPC servicer and the router only ever see these types, never protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+
+class ModelFormat(enum.Enum):
+    GGUF = "gguf"
+    ONNX = "onnx"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling and stopping; None means "the engine's default" (llama.cpp's defaults)."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A prompt ready for an engine: chat requests arrive here already rendered by the template."""
+
+    prompt: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The token ids of `prompt`, when the caller already counted them (admission does).
+    prompt_tokens: tuple[int, ...] | None = None
+    # Extra stop strings the chat template implies (e.g. "<|im_end|>").
+    template_stops: tuple[str, ...] = ()
+    # Tokenize with the model's beginning-of-sequence token (False when a chat template wrote it).
+    add_special: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    queue_ms: float = 0.0
+    prompt_ms: float = 0.0
+    decode_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+
+    @staticmethod
+    def rate(tokens: int, ms: float) -> float:
+        return tokens * 1000.0 / ms if ms > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """How a generation ended: the last item of every stream."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+GenerationChunk = TextDelta | Completion
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What an engine knows of its model, from the file's own metadata."""
+
+    format: ModelFormat
+    quantization: str
+    context_length: int
+    trained_context_length: int
+    size_bytes: int
+    architecture: str
+    chat_template: str | None = None
+
+
+class Engine(ABC):
+    """One model on one target. Implementations run blocking native work off the event loop, and
+    stop it within one decode step when the iterator returned by :meth:`generate` is closed."""
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]: ...
+
+    @abstractmethod
+    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+        """Applies the model's chat template; the result carries the stops the template implies."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Streams TextDelta items, then exactly one Completion."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raises a LaasError when the engine cannot serve."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...

@@ -1,0 +1,42 @@
+"""A bounded FIFO queue in front of a model: one request runs, up to `max_waiting` wait, more are refused.
+
+Layer: domain (asyncio only). Refusing early with RESOURCE_EXHAUSTED keeps latency bounded for the
+requests already admitted, and tells the caller (later, the router) to go elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from laas.daemon.errors import ResourceExhausted
+
+
+class ModelQueue:
+    def __init__(self, name: str, max_waiting: int) -> None:
+        self.name = name
+        self.max_waiting = max_waiting
+        self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
+        self.waiting = 0
+        self.active = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Holds the model for the body; raises ResourceExhausted when the queue is full."""
+        if self._lock.locked() and self.waiting >= self.max_waiting:
+            raise ResourceExhausted(
+                f"model {self.name!r} is busy and {self.waiting} request(s) are already waiting "
+                f"(max_queue={self.max_waiting}); retry later",
+            )
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._lock.release()

@@ -1,0 +1,182 @@
+"""The gRPC servicer of laas.v1.Runtime: the only place protobuf types meet domain types.
+
+Layer: edge. Each method converts the request to domain values (validation.py checks them), asks the
+registry and the router policy, and converts the results back. Every LaasError becomes its status
+code through errors.STATUS_TABLE, with the field at fault in the `laas-field` trailing metadata; any
+other exception is a bug, logged and answered INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from laas.daemon import validation
+from laas.daemon.engine import Completion, FinishReason, GenerationChunk, GenerationRequest, ModelFormat, Timings
+from laas.daemon.errors import FIELD_METADATA_KEY, LaasError, ShuttingDown, status_for
+from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
+from laas.router.policy import admit
+from laas.v1 import runtime_pb2 as pb
+from laas.v1 import runtime_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_FORMAT = {ModelFormat.GGUF: pb.MODEL_FORMAT_GGUF, ModelFormat.ONNX: pb.MODEL_FORMAT_ONNX}
+_STATE = {
+    ModelState.NOT_LOADED: pb.MODEL_STATE_NOT_LOADED,
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
+                      "presence_penalty", "frequency_penalty")
+
+
+class Lifecycle:
+    """Whether new calls are accepted, and how many streams are in flight (for the drain)."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.in_flight = 0
+
+    def check(self) -> None:
+        if not self.accepting:
+            raise ShuttingDown("the daemon is shutting down; retry on another instance")
+
+
+@asynccontextmanager
+async def _status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Answers a LaasError with its status code (and the field at fault); any other exception is a bug."""
+    try:
+        yield
+    except LaasError as error:
+        metadata = ((FIELD_METADATA_KEY, error.field),) if error.field else ()
+        await context.abort(status_for(error), error.message, trailing_metadata=metadata)
+    except (grpc.aio.AbortError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("internal error while serving a request")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; the daemon's log has the details")
+
+
+def _sampling(msg: pb.SamplingParams) -> Any:
+    fields = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
+    return validation.sampling_from(fields, list(msg.stop), msg.ignore_eos)
+
+
+def model_to_pb(entry: ModelEntry) -> pb.Model:
+    out = pb.Model(
+        name=entry.name, loaded=entry.state is ModelState.READY, state=_STATE[entry.state],
+        is_default=entry.is_default, active_requests=entry.queue.active, queued_requests=entry.queue.waiting,
+        error=entry.error, format=pb.MODEL_FORMAT_GGUF,
+    )
+    info = entry.info
+    if info is not None:
+        out.format = _FORMAT[info.format]
+        out.quantization = info.quantization
+        out.context_length = info.context_length
+        out.trained_context_length = info.trained_context_length
+        out.size_bytes = info.size_bytes
+        out.architecture = info.architecture
+    return out
+
+
+def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
+    t, u = chunk.timings, chunk.usage
+    return pb.GenerateResponse(
+        finish_reason=_FINISH[chunk.finish_reason],
+        usage=pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens),
+        timings=pb.Timings(
+            queue_ms=t.queue_ms, prompt_ms=t.prompt_ms, decode_ms=t.decode_ms, time_to_first_token_ms=ttft_ms,
+            prompt_tokens_per_second=Timings.rate(u.prompt_tokens, t.prompt_ms),
+            decode_tokens_per_second=Timings.rate(max(u.completion_tokens - 1, 0), t.decode_ms),
+        ),
+    )
+
+
+class RuntimeService(pb_grpc.RuntimeServicer):
+    def __init__(self, registry: ModelRegistry, lifecycle: Lifecycle, default_max_tokens: int) -> None:
+        self._registry = registry
+        self._lifecycle = lifecycle
+        self._default_max_tokens = default_max_tokens
+
+    # -- streaming generation -------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        async for out in self._stream(context, request.model, request.sampling, prompt=request.prompt):
+            yield out
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[pb.GenerateResponse]:
+        messages = [(m.role, m.content) for m in request.messages]
+        async for out in self._stream(context, request.model, request.sampling, messages=messages):
+            yield out
+
+    async def _stream(self, context: grpc.aio.ServicerContext, model: str, sampling: pb.SamplingParams, *,
+                      prompt: str | None = None, messages: list[tuple[str, str]] | None = None
+                      ) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.perf_counter()
+        self._lifecycle.in_flight += 1
+        try:
+            async with _status_on_error(context):
+                entry, request = await self._prepare(model, sampling, prompt, messages)
+                ttft_ms = 0.0
+                async for chunk in self._registry.run(entry, request):
+                    if not ttft_ms:
+                        ttft_ms = (time.perf_counter() - arrived) * 1000
+                        out = self._to_pb(chunk, ttft_ms)
+                        out.model = entry.name
+                    else:
+                        out = self._to_pb(chunk, ttft_ms)
+                    yield out
+        finally:
+            self._lifecycle.in_flight -= 1
+
+    @staticmethod
+    def _to_pb(chunk: GenerationChunk, ttft_ms: float) -> pb.GenerateResponse:
+        if isinstance(chunk, Completion):
+            return _final(chunk, ttft_ms)
+        return pb.GenerateResponse(text=chunk.text)
+
+    async def _prepare(self, model: str, sampling_msg: pb.SamplingParams, prompt: str | None,
+                       messages: list[tuple[str, str]] | None) -> tuple[ModelEntry, GenerationRequest]:
+        self._lifecycle.check()
+        entry = self._registry.get(validation.model_name(model))
+        sampling = _sampling(sampling_msg)
+        engine = entry.ready_engine()
+        if messages is not None:
+            request = await engine.render_chat(validation.chat_messages(messages))
+        else:
+            request = GenerationRequest(prompt=validation.prompt(prompt or ""))
+        tokens = await engine.tokenize(request.prompt, add_special=request.add_special)
+        admission = admit(len(tokens), sampling.max_tokens, engine.info.context_length, self._default_max_tokens)
+        sampling = replace(sampling, max_tokens=admission.max_tokens)
+        return entry, replace(request, sampling=sampling, prompt_tokens=tuple(tokens))
+
+    # -- unary ------------------------------------------------------------------------------------
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.TokenizeResponse:
+        async with _status_on_error(context):
+            engine = self._registry.get(validation.model_name(request.model)).ready_engine()
+            tokens = await engine.tokenize(validation.prompt(request.text, "text"), add_special=request.add_special)
+            return pb.TokenizeResponse(tokens=list(tokens), count=len(tokens))
+        raise AssertionError("unreachable")  # _status_on_error re-raises as a status
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_to_pb(e) for e in self._registry.entries()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        async with _status_on_error(context):
+            return model_to_pb(self._registry.get(validation.model_name(request.name, "name"), field="name"))
+        raise AssertionError("unreachable")

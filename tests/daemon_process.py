@@ -1,0 +1,101 @@
+"""Runs the real laasd as a subprocess on an ephemeral loopback port, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_PORT_LINE = re.compile(r"listening on \S+ \(port (\d+)\)")
+
+
+class DaemonProcess:
+    def __init__(self, home: Path, config: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.config = config
+        self.env = env or {}
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.lines: list[str] = []
+        self._port_seen = threading.Event()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, *, wait_serving: bool = True, timeout: float = 120.0) -> DaemonProcess:
+        cmd = [sys.executable, "-m", "laas.daemon.cli", "--home", str(self.home)]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        cmd += ["serve", "--listen", "127.0.0.1:0"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAAS_")} | self.env
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        threading.Thread(target=self._read_log, daemon=True).start()
+        if not self._port_seen.wait(timeout):
+            self.kill()
+            raise RuntimeError("laasd did not start listening:\n" + self.log)
+        if wait_serving:
+            self.wait_health("SERVING", timeout)
+        return self
+
+    def _read_log(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = _PORT_LINE.search(line)
+            if match and not self._port_seen.is_set():
+                self.port = int(match.group(1))
+                self._port_seen.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def health(self) -> str:
+        with grpc.insecure_channel(self.target) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_health(self, status: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"laasd exited with {self.proc.returncode}:\n{self.log}")
+            try:
+                if self.health() == status:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"laasd did not become {status}:\n{self.log}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
