@@ -1,0 +1,76 @@
+"""Streaming Generate and Chat through the real daemon, with the real default model."""
+
+from __future__ import annotations
+
+from laas.client import Client
+
+PROMPT = "The capital of France is"
+
+
+def test_generate_streams_deltas_then_a_final_message(client: Client) -> None:
+    chunks = list(client.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True))
+    assert len(chunks) >= 10, "tokens must arrive as separate messages, not one blob"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.completion_tokens == 24
+    assert last.prompt_tokens == len(client.tokenize(PROMPT, add_special=True))
+    assert chunks[0].model == "smollm2-135m-instruct"
+    text = "".join(c.text for c in chunks)
+    assert "Paris" in text
+    t = last.timings
+    assert 0 < t["time_to_first_token_ms"] < 10_000
+    assert t["decode_tokens_per_second"] > 1
+    assert t["prompt_ms"] > 0 and t["decode_ms"] > 0
+
+
+def test_greedy_generation_is_reproducible(client: Client) -> None:
+    runs = [client.complete("Write a haiku about the sea.", max_tokens=32, temperature=0) for _ in range(2)]
+    assert runs[0].text == runs[1].text
+    assert runs[0].text.strip()
+
+
+def test_seed_makes_sampling_reproducible(client: Client) -> None:
+    def sample(seed: int) -> str:
+        return client.complete("My favourite animal is", max_tokens=32, temperature=1.0, seed=seed,
+                               ignore_eos=True).text
+
+    first, again, other = sample(1234), sample(1234), sample(99)
+    assert first == again
+    assert first != other
+
+
+def test_max_tokens_ends_with_length(client: Client) -> None:
+    result = client.complete(PROMPT, max_tokens=3, temperature=0, ignore_eos=True)
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 3
+
+
+def test_stop_string_ends_the_stream_and_is_not_returned(client: Client) -> None:
+    full = client.complete("Count to ten: 1, 2, 3,", max_tokens=24, temperature=0, ignore_eos=True).text
+    assert " 6" in full, full
+    stopped = client.complete("Count to ten: 1, 2, 3,", max_tokens=24, temperature=0, stop=[" 6"])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(" 6")]
+
+
+def test_chat_applies_the_models_template(client: Client) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    chunks = list(client.chat(messages, max_tokens=48, temperature=0))
+    last = chunks[-1]
+    text = "".join(c.text for c in chunks)
+    assert "Paris" in text
+    assert last.finish_reason == "stop"  # the template's end-of-turn ends the answer
+    assert "<|im_end|>" not in text and "<|im_start|>" not in text
+    # The template wraps the message in role markers: more tokens than the raw content.
+    assert last.prompt_tokens > len(client.tokenize(messages[0]["content"])) + 5
+
+
+def test_chat_with_system_message_and_history(client: Client) -> None:
+    history = [("system", "You answer with a single number."), ("user", "2+2?"), ("assistant", "4"),
+               ("user", "And 3+3?")]
+    chunks = list(client.chat(history, max_tokens=16, temperature=0))
+    reply = "".join(c.text for c in chunks).strip()
+    assert reply.isdigit(), reply  # the system message and the example turn shape the answer
+    shorter = list(client.chat(history[:1] + history[3:], max_tokens=1, temperature=0))
+    assert chunks[-1].prompt_tokens > shorter[-1].prompt_tokens  # every message reached the template
