@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from laas.client import AsyncClient, Client, DeadlineExceeded, LaasError, ResourceExhausted
 from tests.daemon_process import DaemonProcess
 
-LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}  # about 30 s of decoding if not stopped
+# About 30 s of decoding if nothing stops it.
+LONG: dict[str, Any] = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}
 
 
 def _wait_idle(client: Client, timeout: float = 5.0) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -52,13 +52,13 @@ class Client:
         self._channel.close()
 
     def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
-                 **sampling: Any) -> Iterator[Chunk]:
+                 **sampling: Any) -> Generator[Chunk, None, None]:
         """Streams chunks as the daemon decodes them. Breaking out of the loop cancels the request."""
         request = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling))
         return self._stream(self._stub.Generate(request, timeout=timeout))
 
     def chat(self, messages: Sequence[Message], *, model: str = "", timeout: float | None = None,
-             **sampling: Any) -> Iterator[Chunk]:
+             **sampling: Any) -> Generator[Chunk, None, None]:
         """Streams the assistant's reply to `messages` ({"role", "content"} mappings or (role, content))."""
         return self._stream(self._stub.Chat(_chat_request(messages, model, sampling), timeout=timeout))
 
@@ -90,7 +90,7 @@ class Client:
             raise error_from_rpc(e) from None
 
     @staticmethod
-    def _stream(call: Any) -> Iterator[Chunk]:
+    def _stream(call: Any) -> Generator[Chunk, None, None]:
         try:
             for msg in call:
                 yield chunk_from_pb(msg)
@@ -118,12 +118,12 @@ class AsyncClient:
         await self._channel.close()
 
     def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
-                 **sampling: Any) -> AsyncIterator[Chunk]:
+                 **sampling: Any) -> AsyncGenerator[Chunk, None]:
         request = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling))
         return self._stream(self._stub.Generate(request, timeout=timeout))
 
     def chat(self, messages: Sequence[Message], *, model: str = "", timeout: float | None = None,
-             **sampling: Any) -> AsyncIterator[Chunk]:
+             **sampling: Any) -> AsyncGenerator[Chunk, None]:
         return self._stream(self._stub.Chat(_chat_request(messages, model, sampling), timeout=timeout))
 
     async def complete(self, prompt: str, **kwargs: Any) -> Result:
@@ -153,7 +153,7 @@ class AsyncClient:
             raise error_from_rpc(e) from None
 
     @staticmethod
-    async def _stream(call: Any) -> AsyncIterator[Chunk]:
+    async def _stream(call: Any) -> AsyncGenerator[Chunk, None]:
         try:
             async for msg in call:
                 yield chunk_from_pb(msg)

@@ -112,5 +112,6 @@ def error_for_status(code: grpc.StatusCode, message: str) -> LaasError:
     """The laas error a client raises for a status code (the most general class for that code)."""
     for cls, row_code in reversed(STATUS_TABLE):
         if row_code == code and cls is not LaasError:
-            return cls(message)
+            error: LaasError = cls(message)
+            return error
     return LaasError(f"{code.name}: {message}")

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,10 +96,9 @@ class Server:
                  self.settings.drain_grace_s)
         self.lifecycle.accepting = False
         await self.health.enter_graceful_shutdown()
-        deadline = time.monotonic() + self.settings.drain_grace_s
-        while self.lifecycle.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.lifecycle.in_flight:
+        try:
+            await asyncio.wait_for(self.lifecycle.idle.wait(), self.settings.drain_grace_s)
+        except TimeoutError:
             log.warning("grace period over: cancelling %d stream(s)", self.lifecycle.in_flight)
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)

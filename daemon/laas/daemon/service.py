@@ -19,7 +19,14 @@ from typing import Any
 import grpc
 
 from laas.daemon import validation
-from laas.daemon.engine import Completion, FinishReason, GenerationChunk, GenerationRequest, ModelFormat, Timings
+from laas.daemon.engine import (
+    Completion,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelFormat,
+    Timings,
+)
 from laas.daemon.errors import FIELD_METADATA_KEY, LaasError, ShuttingDown, status_for
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
 from laas.router.policy import admit
@@ -41,11 +48,22 @@ _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "s
 
 
 class Lifecycle:
-    """Whether new calls are accepted, and how many streams are in flight (for the drain)."""
+    """Whether new calls are accepted, and which streams are in flight (for the drain)."""
 
     def __init__(self) -> None:
         self.accepting = True
         self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
 
     def check(self) -> None:
         if not self.accepting:
@@ -68,7 +86,7 @@ async def _status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[N
 
 
 def _sampling(msg: pb.SamplingParams) -> Any:
-    fields = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
+    fields = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}  # type: ignore[arg-type]
     return validation.sampling_from(fields, list(msg.stop), msg.ignore_eos)
 
 
@@ -125,7 +143,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                       prompt: str | None = None, messages: list[tuple[str, str]] | None = None
                       ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
-        self._lifecycle.in_flight += 1
+        self._lifecycle.enter()
         try:
             async with _status_on_error(context):
                 entry, request = await self._prepare(model, sampling, prompt, messages)
@@ -139,7 +157,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                         out = self._to_pb(chunk, ttft_ms)
                     yield out
         finally:
-            self._lifecycle.in_flight -= 1
+            self._lifecycle.leave()
 
     @staticmethod
     def _to_pb(chunk: GenerationChunk, ttft_ms: float) -> pb.GenerateResponse:

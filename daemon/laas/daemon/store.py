@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from laas.daemon.errors import InvalidArgument, ModelLoadError, NotFound
 
@@ -80,7 +80,7 @@ class ModelStore:
             raise NotFound(f"model file {relative!r} is not in the model store {self.root}", field=field)
         return path
 
-    def add_stream(self, filename: str, source: BinaryIO, *, sha256: str | None = None,
+    def add_stream(self, filename: str, source: IO[bytes], *, sha256: str | None = None,
                    progress: Callable[[int], None] | None = None) -> Path:
         """Copies `source` into the store as `filename`, checking its sha256 before it appears."""
         target = self.resolve(filename, field="filename")

@@ -60,7 +60,7 @@ class GgufEngine(Engine):
         import llama_cpp
 
         self._is_eog = llama_cpp.llama_vocab_is_eog
-        self._vocab = llm._model.vocab  # noqa: SLF001
+        self._vocab = llm._model.vocab
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a fresh seed for this value
         self.decoded_tokens = 0  # tokens decoded over the engine's life (observability, tests)
 
@@ -96,7 +96,7 @@ class GgufEngine(Engine):
             raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
         return self._formatter([{"role": m.role, "content": m.content} for m in messages])
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:  # type: ignore[override]
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop_flag = threading.Event()
@@ -180,7 +180,7 @@ class GgufEngine(Engine):
         ))
 
     async def check_health(self) -> None:
-        if self._executor._shutdown:  # noqa: SLF001
+        if self._executor._shutdown:
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
@@ -213,7 +213,7 @@ def _chat_formatter(llm: Any, header: GgufHeader) -> Callable[[list[dict[str, st
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     def token_text(token_id: int) -> str:
-        return str(llm._model.token_get_text(token_id)) if token_id >= 0 else ""  # noqa: SLF001
+        return str(llm._model.token_get_text(token_id)) if token_id >= 0 else ""
 
     formatter = Jinja2ChatFormatter(
         template=template, eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos()),
