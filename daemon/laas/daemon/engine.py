@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -111,6 +111,9 @@ class Engine(ABC):
     """One model on one target. Implementations run blocking native work off the event loop, and
     stop it within one decode step when the iterator returned by :meth:`generate` is closed."""
 
+    #: Tokens generated over the engine's life; it stops growing when no stream is running.
+    decoded_tokens: int = 0
+
     @property
     @abstractmethod
     def info(self) -> ModelInfo: ...
@@ -123,7 +126,7 @@ class Engine(ABC):
         """Applies the model's chat template; the result carries the stops the template implies."""
 
     @abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Streams TextDelta items, then exactly one Completion."""
 
     @abstractmethod

@@ -13,7 +13,7 @@ import codecs
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,6 @@ class GgufEngine(Engine):
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._vocab = llm._model.vocab
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a fresh seed for this value
-        self.decoded_tokens = 0  # tokens decoded over the engine's life (observability, tests)
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int) -> GgufEngine:
@@ -96,7 +95,7 @@ class GgufEngine(Engine):
             raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
         return self._formatter([{"role": m.role, "content": m.content} for m in messages])
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop_flag = threading.Event()

@@ -1,0 +1,129 @@
+"""The contract every Engine passes, whatever runs the model (GGUF today; ONNX, peers and cloud later).
+
+Engines are driven in-process here, without gRPC, so a failure points at the engine itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from laas.daemon.gguf_header import read_gguf_header
+
+EngineFactory = Callable[[Path], Awaitable[Engine]]
+
+
+async def _gguf(model_file: Path) -> Engine:
+    return await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2)
+
+
+@pytest.fixture(scope="module", params=[_gguf], ids=["gguf"])
+async def engine(request: pytest.FixtureRequest, model_file: Path) -> AsyncIterator[Engine]:
+    factory: EngineFactory = request.param
+    eng = await factory(model_file)
+    yield eng
+    await eng.aclose()
+
+
+def _request(prompt: str, **sampling: object) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, sampling=SamplingParams(**sampling))  # type: ignore[arg-type]
+
+
+async def _collect(stream: AsyncIterator[GenerationChunk]) -> tuple[str, Completion]:
+    chunks = [c async for c in stream]
+    assert chunks and isinstance(chunks[-1], Completion), "every stream ends with one Completion"
+    assert all(isinstance(c, TextDelta) for c in chunks[:-1])
+    return "".join(c.text for c in chunks[:-1] if isinstance(c, TextDelta)), chunks[-1]
+
+
+async def test_info_describes_the_model(engine: Engine) -> None:
+    info = engine.info
+    assert info.context_length == 2048
+    assert info.trained_context_length >= info.context_length
+    assert info.size_bytes > 1_000_000
+    assert info.quantization and info.architecture
+
+
+async def test_tokenize_is_deterministic(engine: Engine) -> None:
+    a = await engine.tokenize("Hello world")
+    assert list(a) == list(await engine.tokenize("Hello world"))
+    assert len(await engine.tokenize("Hello world " * 8)) > len(a)
+
+
+async def test_generate_respects_max_tokens(engine: Engine) -> None:
+    text, done = await _collect(engine.generate(_request("Once upon a time", max_tokens=12, temperature=0.0,
+                                                         ignore_eos=True)))
+    assert done.finish_reason is FinishReason.LENGTH
+    assert done.usage.completion_tokens == 12
+    assert done.usage.prompt_tokens == len(await engine.tokenize("Once upon a time"))
+    assert text
+    assert done.timings.prompt_ms > 0 and done.timings.decode_ms > 0
+
+
+async def test_greedy_is_deterministic_and_stop_strings_cut(engine: Engine) -> None:
+    full, _ = await _collect(engine.generate(_request("1, 2, 3,", max_tokens=16, temperature=0.0,
+                                                      ignore_eos=True)))
+    assert " 5" in full
+    again, _ = await _collect(engine.generate(_request("1, 2, 3,", max_tokens=16, temperature=0.0,
+                                                       ignore_eos=True)))
+    assert again == full
+    cut, done = await _collect(engine.generate(_request("1, 2, 3,", max_tokens=16, temperature=0.0, stop=(" 5",))))
+    assert cut == full[: full.index(" 5")]
+    assert done.finish_reason is FinishReason.STOP
+
+
+async def test_closing_the_stream_stops_decoding_within_a_step(engine: Engine) -> None:
+    stream = engine.generate(_request("Once upon a time", max_tokens=2000, temperature=0.0, ignore_eos=True))
+    got = 0
+    async for chunk in stream:
+        got += isinstance(chunk, TextDelta)
+        if got == 3:
+            break
+    await stream.aclose()
+    stopped_at = engine.decoded_tokens
+    await asyncio.sleep(0.3)  # about 30 decode steps at this model's speed
+    assert engine.decoded_tokens == stopped_at, "the engine kept decoding after its stream was closed"
+    _, done = await _collect(engine.generate(_request("Hi", max_tokens=2, temperature=0.0, ignore_eos=True)))
+    assert done.usage.completion_tokens == 2
+
+
+async def test_cancelling_the_consumer_task_stops_decoding(engine: Engine) -> None:
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _chunk in engine.generate(_request("Once upon a time", max_tokens=2000, ignore_eos=True)):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stopped_at = engine.decoded_tokens
+    await asyncio.sleep(0.3)
+    assert engine.decoded_tokens == stopped_at
+
+
+async def test_render_chat_applies_the_template(engine: Engine) -> None:
+    request = await engine.render_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi there")])
+    assert "Be brief." in request.prompt and "Hi there" in request.prompt
+    assert len(request.prompt) > len("Be brief.Hi there")
+    text, done = await _collect(engine.generate(GenerationRequest(
+        prompt=request.prompt, template_stops=request.template_stops, add_special=request.add_special,
+        sampling=SamplingParams(max_tokens=64, temperature=0.0))))
+    assert done.finish_reason is FinishReason.STOP
+    assert "<|im_end|>" not in text
