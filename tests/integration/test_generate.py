@@ -74,3 +74,14 @@ def test_chat_with_system_message_and_history(client: Client) -> None:
     assert reply.isdigit(), reply  # the system message and the example turn shape the answer
     shorter = list(client.chat(history[:1] + history[3:], max_tokens=1, temperature=0))
     assert chunks[-1].prompt_tokens > shorter[-1].prompt_tokens  # every message reached the template
+
+
+def test_multibyte_characters_are_never_split(client: Client) -> None:
+    for prompt in ("日本の首都は", "Emoji party: 😀😃😄😁🎉"):
+        for max_tokens in (7, 8, 9, 40):  # cuts that may fall inside a character
+            chunks = list(client.generate(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True))
+            text = "".join(c.text for c in chunks)
+            assert "\ufffd" not in text, (prompt, max_tokens, text)
+            assert chunks[-1].completion_tokens == max_tokens
+    emoji = "".join(c.text for c in client.generate("Emoji party: 😀😃😄😁🎉", max_tokens=40, temperature=0))
+    assert any(ord(ch) > 0xFFFF for ch in emoji)  # the model does answer in multi-byte characters

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from laas.daemon.engine import (
     ChatMessage,
@@ -109,8 +109,7 @@ class GgufEngine(Engine):
                 item = await queue.get()
                 if item is _END:
                     break
-                assert isinstance(item, TextDelta | Completion)
-                yield item
+                yield cast(GenerationChunk, item)
             await future  # re-raises a failure of the worker
         finally:
             stop_flag.set()
@@ -140,7 +139,6 @@ class GgufEngine(Engine):
         first_token_at = 0.0
         completion = 0
         finish = FinishReason.LENGTH
-        previous: list[int] = list(prompt)
         tokens = llm.generate(
             prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
             repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
@@ -156,8 +154,7 @@ class GgufEngine(Engine):
                 if not s.ignore_eos and self._is_eog(self._vocab, token):
                     finish = FinishReason.STOP
                     break
-                piece = llm.detokenize([token], prev_tokens=previous, special=False)
-                previous.append(token)
+                piece = llm.detokenize([token], special=False)
                 text = stops.feed(decoder.decode(piece))
                 if text:
                     emit(TextDelta(text))
@@ -166,7 +163,8 @@ class GgufEngine(Engine):
                     break
         finally:
             tokens.close()
-        tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
+        # Bytes of a character cut off by max_tokens are dropped, not sent as U+FFFD.
+        tail = stops.flush()
         if tail:
             emit(TextDelta(tail))
         end = time.perf_counter()
