@@ -8,6 +8,7 @@ vocabulary) are skipped, keeping only their length. A file that fails any check 
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ class _Cursor:
             return self.string()
         if vtype == _ARRAY and depth == 0:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
+            if item_type not in _SCALARS and item_type != _STRING:
+                raise self.fail(f"array of unknown type {item_type}")
             if count > MAX_ARRAY:
                 raise self.fail(f"array of {count} items")
             if item_type in _SCALARS and count > KEPT_ARRAY:  # skip without decoding
@@ -147,17 +150,25 @@ def _parse(cur: _Cursor, size: int) -> GgufHeader:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
+        if key in metadata:
+            raise cur.fail(f"duplicate metadata key {key!r}")
         metadata[key] = cur.value(cur.unpack("<I"))
     if not isinstance(metadata.get("general.architecture"), str):
         raise cur.fail("general.architecture is missing")
     alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise cur.fail(f"bad alignment {alignment!r}")
     tensors = [_tensor_info(cur) for _ in range(n_tensors)]
+    if len({name for name, _, _ in tensors}) != len(tensors):
+        raise cur.fail("duplicate tensor names")
     data_start = -(-cur.pos // alignment) * alignment
-    for name, offset, nbytes in tensors:
+    end = 0
+    for name, offset, nbytes in sorted(tensors, key=lambda t: t[1]):
         if offset % alignment or data_start + offset + nbytes > size:
             raise cur.fail(f"tensor {name!r} lies outside the file")
+        if offset < end:
+            raise cur.fail(f"tensor {name!r} overlaps another tensor")
+        end = offset + nbytes
     return GgufHeader(version=version, metadata=metadata, tensor_count=n_tensors, size_bytes=size)
 
 
@@ -166,16 +177,14 @@ def _tensor_info(cur: _Cursor) -> tuple[str, int, int]:
     n_dims = cur.unpack("<I")
     if not 1 <= n_dims <= MAX_DIMS:
         raise cur.fail(f"tensor {name!r} has {n_dims} dimensions")
-    elements = 1
-    for _ in range(n_dims):
-        dim = cur.unpack("<Q")
-        if dim == 0 or dim > 1 << 40:
-            raise cur.fail(f"tensor {name!r} has a dimension of {dim}")
-        elements *= dim
+    dims = [cur.unpack("<Q") for _ in range(n_dims)]
+    if any(dim == 0 or dim > 1 << 40 for dim in dims):
+        raise cur.fail(f"tensor {name!r} has dimensions {dims}")
+    elements = math.prod(dims)
     ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
     if ggml_type not in GGML_TYPES:
         raise cur.fail(f"tensor {name!r} has unknown type {ggml_type}")
     block, block_bytes = GGML_TYPES[ggml_type]
-    if elements % block:
-        raise cur.fail(f"tensor {name!r} is not a whole number of blocks")
+    if dims[0] % block:  # llama.cpp quantizes rows: the first dimension holds whole blocks
+        raise cur.fail(f"tensor {name!r} rows are not a whole number of blocks")
     return name, offset, elements // block * block_bytes

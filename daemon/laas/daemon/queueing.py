@@ -24,7 +24,9 @@ class ModelQueue:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Holds the model for the body; raises ResourceExhausted when the queue is full."""
-        if self._lock.locked() and self.waiting >= self.max_waiting:
+        # Busy while a request holds the model or is about to (the lock reads free between a release
+        # and the next waiter waking up, so it cannot be the test).
+        if (self.active or self.waiting) and self.waiting >= self.max_waiting:
             raise ResourceExhausted(
                 f"model {self.name!r} is busy and {self.waiting} request(s) are already waiting "
                 f"(max_queue={self.max_waiting}); retry later",

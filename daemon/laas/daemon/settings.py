@@ -7,6 +7,7 @@ else reads the environment or the config file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -77,13 +78,17 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
     text_kind = str(kind)
     try:
         if "Path" in text_kind:
-            return Path(str(raw)).expanduser()
+            if not isinstance(raw, str | Path):
+                raise ValueError
+            return Path(raw).expanduser()
         if "bool" in text_kind:
             if isinstance(raw, bool):
                 return raw
             return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[str(raw).lower()]
         if "float" in text_kind:
-            return float(raw)
+            if isinstance(raw, bool) or not math.isfinite(value := float(raw)):
+                raise ValueError
+            return value
         if "int" in text_kind:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
@@ -113,8 +118,10 @@ def _model(index: int, table: Any) -> ModelConfig:
     model = ModelConfig(**values)
     if model.format != "gguf":
         raise SettingsError(f"{where}.format: {model.format!r} is not supported (gguf)", field=f"{where}.format")
-    if model.context_length < 16:
-        raise SettingsError(f"{where}.context_length must be >= 16", field=f"{where}.context_length")
+    for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0)):
+        value = getattr(model, name)
+        if value is not None and value < low:
+            raise SettingsError(f"{where}.{name} must be >= {low}", field=f"{where}.{name}")
     return model
 
 
@@ -132,18 +139,25 @@ def load_settings(
             data = tomllib.loads(config_file.read_text(encoding="utf-8"))
         except OSError as e:
             raise SettingsError(f"cannot read config {config_file}: {e.strerror}", field="config") from e
+        except UnicodeDecodeError as e:
+            raise SettingsError(f"config {config_file} is not UTF-8 text", field="config") from e
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"config {config_file} is not valid TOML: {e}", field="config") from e
         unknown = set(data) - set(_SCALARS) - {"models"}
         if unknown:
             raise SettingsError(f"config: unknown setting(s) {sorted(unknown)}", field=min(unknown))
-        models = tuple(_model(i, t) for i, t in enumerate(data.pop("models", [])))
+        tables = data.pop("models", [])
+        if not isinstance(tables, list):
+            raise SettingsError("models must be an array of tables: write each model as [[models]]", field="models")
+        models = tuple(_model(i, t) for i, t in enumerate(tables))
         values.update({k: _coerce(k, v, _SCALARS[k].type) for k, v in data.items()})
     for name, f in _SCALARS.items():
         env_name = ENV_PREFIX + name.upper()
         if environ.get(env_name):
             values[name] = _coerce(env_name, environ[env_name], f.type)
     for name, value in (overrides or {}).items():
+        if name not in _SCALARS:
+            raise SettingsError(f"unknown setting {name!r}", field=name)
         if value is not None:
             values[name] = _coerce(name, value, _SCALARS[name].type)
     settings = Settings(models=models, **values)

@@ -26,6 +26,8 @@ from laas.daemon.errors import InvalidArgument, ModelLoadError, NotFound
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +67,17 @@ class ModelStore:
         """The real path of a store entry; refuses paths that escape the store, even through symlinks."""
         if not relative or "\x00" in relative:
             raise InvalidArgument(f"{field} must be a non-empty path inside the model store", field=field)
+        if len(relative.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES
+                                                        for p in Path(relative).parts):
+            raise InvalidArgument(f"{field} is too long", field=field)
         candidate = Path(relative)
         if not candidate.is_absolute():
             candidate = self.root / candidate
-        real_root = self.root.resolve()
-        real = candidate.resolve()
+        try:
+            real_root = self.root.resolve()
+            real = candidate.resolve()
+        except (OSError, RuntimeError) as e:  # symlink loops, unreadable folders
+            raise InvalidArgument(f"{field} {relative!r} cannot be resolved: {e}", field=field) from e
         if real != real_root and real_root not in real.parents:
             raise InvalidArgument(f"{field} {relative!r} is outside the model store {self.root}", field=field)
         return real

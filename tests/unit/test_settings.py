@@ -1,0 +1,401 @@
+"""load_settings: defaults < TOML file < LAAS_* environment < overrides, and every refusal names its field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from laas.daemon.errors import InvalidArgument
+from laas.daemon.settings import (
+    DEFAULT_LISTEN,
+    DEFAULT_MODEL_NAME,
+    ModelConfig,
+    Settings,
+    SettingsError,
+    default_home,
+    load_settings,
+)
+
+HOME_ENV = {"LAAS_HOME": "/srv/laas-test-home"}
+
+
+def config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "laasd.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def refused(*args: object, **kwargs: object) -> SettingsError:
+    with pytest.raises(SettingsError) as info:
+        load_settings(*args, **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+# --- default_home ------------------------------------------------------------------------------------
+
+
+def test_default_home_prefers_laas_home() -> None:
+    env = {"LAAS_HOME": "/a/b", "XDG_DATA_HOME": "/x"}
+    assert default_home(env) == Path("/a/b")
+
+
+def test_default_home_expands_user_in_laas_home() -> None:
+    assert default_home({"LAAS_HOME": "~/laas"}) == Path.home() / "laas"
+
+
+def test_default_home_uses_xdg_data_home() -> None:
+    assert default_home({"XDG_DATA_HOME": "/data"}) == Path("/data/laas")
+
+
+def test_default_home_empty_values_fall_through() -> None:
+    assert default_home({"LAAS_HOME": "", "XDG_DATA_HOME": "/data"}) == Path("/data/laas")
+    assert default_home({"LAAS_HOME": "", "XDG_DATA_HOME": ""}) == Path.home() / ".local/share/laas"
+
+
+def test_default_home_fallback() -> None:
+    assert default_home({}) == Path.home() / ".local" / "share" / "laas"
+
+
+# --- defaults ----------------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    s = load_settings(environ={})
+    assert isinstance(s, Settings)
+    assert s.listen == DEFAULT_LISTEN == "127.0.0.1:7734"
+    assert s.home == Path.home() / ".local" / "share" / "laas"
+    assert s.store == s.home / "models"
+    assert s.default_model == DEFAULT_MODEL_NAME
+    assert s.models == ()
+    assert s.threads == (os.cpu_count() or 1)
+    assert s.max_queue == 8
+    assert s.default_max_tokens == 256
+    assert s.drain_grace_s == 10.0
+    assert s.log_level == "info"
+
+
+def test_home_from_environ_argument_not_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAAS_HOME", "/from/process")
+    monkeypatch.setenv("LAAS_THREADS", "77")
+    s = load_settings(environ={"XDG_DATA_HOME": "/xdg"})
+    assert s.home == Path("/xdg/laas")
+    assert s.threads != 77
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(environ=HOME_ENV)
+    with pytest.raises(AttributeError):
+        s.threads = 3  # type: ignore[misc]
+
+
+# --- the TOML file -----------------------------------------------------------------------------------
+
+
+def test_file_values(tmp_path: Path) -> None:
+    path = config(tmp_path, """
+listen = "0.0.0.0:9000"
+home = "/opt/laas"
+default_model = "other"
+threads = 3
+max_queue = 0
+default_max_tokens = 64
+drain_grace_s = 2.5
+log_level = "DEBUG"
+default_model_source = "pkg==1"
+""")
+    s = load_settings(path, environ={})
+    assert s.listen == "0.0.0.0:9000"
+    assert s.home == Path("/opt/laas")
+    assert s.store == Path("/opt/laas/models")
+    assert s.default_model == "other"
+    assert s.threads == 3
+    assert s.max_queue == 0
+    assert s.default_max_tokens == 64
+    assert s.drain_grace_s == 2.5
+    assert s.log_level == "DEBUG"
+    assert s.default_model_source == "pkg==1"
+
+
+def test_file_home_expands_user(tmp_path: Path) -> None:
+    s = load_settings(config(tmp_path, 'home = "~/models-home"'), environ={})
+    assert s.home == Path.home() / "models-home"
+
+
+def test_file_int_as_float_accepted_when_whole(tmp_path: Path) -> None:
+    assert load_settings(config(tmp_path, "threads = 4.0"), environ=HOME_ENV).threads == 4
+    assert isinstance(load_settings(config(tmp_path, "threads = 4.0"), environ=HOME_ENV).threads, int)
+
+
+def test_file_float_setting_accepts_int(tmp_path: Path) -> None:
+    s = load_settings(config(tmp_path, "drain_grace_s = 3"), environ=HOME_ENV)
+    assert s.drain_grace_s == 3.0
+    assert isinstance(s.drain_grace_s, float)
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_settings(config(tmp_path, ""), environ=HOME_ENV) == load_settings(environ=HOME_ENV)
+
+
+def test_unknown_key_refused_naming_it(tmp_path: Path) -> None:
+    err = refused(config(tmp_path, 'listen = "x:1"\nthread = 4\n'), environ=HOME_ENV)
+    assert err.field == "thread"
+    assert "thread" in str(err)
+    assert isinstance(err, InvalidArgument)
+
+
+def test_several_unknown_keys_field_is_the_first_alphabetically(tmp_path: Path) -> None:
+    err = refused(config(tmp_path, "zeta = 1\nalpha = 2\n"), environ=HOME_ENV)
+    assert err.field == "alpha"
+    assert "zeta" in str(err)
+
+
+def test_unknown_table_refused(tmp_path: Path) -> None:
+    err = refused(config(tmp_path, "[server]\nport = 1\n"), environ=HOME_ENV)
+    assert err.field == "server"
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ('threads = "four"', "threads"),
+    ("threads = 2.5", "threads"),
+    ("threads = true", "threads"),
+    ("max_queue = [1]", "max_queue"),
+    ('drain_grace_s = "soon"', "drain_grace_s"),
+    ("listen = 7734", "listen"),
+    ("log_level = 1", "log_level"),
+    ("default_model = false", "default_model"),
+])
+def test_bad_types_refused_naming_the_field(tmp_path: Path, text: str, field: str) -> None:
+    err = refused(config(tmp_path, text), environ=HOME_ENV)
+    assert err.field == field
+    assert field in str(err)
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("threads = 0", "threads"),
+    ("threads = -1", "threads"),
+    ("max_queue = -1", "max_queue"),
+    ("default_max_tokens = 0", "default_max_tokens"),
+    ("drain_grace_s = -0.5", "drain_grace_s"),
+    ('log_level = "verbose"', "log_level"),
+])
+def test_out_of_range_values_refused(tmp_path: Path, text: str, field: str) -> None:
+    assert refused(config(tmp_path, text), environ=HOME_ENV).field == field
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error", "Warning"])
+def test_log_levels_accepted(tmp_path: Path, level: str) -> None:
+    assert load_settings(config(tmp_path, f'log_level = "{level}"'), environ=HOME_ENV).log_level == level
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    err = refused(config(tmp_path, "threads = = 3"), environ=HOME_ENV)
+    assert err.field == "config"
+    assert "not valid TOML" in str(err)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    err = refused(tmp_path / "nope.toml", environ=HOME_ENV)
+    assert err.field == "config"
+    assert "cannot read config" in str(err)
+
+
+def test_config_path_is_a_directory(tmp_path: Path) -> None:
+    assert refused(tmp_path, environ=HOME_ENV).field == "config"
+
+
+# --- environment -------------------------------------------------------------------------------------
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    path = config(tmp_path, 'threads = 3\nlisten = "a:1"\nhome = "/file/home"\ndrain_grace_s = 1.0\n')
+    env = {"LAAS_THREADS": "5", "LAAS_HOME": "/env/home", "LAAS_DRAIN_GRACE_S": "0.25"}
+    s = load_settings(path, environ=env)
+    assert s.threads == 5
+    assert s.home == Path("/env/home")
+    assert s.drain_grace_s == 0.25
+    assert s.listen == "a:1"  # not in the environment: the file's value stays
+
+
+def test_env_every_scalar(tmp_path: Path) -> None:
+    env = {
+        "LAAS_LISTEN": "[::1]:1234",
+        "LAAS_HOME": "/h",
+        "LAAS_DEFAULT_MODEL": "m",
+        "LAAS_THREADS": "2",
+        "LAAS_MAX_QUEUE": "0",
+        "LAAS_DEFAULT_MAX_TOKENS": "9",
+        "LAAS_DRAIN_GRACE_S": "0",
+        "LAAS_LOG_LEVEL": "error",
+        "LAAS_DEFAULT_MODEL_SOURCE": "x==2",
+    }
+    s = load_settings(environ=env)
+    assert (s.listen, s.home, s.default_model, s.threads, s.max_queue, s.default_max_tokens,
+            s.drain_grace_s, s.log_level, s.default_model_source) == (
+        "[::1]:1234", Path("/h"), "m", 2, 0, 9, 0.0, "error", "x==2")
+
+
+def test_empty_env_value_is_ignored(tmp_path: Path) -> None:
+    s = load_settings(config(tmp_path, "threads = 3"), environ={**HOME_ENV, "LAAS_THREADS": ""})
+    assert s.threads == 3
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    err = refused(environ={**HOME_ENV, "LAAS_THREADS": "many"})
+    assert err.field == "LAAS_THREADS"
+    assert "LAAS_THREADS" in str(err)
+
+
+def test_env_value_out_of_range_refused() -> None:
+    assert refused(environ={**HOME_ENV, "LAAS_MAX_QUEUE": "-2"}).field == "max_queue"
+
+
+def test_env_xdg_data_home_used_when_no_laas_home() -> None:
+    assert load_settings(environ={"XDG_DATA_HOME": "/xdg"}).home == Path("/xdg/laas")
+
+
+def test_file_home_beats_xdg_but_not_laas_home(tmp_path: Path) -> None:
+    path = config(tmp_path, 'home = "/file"')
+    assert load_settings(path, environ={"XDG_DATA_HOME": "/xdg"}).home == Path("/file")
+    assert load_settings(path, environ={"LAAS_HOME": "/env"}).home == Path("/env")
+
+
+# --- overrides ---------------------------------------------------------------------------------------
+
+
+def test_overrides_beat_env_and_file(tmp_path: Path) -> None:
+    path = config(tmp_path, 'listen = "file:1"\nlog_level = "warning"\nhome = "/file"\n')
+    env = {"LAAS_LISTEN": "env:2", "LAAS_LOG_LEVEL": "error", "LAAS_HOME": "/env"}
+    s = load_settings(path, environ=env, overrides={"listen": "flag:3", "log_level": "debug",
+                                                    "home": Path("/flag")})
+    assert (s.listen, s.log_level, s.home) == ("flag:3", "debug", Path("/flag"))
+
+
+def test_none_overrides_do_not_override(tmp_path: Path) -> None:
+    s = load_settings(config(tmp_path, 'listen = "file:1"'), environ={**HOME_ENV, "LAAS_LOG_LEVEL": "error"},
+                      overrides={"listen": None, "log_level": None, "home": None})
+    assert s.listen == "file:1"
+    assert s.log_level == "error"
+    assert s.home == Path(HOME_ENV["LAAS_HOME"])
+
+
+def test_overrides_are_coerced_and_checked() -> None:
+    assert load_settings(environ=HOME_ENV, overrides={"threads": "6"}).threads == 6
+    assert load_settings(environ=HOME_ENV, overrides={"home": "~/x"}).home == Path.home() / "x"
+    assert refused(environ=HOME_ENV, overrides={"threads": "x"}).field == "threads"
+    assert refused(environ=HOME_ENV, overrides={"log_level": "loud"}).field == "log_level"
+
+
+# --- [[models]] --------------------------------------------------------------------------------------
+
+
+def test_models_tables(tmp_path: Path) -> None:
+    path = config(tmp_path, """
+[[models]]
+name = "small"
+path = "small.gguf"
+
+[[models]]
+name = "big"
+path = "sub/big.gguf"
+format = "gguf"
+context_length = 8192
+threads = 4
+max_queue = 2
+sha256 = "ab12"
+""")
+    s = load_settings(path, environ=HOME_ENV)
+    assert s.models == (
+        ModelConfig(name="small", path="small.gguf"),
+        ModelConfig(name="big", path="sub/big.gguf", format="gguf", context_length=8192, threads=4,
+                    max_queue=2, sha256="ab12"),
+    )
+    assert s.models[0].context_length == 4096
+    assert s.models[0].threads is None
+    assert s.models[0].max_queue is None
+    assert s.models[0].sha256 is None
+
+
+def test_models_survive_env_and_overrides(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[models]]\nname = "a"\npath = "a.gguf"\n')
+    s = load_settings(path, environ={**HOME_ENV, "LAAS_THREADS": "2"}, overrides={"listen": "x:1"})
+    assert [m.name for m in s.models] == ["a"]
+
+
+def test_duplicate_model_names(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[models]]\nname = "a"\npath = "a.gguf"\n[[models]]\nname = "a"\npath = "b.gguf"\n')
+    err = refused(path, environ=HOME_ENV)
+    assert err.field == "models"
+    assert "unique" in str(err)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ('path = "a.gguf"', "models[0].name"),
+    ('name = "a"', "models[0].path"),
+    ('name = ""\npath = "a.gguf"', "models[0].name"),
+    ('name = "a"\npath = "a.gguf"\nformat = "onnx"', "models[0].format"),
+    ('name = "a"\npath = "a.gguf"\ncontext_length = 15', "models[0].context_length"),
+    ('name = "a"\npath = "a.gguf"\ncontext_length = "big"', "models[0].context_length"),
+    ('name = "a"\npath = "a.gguf"\nthreads = 1.5', "models[0].threads"),
+    ('name = "a"\npath = "a.gguf"\nsha256 = 5', "models[0].sha256"),
+    ('name = 5\npath = "a.gguf"', "models[0].name"),
+    ('name = "a"\npath = "a.gguf"\nctx = 1', "models[0].ctx"),
+])
+def test_bad_model_tables(tmp_path: Path, body: str, field: str) -> None:
+    err = refused(config(tmp_path, f"[[models]]\n{body}\n"), environ=HOME_ENV)
+    assert err.field == field
+
+
+def test_bad_second_model_is_indexed(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[models]]\nname = "a"\npath = "a.gguf"\n[[models]]\nname = "b"\n')
+    assert refused(path, environ=HOME_ENV).field == "models[1].path"
+
+
+def test_unknown_model_keys_field_is_the_first_alphabetically(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[models]]\nname = "a"\npath = "a.gguf"\nzz = 1\naa = 2\n')
+    err = refused(path, environ=HOME_ENV)
+    assert err.field == "models[0].aa"
+    assert "zz" in str(err)
+
+
+def test_model_entry_not_a_table(tmp_path: Path) -> None:
+    err = refused(config(tmp_path, 'models = ["a.gguf"]'), environ=HOME_ENV)
+    assert err.field == "models[0]"
+    assert "table" in str(err)
+
+
+def test_model_min_context_length_accepted(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[models]]\nname = "a"\npath = "a.gguf"\ncontext_length = 16\n')
+    assert load_settings(path, environ=HOME_ENV).models[0].context_length == 16
+
+
+# --- regressions -------------------------------------------------------------------------------------
+
+
+def test_config_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "laasd.toml"
+    path.write_bytes(b"listen = '\xff'\n")
+    assert refused(path, environ={}).field == "config"
+
+
+def test_models_must_be_an_array_of_tables(tmp_path: Path) -> None:
+    assert refused(config(tmp_path, "models = 5\n"), environ={}).field == "models"
+    error = refused(config(tmp_path, '[models]\nname = "a"\npath = "a.gguf"\n'), environ={})
+    assert error.field == "models" and "[[models]]" in str(error)
+
+
+@pytest.mark.parametrize(("key", "value"), [("threads", 0), ("max_queue", -3), ("context_length", 8)])
+def test_per_model_limits(tmp_path: Path, key: str, value: int) -> None:
+    text = f'[[models]]\nname = "a"\npath = "a.gguf"\n{key} = {value}\n'
+    assert refused(config(tmp_path, text), environ={}).field == f"models[0].{key}"
+
+
+@pytest.mark.parametrize("text", ["home = [1, 2]\n", "home = 5\n", "drain_grace_s = true\n",
+                                  "drain_grace_s = nan\n", "drain_grace_s = inf\n"])
+def test_values_of_the_wrong_type(tmp_path: Path, text: str) -> None:
+    assert refused(config(tmp_path, text), environ={}).field == text.split(" ")[0]
+
+
+def test_unknown_override(tmp_path: Path) -> None:
+    assert refused(None, environ={}, overrides={"bogus": 1}).field == "bogus"
