@@ -34,7 +34,7 @@ def test_cancelling_a_stream_stops_the_engine_and_frees_the_model(client: Client
     assert all(c.text is not None for c in received)
     assert client.model().active_requests == 1
     stream.close()  # the client goes away mid-stream
-    assert _wait_idle(client) < 2.0
+    assert _wait_idle(client) < 5.0
     after = client.complete("Hello", max_tokens=4, temperature=0)
     assert after.completion_tokens == 4
     assert after.timings["queue_ms"] < 1000  # nobody was still decoding ahead of it
@@ -50,7 +50,7 @@ async def test_async_client_cancellation(daemon: DaemonProcess) -> None:
         start = time.monotonic()
         while (await aclient.model()).active_requests and time.monotonic() - start < 5:
             await asyncio.sleep(0.01)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 5.0
         result = await aclient.complete("Hello", max_tokens=4, temperature=0)
         assert result.completion_tokens == 4 and result.timings["queue_ms"] < 1000
 
@@ -60,7 +60,7 @@ def test_deadline_stops_generation(client: Client) -> None:
     with pytest.raises(DeadlineExceeded):
         list(client.generate("Once upon a time", timeout=1.0, **LONG))
     assert time.monotonic() - started < 5
-    assert _wait_idle(client) < 2.0
+    assert _wait_idle(client) < 5.0
     assert client.complete("Hello", max_tokens=2, temperature=0).completion_tokens == 2
 
 

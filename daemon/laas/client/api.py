@@ -15,6 +15,7 @@ from laas.client.types import (
     chunk_from_pb,
     error_from_rpc,
     model_from_pb,
+    routing_pb,
     sampling_pb,
 )
 from laas.daemon.settings import DEFAULT_LISTEN
@@ -27,7 +28,19 @@ Message = Mapping[str, str] | tuple[str, str]
 def _chat_request(messages: Sequence[Message], model: str, sampling: Mapping[str, Any]) -> pb.ChatRequest:
     wire = [pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
             else pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-    return pb.ChatRequest(model=model, messages=wire, sampling=sampling_pb(**sampling))
+    routing, sampling = _split_routing(sampling)
+    return pb.ChatRequest(model=model, messages=wire, sampling=sampling_pb(**sampling), routing=routing)
+
+
+def _generate_request(prompt: str, model: str, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
+    routing, sampling = _split_routing(sampling)
+    return pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling), routing=routing)
+
+
+def _split_routing(kwargs: Mapping[str, Any]) -> tuple[pb.Routing, dict[str, Any]]:
+    """Separates the routing keywords (policy, latency_budget_ms) from the sampling ones."""
+    rest = dict(kwargs)
+    return routing_pb(rest.pop("policy", None), rest.pop("latency_budget_ms", None)), rest
 
 
 def _health_name(status: int) -> str:
@@ -54,8 +67,7 @@ class Client:
     def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
                  **sampling: Any) -> Generator[Chunk, None, None]:
         """Streams chunks as the daemon decodes them. Breaking out of the loop cancels the request."""
-        request = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling))
-        return self._stream(self._stub.Generate(request, timeout=timeout))
+        return self._stream(self._stub.Generate(_generate_request(prompt, model, sampling), timeout=timeout))
 
     def chat(self, messages: Sequence[Message], *, model: str = "", timeout: float | None = None,
              **sampling: Any) -> Generator[Chunk, None, None]:
@@ -119,8 +131,7 @@ class AsyncClient:
 
     def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
                  **sampling: Any) -> AsyncGenerator[Chunk, None]:
-        request = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling))
-        return self._stream(self._stub.Generate(request, timeout=timeout))
+        return self._stream(self._stub.Generate(_generate_request(prompt, model, sampling), timeout=timeout))
 
     def chat(self, messages: Sequence[Message], *, model: str = "", timeout: float | None = None,
              **sampling: Any) -> AsyncGenerator[Chunk, None]:

@@ -15,8 +15,20 @@ _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Where (part of) an answer came from: a local model, a LAN peer or a cloud endpoint, and why."""
+
+    target: str
+    kind: str  # "local", "peer" or "cloud"
+    reason: str
+    predicted_ms: float
+    failover: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
-    """One streamed message: a text delta; the last one also has finish_reason, usage and timings."""
+    """One streamed message: a text delta; the last one also has finish_reason, usage and timings.
+    `route` is set on the first message and again after a failover."""
 
     text: str
     finish_reason: str | None = None
@@ -24,11 +36,12 @@ class Chunk:
     completion_tokens: int = 0
     timings: Mapping[str, float] = field(default_factory=dict)
     model: str = ""
+    route: Route | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """A whole generation: the joined text and the last chunk's figures."""
+    """A whole generation: the joined text, the last chunk's figures and every route taken."""
 
     text: str
     finish_reason: str
@@ -36,16 +49,19 @@ class Result:
     completion_tokens: int
     timings: Mapping[str, float]
     model: str
+    routes: tuple[Route, ...] = ()
 
     @classmethod
     def join(cls, chunks: Iterable[Chunk]) -> Result:
-        parts, last, model = [], Chunk(""), ""
+        parts, last, model, routes = [], Chunk(""), "", []
         for c in chunks:
             parts.append(c.text)
             model = model or c.model
+            if c.route is not None:
+                routes.append(c.route)
             last = c
         return cls("".join(parts), last.finish_reason or "", last.prompt_tokens, last.completion_tokens,
-                   last.timings, model)
+                   last.timings, model, tuple(routes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +81,32 @@ class ModelDescription:
     error: str
 
 
+def route_from_pb(r: pb.RouteInfo) -> Route:
+    return Route(target=r.target, kind=pb.TargetKind.Name(r.kind).removeprefix("TARGET_KIND_").lower(),
+                 reason=r.reason, predicted_ms=r.predicted_ms, failover=r.failover)
+
+
 def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
+    route = route_from_pb(msg.route) if msg.HasField("route") else None
     if msg.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-        return Chunk(text=msg.text, model=msg.model)
+        return Chunk(text=msg.text, model=msg.model, route=route)
     t = msg.timings
     timings = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
     return Chunk(text=msg.text, finish_reason=_FINISH.get(msg.finish_reason, "unknown"),
                  prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
-                 timings=timings, model=msg.model)
+                 timings=timings, model=msg.model, route=route)
+
+
+_POLICIES = {"auto": pb.ROUTING_POLICY_AUTO, "local_only": pb.ROUTING_POLICY_LOCAL_ONLY,
+             "cloud_only": pb.ROUTING_POLICY_CLOUD_ONLY, "prefer_local": pb.ROUTING_POLICY_PREFER_LOCAL}
+
+
+def routing_pb(policy: str | None = None, latency_budget_ms: float | None = None) -> pb.Routing:
+    """Routing for a request: policy "auto" (default), "local_only", "cloud_only" or "prefer_local"."""
+    routing = pb.Routing(policy=_POLICIES[(policy or "auto").lower()])
+    if latency_budget_ms is not None:
+        routing.latency_budget_ms = latency_budget_ms
+    return routing
 
 
 def model_from_pb(m: pb.Model) -> ModelDescription:

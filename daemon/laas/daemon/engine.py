@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class ModelFormat(enum.Enum):
     GGUF = "gguf"
     ONNX = "onnx"
+    REMOTE = "remote"  # served elsewhere (a cloud endpoint, a LAN peer)
 
 
 class FinishReason(enum.Enum):
@@ -57,6 +58,8 @@ class GenerationRequest:
     template_stops: tuple[str, ...] = ()
     # Tokenize with the model's beginning-of-sequence token (False when a chat template wrote it).
     add_special: bool = True
+    # The chat messages the prompt was rendered from, for targets that apply their own template.
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

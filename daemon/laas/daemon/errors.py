@@ -11,7 +11,8 @@ into status codes with :func:`status_for`, and the client turns status codes bac
     ├── ResourceExhausted           (RESOURCE_EXHAUSTED: the model's queue is full)
     ├── Unavailable                 (UNAVAILABLE: retry later)
     │   ├── ModelLoading            (the model is being fetched or loaded)
-    │   └── ShuttingDown            (the daemon is draining)
+    │   ├── ShuttingDown            (the daemon is draining)
+    │   └── TargetFailed            (a remote target failed; the router fails over to the next)
     ├── ModelLoadError              (FAILED_PRECONDITION: the model failed to load or validate)
     ├── Cancelled                   (CANCELLED: the client went away)
     └── DeadlineExceeded            (DEADLINE_EXCEEDED)
@@ -72,6 +73,10 @@ class ShuttingDown(Unavailable):
     """The daemon is draining and takes no new requests."""
 
 
+class TargetFailed(Unavailable):
+    """A remote target (cloud endpoint, LAN peer) refused, timed out, broke its stream or sent garbage."""
+
+
 class ModelLoadError(LaasError):
     """A model file is missing, invalid or failed to load; retrying will not help until it is fixed."""
 
@@ -92,6 +97,7 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelLoading, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (TargetFailed, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (Cancelled, grpc.StatusCode.CANCELLED),

@@ -26,6 +26,7 @@ from laas.daemon.registry import ModelRegistry
 from laas.daemon.service import Lifecycle, RuntimeService
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
+from laas.router.setup import build_router, calibrate
 from laas.v1 import runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Server:
         self.settings = settings
         self.lifecycle = Lifecycle()
         self.registry = ModelRegistry(settings, ModelStore(settings.store), load_gguf)
+        self.router = build_router(settings, self.registry)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -56,8 +58,8 @@ class Server:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        runtime_pb2_grpc.add_RuntimeServicer_to_server(
-            RuntimeService(self.registry, self.lifecycle, self.settings.default_max_tokens), server)
+        runtime_pb2_grpc.add_RuntimeServicer_to_server(RuntimeService(self.registry, self.router, self.lifecycle),
+                                                       server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -73,6 +75,7 @@ class Server:
 
     async def _load_models(self) -> None:
         await self.registry.load_all()
+        await calibrate(self.router)
         if self.lifecycle.accepting and self.registry.default.engine is not None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving %d model(s); default %s", len(self.registry.entries()), self.registry.default.name)
@@ -107,6 +110,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
         await self.registry.aclose()
+        for remote in self.router.remote.values():
+            await remote.engine.aclose()
         log.info("stopped")
 
     async def serve(self) -> None:

@@ -10,33 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import grpc
 
 from laas.daemon import validation
-from laas.daemon.engine import (
-    Completion,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelFormat,
-    Timings,
-)
-from laas.daemon.errors import FIELD_METADATA_KEY, LaasError, ShuttingDown, status_for
+from laas.daemon.engine import Completion, FinishReason, GenerationChunk, ModelFormat, Timings
+from laas.daemon.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, ShuttingDown, status_for
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
-from laas.router.policy import admit
+from laas.router.dispatch import Plan, RouteChange, Router
+from laas.router.policy import Policy, TargetKind
+from laas.router.targets import RoutedRequest
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
-_FORMAT = {ModelFormat.GGUF: pb.MODEL_FORMAT_GGUF, ModelFormat.ONNX: pb.MODEL_FORMAT_ONNX}
+_FORMAT = {ModelFormat.GGUF: pb.MODEL_FORMAT_GGUF, ModelFormat.ONNX: pb.MODEL_FORMAT_ONNX,
+           ModelFormat.REMOTE: pb.MODEL_FORMAT_UNSPECIFIED}
+_POLICY = {pb.ROUTING_POLICY_AUTO: Policy.AUTO, pb.ROUTING_POLICY_LOCAL_ONLY: Policy.LOCAL_ONLY,
+           pb.ROUTING_POLICY_CLOUD_ONLY: Policy.CLOUD_ONLY, pb.ROUTING_POLICY_PREFER_LOCAL: Policy.PREFER_LOCAL}
+_KIND = {TargetKind.LOCAL: pb.TARGET_KIND_LOCAL, TargetKind.PEER: pb.TARGET_KIND_PEER,
+         TargetKind.CLOUD: pb.TARGET_KIND_CLOUD}
 _STATE = {
     ModelState.NOT_LOADED: pb.MODEL_STATE_NOT_LOADED,
     ModelState.LOADING: pb.MODEL_STATE_LOADING,
@@ -107,6 +107,11 @@ def model_to_pb(entry: ModelEntry) -> pb.Model:
     return out
 
 
+def _route_pb(route: RouteChange) -> pb.RouteInfo:
+    return pb.RouteInfo(target=route.target, kind=_KIND[route.kind], reason=route.reason,
+                        predicted_ms=route.predicted_ms, failover=route.failover)
+
+
 def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
     t, u = chunk.timings, chunk.usage
     return pb.GenerateResponse(
@@ -121,40 +126,46 @@ def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
 
 
 class RuntimeService(pb_grpc.RuntimeServicer):
-    def __init__(self, registry: ModelRegistry, lifecycle: Lifecycle, default_max_tokens: int) -> None:
+    def __init__(self, registry: ModelRegistry, router: Router, lifecycle: Lifecycle) -> None:
         self._registry = registry
+        self._router = router
         self._lifecycle = lifecycle
-        self._default_max_tokens = default_max_tokens
 
     # -- streaming generation -------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        async for out in self._stream(context, request.model, request.sampling, prompt=request.prompt):
+        async for out in self._stream(context, request):
             yield out
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[pb.GenerateResponse]:
-        messages = [(m.role, m.content) for m in request.messages]
-        async for out in self._stream(context, request.model, request.sampling, messages=messages):
+        async for out in self._stream(context, request):
             yield out
 
-    async def _stream(self, context: grpc.aio.ServicerContext, model: str, sampling: pb.SamplingParams, *,
-                      prompt: str | None = None, messages: list[tuple[str, str]] | None = None
+    async def _stream(self, context: grpc.aio.ServicerContext, request: pb.GenerateRequest | pb.ChatRequest
                       ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
         self._lifecycle.enter()
         try:
             async with _status_on_error(context):
-                entry, request = await self._prepare(model, sampling, prompt, messages)
+                self._lifecycle.check()
+                plan = await self._plan(context, request)
                 ttft_ms = 0.0
-                async for chunk in self._registry.run(entry, request):
-                    if not ttft_ms:
+                route: RouteChange | None = None
+                async for item in self._router.run(plan):
+                    if isinstance(item, RouteChange):
+                        route = item  # sent with the next message; a target that fails first is never shown
+                        continue
+                    first = not ttft_ms
+                    if first:
                         ttft_ms = (time.perf_counter() - arrived) * 1000
-                        out = self._to_pb(chunk, ttft_ms)
-                        out.model = entry.name
-                    else:
-                        out = self._to_pb(chunk, ttft_ms)
+                    out = self._to_pb(item, ttft_ms)
+                    if first:
+                        out.model = plan.model
+                    if route is not None:
+                        out.route.CopyFrom(_route_pb(route))
+                        route = None
                     yield out
         finally:
             self._lifecycle.leave()
@@ -165,20 +176,47 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             return _final(chunk, ttft_ms)
         return pb.GenerateResponse(text=chunk.text)
 
-    async def _prepare(self, model: str, sampling_msg: pb.SamplingParams, prompt: str | None,
-                       messages: list[tuple[str, str]] | None) -> tuple[ModelEntry, GenerationRequest]:
-        self._lifecycle.check()
-        entry = self._registry.get(validation.model_name(model))
-        sampling = _sampling(sampling_msg)
-        engine = entry.ready_engine()
-        if messages is not None:
-            request = await engine.render_chat(validation.chat_messages(messages))
+    async def _plan(self, context: grpc.aio.ServicerContext, request: pb.GenerateRequest | pb.ChatRequest) -> Plan:
+        model = validation.model_name(request.model)
+        sampling = _sampling(request.sampling)
+        if isinstance(request, pb.ChatRequest):
+            messages = validation.chat_messages([(m.role, m.content) for m in request.messages])
+            routed = RoutedRequest(sampling, messages=messages)
         else:
-            request = GenerationRequest(prompt=validation.prompt(prompt or ""))
-        tokens = await engine.tokenize(request.prompt, add_special=request.add_special)
-        admission = admit(len(tokens), sampling.max_tokens, engine.info.context_length, self._default_max_tokens)
-        sampling = replace(sampling, max_tokens=admission.max_tokens)
-        return entry, replace(request, sampling=sampling, prompt_tokens=tuple(tokens))
+            routed = RoutedRequest(sampling, prompt=validation.prompt(request.prompt))
+        policy = _POLICY.get(request.routing.policy)
+        if policy is None:
+            raise InvalidArgument(f"routing.policy {request.routing.policy} is not a known policy",
+                                  field="routing.policy")
+        budget = request.routing.latency_budget_ms if request.routing.HasField("latency_budget_ms") else None
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise InvalidArgument(f"routing.latency_budget_ms must be > 0; got {budget}",
+                                  field="routing.latency_budget_ms")
+        remaining = context.time_remaining()
+        if budget is None and remaining is not None:
+            budget = remaining * 1000
+        return await self._router.plan(model, routed, policy, budget)
+
+    async def ExplainRoute(self, request: pb.ExplainRouteRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.RouteExplanation:
+        async with _status_on_error(context):
+            which = request.WhichOneof("request")
+            if which is None:
+                raise InvalidArgument("set generate or chat", field="request")
+            plan = await self._plan(context, getattr(request, which))
+            d = plan.decision
+            chosen = RouteChange(d.chosen.target, d.chosen.kind, d.reason, d.chosen.predicted_ms, False, plan.model)
+            return pb.RouteExplanation(
+                chosen=_route_pb(chosen), order=[e.target for e in d.order],
+                candidates=[pb.RouteCandidate(
+                    route=pb.RouteInfo(target=j.estimate.target, kind=_KIND[j.estimate.kind],
+                                       predicted_ms=j.estimate.predicted_ms),
+                    eligible=j.eligible, meets_deadline=j.meets_deadline, note=j.note) for j in d.judged],
+                prompt_tokens=plan.query.prompt_tokens,
+                max_tokens=plan.query.max_tokens or plan.query.default_max_tokens,
+                budget_ms=plan.query.budget_ms or 0.0,
+            )
+        raise AssertionError("unreachable")
 
     # -- unary ------------------------------------------------------------------------------------
 

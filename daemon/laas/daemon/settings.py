@@ -41,11 +41,39 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """A remote target: a cloud endpoint (OpenAI-compatible HTTP API) or a LAN peer (another laasd).
+
+    `models` are the names it answers for here (requests' `model`); empty means the default model.
+    The API key comes from `api_key_env` or `api_key_file` (e.g. a systemd credential), never the file.
+    """
+
+    name: str
+    url: str  # cloud: the API's base URL, e.g. https://api.openai.com/v1; peer: host:port
+    kind: str = "cloud"  # "cloud" or "peer"
+    model: str = ""  # the model's name at the endpoint (peer: "" is its default model)
+    models: tuple[str, ...] = ()
+    context_length: int = 8192
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 30.0
+    chat_only: bool = False  # the endpoint has no /completions: raw prompts are sent as one user message
+    failure_threshold: int = 3  # consecutive failures that open the circuit
+    cooldown_s: float = 30.0  # how long an open circuit stays open before one trial request
+    ttft_ms: float = 1000.0  # first guesses until the endpoint has been measured
+    inter_token_ms: float = 25.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: str = DEFAULT_LISTEN
     home: Path = field(default_factory=lambda: default_home(os.environ))
     default_model: str = DEFAULT_MODEL_NAME
     models: tuple[ModelConfig, ...] = ()
+    remotes: tuple[RemoteConfig, ...] = ()
+    # Other names for local models, e.g. {"assistant": "smollm2-135m-instruct"}; remotes may serve them too.
+    aliases: tuple[tuple[str, str], ...] = ()
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Requests allowed to wait for a busy model; one more gets RESOURCE_EXHAUSTED.
     max_queue: int = 8
@@ -70,13 +98,19 @@ def default_home(environ: Mapping[str, str]) -> Path:
     return Path(xdg) / "laas"
 
 
-_SCALARS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "models"}
+_TABLES = ("models", "remotes", "aliases")
+_SCALARS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in _TABLES}
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+_REMOTE_FIELDS = {f.name: f for f in dataclasses.fields(RemoteConfig)}
 
 
 def _coerce(name: str, raw: Any, kind: Any) -> Any:
     text_kind = str(kind)
     try:
+        if "tuple[str" in text_kind:
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise ValueError
+            return tuple(raw)
         if "Path" in text_kind:
             if not isinstance(raw, str | Path):
                 raise ValueError
@@ -104,18 +138,50 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
     raise SettingsError(f"{name}: {raw!r} is not a valid {text_kind}", field=name)
 
 
-def _model(index: int, table: Any) -> ModelConfig:
-    where = f"models[{index}]"
+def _table_values(where: str, table: Any, fields: Mapping[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
+    """Checks one [[table]] entry: a table, known keys, required keys present, values of the right type."""
     if not isinstance(table, dict):
         raise SettingsError(f"{where} must be a table", field=where)
-    unknown = set(table) - set(_MODEL_FIELDS)
+    unknown = set(table) - set(fields)
     if unknown:
         raise SettingsError(f"{where}: unknown key(s) {sorted(unknown)}", field=f"{where}.{min(unknown)}")
-    for required in ("name", "path"):
-        if not table.get(required):
-            raise SettingsError(f"{where}.{required} is required", field=f"{where}.{required}")
-    values = {k: _coerce(f"{where}.{k}", v, _MODEL_FIELDS[k].type) for k, v in table.items()}
-    model = ModelConfig(**values)
+    for name in required:
+        if not table.get(name):
+            raise SettingsError(f"{where}.{name} is required", field=f"{where}.{name}")
+    return {k: _coerce(f"{where}.{k}", v, fields[k].type) for k, v in table.items()}
+
+
+def _array_of_tables(data: dict[str, Any], key: str) -> list[Any]:
+    tables = data.pop(key, [])
+    if not isinstance(tables, list):
+        raise SettingsError(f"{key} must be an array of tables: write each as [[{key}]]", field=key)
+    return tables
+
+
+def _remote(index: int, table: Any) -> RemoteConfig:
+    where = f"remotes[{index}]"
+    remote = RemoteConfig(**_table_values(where, table, _REMOTE_FIELDS, ("name", "url")))
+    if remote.kind not in ("cloud", "peer"):
+        raise SettingsError(f"{where}.kind must be cloud or peer", field=f"{where}.kind")
+    if remote.kind == "cloud" and not remote.model:
+        raise SettingsError(f"{where}.model is required for a cloud endpoint", field=f"{where}.model")
+    for name, low in (("context_length", 16), ("failure_threshold", 1), ("cooldown_s", 0),
+                      ("connect_timeout_s", 0.001), ("read_timeout_s", 0.001)):
+        if getattr(remote, name) < low:
+            raise SettingsError(f"{where}.{name} must be >= {low}", field=f"{where}.{name}")
+    return remote
+
+
+def _aliases(data: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    table = data.pop("aliases", {})
+    if not isinstance(table, dict) or not all(isinstance(v, str) and v for v in table.values()):
+        raise SettingsError('aliases must be a table of names, e.g. [aliases] assistant = "model"', field="aliases")
+    return tuple(sorted(table.items()))
+
+
+def _model(index: int, table: Any) -> ModelConfig:
+    where = f"models[{index}]"
+    model = ModelConfig(**_table_values(where, table, _MODEL_FIELDS, ("name", "path")))
     if model.format != "gguf":
         raise SettingsError(f"{where}.format: {model.format!r} is not supported (gguf)", field=f"{where}.format")
     for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0)):
@@ -134,6 +200,8 @@ def load_settings(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {"home": default_home(environ)}
     models: tuple[ModelConfig, ...] = ()
+    remotes: tuple[RemoteConfig, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()
     if config_file is not None:
         try:
             data = tomllib.loads(config_file.read_text(encoding="utf-8"))
@@ -143,13 +211,12 @@ def load_settings(
             raise SettingsError(f"config {config_file} is not UTF-8 text", field="config") from e
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"config {config_file} is not valid TOML: {e}", field="config") from e
-        unknown = set(data) - set(_SCALARS) - {"models"}
+        unknown = set(data) - set(_SCALARS) - set(_TABLES)
         if unknown:
             raise SettingsError(f"config: unknown setting(s) {sorted(unknown)}", field=min(unknown))
-        tables = data.pop("models", [])
-        if not isinstance(tables, list):
-            raise SettingsError("models must be an array of tables: write each model as [[models]]", field="models")
-        models = tuple(_model(i, t) for i, t in enumerate(tables))
+        models = tuple(_model(i, t) for i, t in enumerate(_array_of_tables(data, "models")))
+        remotes = tuple(_remote(i, t) for i, t in enumerate(_array_of_tables(data, "remotes")))
+        aliases = _aliases(data)
         values.update({k: _coerce(k, v, _SCALARS[k].type) for k, v in data.items()})
     for name, f in _SCALARS.items():
         env_name = ENV_PREFIX + name.upper()
@@ -160,7 +227,7 @@ def load_settings(
             raise SettingsError(f"unknown setting {name!r}", field=name)
         if value is not None:
             values[name] = _coerce(name, value, _SCALARS[name].type)
-    settings = Settings(models=models, **values)
+    settings = Settings(models=models, remotes=remotes, aliases=aliases, **values)
     _check(settings)
     return settings
 
@@ -169,6 +236,9 @@ def _check(s: Settings) -> None:
     names = [m.name for m in s.models]
     if len(names) != len(set(names)):
         raise SettingsError("models: each name must be unique", field="models")
+    targets = [r.name for r in s.remotes]
+    if len(targets) != len(set(targets)) or set(targets) & set(names):
+        raise SettingsError("remotes: each name must be unique, and differ from the models' names", field="remotes")
     for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1)):
         if getattr(s, name) < low:
             raise SettingsError(f"{name} must be >= {low}", field=name)

@@ -23,6 +23,57 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RoutingPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoutingPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoutingPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTING_POLICY_AUTO: _RoutingPolicy.ValueType  # 0
+    """The fastest target that meets the deadline, the device first when it does; oversized or
+    too-slow requests go to a LAN peer or a cloud endpoint.
+    """
+    ROUTING_POLICY_LOCAL_ONLY: _RoutingPolicy.ValueType  # 1
+    """Never leaves the device."""
+    ROUTING_POLICY_CLOUD_ONLY: _RoutingPolicy.ValueType  # 2
+    """Remote targets only (cloud endpoints and LAN peers)."""
+    ROUTING_POLICY_PREFER_LOCAL: _RoutingPolicy.ValueType  # 3
+    """The device whenever the request fits its context window, whatever the deadline."""
+
+class RoutingPolicy(_RoutingPolicy, metaclass=_RoutingPolicyEnumTypeWrapper):
+    """Where a request may run. The device is preferred whenever it can answer in time."""
+
+ROUTING_POLICY_AUTO: RoutingPolicy.ValueType  # 0
+"""The fastest target that meets the deadline, the device first when it does; oversized or
+too-slow requests go to a LAN peer or a cloud endpoint.
+"""
+ROUTING_POLICY_LOCAL_ONLY: RoutingPolicy.ValueType  # 1
+"""Never leaves the device."""
+ROUTING_POLICY_CLOUD_ONLY: RoutingPolicy.ValueType  # 2
+"""Remote targets only (cloud endpoints and LAN peers)."""
+ROUTING_POLICY_PREFER_LOCAL: RoutingPolicy.ValueType  # 3
+"""The device whenever the request fits its context window, whatever the deadline."""
+Global___RoutingPolicy: _TypeAlias = RoutingPolicy  # noqa: Y015
+
+class _TargetKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TargetKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TargetKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TARGET_KIND_UNSPECIFIED: _TargetKind.ValueType  # 0
+    TARGET_KIND_LOCAL: _TargetKind.ValueType  # 1
+    TARGET_KIND_PEER: _TargetKind.ValueType  # 2
+    TARGET_KIND_CLOUD: _TargetKind.ValueType  # 3
+
+class TargetKind(_TargetKind, metaclass=_TargetKindEnumTypeWrapper): ...
+
+TARGET_KIND_UNSPECIFIED: TargetKind.ValueType  # 0
+TARGET_KIND_LOCAL: TargetKind.ValueType  # 1
+TARGET_KIND_PEER: TargetKind.ValueType  # 2
+TARGET_KIND_CLOUD: TargetKind.ValueType  # 3
+Global___TargetKind: _TypeAlias = TargetKind  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -87,6 +138,67 @@ MODEL_STATE_READY: ModelState.ValueType  # 3
 MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """Loading failed; `error` says why."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
+@_typing.final
+class Routing(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    policy: Global___RoutingPolicy.ValueType
+    latency_budget_ms: _builtins.float
+    """Time the whole answer may take, in ms. Unset: the call's gRPC deadline, if any."""
+    def __init__(
+        self,
+        *,
+        policy: Global___RoutingPolicy.ValueType = ...,
+        latency_budget_ms: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_ms", b"_latency_budget_ms", "latency_budget_ms", b"latency_budget_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_ms", b"_latency_budget_ms", "latency_budget_ms", b"latency_budget_ms", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__latency_budget_ms: _TypeAlias = _typing.Literal["latency_budget_ms"]  # noqa: Y015
+    _WhichOneofArgType__latency_budget_ms: _TypeAlias = _typing.Literal["_latency_budget_ms", b"_latency_budget_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_budget_ms) -> _WhichOneofReturnType__latency_budget_ms | None: ...
+
+Global___Routing: _TypeAlias = Routing  # noqa: Y015
+
+@_typing.final
+class RouteInfo(_message.Message):
+    """Where (part of) an answer came from, and why it went there."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PREDICTED_MS_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """The target's name: a local model, a configured cloud endpoint or a peer."""
+    kind: Global___TargetKind.ValueType
+    reason: _builtins.str
+    predicted_ms: _builtins.float
+    """The predicted time to the last token, in ms."""
+    failover: _builtins.bool
+    """True when this route took over after another target failed."""
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        kind: Global___TargetKind.ValueType = ...,
+        reason: _builtins.str = ...,
+        predicted_ms: _builtins.float = ...,
+        failover: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failover", b"failover", "kind", b"kind", "predicted_ms", b"predicted_ms", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteInfo: _TypeAlias = RouteInfo  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -195,21 +307,25 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """A model name from ListModels; empty selects the daemon's default model."""
+    """A model name from ListModels, or an alias; empty selects the daemon's default model."""
     prompt: _builtins.str
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
+    @_builtins.property
+    def routing(self) -> Global___Routing: ...
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         prompt: _builtins.str = ...,
         sampling: Global___SamplingParams | None = ...,
+        routing: Global___Routing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -245,21 +361,25 @@ class ChatRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
+    @_builtins.property
+    def routing(self) -> Global___Routing: ...
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         sampling: Global___SamplingParams | None = ...,
+        routing: Global___Routing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,6 +458,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     """Set on the last message only."""
@@ -347,6 +468,10 @@ class GenerateResponse(_message.Message):
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def timings(self) -> Global___Timings: ...
+    @_builtins.property
+    def route(self) -> Global___RouteInfo:
+        """Set on the first message, and again on the message after a route change (failover)."""
+
     def __init__(
         self,
         *,
@@ -355,10 +480,11 @@ class GenerateResponse(_message.Message):
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
         model: _builtins.str = ...,
+        route: Global___RouteInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model", b"model", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model", b"model", "route", b"route", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,3 +652,100 @@ class GetModelRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class ExplainRouteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATE_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generate(self) -> Global___GenerateRequest: ...
+    @_builtins.property
+    def chat(self) -> Global___ChatRequest: ...
+    def __init__(
+        self,
+        *,
+        generate: Global___GenerateRequest | None = ...,
+        chat: Global___ChatRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "generate", b"generate", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "generate", b"generate", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["generate", "chat"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___ExplainRouteRequest: _TypeAlias = ExplainRouteRequest  # noqa: Y015
+
+@_typing.final
+class RouteCandidate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
+    MEETS_DEADLINE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    eligible: _builtins.bool
+    """Whether the target could take the request (context window, availability, policy)."""
+    meets_deadline: _builtins.bool
+    note: _builtins.str
+    """Why it was not eligible, or not chosen."""
+    @_builtins.property
+    def route(self) -> Global___RouteInfo: ...
+    def __init__(
+        self,
+        *,
+        route: Global___RouteInfo | None = ...,
+        eligible: _builtins.bool = ...,
+        meets_deadline: _builtins.bool = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eligible", b"eligible", "meets_deadline", b"meets_deadline", "note", b"note", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteCandidate: _TypeAlias = RouteCandidate  # noqa: Y015
+
+@_typing.final
+class RouteExplanation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    BUDGET_MS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    max_tokens: _builtins.int
+    budget_ms: _builtins.float
+    """The latency budget the decision used, in ms (0: none)."""
+    @_builtins.property
+    def chosen(self) -> Global___RouteInfo:
+        """The target the request would go to first; the rest of `order` are its failovers."""
+
+    @_builtins.property
+    def order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteCandidate]: ...
+    def __init__(
+        self,
+        *,
+        chosen: Global___RouteInfo | None = ...,
+        order: _abc.Iterable[_builtins.str] | None = ...,
+        candidates: _abc.Iterable[Global___RouteCandidate] | None = ...,
+        prompt_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        budget_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ms", b"budget_ms", "candidates", b"candidates", "chosen", b"chosen", "max_tokens", b"max_tokens", "order", b"order", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteExplanation: _TypeAlias = RouteExplanation  # noqa: Y015

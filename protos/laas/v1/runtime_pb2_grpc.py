@@ -61,6 +61,11 @@ class RuntimeStub:
                 request_serializer=laas_dot_v1_dot_runtime__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=laas_dot_v1_dot_runtime__pb2.Model.FromString,
                 _registered_method=True)
+        self.ExplainRoute = channel.unary_unary(
+                '/laas.v1.Runtime/ExplainRoute',
+                request_serializer=laas_dot_v1_dot_runtime__pb2.ExplainRouteRequest.SerializeToString,
+                response_deserializer=laas_dot_v1_dot_runtime__pb2.RouteExplanation.FromString,
+                _registered_method=True)
 
 
 class RuntimeServicer:
@@ -103,6 +108,13 @@ class RuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainRoute(self, request, context):
+        """Dry run: where would this Generate or Chat request go, and why? Nothing is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +142,11 @@ def add_RuntimeServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=laas_dot_v1_dot_runtime__pb2.GetModelRequest.FromString,
                     response_serializer=laas_dot_v1_dot_runtime__pb2.Model.SerializeToString,
+            ),
+            'ExplainRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRoute,
+                    request_deserializer=laas_dot_v1_dot_runtime__pb2.ExplainRouteRequest.FromString,
+                    response_serializer=laas_dot_v1_dot_runtime__pb2.RouteExplanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +286,33 @@ class Runtime:
             '/laas.v1.Runtime/GetModel',
             laas_dot_v1_dot_runtime__pb2.GetModelRequest.SerializeToString,
             laas_dot_v1_dot_runtime__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laas.v1.Runtime/ExplainRoute',
+            laas_dot_v1_dot_runtime__pb2.ExplainRouteRequest.SerializeToString,
+            laas_dot_v1_dot_runtime__pb2.RouteExplanation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,8 @@ class RuntimeStub:
     """Lists every model the daemon knows."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.GetModelRequest, _runtime_pb2.Model]
     """Describes one model."""
+    ExplainRoute: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.ExplainRouteRequest, _runtime_pb2.RouteExplanation]
+    """Dry run: where would this Generate or Chat request go, and why? Nothing is generated."""
 
 @_typing.type_check_only
 class RuntimeAsyncStub(RuntimeStub):
@@ -67,6 +69,8 @@ class RuntimeAsyncStub(RuntimeStub):
     """Lists every model the daemon knows."""
     GetModel: _aio.UnaryUnaryMultiCallable[_runtime_pb2.GetModelRequest, _runtime_pb2.Model]  # type: ignore[assignment]
     """Describes one model."""
+    ExplainRoute: _aio.UnaryUnaryMultiCallable[_runtime_pb2.ExplainRouteRequest, _runtime_pb2.RouteExplanation]  # type: ignore[assignment]
+    """Dry run: where would this Generate or Chat request go, and why? Nothing is generated."""
 
 class RuntimeServicer(metaclass=_abc_1.ABCMeta):
     """Runtime serves language models: streaming generation, chat, tokenization and the model catalogue.
@@ -112,5 +116,13 @@ class RuntimeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_pb2.Model, _abc.Awaitable[_runtime_pb2.Model]]:
         """Describes one model."""
+
+    @_abc_1.abstractmethod
+    def ExplainRoute(
+        self,
+        request: _runtime_pb2.ExplainRouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.RouteExplanation, _abc.Awaitable[_runtime_pb2.RouteExplanation]]:
+        """Dry run: where would this Generate or Chat request go, and why? Nothing is generated."""
 
 def add_RuntimeServicer_to_server(servicer: RuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

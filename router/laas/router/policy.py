@@ -1,15 +1,37 @@
-"""Routing policy: pure decisions about where, and whether, a request can run.
+"""Routing policy: the pure decision of where a request runs, and in which order targets take over.
 
-Layer: domain (no I/O). For now the device is the only target, so the policy is admission: does the
-request fit the model's context window? The latency-aware choice between device, LAN peers and cloud
-builds on this (prompt tokens, max_tokens and the context window are its first inputs).
+Layer: domain (no I/O, no clock). Inputs are the request's size and budget and, for every target
+that could serve the model, an estimate (context window, availability, predicted latency); the output
+is an ordered list of targets (the first is the route, the rest its failovers) with the reason.
+
+Rules, in order:
+1. A target must fit the request (prompt + max_tokens within its context window) and be available
+   (loaded, circuit closed); LOCAL_ONLY keeps only the device, CLOUD_ONLY only remote targets.
+2. With a latency budget: the device when it meets it (cost and privacy); else the fastest target
+   that meets it; else the fastest target ("nothing meets the deadline").
+3. Without a budget, or with PREFER_LOCAL: the device when it fits; else the fastest remote target.
+Failovers follow in order of predicted latency, the device first among equals.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from laas.daemon.errors import OutOfRange
+from laas.daemon.errors import InvalidArgument, OutOfRange, Unavailable
+
+
+class Policy(enum.Enum):
+    AUTO = "auto"
+    LOCAL_ONLY = "local_only"
+    CLOUD_ONLY = "cloud_only"
+    PREFER_LOCAL = "prefer_local"
+
+
+class TargetKind(enum.Enum):
+    LOCAL = "local"
+    PEER = "peer"
+    CLOUD = "cloud"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +64,111 @@ def admit(prompt_tokens: int, requested_max_tokens: int | None, context_length: 
             field="sampling.max_tokens",
         )
     return Admission(prompt_tokens, requested_max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """One target's view of one request."""
+
+    target: str
+    kind: TargetKind
+    context_length: int
+    available: bool
+    predicted_ms: float
+    unavailable_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    prompt_tokens: int
+    max_tokens: int | None  # None: the default, shortened on the device to the room left
+    default_max_tokens: int
+    policy: Policy = Policy.AUTO
+    budget_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    estimate: Estimate
+    eligible: bool
+    meets_deadline: bool
+    note: str
+    why: str = ""  # "policy", "unavailable" or "context" when not eligible
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    order: tuple[Estimate, ...]  # the route first, then its failovers
+    reason: str
+    judged: tuple[Judged, ...]
+
+    @property
+    def chosen(self) -> Estimate:
+        return self.order[0]
+
+
+def _max_tokens(query: Query, e: Estimate) -> int:
+    if query.max_tokens is not None:
+        return query.max_tokens
+    room = e.context_length - query.prompt_tokens
+    return min(query.default_max_tokens, room) if e.kind is TargetKind.LOCAL else query.default_max_tokens
+
+
+def _judge(query: Query, e: Estimate) -> Judged:
+    meets = query.budget_ms is None or e.predicted_ms <= query.budget_ms
+    if query.policy is Policy.LOCAL_ONLY and e.kind is not TargetKind.LOCAL:
+        return Judged(e, False, meets, "LOCAL_ONLY keeps the request on the device", "policy")
+    if query.policy is Policy.CLOUD_ONLY and e.kind is TargetKind.LOCAL:
+        return Judged(e, False, meets, "CLOUD_ONLY sends the request off the device", "policy")
+    if not e.available:
+        return Judged(e, False, meets, e.unavailable_reason or "unavailable", "unavailable")
+    needed = query.prompt_tokens + max(_max_tokens(query, e), 1)
+    if needed > e.context_length:
+        return Judged(e, False, meets, f"needs {needed} tokens of context, has {e.context_length}", "context")
+    return Judged(e, True, meets, "meets the deadline" if query.budget_ms is not None and meets else "")
+
+
+def choose(query: Query, estimates: list[Estimate]) -> Decision:
+    """The route and its failovers; raises OutOfRange/Unavailable when no target can take the request."""
+    judged = tuple(_judge(query, e) for e in estimates)
+    eligible = [j for j in judged if j.eligible]
+    if not eligible:
+        raise _nothing_fits(query, judged)
+    by_speed = sorted(eligible, key=lambda j: (j.estimate.predicted_ms, j.estimate.kind is not TargetKind.LOCAL))
+    local = next((j for j in eligible if j.estimate.kind is TargetKind.LOCAL), None)
+    budget = query.budget_ms
+    if local is not None and (budget is None or query.policy is Policy.PREFER_LOCAL or local.meets_deadline):
+        first = local
+        reason = ("the device meets the deadline" if budget is not None and local.meets_deadline
+                  else "the device fits the request" if budget is None else "PREFER_LOCAL: the device fits")
+    else:
+        meeting = [j for j in by_speed if j.meets_deadline]
+        first = meeting[0] if meeting else by_speed[0]
+        why_not_local = _why_not_local(judged, local, budget)
+        if meeting:
+            reason = f"{why_not_local}; {first.estimate.target} is the fastest that meets it"
+        elif budget is not None:
+            reason = f"no target meets the {budget:.0f} ms deadline; {first.estimate.target} is the fastest"
+        else:
+            reason = f"{why_not_local}; {first.estimate.target} is the fastest remote target"
+    rest = [j for j in by_speed if j is not first]
+    return Decision(order=(first.estimate, *(j.estimate for j in rest)), reason=reason, judged=judged)
+
+
+def _why_not_local(judged: tuple[Judged, ...], local: Judged | None, budget: float | None) -> str:
+    if local is not None:
+        return f"the device would take {local.estimate.predicted_ms:.0f} ms, over the {budget:.0f} ms deadline"
+    device = [j for j in judged if j.estimate.kind is TargetKind.LOCAL]
+    if not device:
+        return "the model is not on the device"
+    return f"the device cannot take it ({device[0].note})"
+
+
+def _nothing_fits(query: Query, judged: tuple[Judged, ...]) -> Exception:
+    notes = "; ".join(f"{j.estimate.target}: {j.note}" for j in judged) or "no target serves this model"
+    message = f"no target can take this request ({notes})"
+    if any(j.why == "context" for j in judged):
+        return OutOfRange(message, field="sampling.max_tokens" if query.max_tokens is not None else "prompt")
+    if judged and all(j.why == "policy" for j in judged):
+        return InvalidArgument(message, field="routing.policy")
+    return Unavailable(message)

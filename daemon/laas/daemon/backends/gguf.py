@@ -47,6 +47,7 @@ class GgufEngine(Engine):
         self._llm = llm
         self._header = header
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf")
+        self._closing = threading.Event()  # stops any generation still running when the engine closes
         self._info = ModelInfo(
             format=ModelFormat.GGUF,
             quantization=header.quantization,
@@ -145,7 +146,7 @@ class GgufEngine(Engine):
             frequency_penalty=s.frequency_penalty, reset=True,
         )
         try:
-            while completion < max_tokens and not stop_flag.is_set():
+            while completion < max_tokens and not stop_flag.is_set() and not self._closing.is_set():
                 token = next(tokens)
                 if completion == 0:
                     first_token_at = time.perf_counter()
@@ -181,7 +182,10 @@ class GgufEngine(Engine):
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True)
+        # A stream abandoned at shutdown may never be finalized: stop its worker here, and wait for it
+        # off the event loop, which must stay free to finalize what it can.
+        self._closing.set()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.close)

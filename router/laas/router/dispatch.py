@@ -1,0 +1,131 @@
+"""The router at run time: finds the targets for a model, asks the policy, runs the route, fails over.
+
+Layer: application. `plan` counts the prompt's tokens with the local tokenizer, gathers every target's
+estimate and asks policy.choose (pure). `run` streams from the chosen target; when a target fails
+before its first token, the next one in the decision's order takes the request; when it fails
+mid-stream, the next one continues from the text already delivered, so the client sees one coherent
+stream. Each route taken is announced with a RouteChange item in the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from laas.daemon.engine import Completion, FinishReason, GenerationChunk, TextDelta, Timings, Usage
+from laas.daemon.errors import NotFound, OutOfRange, TargetFailed, Unavailable
+from laas.daemon.registry import ModelEntry, ModelRegistry
+from laas.router.policy import Decision, Policy, Query, TargetKind, choose
+from laas.router.targets import LocalTarget, RemoteTarget, RoutedRequest
+
+Target = LocalTarget | RemoteTarget
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChange:
+    """Announces the target that streams what follows, and why."""
+
+    target: str
+    kind: TargetKind
+    reason: str
+    predicted_ms: float
+    failover: bool
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    request: RoutedRequest
+    query: Query
+    decision: Decision
+    model: str
+
+
+class Router:
+    def __init__(self, registry: ModelRegistry, remotes: Sequence[RemoteTarget], aliases: dict[str, str],
+                 remote_models: dict[str, tuple[str, ...]], default_max_tokens: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._registry = registry
+        self._aliases = aliases
+        self._default_max_tokens = default_max_tokens
+        self._clock = clock
+        self.local = {e.name: LocalTarget(e, registry, default_max_tokens, clock) for e in registry.entries()}
+        self.remote = {r.name: r for r in remotes}
+        # Which remote targets answer for which requested model name ("" means the default model).
+        self._remote_models = remote_models
+
+    def targets_for(self, model: str) -> tuple[LocalTarget | None, list[RemoteTarget]]:
+        name = model or self._registry.default.name
+        local_name = self._aliases.get(name, name)
+        local = self.local.get(local_name)
+        remotes = [r for r in self.remote.values()
+                   if name in self._remote_models.get(r.name, ()) or
+                   (not self._remote_models.get(r.name) and name == self._registry.default.name)]
+        if local is None and not remotes:
+            self._registry.get(model)  # raises NotFound naming the known models
+            raise NotFound(f"model {model!r} is not served here", field="model")  # pragma: no cover
+        return local, remotes
+
+    async def count_tokens(self, request: RoutedRequest, local: LocalTarget | None) -> int:
+        """Prompt tokens, counted with the model's own tokenizer, or the default model's for remote-only models."""
+        entry: ModelEntry = local.entry if local is not None else self._registry.default
+        counter = self.local.get(entry.name) or LocalTarget(entry, self._registry, self._default_max_tokens,
+                                                            self._clock)
+        return len((await counter.render(request)).prompt_tokens or ())
+
+    async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None) -> Plan:
+        local, remotes = self.targets_for(model)
+        if local is not None and (not remotes or policy is Policy.LOCAL_ONLY):
+            local.entry.ready_engine()  # the device alone: its own error (loading, failed) is the answer
+        prompt_tokens = await self._count(request, local, policy)
+        query = Query(prompt_tokens, request.sampling.max_tokens, self._default_max_tokens, policy, budget_ms)
+        max_tokens = request.sampling.max_tokens or self._default_max_tokens
+        estimates = ([local.estimate(prompt_tokens, max_tokens)] if local else []) + \
+            [r.estimate(prompt_tokens, max_tokens) for r in remotes]
+        return Plan(request, query, choose(query, estimates), model or self._registry.default.name)
+
+    async def _count(self, request: RoutedRequest, local: LocalTarget | None, policy: Policy) -> int:
+        try:
+            return await self.count_tokens(request, local)
+        except Unavailable:
+            if local is not None and policy is Policy.LOCAL_ONLY:
+                raise
+            # The device cannot count now (loading): estimate from the text, about 4 bytes a token.
+            text = request.prompt or "".join(m.content for m in request.messages)
+            return len(text.encode()) // 4 + 1
+
+    async def run(self, plan: Plan) -> AsyncGenerator[GenerationChunk | RouteChange, None]:
+        delivered: list[str] = []
+        failures: list[str] = []
+        completion_tokens = 0
+        request = plan.request
+        for attempt, estimate in enumerate(plan.decision.order):
+            target: Target = self.local[estimate.target] if estimate.kind is TargetKind.LOCAL \
+                else self.remote[estimate.target]
+            resumed = "".join(delivered)
+            if resumed:
+                left = (plan.request.sampling.max_tokens or self._default_max_tokens) - completion_tokens
+                if left < 1:  # the broken stream had already delivered every token asked for
+                    yield Completion(FinishReason.LENGTH, Usage(0, completion_tokens), Timings())
+                    return
+                request = plan.request.continued(resumed, left)
+            reason = plan.decision.reason if attempt == 0 else f"failover after {failures[-1]}"
+            yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, attempt > 0, plan.model)
+            try:
+                async for chunk in target.stream(request, estimate.predicted_ms, resumed):
+                    if isinstance(chunk, TextDelta):
+                        delivered.append(chunk.text)
+                        completion_tokens += 1
+                    elif isinstance(chunk, Completion) and resumed:
+                        usage = Usage(chunk.usage.prompt_tokens, completion_tokens)
+                        chunk = replace(chunk, usage=usage)
+                    yield chunk
+                return
+            except TargetFailed as e:
+                failures.append(str(e))
+            except (OutOfRange, Unavailable) as e:
+                if attempt == 0:
+                    raise
+                failures.append(f"{target.name}: {e}")  # e.g. the continued prompt no longer fits
+        raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")

@@ -1,0 +1,130 @@
+"""Online latency estimates per target, and the circuit breaker per remote endpoint.
+
+Layer: domain (no I/O; time is passed in). Every finished request updates its target's estimates
+with exponentially weighted averages, so predictions follow the machine's real speed (thermal
+throttling, other load) and a remote endpoint's real latency.
+
+    device:  queue ahead + prompt_tokens / prefill rate + max_tokens / decode rate
+    remote:  time to first token + max_tokens * inter-token time, inflated by its recent error rate
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+ALPHA = 0.3  # weight of the newest observation
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - ALPHA) * old + ALPHA * new
+
+
+@dataclass
+class LocalEstimator:
+    """Prefill and decode rates of one local model, and the work queued ahead on it."""
+
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+    overhead_ms: float = 5.0
+    _admitted: dict[int, tuple[float, float | None]] = field(default_factory=dict)  # id -> (predicted, started)
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.prefill_tps is not None and self.decode_tps is not None
+
+    def service_ms(self, prompt_tokens: int, max_tokens: int) -> float:
+        """Time to run the request once it has the model."""
+        prefill = self.prefill_tps or 500.0
+        decode = self.decode_tps or 20.0
+        return self.overhead_ms + prompt_tokens * 1000 / prefill + max_tokens * 1000 / decode
+
+    def queue_ms(self, now: float) -> float:
+        """Predicted time until the model is free for a new request."""
+        total = 0.0
+        for predicted, started in self._admitted.values():
+            total += max(predicted - (now - started) * 1000, 0.0) if started is not None else predicted
+        return total
+
+    def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float) -> float:
+        return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens)
+
+    def admit(self, predicted_ms: float) -> int:
+        ticket = next(self._ids)
+        self._admitted[ticket] = (predicted_ms, None)
+        return ticket
+
+    def start(self, ticket: int, now: float) -> None:
+        if ticket in self._admitted:
+            self._admitted[ticket] = (self._admitted[ticket][0], now)
+
+    def finish(self, ticket: int) -> None:
+        self._admitted.pop(ticket, None)
+
+    def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float) -> None:
+        """Learns from a finished request (prefill of fewer than 8 tokens says little about the rate)."""
+        if prompt_tokens >= 8 and prompt_ms > 0:
+            self.prefill_tps = _ewma(self.prefill_tps, prompt_tokens * 1000 / prompt_ms)
+        if decoded_tokens >= 2 and decode_ms > 0:
+            self.decode_tps = _ewma(self.decode_tps, (decoded_tokens - 1) * 1000 / decode_ms)
+
+
+@dataclass
+class RemoteEstimator:
+    """Time to first token, inter-token time and error rate of one remote endpoint."""
+
+    ttft_ms: float = 1000.0
+    inter_token_ms: float = 25.0
+    error_rate: float = 0.0
+    observed: int = 0
+
+    def predict_ms(self, prompt_tokens: int, max_tokens: int) -> float:
+        expected = self.ttft_ms + max_tokens * self.inter_token_ms
+        # A failing endpoint costs a timeout and a retry elsewhere: weigh it by its error rate.
+        return expected * (1 + 2 * self.error_rate)
+
+    def observe(self, ttft_ms: float, tokens: int, decode_ms: float) -> None:
+        self.ttft_ms = ttft_ms if not self.observed else _ewma(self.ttft_ms, ttft_ms)
+        if tokens >= 2 and decode_ms > 0:
+            itl = decode_ms / (tokens - 1)
+            self.inter_token_ms = itl if not self.observed else _ewma(self.inter_token_ms, itl)
+        self.error_rate = _ewma(self.error_rate, 0.0)
+        self.observed += 1
+
+    def observe_failure(self) -> None:
+        self.error_rate = _ewma(self.error_rate, 1.0)
+
+
+@dataclass
+class CircuitBreaker:
+    """Opens after `threshold` consecutive failures; after `cooldown_s` lets one trial request through."""
+
+    threshold: int = 3
+    cooldown_s: float = 30.0
+    failures: int = 0
+    opened_at: float | None = None
+    trial_in_flight: bool = False
+
+    def state(self, now: float) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if now - self.opened_at >= self.cooldown_s else "open"
+
+    def allows(self, now: float) -> bool:
+        """Whether a request may be sent now (read-only: the router asks before it decides)."""
+        state = self.state(now)
+        return state == "closed" or (state == "half_open" and not self.trial_in_flight)
+
+    def on_attempt(self, now: float) -> None:
+        if self.state(now) == "half_open":
+            self.trial_in_flight = True
+
+    def on_success(self) -> None:
+        self.failures, self.opened_at, self.trial_in_flight = 0, None, False
+
+    def on_failure(self, now: float) -> None:
+        self.failures += 1
+        self.trial_in_flight = False
+        if self.opened_at is not None or self.failures >= self.threshold:
+            self.opened_at = now  # (re)open: a failed trial restarts the cool-down

@@ -1,0 +1,86 @@
+"""Another laasd as an Engine, over our own gRPC API: the shape LAN peers take.
+
+Layer: infrastructure. The request is sent LOCAL_ONLY, so a peer never forwards what it got from a
+peer (no loops). Any failure of the peer becomes TargetFailed, and the router fails over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import grpc
+
+from laas.client.api import AsyncClient
+from laas.daemon.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelFormat,
+    ModelInfo,
+    TextDelta,
+    Timings,
+    Usage,
+)
+from laas.daemon.errors import Cancelled, InvalidArgument, LaasError, TargetFailed
+
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+
+
+class PeerEngine(Engine):
+    def __init__(self, name: str, target: str, model: str, context_length: int) -> None:
+        self.name = name
+        self.model = model
+        self._client = AsyncClient(target)
+        self._info = ModelInfo(ModelFormat.REMOTE, "", context_length, context_length, 0, "remote")
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
+        raise InvalidArgument(f"{self.name} is a peer; count tokens locally")
+
+    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+        return GenerationRequest(prompt="", messages=tuple(messages))
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        sampling: dict[str, Any] = dataclasses.asdict(request.sampling)  # the client takes the same names
+        if request.messages:
+            stream = self._client.chat([(m.role, m.content) for m in request.messages], model=self.model,
+                                       policy="local_only", **sampling)
+        else:
+            stream = self._client.generate(request.prompt, model=self.model, policy="local_only", **sampling)
+        try:
+            async for chunk in stream:
+                if chunk.text:
+                    self.decoded_tokens += 1
+                    yield TextDelta(chunk.text)
+                if chunk.finish_reason is not None:
+                    t = chunk.timings
+                    yield Completion(
+                        finish_reason=_FINISH.get(chunk.finish_reason, FinishReason.STOP),
+                        usage=Usage(chunk.prompt_tokens, chunk.completion_tokens),
+                        timings=Timings(prompt_ms=t.get("prompt_ms", 0.0), decode_ms=t.get("decode_ms", 0.0)),
+                    )
+                    return
+        except Cancelled:
+            raise
+        except LaasError as e:
+            raise TargetFailed(f"{self.name}: {e.code.name}: {e}") from e
+        except grpc.RpcError as e:  # pragma: no cover - the client maps these already
+            raise TargetFailed(f"{self.name}: {e}") from e
+        finally:
+            await stream.aclose()
+        raise TargetFailed(f"{self.name}: the stream ended before a finish reason")
+
+    async def check_health(self) -> None:
+        if await self._client.health() != "SERVING":
+            raise TargetFailed(f"{self.name} is not serving")
+
+    async def aclose(self) -> None:
+        await self._client.close()

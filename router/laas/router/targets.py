@@ -1,0 +1,152 @@
+"""Targets the router can send a request to: a local model, or a remote engine (cloud endpoint, peer).
+
+Layer: application. A target turns a routed request into its own GenerationRequest (a local model
+renders chat with its template; a remote one takes the messages), runs it, and learns from it:
+each finished request updates the target's latency estimate, each failure its error rate and circuit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
+
+from laas.daemon.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from laas.daemon.errors import TargetFailed
+from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
+from laas.router.latency import CircuitBreaker, LocalEstimator, RemoteEstimator
+from laas.router.policy import Estimate, TargetKind, admit
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedRequest:
+    """A request before it is bound to a target: a raw prompt, or chat messages."""
+
+    sampling: SamplingParams
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+
+    def continued(self, delivered: str, max_tokens: int) -> RoutedRequest:
+        """The same request, resumed after `delivered` was already streamed to the client."""
+        sampling = replace(self.sampling, max_tokens=max_tokens)
+        if self.messages:
+            return replace(self, sampling=sampling,
+                           messages=(*self.messages, ChatMessage("assistant", delivered)))
+        return replace(self, sampling=sampling, prompt=self.prompt + delivered)
+
+
+class LocalTarget:
+    kind = TargetKind.LOCAL
+
+    def __init__(self, entry: ModelEntry, registry: ModelRegistry, default_max_tokens: int, clock: Clock) -> None:
+        self.entry = entry
+        self.name = entry.name
+        self.estimator = LocalEstimator()
+        self._registry = registry
+        self._default_max_tokens = default_max_tokens
+        self._clock = clock
+
+    @property
+    def context_length(self) -> int:
+        info = self.entry.info
+        return info.context_length if info else 0
+
+    def estimate(self, prompt_tokens: int, max_tokens: int) -> Estimate:
+        ready = self.entry.state is ModelState.READY
+        reason = "" if ready else f"model is {self.entry.state.value}"
+        predicted = self.estimator.predict_ms(prompt_tokens, max_tokens, self._clock())
+        return Estimate(self.name, self.kind, self.context_length, ready, predicted, reason)
+
+    async def render(self, request: RoutedRequest, resumed_from: str = "") -> GenerationRequest:
+        """The engine-level request: chat rendered with the model's template, prompt tokens counted."""
+        engine = self.entry.ready_engine()
+        if request.messages and not resumed_from:
+            bound = await engine.render_chat(request.messages)
+        elif request.messages:  # resume inside the assistant's turn, not as a new message
+            bound = await engine.render_chat(request.messages[:-1])
+            bound = replace(bound, prompt=bound.prompt + request.messages[-1].content)
+        else:
+            bound = GenerationRequest(prompt=request.prompt)
+        tokens = await engine.tokenize(bound.prompt, add_special=bound.add_special)
+        return replace(bound, sampling=request.sampling, prompt_tokens=tuple(tokens), messages=request.messages)
+
+    async def bind(self, request: RoutedRequest, resumed_from: str = "") -> GenerationRequest:
+        """render(), with the token budget granted within the context window (OutOfRange if none fits)."""
+        bound = await self.render(request, resumed_from)
+        granted = admit(len(bound.prompt_tokens or ()), request.sampling.max_tokens, self.context_length,
+                        self._default_max_tokens)
+        return replace(bound, sampling=replace(request.sampling, max_tokens=granted.max_tokens))
+
+    async def stream(self, request: RoutedRequest, predicted_ms: float, resumed_from: str = ""
+                     ) -> AsyncGenerator[GenerationChunk, None]:
+        bound = await self.bind(request, resumed_from)
+        ticket = self.estimator.admit(predicted_ms)
+        started = False
+        try:
+            async for chunk in self._registry.run(self.entry, bound):
+                if not started:
+                    self.estimator.start(ticket, self._clock() - 1e-3)
+                    started = True
+                if isinstance(chunk, Completion):
+                    t, u = chunk.timings, chunk.usage
+                    self.estimator.observe(u.prompt_tokens, t.prompt_ms, u.completion_tokens, t.decode_ms)
+                yield chunk
+        finally:
+            self.estimator.finish(ticket)
+
+
+class RemoteTarget:
+    def __init__(self, name: str, kind: TargetKind, engine: Engine, estimator: RemoteEstimator,
+                 breaker: CircuitBreaker, clock: Clock) -> None:
+        self.name = name
+        self.kind = kind
+        self.engine = engine
+        self.estimator = estimator
+        self.breaker = breaker
+        self._clock = clock
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.info.context_length
+
+    def estimate(self, prompt_tokens: int, max_tokens: int) -> Estimate:
+        now = self._clock()
+        allowed = self.breaker.allows(now)
+        reason = "" if allowed else (
+            f"circuit open after {self.breaker.failures} failures; next try in "
+            f"{max(self.breaker.cooldown_s - (now - (self.breaker.opened_at or now)), 0):.0f}s")
+        return Estimate(self.name, self.kind, self.context_length, allowed,
+                        self.estimator.predict_ms(prompt_tokens, max_tokens), reason)
+
+    async def stream(self, request: RoutedRequest, predicted_ms: float, resumed_from: str = ""
+                     ) -> AsyncGenerator[GenerationChunk, None]:
+        bound = GenerationRequest(prompt=request.prompt, sampling=request.sampling, messages=request.messages)
+        self.breaker.on_attempt(self._clock())
+        start = time.perf_counter()
+        first = 0.0
+        tokens = 0
+        try:
+            async for chunk in self.engine.generate(bound):
+                if isinstance(chunk, TextDelta):
+                    tokens += 1
+                    first = first or time.perf_counter()
+                elif isinstance(chunk, Completion):
+                    end = time.perf_counter()
+                    first = first or end
+                    self.estimator.observe((first - start) * 1000, tokens, (end - first) * 1000)
+                    self.breaker.on_success()
+                yield chunk
+        except TargetFailed:
+            self.estimator.observe_failure()
+            self.breaker.on_failure(self._clock())
+            raise
