@@ -10,10 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from laas.client.types import (
     Chunk,
+    Explanation,
     ModelDescription,
     Result,
     chunk_from_pb,
     error_from_rpc,
+    explanation_from_pb,
     model_from_pb,
     routing_pb,
     sampling_pb,
@@ -35,6 +37,13 @@ def _chat_request(messages: Sequence[Message], model: str, sampling: Mapping[str
 def _generate_request(prompt: str, model: str, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
     routing, sampling = _split_routing(sampling)
     return pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling), routing=routing)
+
+
+def _explain_request(prompt: str | None, messages: Sequence[Message], model: str,
+                     sampling: Mapping[str, Any]) -> pb.ExplainRouteRequest:
+    if messages:
+        return pb.ExplainRouteRequest(chat=_chat_request(messages, model, sampling))
+    return pb.ExplainRouteRequest(generate=_generate_request(prompt or "", model, sampling))
 
 
 def _split_routing(kwargs: Mapping[str, Any]) -> tuple[pb.Routing, dict[str, Any]]:
@@ -77,6 +86,12 @@ class Client:
     def complete(self, prompt: str, **kwargs: Any) -> Result:
         """generate(), joined."""
         return Result.join(self.generate(prompt, **kwargs))
+
+    def explain(self, prompt: str | None = None, *, messages: Sequence[Message] = (), model: str = "",
+                timeout: float | None = None, **sampling: Any) -> Explanation:
+        """Where a Generate (prompt) or Chat (messages) request would go, and why; nothing is generated."""
+        request = _explain_request(prompt, messages, model, sampling)
+        return explanation_from_pb(self._call(self._stub.ExplainRoute, request, timeout))
 
     def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
                  timeout: float | None = None) -> list[int]:
@@ -139,6 +154,11 @@ class AsyncClient:
 
     async def complete(self, prompt: str, **kwargs: Any) -> Result:
         return Result.join([c async for c in self.generate(prompt, **kwargs)])
+
+    async def explain(self, prompt: str | None = None, *, messages: Sequence[Message] = (), model: str = "",
+                      timeout: float | None = None, **sampling: Any) -> Explanation:
+        request = _explain_request(prompt, messages, model, sampling)
+        return explanation_from_pb(await self._call(self._stub.ExplainRoute, request, timeout))
 
     async def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
                        timeout: float | None = None) -> list[int]:

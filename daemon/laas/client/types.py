@@ -65,6 +65,36 @@ class Result:
 
 
 @dataclass(frozen=True, slots=True)
+class Candidate:
+    target: str
+    kind: str
+    predicted_ms: float
+    eligible: bool
+    meets_deadline: bool
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """ExplainRoute's answer: the route, its failovers in order, and every candidate's verdict."""
+
+    chosen: Route
+    order: tuple[str, ...]
+    candidates: tuple[Candidate, ...]
+    prompt_tokens: int
+    max_tokens: int
+    budget_ms: float
+
+
+def explanation_from_pb(e: pb.RouteExplanation) -> Explanation:
+    return Explanation(
+        chosen=route_from_pb(e.chosen), order=tuple(e.order),
+        candidates=tuple(Candidate(c.route.target, route_from_pb(c.route).kind, c.route.predicted_ms, c.eligible,
+                                   c.meets_deadline, c.note) for c in e.candidates),
+        prompt_tokens=e.prompt_tokens, max_tokens=e.max_tokens, budget_ms=e.budget_ms)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelDescription:
     name: str
     format: str

@@ -167,8 +167,13 @@ def _why_not_local(judged: tuple[Judged, ...], local: Judged | None, budget: flo
 def _nothing_fits(query: Query, judged: tuple[Judged, ...]) -> Exception:
     notes = "; ".join(f"{j.estimate.target}: {j.note}" for j in judged) or "no target serves this model"
     message = f"no target can take this request ({notes})"
-    if any(j.why == "context" for j in judged):
-        return OutOfRange(message, field="sampling.max_tokens" if query.max_tokens is not None else "prompt")
+    oversized = [j for j in judged if j.why == "context"]
+    could_fit_later = [j for j in judged if j.why == "unavailable" and
+                       query.prompt_tokens + max(_max_tokens(query, j.estimate), 1) <= j.estimate.context_length]
+    if oversized and not could_fit_later:
+        prompt_too_long = query.max_tokens is None or all(
+            query.prompt_tokens >= j.estimate.context_length for j in oversized)
+        return OutOfRange(message, field="prompt" if prompt_too_long else "sampling.max_tokens")
     if judged and all(j.why == "policy" for j in judged):
         return InvalidArgument(message, field="routing.policy")
     return Unavailable(message)

@@ -1,0 +1,294 @@
+"""The router end to end: the real daemon, a real OpenAI-compatible server (llama_cpp.server) as the cloud,
+and fault-injecting proxies on loopback between them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from laas.client import Client, LaasError
+from laas.client.types import Chunk, Result
+from tests.cloud_server import CLOUD_MODEL, CloudServer, free_port
+from tests.daemon_process import DaemonProcess
+from tests.fault_proxy import FaultProxy
+
+LOCAL = "smollm2-135m-instruct"
+OVERSIZED = "The history of lighthouses. " * 120  # about 700 tokens: beyond the device's 512-token window
+
+
+@pytest.fixture(scope="module")
+def cloud(model_file: Path) -> Iterator[CloudServer]:
+    server = CloudServer(model_file).wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(cloud: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud.url).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def flaky(cloud: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud.url).start()
+    p.reset("status")
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(make_home: Callable[..., Path], proxy: FaultProxy, flaky: FaultProxy,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    config = tmp_path_factory.mktemp("routing") / "laasd.toml"
+    config.write_text(f"""
+[[models]]
+name = "{LOCAL}"
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+context_length = 512
+
+[[remotes]]
+name = "cloud"
+url = "{proxy.url}"
+model = "{CLOUD_MODEL}"
+models = ["{LOCAL}", "big-model", "lost-model"]
+context_length = 8192
+failure_threshold = 2
+cooldown_s = 2
+ttft_ms = 50
+inter_token_ms = 2
+
+[[remotes]]
+name = "flaky"
+url = "{flaky.url}"
+model = "{CLOUD_MODEL}"
+models = ["big-model"]
+failure_threshold = 2
+cooldown_s = 3
+ttft_ms = 10
+inter_token_ms = 1
+
+[[remotes]]
+name = "gone"
+url = "http://127.0.0.1:{free_port()}/v1"
+model = "{CLOUD_MODEL}"
+models = ["lost-model"]
+ttft_ms = 5
+inter_token_ms = 1
+""")
+    proc = DaemonProcess(make_home(), config).start()
+    yield proc
+    assert proc.stop() == 0, proc.log
+
+
+@pytest.fixture
+def client(daemon: DaemonProcess, proxy: FaultProxy) -> Iterator[Client]:
+    proxy.reset()
+    with Client(daemon.target) as c:
+        _wait_eligible(c, "cloud")
+        yield c
+
+
+def _wait_eligible(client: Client, target: str, timeout: float = 10) -> None:
+    """Waits out an open circuit left by an earlier test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            candidates = client.explain(OVERSIZED, max_tokens=8).candidates
+        except LaasError:  # nothing can take it while the circuit is open
+            candidates = ()
+        if any(c.target == target and c.eligible for c in candidates):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{target} stayed ineligible")
+
+
+def _text(chunks: list[Chunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+@contextmanager
+def busy_device(daemon: DaemonProcess) -> Iterator[None]:
+    """Keeps the device decoding a long answer, so its predicted latency includes a long queue."""
+    with Client(daemon.target) as other:
+        stream = other.generate("Once upon a time", max_tokens=500, ignore_eos=True, policy="local_only")
+        next(stream)
+        try:
+            yield
+        finally:
+            stream.close()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+def test_a_short_request_stays_on_the_device(client: Client, proxy: FaultProxy) -> None:
+    chunks = list(client.generate("The capital of France is", max_tokens=8, temperature=0))
+    route = chunks[0].route
+    assert route is not None and (route.target, route.kind) == (LOCAL, "local")
+    assert route.reason == "the device fits the request"
+    assert proxy.requests == 0
+
+
+def test_an_oversized_prompt_goes_to_the_cloud(client: Client, proxy: FaultProxy) -> None:
+    chunks = list(client.generate(OVERSIZED, max_tokens=16, temperature=0))
+    route = chunks[0].route
+    assert route is not None and (route.target, route.kind) == ("cloud", "cloud")
+    assert "needs" in route.reason and "512" in route.reason
+    assert _text(chunks) and chunks[-1].finish_reason in ("stop", "length")
+    assert proxy.requests == 1 and proxy.completed == 1
+
+
+def test_a_model_not_on_the_device_goes_to_the_cloud(client: Client, proxy: FaultProxy) -> None:
+    result = client.complete("Hello", model="lost-model", max_tokens=8)
+    assert [r.target for r in result.routes] == ["cloud"]
+    chat = Result.join(client.chat([("user", "Say hi")], model="lost-model", max_tokens=8))
+    assert [r.target for r in chat.routes] == ["cloud"] and chat.text
+    assert proxy.requests == 2
+    assert b'"messages"' in proxy.bodies[1]  # chat reaches the cloud as messages, in its own template
+
+
+def test_local_only_never_leaves_the_device(client: Client, proxy: FaultProxy) -> None:
+    with pytest.raises(LaasError) as info:
+        list(client.generate(OVERSIZED, max_tokens=16, policy="local_only"))
+    assert info.value.code == grpc.StatusCode.OUT_OF_RANGE
+    assert info.value.field == "prompt"
+    assert proxy.requests == 0
+
+
+def test_cloud_only_and_explain_route(client: Client, proxy: FaultProxy) -> None:
+    result = client.complete("The capital of France is", max_tokens=8, policy="cloud_only", temperature=0)
+    assert result.routes[0].target == "cloud"
+    explained = client.explain(OVERSIZED, max_tokens=16)
+    assert explained.chosen.target == "cloud"
+    assert explained.prompt_tokens > 512
+    local = next(c for c in explained.candidates if c.target == LOCAL)
+    assert not local.eligible and "512" in local.note
+    assert proxy.requests == 1  # explaining runs nothing
+
+
+def test_a_tight_deadline_goes_to_the_faster_target(client: Client, daemon: DaemonProcess) -> None:
+    loose = client.explain("Write a story.", max_tokens=64, latency_budget_ms=600_000)
+    assert loose.chosen.target == LOCAL and loose.chosen.reason == "the device meets the deadline"
+    with busy_device(daemon):
+        explained = client.explain("Write a story.", max_tokens=64, latency_budget_ms=2_500)
+        local = next(c for c in explained.candidates if c.target == LOCAL)
+        assert local.predicted_ms > 2_500, "the queue ahead on the device counts"
+        assert explained.chosen.target == "cloud"
+        assert "2500 ms deadline" in explained.chosen.reason
+        assert explained.order == ("cloud", LOCAL)  # the device remains the failover
+        result = client.complete("Write a story.", max_tokens=16, latency_budget_ms=2_500)
+        assert [r.target for r in result.routes] == ["cloud"]
+
+
+def _offloaded_then_failed_over(client: Client, daemon: DaemonProcess, proxy: FaultProxy, prompt: str,
+                                max_tokens: int) -> list[Chunk]:
+    """Sends a request the busy device cannot answer in time; once the cloud has been tried (and fails),
+    frees the device so the failover can run there."""
+    with busy_device(daemon):
+        future = ThreadPoolExecutor(1).submit(
+            lambda: list(client.generate(prompt, max_tokens=max_tokens, latency_budget_ms=2_500, temperature=0)))
+        _wait_for(lambda: proxy.requests == 1 and (proxy.completed or proxy.mode != "pass"))
+        time.sleep(0.3)  # let the failure reach the daemon
+    return future.result(timeout=120)
+
+
+def test_failover_before_the_first_token(client: Client, daemon: DaemonProcess, proxy: FaultProxy) -> None:
+    proxy.reset("status")
+    chunks = _offloaded_then_failed_over(client, daemon, proxy, "Write a story.", 12)
+    routes = [c.route for c in chunks if c.route is not None]
+    assert [(r.target, r.failover) for r in routes] == [(LOCAL, True)]  # the failed target never showed
+    assert "HTTP 503" in routes[0].reason
+    assert chunks[-1].completion_tokens == 12
+    assert proxy.requests == 1
+
+
+def test_garbage_and_refused_connections_fail_over(client: Client, daemon: DaemonProcess,
+                                                   proxy: FaultProxy) -> None:
+    proxy.reset("garbage")
+    chunks = _offloaded_then_failed_over(client, daemon, proxy, "Write a story.", 8)
+    routes = [c.route for c in chunks if c.route is not None]
+    assert [r.target for r in routes] == [LOCAL] and "unexpected event" in routes[0].reason
+    proxy.reset()
+    _wait_eligible(client, "cloud")  # two failures in a row opened its circuit for a moment
+    result = client.complete("Hello", model="lost-model", max_tokens=8)  # "gone" is first, and refuses
+    assert [(r.target, r.failover) for r in result.routes] == [("cloud", True)]
+    assert "ConnectError" in result.routes[0].reason
+
+
+def test_a_stream_cut_mid_way_continues_elsewhere(client: Client, daemon: DaemonProcess, proxy: FaultProxy) -> None:
+    proxy.reset("cut", cut_after=4)
+    chunks = _offloaded_then_failed_over(client, daemon, proxy, "Count from 1 to 100: 1, 2, 3,", 20)
+    routes = [(i, c.route) for i, c in enumerate(chunks) if c.route is not None]
+    assert len(routes) == 2, "the route change is reported"
+    (_, first), (index, second) = routes
+    assert first is not None and first.target == "cloud" and not first.failover
+    assert second is not None and second.target == LOCAL and second.failover
+    assert "RemoteProtocolError" in second.reason or "ended" in second.reason
+    assert index >= 3  # it took over after the cloud's text had been delivered
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 20  # one budget across both targets
+    assert _text(chunks).startswith(" 4, 5,")  # one coherent count, across the cut
+
+
+def test_circuit_breaker_stops_calling_a_dead_endpoint(client: Client, flaky: FaultProxy) -> None:
+    flaky.reset("status")
+    for _ in range(2):  # flaky is predicted fastest for big-model; each failure fails over to cloud
+        result = client.complete("Hi", model="big-model", max_tokens=4, policy="cloud_only")
+        assert result.routes[-1].target == "cloud" and result.routes[-1].failover
+    assert flaky.requests == 2
+    explained = client.explain("Hi", model="big-model", max_tokens=4, policy="cloud_only")
+    note = next(c.note for c in explained.candidates if c.target == "flaky")
+    assert "circuit open" in note
+    result = client.complete("Hi", model="big-model", max_tokens=4, policy="cloud_only")
+    assert [r.target for r in result.routes] == ["cloud"] and not result.routes[0].failover
+    assert flaky.requests == 2  # not retried while open
+    time.sleep(3.2)  # the cool-down passes: one trial request goes through
+    client.complete("Hi", model="big-model", max_tokens=4, policy="cloud_only")
+    assert flaky.requests == 3
+
+
+def test_cancelling_the_client_cancels_the_cloud_call(client: Client, proxy: FaultProxy) -> None:
+    proxy.reset(delay_s=0.0)
+    stream = client.generate(OVERSIZED, max_tokens=400, ignore_eos=True)
+    first = next(stream)
+    assert first.route is not None and first.route.target == "cloud"
+    stream.close()
+    deadline = time.monotonic() + 10
+    while proxy.abandoned == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.abandoned == 1 and proxy.completed == 0
+
+
+def test_a_deadline_cancels_the_cloud_call(client: Client, proxy: FaultProxy) -> None:
+    with pytest.raises(LaasError) as info:
+        list(client.generate(OVERSIZED, max_tokens=400, timeout=2.0))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while proxy.abandoned == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.abandoned == 1
+
+
+def test_cloud_latency_is_learned(client: Client, proxy: FaultProxy) -> None:
+    def predicted() -> float:
+        return next(c for c in client.explain(OVERSIZED, max_tokens=8).candidates if c.target == "cloud").predicted_ms
+
+    for _ in range(3):  # settle the estimate (and the error rate that earlier faults raised)
+        client.complete(OVERSIZED, max_tokens=8)
+    before = predicted()
+    proxy.reset(delay_s=1.0)
+    for _ in range(3):
+        client.complete(OVERSIZED, max_tokens=8)
+    assert predicted() > before + 300  # the added second of latency was measured
