@@ -36,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         p.add_argument("--repeat-penalty", type=float)
-        p.add_argument("--stats", action="store_true", help="print usage and timings to stderr at the end")
+        p.add_argument("--policy", choices=("auto", "local_only", "cloud_only", "prefer_local"),
+                       help="where the request may run (default auto)")
+        p.add_argument("--budget-ms", dest="latency_budget_ms", type=float,
+                       help="latency budget of the whole answer, ms (default: the --timeout deadline)")
+        p.add_argument("--stats", action="store_true",
+                       help="print the route, usage and timings to stderr at the end")
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming")
     gen.add_argument("prompt", help="the prompt ('-' reads standard input)")
@@ -45,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("message", nargs="?", help="one user message; omit for an interactive session")
     chat.add_argument("--system", help="a system message")
     sampling(chat)
+    explain = sub.add_parser("explain", help="where would this prompt go, and why (nothing is generated)")
+    explain.add_argument("prompt")
+    sampling(explain)
     sub.add_parser("models", help="list the daemon's models")
     model = sub.add_parser("model", help="describe one model (JSON)")
     model.add_argument("name", nargs="?", default="")
@@ -55,19 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty")
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
+                  "policy", "latency_budget_ms")
 
 
 def _print_stream(chunks: Iterator[Chunk], stats: bool) -> str:
     parts = []
     last = None
+    routes = []
     for chunk in chunks:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         parts.append(chunk.text)
+        if chunk.route is not None:
+            routes.append(chunk.route)
         last = chunk
     sys.stdout.write("\n")
     if stats and last is not None:
+        for r in routes:
+            print(f"[route: {r.kind} {r.target}{' (failover)' if r.failover else ''}: {r.reason}; "
+                  f"predicted {r.predicted_ms:.0f} ms]", file=sys.stderr)
         t = last.timings
         print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + {last.completion_tokens} tokens; "
               f"first token {t.get('time_to_first_token_ms', 0):.0f} ms; "
@@ -97,6 +112,14 @@ def _run(args: argparse.Namespace, client: Client) -> int:
             history.append({"role": "assistant", "content": reply})
             if not interactive:
                 return 0
+    elif args.command == "explain":
+        e = client.explain(args.prompt, model=args.model, timeout=args.timeout, **sampling)
+        print(f"route: {e.chosen.kind} {e.chosen.target}: {e.chosen.reason}")
+        print(f"{e.prompt_tokens} prompt tokens, {e.max_tokens} max tokens, budget "
+              f"{f'{e.budget_ms:.0f} ms' if e.budget_ms else 'none'}; order: {' -> '.join(e.order)}")
+        for c in e.candidates:
+            verdict = "eligible" if c.eligible else "not eligible"
+            print(f"  {c.kind:5} {c.target:28} {c.predicted_ms:9.0f} ms  {verdict}{': ' + c.note if c.note else ''}")
     elif args.command == "models":
         print(f"{'NAME':32} {'FORMAT':6} {'QUANT':8} {'CONTEXT':>7} {'SIZE':>9}  STATE")
         for m in client.models(timeout=args.timeout):
