@@ -30,6 +30,7 @@ class FaultProxy:
         self.completed = 0
         self.abandoned = 0
         self.bodies: list[bytes] = []
+        self.authorization: list[str] = []
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical",
                                                      lifespan="off"))
@@ -52,6 +53,7 @@ class FaultProxy:
         self.mode, self.delay_s, self.cut_after = mode, delay_s, cut_after
         self.requests = self.completed = self.abandoned = 0
         self.bodies.clear()
+        self.authorization.clear()
 
     @property
     def url(self) -> str:
@@ -61,6 +63,7 @@ class FaultProxy:
         self.requests += 1
         body = await request.body()
         self.bodies.append(body)
+        self.authorization.append(request.headers.get("authorization", ""))
         mode, delay = self.mode, self.delay_s
         if delay:
             await asyncio.sleep(delay)
@@ -80,13 +83,17 @@ class FaultProxy:
         finished = False
         try:
             async for line in upstream.aiter_lines():
+                if line.strip() == "data: [DONE]" and not finished:
+                    finished = True  # counted before it is sent: the client may hang up right after it
+                    self.completed += 1
                 yield (line + "\n").encode()
                 if line.startswith("data:"):
                     events += 1
                     if mode == "cut" and events >= self.cut_after:
                         raise ConnectionAbortedError("fault injected: stream cut")
-            finished = True
-            self.completed += 1
+            if not finished:
+                finished = True
+                self.completed += 1
         finally:
             if not finished and mode != "cut":
                 self.abandoned += 1

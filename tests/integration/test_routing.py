@@ -19,6 +19,7 @@ from tests.daemon_process import DaemonProcess
 from tests.fault_proxy import FaultProxy
 
 LOCAL = "smollm2-135m-instruct"
+CLOUD_KEY = "sk-test-5e3a1c0ffee"
 OVERSIZED = "The history of lighthouses. " * 120  # about 700 tokens: beyond the device's 512-token window
 
 
@@ -60,6 +61,7 @@ url = "{proxy.url}"
 model = "{CLOUD_MODEL}"
 models = ["{LOCAL}", "big-model", "lost-model"]
 context_length = 8192
+api_key_env = "TEST_CLOUD_KEY"
 failure_threshold = 2
 cooldown_s = 2
 ttft_ms = 50
@@ -83,7 +85,7 @@ models = ["lost-model"]
 ttft_ms = 5
 inter_token_ms = 1
 """)
-    proc = DaemonProcess(make_home(), config).start()
+    proc = DaemonProcess(make_home(), config, env={"TEST_CLOUD_KEY": CLOUD_KEY, "LAAS_LOG_LEVEL": "debug"}).start()
     yield proc
     assert proc.stop() == 0, proc.log
 
@@ -148,6 +150,7 @@ def test_an_oversized_prompt_goes_to_the_cloud(client: Client, proxy: FaultProxy
     assert "needs" in route.reason and "512" in route.reason
     assert _text(chunks) and chunks[-1].finish_reason in ("stop", "length")
     assert proxy.requests == 1 and proxy.completed == 1
+    assert proxy.authorization == [f"Bearer {CLOUD_KEY}"]
 
 
 def test_a_model_not_on_the_device_goes_to_the_cloud(client: Client, proxy: FaultProxy) -> None:
@@ -292,3 +295,8 @@ def test_cloud_latency_is_learned(client: Client, proxy: FaultProxy) -> None:
     for _ in range(3):
         client.complete(OVERSIZED, max_tokens=8)
     assert predicted() > before + 300  # the added second of latency was measured
+
+
+def test_the_api_key_is_never_logged(daemon: DaemonProcess) -> None:
+    assert daemon.log, "the daemon logs at debug level here"
+    assert CLOUD_KEY not in daemon.log

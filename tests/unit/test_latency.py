@@ -1,0 +1,303 @@
+"""LocalEstimator, RemoteEstimator and CircuitBreaker: online estimates and the breaker's states.
+
+Pure: every call that needs the time is given `now`; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from laas.router.latency import ALPHA, CircuitBreaker, LocalEstimator, RemoteEstimator
+
+# --- LocalEstimator ----------------------------------------------------------------------------------
+
+
+def test_uncalibrated_estimator_uses_conservative_defaults() -> None:
+    est = LocalEstimator()
+    assert not est.calibrated
+    # 5 ms overhead + 100 tokens at 500 tok/s + 10 tokens at 20 tok/s
+    assert est.service_ms(100, 10) == pytest.approx(5 + 200 + 500)
+
+
+def test_service_time_from_the_measured_rates() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=2.0)
+    assert est.calibrated
+    assert est.service_ms(200, 25) == pytest.approx(2 + 200 + 500)
+    assert est.service_ms(0, 0) == pytest.approx(2)
+
+
+def test_prediction_with_an_empty_queue_is_the_service_time() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0)
+    assert est.queue_ms(now=10.0) == 0
+    assert est.predict_ms(100, 10, now=10.0) == pytest.approx(est.service_ms(100, 10))
+
+
+def test_admitted_tickets_count_whole_until_they_start() -> None:
+    est = LocalEstimator()
+    est.admit(300.0)
+    est.admit(500.0)
+    assert est.queue_ms(now=0.0) == pytest.approx(800)
+    assert est.queue_ms(now=100.0) == pytest.approx(800)  # waiting work does not shrink with time
+
+
+def test_started_ticket_shrinks_as_time_passes_and_never_goes_negative() -> None:
+    est = LocalEstimator()
+    running = est.admit(1000.0)
+    est.admit(400.0)
+    est.start(running, now=50.0)
+    assert est.queue_ms(now=50.0) == pytest.approx(1400)
+    assert est.queue_ms(now=50.25) == pytest.approx(1150)
+    assert est.queue_ms(now=50.9) == pytest.approx(500)
+    assert est.queue_ms(now=52.0) == pytest.approx(400)  # overran its prediction: counts 0, not negative
+
+
+def test_queue_decreases_monotonically_with_time() -> None:
+    est = LocalEstimator()
+    first = est.admit(800.0)
+    est.start(first, now=0.0)
+    est.admit(200.0)
+    samples = [est.queue_ms(now=t / 10) for t in range(12)]
+    assert samples == sorted(samples, reverse=True)
+    assert samples[0] == pytest.approx(1000) and samples[-1] == pytest.approx(200)
+
+
+def test_finished_ticket_leaves_the_queue() -> None:
+    est = LocalEstimator()
+    a = est.admit(300.0)
+    b = est.admit(500.0)
+    est.start(a, now=0.0)
+    est.finish(a)
+    assert est.queue_ms(now=0.0) == pytest.approx(500)
+    est.start(b, now=1.0)
+    est.finish(b)
+    assert est.queue_ms(now=1.0) == 0
+
+
+def test_tickets_are_distinct_and_unknown_tickets_are_ignored() -> None:
+    est = LocalEstimator()
+    tickets = {est.admit(1.0) for _ in range(5)}
+    assert len(tickets) == 5
+    est.start(999, now=0.0)
+    est.finish(999)
+    est.finish(next(iter(tickets)))
+    est.finish(next(iter(tickets)))  # twice: no error
+    assert est.queue_ms(now=0.0) == pytest.approx(4)
+
+
+def test_prediction_includes_the_queue() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0)
+    t = est.admit(700.0)
+    est.start(t, now=0.0)
+    assert est.predict_ms(100, 10, now=0.2) == pytest.approx(500 + 100 + 200)
+
+
+def test_first_observation_sets_the_rates() -> None:
+    est = LocalEstimator()
+    est.observe(prompt_tokens=100, prompt_ms=50.0, decoded_tokens=11, decode_ms=250.0)
+    assert est.prefill_tps == pytest.approx(2000)
+    assert est.decode_tps == pytest.approx(40)  # 10 tokens after the first in 250 ms
+    assert est.calibrated
+
+
+def test_later_observations_are_an_ewma() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=40.0)
+    est.observe(prompt_tokens=100, prompt_ms=50.0, decoded_tokens=21, decode_ms=250.0)  # 2000 and 80 tok/s
+    assert est.prefill_tps == pytest.approx((1 - ALPHA) * 1000 + ALPHA * 2000)
+    assert est.decode_tps == pytest.approx((1 - ALPHA) * 40 + ALPHA * 80)
+
+
+def test_repeated_observations_converge_to_the_new_rate() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=40.0)
+    for _ in range(30):
+        est.observe(prompt_tokens=100, prompt_ms=200.0, decoded_tokens=11, decode_ms=500.0)  # 500, 20 tok/s
+    assert est.prefill_tps == pytest.approx(500, rel=1e-3)
+    assert est.decode_tps == pytest.approx(20, rel=1e-3)
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, 1, 7])
+def test_tiny_prefills_are_ignored(prompt_tokens: int) -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=40.0)
+    est.observe(prompt_tokens=prompt_tokens, prompt_ms=1.0, decoded_tokens=11, decode_ms=125.0)  # 80 tok/s
+    assert est.prefill_tps == 1000.0
+    assert est.decode_tps == pytest.approx((1 - ALPHA) * 40 + ALPHA * 80)  # the decode part still counts
+
+
+def test_eight_token_prefill_counts() -> None:
+    est = LocalEstimator(prefill_tps=1000.0)
+    est.observe(prompt_tokens=8, prompt_ms=4.0, decoded_tokens=0, decode_ms=0.0)
+    assert est.prefill_tps == pytest.approx((1 - ALPHA) * 1000 + ALPHA * 2000)
+
+
+def test_degenerate_timings_are_ignored() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=40.0)
+    est.observe(prompt_tokens=100, prompt_ms=0.0, decoded_tokens=1, decode_ms=100.0)  # 1 token: no interval
+    est.observe(prompt_tokens=100, prompt_ms=-1.0, decoded_tokens=10, decode_ms=0.0)
+    assert (est.prefill_tps, est.decode_tps) == (1000.0, 40.0)
+
+
+def test_uncalibrated_prefill_rate_is_learned_on_its_own() -> None:
+    est = LocalEstimator()
+    est.observe(prompt_tokens=3, prompt_ms=1.0, decoded_tokens=5, decode_ms=100.0)
+    assert est.prefill_tps is None and est.decode_tps == pytest.approx(40)
+    assert not est.calibrated
+
+
+# --- RemoteEstimator ---------------------------------------------------------------------------------
+
+
+def test_remote_prediction_from_the_seeds() -> None:
+    est = RemoteEstimator(ttft_ms=200.0, inter_token_ms=10.0)
+    assert est.predict_ms(prompt_tokens=1000, max_tokens=30) == pytest.approx(500)
+
+
+def test_first_remote_observation_replaces_the_seeds() -> None:
+    est = RemoteEstimator(ttft_ms=1000.0, inter_token_ms=25.0)
+    est.observe(ttft_ms=80.0, tokens=11, decode_ms=50.0)
+    assert (est.ttft_ms, est.observed) == (80.0, 1)
+    assert est.inter_token_ms == pytest.approx(5.0)
+    assert est.predict_ms(0, 20) == pytest.approx(80 + 20 * 5)
+
+
+def test_later_remote_observations_are_an_ewma() -> None:
+    est = RemoteEstimator()
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)  # itl 10
+    est.observe(ttft_ms=200.0, tokens=11, decode_ms=200.0)  # itl 20
+    assert est.ttft_ms == pytest.approx((1 - ALPHA) * 100 + ALPHA * 200)
+    assert est.inter_token_ms == pytest.approx((1 - ALPHA) * 10 + ALPHA * 20)
+    assert est.observed == 2
+
+
+def test_remote_observation_with_one_token_keeps_the_inter_token_time() -> None:
+    est = RemoteEstimator(ttft_ms=1000.0, inter_token_ms=25.0)
+    est.observe(ttft_ms=100.0, tokens=1, decode_ms=0.0)
+    assert est.ttft_ms == 100.0 and est.inter_token_ms == 25.0
+
+
+def test_errors_inflate_the_prediction() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    base = est.predict_ms(0, 10)
+    est.observe_failure()
+    assert est.error_rate == pytest.approx(ALPHA)
+    assert est.predict_ms(0, 10) == pytest.approx(base * (1 + 2 * ALPHA))
+    est.observe_failure()
+    assert est.error_rate == pytest.approx(ALPHA + (1 - ALPHA) * ALPHA)
+    assert est.predict_ms(0, 10) > base * (1 + 2 * ALPHA)
+
+
+def test_error_rate_approaches_one_under_constant_failure() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    for _ in range(50):
+        est.observe_failure()
+    assert est.error_rate == pytest.approx(1.0, abs=1e-6)
+    assert est.predict_ms(0, 10) == pytest.approx(3 * 200, rel=1e-6)
+
+
+def test_successes_decay_the_error_rate() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe_failure()
+    est.observe_failure()
+    rates = [est.error_rate]
+    for _ in range(20):
+        est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)
+        rates.append(est.error_rate)
+    assert rates == sorted(rates, reverse=True)
+    assert rates[1] == pytest.approx((1 - ALPHA) * rates[0])
+    assert rates[-1] < 0.01
+    assert est.predict_ms(0, 10) == pytest.approx(200, rel=0.02)
+
+
+def test_failures_do_not_count_as_observations() -> None:
+    est = RemoteEstimator(ttft_ms=1000.0)
+    est.observe_failure()
+    assert est.observed == 0 and est.ttft_ms == 1000.0
+    est.observe(ttft_ms=50.0, tokens=0, decode_ms=0.0)
+    assert est.ttft_ms == 50.0  # still the first real measurement: it replaces the seed
+
+
+# --- CircuitBreaker ----------------------------------------------------------------------------------
+
+
+def test_breaker_starts_closed() -> None:
+    b = CircuitBreaker(threshold=3, cooldown_s=30.0)
+    assert b.state(0.0) == "closed" and b.allows(0.0)
+
+
+def test_breaker_opens_after_threshold_consecutive_failures() -> None:
+    b = CircuitBreaker(threshold=3, cooldown_s=30.0)
+    b.on_failure(1.0)
+    b.on_failure(2.0)
+    assert b.state(2.0) == "closed" and b.allows(2.0)
+    b.on_failure(3.0)
+    assert b.state(3.0) == "open" and not b.allows(3.0)
+    assert b.opened_at == 3.0
+
+
+def test_a_success_resets_the_failure_count() -> None:
+    b = CircuitBreaker(threshold=3, cooldown_s=30.0)
+    b.on_failure(1.0)
+    b.on_failure(2.0)
+    b.on_success()
+    b.on_failure(3.0)
+    b.on_failure(4.0)
+    assert b.state(4.0) == "closed"  # not three in a row
+    b.on_failure(5.0)
+    assert b.state(5.0) == "open"
+
+
+def test_breaker_stays_open_during_the_cooldown() -> None:
+    b = CircuitBreaker(threshold=1, cooldown_s=30.0)
+    b.on_failure(100.0)
+    for now in (100.0, 110.0, 129.999):
+        assert b.state(now) == "open" and not b.allows(now)
+    assert b.state(130.0) == "half_open" and b.allows(130.0)
+
+
+def test_attempts_while_closed_do_not_mark_a_trial() -> None:
+    b = CircuitBreaker(threshold=2, cooldown_s=5.0)
+    b.on_attempt(0.0)
+    b.on_attempt(0.0)
+    assert not b.trial_in_flight and b.allows(0.0)
+
+
+def test_half_open_lets_exactly_one_trial_through() -> None:
+    b = CircuitBreaker(threshold=1, cooldown_s=10.0)
+    b.on_failure(0.0)
+    assert b.allows(10.0)
+    assert b.allows(10.0)  # asking is read-only
+    b.on_attempt(10.0)
+    assert b.trial_in_flight
+    assert b.state(11.0) == "half_open"
+    assert not b.allows(11.0) and not b.allows(1000.0)  # the trial is still out: nobody else
+
+
+def test_successful_trial_closes_the_circuit() -> None:
+    b = CircuitBreaker(threshold=2, cooldown_s=10.0)
+    b.on_failure(0.0)
+    b.on_failure(0.0)
+    b.on_attempt(10.0)
+    b.on_success()
+    assert b.state(10.5) == "closed" and b.allows(10.5)
+    assert (b.failures, b.opened_at, b.trial_in_flight) == (0, None, False)
+    b.on_failure(11.0)
+    assert b.state(11.0) == "closed"  # the count starts again from zero
+
+
+def test_failed_trial_reopens_and_restarts_the_cooldown() -> None:
+    b = CircuitBreaker(threshold=3, cooldown_s=10.0)
+    for t in (0.0, 0.1, 0.2):
+        b.on_failure(t)
+    b.on_attempt(15.0)
+    b.on_failure(16.0)  # one failure is enough in half-open, below the threshold
+    assert not b.trial_in_flight
+    assert b.opened_at == 16.0
+    assert b.state(16.0) == "open" and not b.allows(25.9)
+    assert b.state(26.0) == "half_open" and b.allows(26.0)
+
+
+def test_failure_while_open_extends_the_cooldown() -> None:
+    # a request sent before the circuit opened and failing late also pushes the next trial back
+    b = CircuitBreaker(threshold=1, cooldown_s=10.0)
+    b.on_failure(0.0)
+    b.on_failure(5.0)
+    assert b.state(12.0) == "open"
+    assert b.state(15.0) == "half_open"
