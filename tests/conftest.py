@@ -68,12 +68,12 @@ def start_daemon(make_home: Callable[..., Path], tmp_path: Path) -> Iterator[Cal
     started: list[DaemonProcess] = []
 
     def start(config: str = "", *, wait_serving: bool = True, home: Path | None = None,
-              env: dict[str, str] | None = None) -> DaemonProcess:
+              env: dict[str, str] | None = None, listen: str = "127.0.0.1:0") -> DaemonProcess:
         config_file = None
         if config:
             config_file = tmp_path / f"laasd-{len(started)}.toml"
             config_file.write_text(config)
-        proc = DaemonProcess(home or make_home(), config_file, env)
+        proc = DaemonProcess(home or make_home(), config_file, env, listen)
         started.append(proc)
         return proc.start(wait_serving=wait_serving)
 

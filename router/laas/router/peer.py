@@ -35,7 +35,8 @@ class PeerEngine(Engine):
     def __init__(self, name: str, target: str, model: str, context_length: int) -> None:
         self.name = name
         self.model = model
-        self._client = AsyncClient(target)
+        self._target = target
+        self._client: AsyncClient | None = None  # made on first use: a grpc.aio channel binds to the running loop
         self._info = ModelInfo(ModelFormat.REMOTE, "", context_length, context_length, 0, "remote")
 
     @property
@@ -50,11 +51,12 @@ class PeerEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         sampling: dict[str, Any] = dataclasses.asdict(request.sampling)  # the client takes the same names
+        client = self._connect()
         if request.messages:
-            stream = self._client.chat([(m.role, m.content) for m in request.messages], model=self.model,
+            stream = client.chat([(m.role, m.content) for m in request.messages], model=self.model,
                                        policy="local_only", **sampling)
         else:
-            stream = self._client.generate(request.prompt, model=self.model, policy="local_only", **sampling)
+            stream = client.generate(request.prompt, model=self.model, policy="local_only", **sampling)
         try:
             async for chunk in stream:
                 if chunk.text:
@@ -78,9 +80,15 @@ class PeerEngine(Engine):
             await stream.aclose()
         raise TargetFailed(f"{self.name}: the stream ended before a finish reason")
 
+    def _connect(self) -> AsyncClient:
+        if self._client is None:
+            self._client = AsyncClient(self._target)
+        return self._client
+
     async def check_health(self) -> None:
-        if await self._client.health() != "SERVING":
+        if await self._connect().health() != "SERVING":
             raise TargetFailed(f"{self.name} is not serving")
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()
