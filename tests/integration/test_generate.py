@@ -85,3 +85,13 @@ def test_multibyte_characters_are_never_split(client: Client) -> None:
             assert chunks[-1].completion_tokens == max_tokens
     emoji = "".join(c.text for c in client.generate("Emoji party: 😀😃😄😁🎉", max_tokens=40, temperature=0))
     assert any(ord(ch) > 0xFFFF for ch in emoji)  # the model does answer in multi-byte characters
+
+
+def test_a_shared_prefix_is_not_evaluated_again(client: Client) -> None:
+    prefix = "You are a careful assistant. Here is a long shared context about lighthouses. " * 6
+    first = list(client.generate(prefix + "Question one:", max_tokens=2, temperature=0))[-1]
+    second = list(client.generate(prefix + "Question two:", max_tokens=2, temperature=0))[-1]
+    shared = len(client.tokenize(prefix, add_special=True))
+    assert second.cached_prompt_tokens >= shared - 2  # the prefix came from the KV cache
+    assert second.cached_prompt_tokens < second.prompt_tokens
+    assert first.prompt_tokens == second.prompt_tokens

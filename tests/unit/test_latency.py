@@ -301,3 +301,33 @@ def test_failure_while_open_extends_the_cooldown() -> None:
     b.on_failure(5.0)
     assert b.state(12.0) == "open"
     assert b.state(15.0) == "half_open"
+
+
+# --- regressions -------------------------------------------------------------------------------------
+
+
+def test_remote_first_token_time_grows_with_the_prompt() -> None:
+    est = RemoteEstimator()
+    for prompt_tokens, ttft in [(10, 120.0), (600, 4200.0)] * 4:  # a CPU "cloud": prefill dominates
+        est.observe(ttft_ms=ttft, tokens=11, decode_ms=100.0, prompt_tokens=prompt_tokens)
+    assert est.prefill_ms_per_token == pytest.approx((4200 - 120) / 590, rel=0.05)
+    assert est.predict_ms(10, 0) == pytest.approx(120, rel=0.1)  # short prompts are not predicted as long ones
+    assert est.predict_ms(600, 0) == pytest.approx(4200, rel=0.05)
+
+
+def test_a_cancelled_half_open_trial_frees_the_slot() -> None:
+    breaker = CircuitBreaker(threshold=1, cooldown_s=10)
+    breaker.on_failure(now=0.0)
+    breaker.on_attempt(now=11.0)
+    assert not breaker.allows(now=11.0)
+    breaker.on_abandon()
+    assert breaker.allows(now=11.0) and breaker.state(now=11.0) == "half_open"
+
+
+def test_queue_ahead_counts_each_request_once() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=10.0, overhead_ms=0.0)
+    predictions = []
+    for _ in range(5):
+        predictions.append(est.predict_ms(0, 10, now=0.0))
+        est.admit(est.service_ms(0, 10))  # as LocalTarget admits: its own service time
+    assert predictions == pytest.approx([1000, 2000, 3000, 4000, 5000])

@@ -60,8 +60,6 @@ def test_no_budget_oversized_by_max_tokens_alone_goes_remote() -> None:
     assert judged(d, "device")[:3] == (False, True, "context")
 
 
-@pytest.mark.xfail(strict=True, reason="policy.choose: with no budget every target 'meets' it, so the "
-                   "'fastest remote target' reason is unreachable and the reason speaks of a deadline")
 def test_no_budget_oversized_reason_names_the_fastest_remote_not_a_deadline() -> None:
     d = choose(query(600, 16), [device(10), cloud(400)])
     assert d.reason == "the device cannot take it (needs 616 tokens of context, has 512); " \

@@ -37,6 +37,7 @@ class Chunk:
     timings: Mapping[str, float] = field(default_factory=dict)
     model: str = ""
     route: Route | None = None
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,7 @@ def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
     timings = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
     return Chunk(text=msg.text, finish_reason=_FINISH.get(msg.finish_reason, "unknown"),
                  prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
-                 timings=timings, model=msg.model, route=route)
+                 timings=timings, model=msg.model, route=route, cached_prompt_tokens=msg.usage.cached_prompt_tokens)
 
 
 _POLICIES = {"auto": pb.ROUTING_POLICY_AUTO, "local_only": pb.ROUTING_POLICY_LOCAL_ONLY,

@@ -66,6 +66,8 @@ class GenerationRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens found in the model's cache (a shared prefix): not evaluated again.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

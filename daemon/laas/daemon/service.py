@@ -116,7 +116,8 @@ def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
     t, u = chunk.timings, chunk.usage
     return pb.GenerateResponse(
         finish_reason=_FINISH[chunk.finish_reason],
-        usage=pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens),
+        usage=pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                       cached_prompt_tokens=u.cached_prompt_tokens),
         timings=pb.Timings(
             queue_ms=t.queue_ms, prompt_ms=t.prompt_ms, decode_ms=t.decode_ms, time_to_first_token_ms=ttft_ms,
             prompt_tokens_per_second=Timings.rate(u.prompt_tokens, t.prompt_ms),

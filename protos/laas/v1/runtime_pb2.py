@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15laas/v1/runtime.proto\x12\x07laas.v1\"g\n\x07Routing\x12&\n\x06policy\x18\x01 \x01(\x0e\x32\x16.laas.v1.RoutingPolicy\x12\x1e\n\x11latency_budget_ms\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_latency_budget_ms\"v\n\tRouteInfo\x12\x0e\n\x06target\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.laas.v1.TargetKind\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0cpredicted_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x66\x61ilover\x18\x05 \x01(\x08\"\x94\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1b\n\x0erepeat_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"~\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.laas.v1.SamplingParams\x12!\n\x07routing\x18\x04 \x01(\x0b\x32\x10.laas.v1.Routing\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.laas.v1.ChatMessage\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.laas.v1.SamplingParams\x12!\n\x07routing\x18\x04 \x01(\x0b\x32\x10.laas.v1.Routing\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa5\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tprompt_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x05 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x06 \x01(\x01\"\xc2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.laas.v1.FinishReason\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.laas.v1.Usage\x12!\n\x07timings\x18\x04 \x01(\x0b\x32\x10.laas.v1.Timings\x12\r\n\x05model\x18\x05 \x01(\t\x12!\n\x05route\x18\x06 \x01(\x0b\x32\x12.laas.v1.RouteInfo\"C\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"1\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xbc\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x14.laas.v1.ModelFormat\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x1e\n\x16trained_context_length\x18\x05 \x01(\r\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t\x12\x0e\n\x06loaded\x18\x08 \x01(\x08\x12\"\n\x05state\x18\t \x01(\x0e\x32\x13.laas.v1.ModelState\x12\x12\n\nis_default\x18\n \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x0b \x01(\r\x12\x17\n\x0fqueued_requests\x18\x0c \x01(\r\x12\r\n\x05\x65rror\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.laas.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"t\n\x13\x45xplainRouteRequest\x12,\n\x08generate\x18\x01 \x01(\x0b\x32\x18.laas.v1.GenerateRequestH\x00\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.laas.v1.ChatRequestH\x00\x42\t\n\x07request\"k\n\x0eRouteCandidate\x12!\n\x05route\x18\x01 \x01(\x0b\x32\x12.laas.v1.RouteInfo\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x16\n\x0emeets_deadline\x18\x03 \x01(\x08\x12\x0c\n\x04note\x18\x04 \x01(\t\"\xb0\x01\n\x10RouteExplanation\x12\"\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x12.laas.v1.RouteInfo\x12\r\n\x05order\x18\x02 \x03(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.laas.v1.RouteCandidate\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x11\n\tbudget_ms\x18\x06 \x01(\x01*\x87\x01\n\rRoutingPolicy\x12\x17\n\x13ROUTING_POLICY_AUTO\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x02\x12\x1f\n\x1bROUTING_POLICY_PREFER_LOCAL\x10\x03*m\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TARGET_KIND_LOCAL\x10\x01\x12\x14\n\x10TARGET_KIND_PEER\x10\x02\x12\x15\n\x11TARGET_KIND_CLOUD\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*Y\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_GGUF\x10\x01\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x02*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\x8e\x03\n\x07Runtime\x12\x41\n\x08Generate\x12\x18.laas.v1.GenerateRequest\x1a\x19.laas.v1.GenerateResponse0\x01\x12\x39\n\x04\x43hat\x12\x14.laas.v1.ChatRequest\x1a\x19.laas.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.laas.v1.TokenizeRequest\x1a\x19.laas.v1.TokenizeResponse\x12\x45\n\nListModels\x12\x1a.laas.v1.ListModelsRequest\x1a\x1b.laas.v1.ListModelsResponse\x12\x34\n\x08GetModel\x12\x18.laas.v1.GetModelRequest\x1a\x0e.laas.v1.Model\x12G\n\x0c\x45xplainRoute\x12\x1c.laas.v1.ExplainRouteRequest\x1a\x19.laas.v1.RouteExplanationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15laas/v1/runtime.proto\x12\x07laas.v1\"g\n\x07Routing\x12&\n\x06policy\x18\x01 \x01(\x0e\x32\x16.laas.v1.RoutingPolicy\x12\x1e\n\x11latency_budget_ms\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_latency_budget_ms\"v\n\tRouteInfo\x12\x0e\n\x06target\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.laas.v1.TargetKind\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0cpredicted_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x66\x61ilover\x18\x05 \x01(\x08\"\x94\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1b\n\x0erepeat_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"~\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.laas.v1.SamplingParams\x12!\n\x07routing\x18\x04 \x01(\x0b\x32\x10.laas.v1.Routing\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.laas.v1.ChatMessage\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.laas.v1.SamplingParams\x12!\n\x07routing\x18\x04 \x01(\x0b\x32\x10.laas.v1.Routing\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa5\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tprompt_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x05 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x06 \x01(\x01\"\xc2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.laas.v1.FinishReason\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.laas.v1.Usage\x12!\n\x07timings\x18\x04 \x01(\x0b\x32\x10.laas.v1.Timings\x12\r\n\x05model\x18\x05 \x01(\t\x12!\n\x05route\x18\x06 \x01(\x0b\x32\x12.laas.v1.RouteInfo\"C\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"1\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xbc\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x14.laas.v1.ModelFormat\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x1e\n\x16trained_context_length\x18\x05 \x01(\r\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t\x12\x0e\n\x06loaded\x18\x08 \x01(\x08\x12\"\n\x05state\x18\t \x01(\x0e\x32\x13.laas.v1.ModelState\x12\x12\n\nis_default\x18\n \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x0b \x01(\r\x12\x17\n\x0fqueued_requests\x18\x0c \x01(\r\x12\r\n\x05\x65rror\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.laas.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"t\n\x13\x45xplainRouteRequest\x12,\n\x08generate\x18\x01 \x01(\x0b\x32\x18.laas.v1.GenerateRequestH\x00\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.laas.v1.ChatRequestH\x00\x42\t\n\x07request\"k\n\x0eRouteCandidate\x12!\n\x05route\x18\x01 \x01(\x0b\x32\x12.laas.v1.RouteInfo\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x16\n\x0emeets_deadline\x18\x03 \x01(\x08\x12\x0c\n\x04note\x18\x04 \x01(\t\"\xb0\x01\n\x10RouteExplanation\x12\"\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x12.laas.v1.RouteInfo\x12\r\n\x05order\x18\x02 \x03(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.laas.v1.RouteCandidate\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x11\n\tbudget_ms\x18\x06 \x01(\x01*\x87\x01\n\rRoutingPolicy\x12\x17\n\x13ROUTING_POLICY_AUTO\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x02\x12\x1f\n\x1bROUTING_POLICY_PREFER_LOCAL\x10\x03*m\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TARGET_KIND_LOCAL\x10\x01\x12\x14\n\x10TARGET_KIND_PEER\x10\x02\x12\x15\n\x11TARGET_KIND_CLOUD\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*Y\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_GGUF\x10\x01\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x02*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\x8e\x03\n\x07Runtime\x12\x41\n\x08Generate\x12\x18.laas.v1.GenerateRequest\x1a\x19.laas.v1.GenerateResponse0\x01\x12\x39\n\x04\x43hat\x12\x14.laas.v1.ChatRequest\x1a\x19.laas.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.laas.v1.TokenizeRequest\x1a\x19.laas.v1.TokenizeResponse\x12\x45\n\nListModels\x12\x1a.laas.v1.ListModelsRequest\x1a\x1b.laas.v1.ListModelsResponse\x12\x34\n\x08GetModel\x12\x18.laas.v1.GetModelRequest\x1a\x0e.laas.v1.Model\x12G\n\x0c\x45xplainRoute\x12\x1c.laas.v1.ExplainRouteRequest\x1a\x19.laas.v1.RouteExplanationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laas.v1.runtime_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGPOLICY']._serialized_start=2367
-  _globals['_ROUTINGPOLICY']._serialized_end=2502
-  _globals['_TARGETKIND']._serialized_start=2504
-  _globals['_TARGETKIND']._serialized_end=2613
-  _globals['_FINISHREASON']._serialized_start=2615
-  _globals['_FINISHREASON']._serialized_end=2710
-  _globals['_MODELFORMAT']._serialized_start=2712
-  _globals['_MODELFORMAT']._serialized_end=2801
-  _globals['_MODELSTATE']._serialized_start=2804
-  _globals['_MODELSTATE']._serialized_end=2945
+  _globals['_ROUTINGPOLICY']._serialized_start=2397
+  _globals['_ROUTINGPOLICY']._serialized_end=2532
+  _globals['_TARGETKIND']._serialized_start=2534
+  _globals['_TARGETKIND']._serialized_end=2643
+  _globals['_FINISHREASON']._serialized_start=2645
+  _globals['_FINISHREASON']._serialized_end=2740
+  _globals['_MODELFORMAT']._serialized_start=2742
+  _globals['_MODELFORMAT']._serialized_end=2831
+  _globals['_MODELSTATE']._serialized_start=2834
+  _globals['_MODELSTATE']._serialized_end=2975
   _globals['_ROUTING']._serialized_start=34
   _globals['_ROUTING']._serialized_end=137
   _globals['_ROUTEINFO']._serialized_start=139
@@ -54,29 +54,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATREQUEST']._serialized_start=841
   _globals['_CHATREQUEST']._serialized_end=987
   _globals['_USAGE']._serialized_start=989
-  _globals['_USAGE']._serialized_end=1046
-  _globals['_TIMINGS']._serialized_start=1049
-  _globals['_TIMINGS']._serialized_end=1214
-  _globals['_GENERATERESPONSE']._serialized_start=1217
-  _globals['_GENERATERESPONSE']._serialized_end=1411
-  _globals['_TOKENIZEREQUEST']._serialized_start=1413
-  _globals['_TOKENIZEREQUEST']._serialized_end=1480
-  _globals['_TOKENIZERESPONSE']._serialized_start=1482
-  _globals['_TOKENIZERESPONSE']._serialized_end=1531
-  _globals['_MODEL']._serialized_start=1534
-  _globals['_MODEL']._serialized_end=1850
-  _globals['_LISTMODELSREQUEST']._serialized_start=1852
-  _globals['_LISTMODELSREQUEST']._serialized_end=1871
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1873
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1925
-  _globals['_GETMODELREQUEST']._serialized_start=1927
-  _globals['_GETMODELREQUEST']._serialized_end=1958
-  _globals['_EXPLAINROUTEREQUEST']._serialized_start=1960
-  _globals['_EXPLAINROUTEREQUEST']._serialized_end=2076
-  _globals['_ROUTECANDIDATE']._serialized_start=2078
-  _globals['_ROUTECANDIDATE']._serialized_end=2185
-  _globals['_ROUTEEXPLANATION']._serialized_start=2188
-  _globals['_ROUTEEXPLANATION']._serialized_end=2364
-  _globals['_RUNTIME']._serialized_start=2948
-  _globals['_RUNTIME']._serialized_end=3346
+  _globals['_USAGE']._serialized_end=1076
+  _globals['_TIMINGS']._serialized_start=1079
+  _globals['_TIMINGS']._serialized_end=1244
+  _globals['_GENERATERESPONSE']._serialized_start=1247
+  _globals['_GENERATERESPONSE']._serialized_end=1441
+  _globals['_TOKENIZEREQUEST']._serialized_start=1443
+  _globals['_TOKENIZEREQUEST']._serialized_end=1510
+  _globals['_TOKENIZERESPONSE']._serialized_start=1512
+  _globals['_TOKENIZERESPONSE']._serialized_end=1561
+  _globals['_MODEL']._serialized_start=1564
+  _globals['_MODEL']._serialized_end=1880
+  _globals['_LISTMODELSREQUEST']._serialized_start=1882
+  _globals['_LISTMODELSREQUEST']._serialized_end=1901
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1903
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1955
+  _globals['_GETMODELREQUEST']._serialized_start=1957
+  _globals['_GETMODELREQUEST']._serialized_end=1988
+  _globals['_EXPLAINROUTEREQUEST']._serialized_start=1990
+  _globals['_EXPLAINROUTEREQUEST']._serialized_end=2106
+  _globals['_ROUTECANDIDATE']._serialized_start=2108
+  _globals['_ROUTECANDIDATE']._serialized_end=2215
+  _globals['_ROUTEEXPLANATION']._serialized_start=2218
+  _globals['_ROUTEEXPLANATION']._serialized_end=2394
+  _globals['_RUNTIME']._serialized_start=2978
+  _globals['_RUNTIME']._serialized_end=3376
 # @@protoc_insertion_point(module_scope)

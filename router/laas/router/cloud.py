@@ -97,6 +97,8 @@ class CloudEngine(Engine):
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
+        if s.ignore_eos:  # an extension (llama.cpp's server, vLLM); sent only when asked for
+            body["ignore_eos"] = True
         if request.messages:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
             return "/chat/completions", body

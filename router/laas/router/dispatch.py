@@ -81,9 +81,15 @@ class Router:
         prompt_tokens = await self._count(request, local, policy)
         query = Query(prompt_tokens, request.sampling.max_tokens, self._default_max_tokens, policy, budget_ms)
         max_tokens = request.sampling.max_tokens or self._default_max_tokens
-        estimates = ([local.estimate(prompt_tokens, max_tokens)] if local else []) + \
-            [r.estimate(prompt_tokens, max_tokens) for r in remotes]
+        estimates = ([local.estimate(prompt_tokens, self._granted(local, prompt_tokens, request))] if local else [])
+        estimates += [r.estimate(prompt_tokens, max_tokens) for r in remotes]
         return Plan(request, query, choose(query, estimates), model or self._registry.default.name)
+
+    def _granted(self, target: LocalTarget, prompt_tokens: int, request: RoutedRequest) -> int:
+        """The tokens the device would generate: an unset max_tokens is shortened to the room left."""
+        if request.sampling.max_tokens is not None:
+            return request.sampling.max_tokens
+        return max(min(self._default_max_tokens, target.context_length - prompt_tokens), 1)
 
     async def _count(self, request: RoutedRequest, local: LocalTarget | None, policy: Policy) -> int:
         try:
@@ -113,7 +119,10 @@ class Router:
             reason = plan.decision.reason if attempt == 0 else f"failover after {failures[-1]}"
             yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, attempt > 0, plan.model)
             try:
-                async for chunk in target.stream(request, estimate.predicted_ms, resumed):
+                max_tokens = request.sampling.max_tokens or self._default_max_tokens
+                if isinstance(target, LocalTarget):
+                    max_tokens = self._granted(target, plan.query.prompt_tokens, request)
+                async for chunk in target.stream(request, plan.query.prompt_tokens, max_tokens, resumed):
                     if isinstance(chunk, TextDelta):
                         delivered.append(chunk.text)
                         completion_tokens += 1

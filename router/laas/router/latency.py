@@ -72,20 +72,37 @@ class LocalEstimator:
 
 @dataclass
 class RemoteEstimator:
-    """Time to first token, inter-token time and error rate of one remote endpoint."""
+    """Time to first token (as a line over prompt tokens), inter-token time and error rate of one endpoint.
 
-    ttft_ms: float = 1000.0
+    The first-token time is fitted by exponentially weighted least squares over (prompt tokens, ttft):
+    a remote server prefills long prompts for longer, so one average would mislead short requests.
+    """
+
+    ttft_ms: float = 1000.0  # the line's intercept: time to first token of a very short prompt
     inter_token_ms: float = 25.0
+    prefill_ms_per_token: float = 0.0  # the line's slope
     error_rate: float = 0.0
     observed: int = 0
+    _moments: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # E[x], E[y], E[xx], E[xy]
+
+    def ttft_for(self, prompt_tokens: int) -> float:
+        return self.ttft_ms + self.prefill_ms_per_token * prompt_tokens
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int) -> float:
-        expected = self.ttft_ms + max_tokens * self.inter_token_ms
+        expected = self.ttft_for(prompt_tokens) + max_tokens * self.inter_token_ms
         # A failing endpoint costs a timeout and a retry elsewhere: weigh it by its error rate.
         return expected * (1 + 2 * self.error_rate)
 
-    def observe(self, ttft_ms: float, tokens: int, decode_ms: float) -> None:
-        self.ttft_ms = ttft_ms if not self.observed else _ewma(self.ttft_ms, ttft_ms)
+    def observe(self, ttft_ms: float, tokens: int, decode_ms: float, prompt_tokens: int = 0) -> None:
+        x, y = float(prompt_tokens), ttft_ms
+        new = (x, y, x * x, x * y)
+        moments = new if not self.observed else tuple(
+            _ewma(old, value) for old, value in zip(self._moments, new, strict=True))
+        self._moments = mx, my, mxx, mxy = moments  # type: ignore[assignment]
+        variance = mxx - mx * mx
+        if variance > 25.0:  # prompts differ by more than a few tokens: the slope is measurable
+            self.prefill_ms_per_token = max((mxy - mx * my) / variance, 0.0)
+        self.ttft_ms = max(my - self.prefill_ms_per_token * mx, 0.0)
         if tokens >= 2 and decode_ms > 0:
             itl = decode_ms / (tokens - 1)
             self.inter_token_ms = itl if not self.observed else _ewma(self.inter_token_ms, itl)
@@ -122,6 +139,10 @@ class CircuitBreaker:
 
     def on_success(self) -> None:
         self.failures, self.opened_at, self.trial_in_flight = 0, None, False
+
+    def on_abandon(self) -> None:
+        """The attempt ended without a verdict (the client cancelled): the trial slot is free again."""
+        self.trial_in_flight = False
 
     def on_failure(self, now: float) -> None:
         self.failures += 1

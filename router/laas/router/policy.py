@@ -141,16 +141,16 @@ def choose(query: Query, estimates: list[Estimate]) -> Decision:
         first = local
         reason = ("the device meets the deadline" if budget is not None and local.meets_deadline
                   else "the device fits the request" if budget is None else "PREFER_LOCAL: the device fits")
+    elif budget is None:
+        first = by_speed[0]
+        reason = f"{_why_not_local(judged, local, budget)}; {first.estimate.target} is the fastest remote target"
     else:
         meeting = [j for j in by_speed if j.meets_deadline]
         first = meeting[0] if meeting else by_speed[0]
-        why_not_local = _why_not_local(judged, local, budget)
         if meeting:
-            reason = f"{why_not_local}; {first.estimate.target} is the fastest that meets it"
-        elif budget is not None:
-            reason = f"no target meets the {budget:.0f} ms deadline; {first.estimate.target} is the fastest"
+            reason = f"{_why_not_local(judged, local, budget)}; {first.estimate.target} is the fastest that meets it"
         else:
-            reason = f"{why_not_local}; {first.estimate.target} is the fastest remote target"
+            reason = f"no target meets the {budget:.0f} ms deadline; {first.estimate.target} is the fastest"
     rest = [j for j in by_speed if j is not first]
     return Decision(order=(first.estimate, *(j.estimate for j in rest)), reason=reason, judged=judged)
 

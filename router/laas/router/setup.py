@@ -64,7 +64,7 @@ async def calibrate(router: Router) -> None:
         request = RoutedRequest(SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, ignore_eos=True),
                                 prompt=CALIBRATION_PROMPT)
         try:
-            async for _ in target.stream(request, predicted_ms=0.0):
+            async for _ in target.stream(request, len(CALIBRATION_PROMPT) // 5, CALIBRATION_TOKENS):
                 pass
         except LaasError as e:
             log.warning("calibration of %s failed: %s", target.name, e)

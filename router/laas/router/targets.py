@@ -87,19 +87,22 @@ class LocalTarget:
                         self._default_max_tokens)
         return replace(bound, sampling=replace(request.sampling, max_tokens=granted.max_tokens))
 
-    async def stream(self, request: RoutedRequest, predicted_ms: float, resumed_from: str = ""
+    async def stream(self, request: RoutedRequest, prompt_tokens: int, max_tokens: int, resumed_from: str = ""
                      ) -> AsyncGenerator[GenerationChunk, None]:
-        bound = await self.bind(request, resumed_from)
-        ticket = self.estimator.admit(predicted_ms)
+        # Take a place in the queue estimate before the first await, so that requests planned at the same
+        # moment see each other; the place holds this request's own service time, not the queue ahead.
+        ticket = self.estimator.admit(self.estimator.service_ms(prompt_tokens, max_tokens))
         started = False
         try:
+            bound = await self.bind(request, resumed_from)
             async for chunk in self._registry.run(self.entry, bound):
                 if not started:
                     self.estimator.start(ticket, self._clock() - 1e-3)
                     started = True
                 if isinstance(chunk, Completion):
                     t, u = chunk.timings, chunk.usage
-                    self.estimator.observe(u.prompt_tokens, t.prompt_ms, u.completion_tokens, t.decode_ms)
+                    self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
+                                           u.completion_tokens, t.decode_ms)
                 yield chunk
         finally:
             self.estimator.finish(ticket)
@@ -128,13 +131,14 @@ class RemoteTarget:
         return Estimate(self.name, self.kind, self.context_length, allowed,
                         self.estimator.predict_ms(prompt_tokens, max_tokens), reason)
 
-    async def stream(self, request: RoutedRequest, predicted_ms: float, resumed_from: str = ""
+    async def stream(self, request: RoutedRequest, prompt_tokens: int, max_tokens: int, resumed_from: str = ""
                      ) -> AsyncGenerator[GenerationChunk, None]:
         bound = GenerationRequest(prompt=request.prompt, sampling=request.sampling, messages=request.messages)
         self.breaker.on_attempt(self._clock())
         start = time.perf_counter()
         first = 0.0
         tokens = 0
+        settled = False
         try:
             async for chunk in self.engine.generate(bound):
                 if isinstance(chunk, TextDelta):
@@ -143,10 +147,15 @@ class RemoteTarget:
                 elif isinstance(chunk, Completion):
                     end = time.perf_counter()
                     first = first or end
-                    self.estimator.observe((first - start) * 1000, tokens, (end - first) * 1000)
+                    self.estimator.observe((first - start) * 1000, tokens, (end - first) * 1000, prompt_tokens)
                     self.breaker.on_success()
+                    settled = True
                 yield chunk
         except TargetFailed:
             self.estimator.observe_failure()
             self.breaker.on_failure(self._clock())
+            settled = True
             raise
+        finally:
+            if not settled:
+                self.breaker.on_abandon()

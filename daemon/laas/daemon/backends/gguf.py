@@ -140,6 +140,7 @@ class GgufEngine(Engine):
         first_token_at = 0.0
         completion = 0
         finish = FinishReason.LENGTH
+        cached = _cached_prefix(llm, prompt)
         tokens = llm.generate(
             prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
             repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
@@ -173,7 +174,7 @@ class GgufEngine(Engine):
         prompt_ms = (first_token_at - start) * 1000
         emit(Completion(
             finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion),
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion, cached_prompt_tokens=cached),
             timings=Timings(prompt_ms=prompt_ms, decode_ms=(end - first_token_at) * 1000),
         ))
 
@@ -189,6 +190,16 @@ class GgufEngine(Engine):
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.close)
+
+
+def _cached_prefix(llm: Any, prompt: list[int]) -> int:
+    """Prompt tokens llama.cpp will reuse from its KV cache (it re-evaluates the last one of a full match)."""
+    cached = 0
+    for have, want in zip(llm._input_ids[: llm.n_tokens], prompt, strict=False):
+        if have != want:
+            break
+        cached += 1
+    return min(cached, len(prompt) - 1)
 
 
 async def _wait_through_cancellation(future: asyncio.Future[None]) -> None:
