@@ -18,10 +18,12 @@ _PORT_LINE = re.compile(r"listening on \S+ \(port (\d+)\)")
 
 
 class DaemonProcess:
-    def __init__(self, home: Path, config: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, config: Path | None = None, env: dict[str, str] | None = None,
+                 listen: str = "127.0.0.1:0") -> None:
         self.home = home
         self.config = config
         self.env = env or {}
+        self.listen = listen  # must include one TCP address: the log line with its port says it is up
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.lines: list[str] = []
@@ -35,7 +37,7 @@ class DaemonProcess:
         cmd = [sys.executable, "-m", "laas.daemon.cli", "--home", str(self.home)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
-        cmd += ["serve", "--listen", "127.0.0.1:0"]
+        cmd += ["serve", "--listen", self.listen]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAAS_")} | self.env
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         threading.Thread(target=self._read_log, daemon=True).start()
