@@ -102,7 +102,12 @@ class Server:
         return f"serving {len(self.registry.entries())} model(s); default {self.registry.default.name}"
 
     async def _load_models(self) -> None:
-        await self.registry.load_all(self._on_loading)
+        try:
+            await self.registry.load_all(self._on_loading)
+        except Exception as e:  # a bug or a broken install (an ImportError in a thread): say so, do not hang
+            log.exception("loading the models failed")
+            self.notifier.status(f"loading the models failed: {e}")
+            return
         if self.lifecycle.accepting and self.registry.default.engine is not None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("%s", self._serving_status())
