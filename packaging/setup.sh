@@ -29,6 +29,15 @@ PY=$(find_python) || missing+=(python3 python3-venv python3-dev)
 command -v cc >/dev/null && command -v c++ >/dev/null || missing+=(build-essential)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v git >/dev/null || missing+=(git)
+# Packaging and its tests (issue 6): systemd-analyze for the unit, the system python3 with venv for the
+# .deb's virtual environment, lintian, bubblewrap and setpriv for the sandboxed run, adduser for dpkg -i.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+/usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
+command -v dpkg-deb >/dev/null && command -v objdump >/dev/null || missing+=(dpkg binutils)
+command -v lintian >/dev/null || missing+=(lintian)
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v adduser >/dev/null || missing+=(adduser)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing system packages: ${missing[*]}"
   as_root apt-get update -qq

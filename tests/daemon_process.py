@@ -24,6 +24,7 @@ class DaemonProcess:
         self.listen = listen
         self.config = config
         self.env = env or {}
+        self.listen = listen  # must include one TCP address: the log line with its port says it is up
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.lines: list[str] = []

@@ -399,3 +399,25 @@ def test_values_of_the_wrong_type(tmp_path: Path, text: str) -> None:
 
 def test_unknown_override(tmp_path: Path) -> None:
     assert refused(None, environ={}, overrides={"bogus": 1}).field == "bogus"
+
+
+# --- systemd and operations settings -----------------------------------------------------------------
+
+
+def test_systemd_directories_give_the_defaults_and_explicit_settings_win() -> None:
+    env = {"STATE_DIRECTORY": "/var/lib/laas:/var/lib/other", "RUNTIME_DIRECTORY": "/run/laas"}
+    settings = load_settings(environ=env)
+    assert settings.home == Path("/var/lib/laas")
+    assert settings.listen_addresses == (DEFAULT_LISTEN, "unix:/run/laas/laasd.sock")
+    explicit = load_settings(environ=env | {"LAAS_HOME": "/srv/h", "LAAS_LISTEN": "unix:/tmp/x.sock"})
+    assert explicit.home == Path("/srv/h")
+    assert explicit.listen_addresses == ("unix:/tmp/x.sock",)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("listen", " , "), ("listen", "unix:"), ("log_format", "xml"), ("socket_mode", "660x"),
+    ("socket_mode", "0999"), ("watchdog_stall_s", "0"),
+])
+def test_operations_settings_refused_with_their_field(name: str, value: str) -> None:
+    error = refused(environ=HOME_ENV | {f"LAAS_{name.upper()}": value})
+    assert error.field == name

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from laas.daemon.errors import LaasError
 from laas.daemon.gguf_header import read_gguf_header
+from laas.daemon.logs import configure_logging
 from laas.daemon.settings import DEFAULT_LISTEN, Settings, SettingsError, load_settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore
 
@@ -27,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the configured models (the default model if none)")
-    serve.add_argument("--listen", help=f"host:port to listen on (default {DEFAULT_LISTEN}; env LAAS_LISTEN)")
+    serve.add_argument("--listen", help=f"host:port or unix:/path to listen on, comma-separated "
+                       f"(default {DEFAULT_LISTEN}; env LAAS_LISTEN)")
     pull = sub.add_parser("pull", help="put a model into the store: the default model, or a local GGUF file")
     pull.add_argument("file", nargs="?", type=Path, help="a local .gguf file to copy into the store")
     pull.add_argument("--name", help="file name in the store (default: the file's own name)")
@@ -42,16 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"laasd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format, os.environ)
     try:
         if args.command == "pull":
             return _pull(settings, args.file, args.name)
         from laas.daemon.server import Server  # deferred: grpc and llama.cpp load only to serve
+        from laas.daemon.systemd import Notifier, watchdog_interval_s
 
-        asyncio.run(Server(settings).serve())
+        server = Server(settings, notifier=Notifier.from_environ(os.environ),
+                        watchdog_s=watchdog_interval_s(os.environ),
+                        reload_settings=lambda: load_settings(args.config, overrides=overrides))
+        asyncio.run(server.serve())
     except LaasError as e:
         log.error("%s", e)
         return 1

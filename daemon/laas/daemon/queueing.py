@@ -20,6 +20,11 @@ class ModelQueue:
         self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
         self.waiting = 0
         self.active = 0
+        self._idle = asyncio.Event()  # set while no request runs or waits (a reload closes the model then)
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -32,13 +37,22 @@ class ModelQueue:
                 f"(max_queue={self.max_waiting}); retry later",
             )
         self.waiting += 1
+        self._idle.clear()
         try:
             await self._lock.acquire()
-        finally:
+        except BaseException:
             self.waiting -= 1
+            self._set_idle_if_unused()
+            raise
+        self.waiting -= 1
         self.active += 1
         try:
             yield
         finally:
             self.active -= 1
             self._lock.release()
+            self._set_idle_if_unused()
+
+    def _set_idle_if_unused(self) -> None:
+        if not self.active and not self.waiting:
+            self._idle.set()

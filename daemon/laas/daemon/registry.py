@@ -77,6 +77,8 @@ class ModelRegistry:
         self._store = store
         self._loader = loader
         self._entries: dict[str, ModelEntry] = {}
+        self._retired: list[ModelEntry] = []  # replaced by a reload; closed once their streams end
+        self._retiring: set[asyncio.Task[None]] = set()
         for cfg in settings.models:
             self._add(cfg)
         if settings.default_model not in self._entries:
@@ -110,11 +112,62 @@ class ModelRegistry:
     def all_ready(self) -> bool:
         return all(e.state is ModelState.READY for e in self._entries.values())
 
-    async def load_all(self) -> None:
+    async def load_all(self, on_loading: Callable[[ModelEntry], None] | None = None) -> None:
         """Loads every model, the default first; a model that fails is marked FAILED, others go on."""
         ordered = sorted(self._entries.values(), key=lambda e: not e.is_default)
         for entry in ordered:
+            if on_loading is not None:
+                on_loading(entry)
             await self.load(entry)
+
+    async def reload(self, settings: Settings, on_loading: Callable[[ModelEntry], None] | None = None
+                     ) -> dict[str, list[str]]:
+        """Applies a new model list (and default model) without dropping streams in flight.
+
+        Unchanged models keep their engine and queue. New and changed ones load first, while the old
+        entries go on serving; then the new list takes over at once, and each replaced or removed entry
+        is retired: it finishes the streams already on it, then closes its engine. Returns the names
+        added, changed and removed. Raises NotFound (and changes nothing) for an unknown default model.
+        """
+        fresh = ModelRegistry(replace(self._settings, models=settings.models,
+                                      default_model=settings.default_model), self._store, self._loader)
+        kept, loading = {}, []
+        for name, entry in fresh._entries.items():
+            old = self._entries.get(name)
+            if old is not None and (old.config, old.fetch) == (entry.config, entry.fetch) \
+                    and old.state is not ModelState.FAILED:  # a reload retries failed models
+                old.is_default = entry.is_default
+                kept[name] = old
+            else:
+                loading.append(entry)
+        for entry in sorted(loading, key=lambda e: not e.is_default):
+            if on_loading is not None:
+                on_loading(entry)
+            await self.load(entry)
+        entries, before = fresh._entries | kept, self._entries
+        self._settings, self._entries = fresh._settings, entries
+        for entry in before.values():
+            if entries.get(entry.name) is not entry:
+                self._retire_later(entry)
+        return {"added": sorted(set(entries) - set(before)),
+                "changed": sorted(n for n in set(entries) & set(before) if entries[n] is not before[n]),
+                "removed": sorted(set(before) - set(entries))}
+
+    def _retire_later(self, entry: ModelEntry) -> None:
+        entry.is_default = False
+        self._retired.append(entry)
+        task = asyncio.create_task(self._retire(entry), name=f"retire-{entry.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, entry: ModelEntry) -> None:
+        """Closes a replaced entry's engine once the streams on it (running and queued) are done."""
+        await entry.queue.wait_idle()
+        if entry.engine is not None:
+            engine, entry.engine, entry.state = entry.engine, None, ModelState.NOT_LOADED
+            await engine.aclose()
+            log.info("model %s: the replaced engine is closed", entry.name)
+        self._retired.remove(entry)
 
     async def load(self, entry: ModelEntry) -> None:
         entry.state, entry.error = ModelState.LOADING, ""
@@ -157,7 +210,10 @@ class ModelRegistry:
                 yield chunk
 
     async def aclose(self) -> None:
-        for entry in self._entries.values():
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for entry in [*self._retired, *self._entries.values()]:
             if entry.engine is not None:
                 engine, entry.engine = entry.engine, None
                 entry.state = ModelState.NOT_LOADED

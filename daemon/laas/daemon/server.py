@@ -4,6 +4,10 @@ Layer: composition. Lifecycle, after uvicorn's serve() -> startup() -> main_loop
 listen at once with health NOT_SERVING; fetch and load the models in the background; SERVING once
 the default model is ready. On SIGTERM or SIGINT: NOT_SERVING, refuse new calls (UNAVAILABLE), let
 streams in flight finish within the grace period, cancel what is left, close the engines, exit 0.
+
+Under systemd (systemd.py): STATUS= says what the daemon does, READY=1 follows SERVING, STOPPING=1
+starts the drain, the watchdog pings while the liveness check passes. SIGHUP rereads the model list
+(reload_settings) and applies it without dropping streams in flight (ModelRegistry.reload).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import grpc
@@ -21,11 +25,16 @@ from grpc_reflection.v1alpha import reflection
 
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.engine import Engine
+from laas.daemon.errors import LaasError
 from laas.daemon.gguf_header import GgufHeader
-from laas.daemon.registry import ModelRegistry
+from laas.daemon.listeners import bind_all, remove_sockets
+from laas.daemon.liveness import LivenessCheck
+from laas.daemon.registry import ModelEntry, ModelRegistry
+from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.service import Lifecycle, RuntimeService
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
+from laas.daemon.systemd import Notifier, Watchdog
 from laas.router.setup import build_router, calibrate
 from laas.v1 import runtime_pb2, runtime_pb2_grpc
 
@@ -33,6 +42,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["Runtime"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
+# Settings a SIGHUP reload cannot apply to a running daemon (it applies models and default_model).
+_RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_format", "log_level", "remotes",
+                 "aliases")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
@@ -40,8 +52,15 @@ async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None, watchdog_s: float | None = None,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self.notifier = notifier or Notifier(None)
+        self._watchdog_s = watchdog_s
+        self._reload_settings = reload_settings
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._sockets: list[Path] = []
         self.lifecycle = Lifecycle()
         self.registry = ModelRegistry(settings, ModelStore(settings.store), load_gguf)
         self.router = build_router(settings, self.registry)
@@ -53,7 +72,7 @@ class Server:
 
     async def startup(self) -> int:
         """Binds the listener and starts loading models; returns the bound port."""
-        server = grpc.aio.server(options=[
+        server = grpc.aio.server(interceptors=[RequestLogInterceptor()], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
@@ -63,25 +82,72 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            self.port = server.add_insecure_port(self.settings.listen)
-        except RuntimeError as e:
-            raise OSError(f"cannot listen on {self.settings.listen}: {e}") from e
+        bound = bind_all(server, self.settings.listen_addresses, self.settings.socket_mode)
+        self.port, self._sockets = bound.port, bound.sockets
         await server.start()
         self._grpc = server
-        log.info("listening on %s (port %d); models in %s", self.settings.listen, self.port, self.settings.store)
+        log.info("models in %s", self.settings.store)
         self._loading = asyncio.create_task(self._load_models(), name="load-models")
-        return self.port
+        if self._watchdog_s:
+            check = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
+            self._spawn(Watchdog(self.notifier, self._watchdog_s, check).run(), "watchdog")
+        return self.port or 0
+
+    def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_loading(self, entry: ModelEntry) -> None:
+        self.notifier.status(f"loading model {entry.name}")
+
+    def _serving_status(self) -> str:
+        return f"serving {len(self.registry.entries())} model(s); default {self.registry.default.name}"
 
     async def _load_models(self) -> None:
-        await self.registry.load_all()
+        try:
+            await self.registry.load_all(self._on_loading)
+        except Exception as e:  # a bug or a broken install (an ImportError in a thread): say so, do not hang
+            log.exception("loading the models failed")
+            self.notifier.status(f"loading the models failed: {e}")
+            return
         await calibrate(self.router)
         if self.lifecycle.accepting and self.registry.default.engine is not None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving %d model(s); default %s", len(self.registry.entries()), self.registry.default.name)
+            log.info("%s", self._serving_status())
+            self.notifier.ready(self._serving_status())
         else:
             log.error("the default model %s is not available: %s", self.registry.default.name,
                       self.registry.default.error)
+            self.notifier.status(f"default model {self.registry.default.name} failed: {self.registry.default.error}")
+
+    def request_reload(self) -> None:
+        """SIGHUP: reread the model list in the background (reloads run one after another)."""
+        self._spawn(self._reload(), "reload")
+
+    async def _reload(self) -> None:
+        async with self._reload_lock:
+            if self._loading is not None:
+                await asyncio.shield(self._loading)  # the first load finishes before a reload
+            if self._reload_settings is None or not self.lifecycle.accepting:
+                return
+            self.notifier.reloading("reloading the model list")
+            try:
+                new = self._reload_settings()
+                unapplied = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(self.settings, f)]
+                if unapplied:
+                    log.warning("reload: %s changed; a restart applies that", ", ".join(unapplied))
+                changes = await self.registry.reload(new, self._on_loading)
+            except LaasError as e:
+                log.error("reload failed, the model list is unchanged: %s", e)
+                self.notifier.ready(f"reload failed: {e}; {self._serving_status()}")
+                return
+            log.info("reloaded: added %s, changed %s, removed %s", changes["added"] or "none",
+                     changes["changed"] or "none", changes["removed"] or "none")
+            ready = self.registry.default.engine is not None and self.lifecycle.accepting
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
+                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.notifier.ready(self._serving_status())
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -95,6 +161,7 @@ class Server:
 
     async def shutdown(self) -> None:
         """Drains: refuse new calls, wait up to the grace period for streams in flight, then stop."""
+        self.notifier.stopping(f"draining {self.lifecycle.in_flight} stream(s)")
         log.info("shutting down: draining %d stream(s), grace %.1fs", self.lifecycle.in_flight,
                  self.settings.drain_grace_s)
         self.lifecycle.accepting = False
@@ -109,6 +176,10 @@ class Server:
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        remove_sockets(self._sockets)
         await self.registry.aclose()
         for remote in self.router.remote.values():
             await remote.engine.aclose()
@@ -116,6 +187,7 @@ class Server:
 
     async def serve(self) -> None:
         restore = _capture_signals(self.request_stop)
+        restore_hup = _capture_signals(self.request_reload, (signal.SIGHUP,))
         try:
             await self.startup()
             await self.main_loop()
@@ -123,13 +195,14 @@ class Server:
             try:
                 await self.shutdown()
             finally:
+                restore_hup()
                 restore()
 
 
-def _capture_signals(on_signal: Callable[[], None]) -> Callable[[], None]:
-    """Routes SIGTERM/SIGINT to `on_signal`; returns a function that restores the previous handlers."""
+def _capture_signals(on_signal: Callable[[], None],
+                     signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Callable[[], None]:
+    """Routes `signals` to `on_signal`; returns a function that restores the previous handlers."""
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal)
 

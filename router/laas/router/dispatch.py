@@ -50,10 +50,22 @@ class Router:
         self._aliases = aliases
         self._default_max_tokens = default_max_tokens
         self._clock = clock
-        self.local = {e.name: LocalTarget(e, registry, default_max_tokens, clock) for e in registry.entries()}
+        self._local: dict[str, LocalTarget] = {}
         self.remote = {r.name: r for r in remotes}
         # Which remote targets answer for which requested model name ("" means the default model).
         self._remote_models = remote_models
+
+    @property
+    def local(self) -> dict[str, LocalTarget]:
+        """A target per local model, following the registry (a SIGHUP reload adds and replaces models);
+        a model that stays keeps its learned estimates."""
+        entries = {e.name: e for e in self._registry.entries()}
+        for name in [n for n, t in self._local.items() if entries.get(n) is not t.entry]:
+            del self._local[name]
+        for name, entry in entries.items():
+            if name not in self._local:
+                self._local[name] = LocalTarget(entry, self._registry, self._default_max_tokens, self._clock)
+        return self._local
 
     def targets_for(self, model: str) -> tuple[LocalTarget | None, list[RemoteTarget]]:
         name = model or self._registry.default.name
