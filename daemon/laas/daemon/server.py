@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.engine import Engine
+from laas.daemon.errors import ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.service import Lifecycle, RuntimeService
@@ -38,11 +39,22 @@ async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads)
 
 
+async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+    """The registry's loader: dispatches on the model's format."""
+    if config.format == "onnx":
+        from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
+
+        return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
+    if header is None:
+        raise ModelLoadError(f"{path.name}: no GGUF header was read")
+    return await load_gguf(path, header, config, threads)
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.lifecycle = Lifecycle()
-        self.registry = ModelRegistry(settings, ModelStore(settings.store), load_gguf)
+        self.registry = ModelRegistry(settings, ModelStore(settings.store), load_engine)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None

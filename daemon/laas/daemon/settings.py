@@ -21,6 +21,8 @@ DEFAULT_PORT = 7734
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 ENV_PREFIX = "LAAS_"
+# gguf: a .gguf file; onnx: a laas ONNX package folder (see onnx_package.py)
+MODEL_FORMATS = ("gguf", "onnx")
 
 
 class SettingsError(InvalidArgument):
@@ -29,7 +31,8 @@ class SettingsError(InvalidArgument):
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """One model the daemon serves. `path` is relative to the model store (or inside it)."""
+    """One model the daemon serves. `path` is relative to the model store (or inside it): a GGUF file, or an
+    ONNX package folder (those found in the store are served without a [[models]] table)."""
 
     name: str
     path: str
@@ -116,8 +119,9 @@ def _model(index: int, table: Any) -> ModelConfig:
             raise SettingsError(f"{where}.{required} is required", field=f"{where}.{required}")
     values = {k: _coerce(f"{where}.{k}", v, _MODEL_FIELDS[k].type) for k, v in table.items()}
     model = ModelConfig(**values)
-    if model.format != "gguf":
-        raise SettingsError(f"{where}.format: {model.format!r} is not supported (gguf)", field=f"{where}.format")
+    if model.format not in MODEL_FORMATS:
+        raise SettingsError(f"{where}.format: {model.format!r} is not supported ({', '.join(MODEL_FORMATS)})",
+                            field=f"{where}.format")
     for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0)):
         value = getattr(model, name)
         if value is not None and value < low:
