@@ -13,19 +13,32 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from laas.daemon.engine import Completion, Engine, GenerationRequest, SamplingParams
 
+T = TypeVar("T")
 WINDOW = 256
 SPEED_PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 SPEED_TOKENS = 64
+
+
+def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Runs a coroutine to completion from synchronous code, even when the caller's thread already runs
+    an event loop (then in a thread of its own)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 def heldout_text() -> str:
@@ -108,7 +121,7 @@ def decode_speed(engine: Engine, tokens: int = SPEED_TOKENS) -> tuple[float, flo
         assert done is not None  # every stream ends with a Completion (the engine contract)
         return done
 
-    done = asyncio.run(run())
+    done = run_sync(run)
     t = done.timings
     return (max(done.usage.completion_tokens - 1, 0) * 1000.0 / t.decode_ms if t.decode_ms else 0.0), t.prompt_ms
 
@@ -117,14 +130,14 @@ def evaluate_onnx(folder: Path, *, threads: int, tokens: int | None = None,
                   reference: tuple[str, Scores] | None = None) -> tuple[Evaluation, Scores]:
     from laas.daemon.backends.onnx import OnnxEngine
 
-    engine = asyncio.run(OnnxEngine.load(folder, context_length=max(WINDOW, 512), threads=threads))
+    engine = run_sync(lambda: OnnxEngine.load(folder, context_length=max(WINDOW, 512), threads=threads))
     try:
         ids = engine.text_tokens(heldout_text())[: tokens or None]
         scores = score(engine.decoder_logits, ids)
         speed, ttft = decode_speed(engine)
         return _evaluation(scores, len(ids), engine.info.size_bytes, speed, ttft, reference), scores
     finally:
-        asyncio.run(engine.aclose())
+        run_sync(engine.aclose)
 
 
 def evaluate_gguf(path: Path, *, threads: int, tokens: int | None = None,
@@ -148,11 +161,11 @@ def evaluate_gguf(path: Path, *, threads: int, tokens: int | None = None,
     finally:
         llm.close()
     header = read_gguf_header(path)
-    engine = asyncio.run(GgufEngine.load(path, header, context_length=512, threads=threads))
+    gguf = run_sync(lambda: GgufEngine.load(path, header, context_length=512, threads=threads))
     try:
-        speed, ttft = decode_speed(engine)
+        speed, ttft = decode_speed(gguf)
     finally:
-        asyncio.run(engine.aclose())
+        run_sync(gguf.aclose)
     return _evaluation(scores, len(ids), header.size_bytes, speed, ttft, reference), scores
 
 

@@ -86,13 +86,13 @@ def export(source_location: str | Path, store: ModelStore, cache: Path, options:
                                    reference=None if kind == "fp32" else ref_name)
         step("evaluating fp32 (the reference): perplexity, size, decode speed")
         ref_eval, ref_scores = evaluate_onnx(fp32, threads=options.threads, tokens=options.eval_tokens)
-        results = [_finish(fp32, store, ref_name, "fp32", None, ref_eval, options, gate=False)]
+        results = [register(fp32, store, ref_name, "fp32", None, ref_eval, options, gate=False)]
         for kind in (k for k in options.quantizations if k != "fp32"):
             name = f"{base}-{kind}"
             step(f"evaluating {kind}: perplexity and top-1 agreement against fp32, size, decode speed")
             evaluation, _ = evaluate_onnx(folders[kind], threads=options.threads, tokens=options.eval_tokens,
                                           reference=(ref_name, ref_scores))
-            results.append(_finish(folders[kind], store, name, quantization_label(kind, options.block_size),
+            results.append(register(folders[kind], store, name, quantization_label(kind, options.block_size),
                                    ref_name, evaluation, options, gate=True))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -100,8 +100,9 @@ def export(source_location: str | Path, store: ModelStore, cache: Path, options:
     return results
 
 
-def _finish(folder: Path, store: ModelStore, name: str, quantization: str, reference: str | None,
-            evaluation: Evaluation, options: ExportOptions, *, gate: bool) -> PackageResult:
+def register(folder: Path, store: ModelStore, name: str, quantization: str, reference: str | None,
+             evaluation: Evaluation, options: ExportOptions, *, gate: bool) -> PackageResult:
+    """Writes the final manifest and installs the package, unless `gate` is on and the gate refuses it."""
     try:
         if gate:
             check_gate(name, evaluation, options.threshold, options.force)
