@@ -13,7 +13,8 @@ each choice below keeps is in the README's benchmark section.
 - int4: weights in blocks of `block_size` along the input dimension, one scale per block (symmetric), run
   by MatMulNBits with int8 compute (accuracy_level 4: onnxruntime's fast path on AVX2/AVX-512 VNNI).
   Weights already on a 4-bit grid (a GGUF Q4 source) keep that grid exactly (grid4.py) instead of being
-  rounded a second time.
+  rounded a second time. The embedding table becomes a 4-bit GatherBlockQuantized (SmolLM2: 231 -> 135 MB
+  for +1.2 points of perplexity).
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ def _head(model: Any) -> str | None:
 
 
 def _weight_only(model: Any, bits: int, block_size: int, *, only: Callable[[str], bool], symmetric: bool = True,
-                 accuracy_level: int = 4) -> Any:
-    """MatMulNBits for the MatMuls `only` accepts (onnxruntime's quantizer, round to nearest)."""
+                 accuracy_level: int = 4, op_types: tuple[str, ...] = ("MatMul",)) -> Any:
+    """MatMulNBits for the MatMuls `only` accepts, or GatherBlockQuantized for constant Gathers (the
+    embedding) with op_types ("Gather",): onnxruntime's quantizer, round to nearest."""
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer")
     q = require("onnxruntime.quantization")
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and not only(n.name)]
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits,
-                                                accuracy_level=accuracy_level, quant_format=q.QuantFormat.QOperator)
+                                                accuracy_level=accuracy_level, quant_format=q.QuantFormat.QOperator,
+                                                op_types_to_quantize=op_types)
     quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
     _quiet(quantizer.process)
     return quantizer.model.model
@@ -86,6 +89,7 @@ def quantize_int4(fp32: Path, dest: Path, *, block_size: int = 32) -> Path:
     model = _weight_only(model, 8, HEAD_BLOCK, only=lambda name: name == head)
     replace_on_grid(model, block_size, skip={head} if head else set())
     model = _weight_only(model, 4, block_size, only=lambda name: name != head and not is_offset(name))
+    model = _weight_only(model, 4, block_size, only=lambda name: False, op_types=("Gather",))  # the embedding
     dest.mkdir(parents=True, exist_ok=True)
     save_graph(model, dest)
     copy_aux(fp32, dest)
