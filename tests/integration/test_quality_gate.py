@@ -83,3 +83,21 @@ def test_laas_eval_reruns_the_evaluation_on_gguf_and_onnx_models(
 
 def _row(table: str, name: str) -> list[str]:
     return next(line.split() for line in table.splitlines() if line.split()[:1] == [name])
+
+
+def test_laas_export_command_registers_packages_and_prints_the_report(
+        onnx_export: OnnxExport, tmp_path: Path, capsys: pytest.CaptureFixture[str], model_file: Path) -> None:
+    home = tmp_path / "home"
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "onnx-export").symlink_to(onnx_export.cache)  # reuse the session's optimum export
+    code = laas(["export", str(model_file), "--home", str(home), "-q", "int4", "--name", "tiny",
+                 "--tokens", str(TOKENS), "--threads", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "reusing the ONNX export" in err and "int4 weight-only (MatMulNBits, block size 32)" in err
+    assert _row(out, "tiny-int4")[1] == "int4-b32"
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-fp32", "tiny-int4"]
+    assert read_manifest(home / "models" / "tiny-int4").evaluation is not None
+
+    assert laas(["export", str(tmp_path / "missing.gguf"), "--home", str(home)]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
