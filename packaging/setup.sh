@@ -51,8 +51,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # llama-cpp-python compiles llama.cpp from source (several minutes on 2 cores); pip caches the wheel.
-log "installing laas and its dependencies into .venv"
-.venv/bin/python -m pip install -q -e '.[dev]'
+log "installing laas, its test tools and the export extra (torch CPU, transformers, optimum) into .venv"
+.venv/bin/python -m pip install -q -e '.[dev,export]'
 log "fetching the default model (once)"
 .venv/bin/laasd pull
 log "ready: .venv/bin/laasd serve   |   .venv/bin/laas generate 'Hello'"

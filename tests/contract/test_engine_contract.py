@@ -1,4 +1,4 @@
-"""The contract every Engine passes, whatever runs the model (GGUF today; ONNX, peers and cloud later).
+"""The contract every Engine passes, whatever runs the model (GGUF, ONNX; peers and cloud later).
 
 Engines are driven in-process here, without gRPC, so a failure points at the engine itself.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.engine import (
     ChatMessage,
     Completion,
@@ -23,18 +24,26 @@ from laas.daemon.engine import (
     TextDelta,
 )
 from laas.daemon.gguf_header import read_gguf_header
+from tests.conftest import OnnxExport
 
-EngineFactory = Callable[[Path], Awaitable[Engine]]
+EngineFactory = Callable[[pytest.FixtureRequest], Awaitable[Engine]]
 
 
-async def _gguf(model_file: Path) -> Engine:
+async def _gguf(request: pytest.FixtureRequest) -> Engine:
+    model_file: Path = request.getfixturevalue("model_file")
     return await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2)
 
 
-@pytest.fixture(scope="module", params=[_gguf], ids=["gguf"])
-async def engine(request: pytest.FixtureRequest, model_file: Path) -> AsyncIterator[Engine]:
+async def _onnx(request: pytest.FixtureRequest) -> Engine:
+    """The default model exported to ONNX and quantized to int4 (the package laas serves fastest)."""
+    export: OnnxExport = request.getfixturevalue("onnx_export")
+    return await OnnxEngine.load(export.package("int4"), context_length=2048, threads=2)
+
+
+@pytest.fixture(scope="module", params=[_gguf, _onnx], ids=["gguf", "onnx"])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     factory: EngineFactory = request.param
-    eng = await factory(model_file)
+    eng = await factory(request)
     yield eng
     await eng.aclose()
 

@@ -26,7 +26,8 @@ def test_wheel_installs_the_laas_namespace_and_runs_outside_the_repo(tmp_path: P
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("laas/daemon/server.py", "laas/daemon/backends/gguf.py", "laas/client/api.py",
                      "laas/router/policy.py", "laas/v1/runtime_pb2.py", "laas/v1/runtime_pb2_grpc.py",
-                     "laas/v1/runtime.proto"):
+                     "laas/v1/runtime.proto", "laas/daemon/backends/onnx.py", "laas/exporters/pipeline.py",
+                     "laas/exporters/data/heldout.txt"):
         assert expected in names, expected
     assert "laas/__init__.py" not in names  # a PEP 420 namespace package
     assert not [n for n in names if n.startswith(("daemon/", "router/", "protos/", "tests/"))]

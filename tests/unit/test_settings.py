@@ -334,7 +334,7 @@ def test_duplicate_model_names(tmp_path: Path) -> None:
     ('path = "a.gguf"', "models[0].name"),
     ('name = "a"', "models[0].path"),
     ('name = ""\npath = "a.gguf"', "models[0].name"),
-    ('name = "a"\npath = "a.gguf"\nformat = "onnx"', "models[0].format"),
+    ('name = "a"\npath = "a.gguf"\nformat = "safetensors"', "models[0].format"),
     ('name = "a"\npath = "a.gguf"\ncontext_length = 15', "models[0].context_length"),
     ('name = "a"\npath = "a.gguf"\ncontext_length = "big"', "models[0].context_length"),
     ('name = "a"\npath = "a.gguf"\nthreads = 1.5', "models[0].threads"),
@@ -421,3 +421,9 @@ def test_systemd_directories_give_the_defaults_and_explicit_settings_win() -> No
 def test_operations_settings_refused_with_their_field(name: str, value: str) -> None:
     error = refused(environ=HOME_ENV | {f"LAAS_{name.upper()}": value})
     assert error.field == name
+
+
+def test_onnx_models_name_a_package_folder(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[models]]\nname = "small"\npath = "small-int4"\nformat = "onnx"\nthreads = 2\n')
+    (model,) = load_settings(path, environ=HOME_ENV).models
+    assert (model.format, model.path, model.threads) == ("onnx", "small-int4", 2)

@@ -1,4 +1,4 @@
-"""`laas`: the command-line client (generate, chat, models, model, tokenize, health).
+"""`laas`: the command-line client (generate, chat, models, model, tokenize, health; export and eval).
 
 Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
 field are printed), 2 bad usage, 130 interrupted.
@@ -17,6 +17,7 @@ from laas.client.api import Client
 from laas.client.types import Chunk
 from laas.daemon.errors import LaasError
 from laas.daemon.settings import DEFAULT_LISTEN
+from laas.exporters import cli as exporters_cli  # light: heavy imports happen when a command runs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("text")
     tok.add_argument("-m", "--model", default="")
     sub.add_parser("health", help="print the daemon's health (exit 1 unless SERVING)")
+    exporters_cli.add_parsers(sub)  # export, eval: run in process, not against the daemon
     return parser
 
 
@@ -141,6 +143,8 @@ def _run(args: argparse.Namespace, client: Client) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in exporters_cli.COMMANDS:
+        return exporters_cli.run(args)
     try:
         with Client(args.target) as client:
             return _run(args, client)

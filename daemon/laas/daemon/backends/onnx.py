@@ -1,0 +1,219 @@
+"""The ONNX engine: a laas ONNX package served by onnxruntime, tokenizers and numpy.
+
+Layer: infrastructure. It behaves as the GGUF engine does (same sampling parameters, streaming, stop
+strings, chat template, cancellation within one decode step) so the servicer cannot tell them apart.
+Serving needs onnxruntime, tokenizers, numpy and jinja2 only: never torch, transformers or optimum
+(the exporters' extra). Each generation runs in the engine's worker thread, which checks a stop flag
+before every decode step; onnxruntime releases the GIL while it computes, so the event loop keeps
+serving. The KV cache lives in :class:`OnnxDecoder`, preallocated for the context length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+from laas.daemon.backends.detokenize import IncrementalDetokenizer
+from laas.daemon.backends.gguf import _END, _wait_through_cancellation
+from laas.daemon.backends.onnx_decoder import OnnxDecoder
+from laas.daemon.chat_template import ChatTemplate
+from laas.daemon.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelFormat,
+    ModelInfo,
+    TextDelta,
+    Timings,
+    Usage,
+)
+from laas.daemon.errors import LaasError, ModelLoadError, OutOfRange
+from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
+from laas.daemon.sampling import Sampler
+from laas.daemon.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+class OnnxEngine(Engine):
+    """Serves one ONNX package. Construct with :meth:`load` (it checks the files and loads off the loop)."""
+
+    def __init__(self, folder: Path, manifest: Manifest, decoder: OnnxDecoder, tokenizer: Any,
+                 template: ChatTemplate | None) -> None:
+        self._folder = folder
+        self._manifest = manifest
+        self._decoder: OnnxDecoder | None = decoder
+        self._tokenizer = tokenizer
+        self._template = template
+        self._eos = frozenset(manifest.eos_token_ids)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._info = ModelInfo(
+            format=ModelFormat.ONNX,
+            quantization=manifest.quantization,
+            context_length=decoder.max_length,
+            trained_context_length=manifest.context_length,
+            size_bytes=manifest.size_bytes,
+            architecture=manifest.architecture,
+            chat_template=template.source if template else None,
+        )
+
+    @classmethod
+    async def load(cls, folder: Path, *, context_length: int, threads: int) -> OnnxEngine:
+        return await asyncio.to_thread(cls._load, folder, context_length, threads)
+
+    @classmethod
+    def _load(cls, folder: Path, context_length: int, threads: int) -> OnnxEngine:
+        from tokenizers import Tokenizer
+
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer))
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            raise ModelLoadError(f"{folder.name}/{manifest.tokenizer} cannot be loaded: {e}") from e
+        template = None
+        if manifest.chat_template and manifest.file(manifest.chat_template):
+            source = (folder / manifest.chat_template).read_text(encoding="utf-8")
+
+            def text(token_id: int | None) -> str:
+                return (tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
+
+            eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
+            template = ChatTemplate(source, bos_token=text(manifest.bos_token_id), eos_token=text(eos))
+        n_ctx = min(context_length, manifest.context_length)
+        decoder = OnnxDecoder.open(folder / manifest.graph, manifest.decoder, n_ctx, threads)
+        return cls(folder, manifest, decoder, tokenizer, template)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
+        return self._tokenize(text, add_special)  # microseconds: not worth a thread hop
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        if add_special and self._manifest.add_bos and self._manifest.bos_token_id is not None:
+            ids.insert(0, self._manifest.bos_token_id)
+        return ids
+
+    def text_tokens(self, text: str) -> list[int]:
+        """Plain text to ids, no special tokens added (for evaluation)."""
+        return self._tokenize(text, False)
+
+    def decoder_logits(self, tokens: Sequence[int]) -> Any:
+        """Logits [n, vocab] at every position of `tokens` from an empty cache (for evaluation; not while
+        a generation runs)."""
+        if self._decoder is None:
+            raise ModelLoadError("engine is closed")
+        return self._decoder.all_logits(tokens)
+
+    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+        if self._template is None:
+            raise ModelLoadError(f"model {self._manifest.name!r} has no chat template")
+        return self._template.render(messages)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop_flag = threading.Event()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = loop.run_in_executor(self._executor, self._run, request, stop_flag, emit)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                yield cast(GenerationChunk, item)
+            await future  # re-raises a failure of the worker
+        finally:
+            stop_flag.set()
+            await _wait_through_cancellation(future)
+
+    def _run(self, request: GenerationRequest, stop_flag: threading.Event, emit: Callable[[object], None]) -> None:
+        try:
+            self._generate_blocking(request, stop_flag, emit)
+        except LaasError:
+            raise
+        except Exception as e:  # onnxruntime failures become a clear error, not a dead worker
+            log.exception("generation failed")
+            raise ModelLoadError(f"generation failed in onnxruntime: {e}") from e
+        finally:
+            emit(_END)
+
+    def _generate_blocking(self, request: GenerationRequest, stop_flag: threading.Event,
+                           emit: Callable[[object], None]) -> None:
+        decoder = self._decoder
+        if decoder is None:
+            raise ModelLoadError("engine is closed")
+        s = request.sampling
+        prompt = list(request.prompt_tokens or self._tokenize(request.prompt, request.add_special))
+        if not prompt:
+            prompt = [self._manifest.bos_token_id or 0]
+        if len(prompt) >= decoder.max_length:
+            raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of {decoder.max_length}",
+                             field="prompt")
+        max_tokens = min(s.max_tokens or 1, decoder.max_length - len(prompt))
+        sampler = Sampler(s, prompt)
+        detok = IncrementalDetokenizer(self._tokenizer, prompt)
+        stops = StopMatcher(s.stop + request.template_stops)
+        start = time.perf_counter()
+        first_token_at = 0.0
+        completion = 0
+        finish = FinishReason.LENGTH
+        position = len(prompt)
+        logits = decoder.prefill(prompt)
+        while completion < max_tokens and not stop_flag.is_set():
+            token = sampler.sample(logits)
+            sampler.accept(token)
+            if completion == 0:
+                first_token_at = time.perf_counter()
+            completion += 1
+            self.decoded_tokens += 1
+            if not s.ignore_eos and token in self._eos:
+                finish = FinishReason.STOP
+                break
+            text = stops.feed(detok.add(token))
+            if text:
+                emit(TextDelta(text))
+            if stops.stopped:
+                finish = FinishReason.STOP
+                break
+            if completion < max_tokens and not stop_flag.is_set():
+                logits = decoder.forward((token,), position)[-1]
+                position += 1
+        # Bytes of a character cut off by max_tokens never left the detokenizer: nothing to drop here.
+        tail = stops.flush()
+        if tail:
+            emit(TextDelta(tail))
+        end = time.perf_counter()
+        first_token_at = first_token_at or end
+        emit(Completion(
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion),
+            timings=Timings(prompt_ms=(first_token_at - start) * 1000, decode_ms=(end - first_token_at) * 1000),
+        ))
+
+    async def check_health(self) -> None:
+        if self._decoder is None or self._executor._shutdown:
+            raise ModelLoadError("engine is closed")
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._decoder = None
