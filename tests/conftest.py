@@ -103,7 +103,7 @@ def onnx_export(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> O
     """SmolLM2 GGUF -> optimum ONNX -> fp32/int8/int4 packages, evaluated and gated (about a minute, once)."""
     root = tmp_path_factory.mktemp("onnx-export")
     store = ModelStore(root / "models")
-    results = export(model_file, store, root / "cache", ExportOptions(threads=2, eval_tokens=768))
+    results = export(model_file, store, root / "cache", ExportOptions(threads=2, eval_tokens=512))
     return OnnxExport(store.root, root / "cache", {r.quantization.split("-")[0]: r for r in results})
 
 

@@ -21,7 +21,7 @@ from laas.exporters.package import write_package_manifest
 from laas.exporters.pipeline import ExportOptions, register
 from tests.conftest import OnnxExport, copy_package
 
-TOKENS = 256
+TOKENS = 128
 
 
 def _spoil(folder: Path) -> None:
