@@ -18,6 +18,7 @@ from laas.router.dispatch import Router
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
+from laas.router.redact import Redactor
 from laas.router.targets import RemoteTarget, RoutedRequest
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def build_router(settings: Settings, registry: ModelRegistry) -> Router:
             RemoteEstimator(ttft_ms=r.ttft_ms, inter_token_ms=r.inter_token_ms),
             CircuitBreaker(threshold=r.failure_threshold, cooldown_s=r.cooldown_s),
             clock=time.monotonic,
+            redactor=Redactor(settings.redact_patterns) if (settings.redact_peers if r.kind == "peer"
+                                                           else settings.redact_cloud) else None,
         )
         for i, r in enumerate(settings.remotes)
     ]
