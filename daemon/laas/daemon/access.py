@@ -65,13 +65,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if principal is None:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required: send the metadata "
                          "`authorization: Bearer <token>` (see `laasd token create`)")
+        return principal
+
+    @staticmethod
+    def _authorize(method: str, principal: Principal) -> None:
         scope = METHOD_SCOPES.get(method.removeprefix(_SERVICE)) if method.startswith(_SERVICE) else None
         if method.startswith(_SERVICE) and scope is None:
             raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to tokens")
         if scope is not None and scope not in principal.scopes:
             raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the scope {scope!r} that "
                          f"{method.removeprefix(_SERVICE)} needs")
-        return principal
 
     def _record(self, method: str, principal: Principal, request: Any, context: grpc.aio.ServicerContext
                 ) -> AuditRecord:
@@ -129,6 +132,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 principal = self._identify(method, context)
                 record = self._record(method, principal, request, context)
+                self._authorize(method, principal)
                 current_principal.set(principal)
                 response = await behavior(request, context)
                 record.observe(response)
@@ -152,6 +156,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 principal = self._identify(method, context)
                 record = self._record(method, principal, request, context)
+                self._authorize(method, principal)
                 if self._streams[principal.id] >= self._max_streams:
                     raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{principal.name} already has "
                                  f"{self._max_streams} streams in flight (max_streams_per_token)")
