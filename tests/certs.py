@@ -50,7 +50,9 @@ class CertificateAuthority:
         self.name = _name(name)
         cert = (_builder(name, self.name, self._key)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
                 .sign(self._key, hashes.SHA256()))
         self.pem = _pem(cert, self._key)
 
