@@ -7,7 +7,8 @@ Layer: edge. A gRPC server interceptor, so that no servicer method repeats it. F
    listener the operator opened on purpose) or by its client certificate under mutual TLS;
 3. the method's scope is checked (PERMISSION_DENIED names the scope missing); server reflection
    needs a valid token but no scope;
-4. streams in flight per caller are capped at `max_streams_per_token` (RESOURCE_EXHAUSTED);
+4. streams in flight per token (or client certificate) are capped at `max_streams_per_token`
+   (RESOURCE_EXHAUSTED); anonymous local callers share the models' queues (`max_queue`) instead;
 5. the principal is put in `current_principal` for the servicer (local-only per token, the offload
    scope), and the audit log gets one line when the call ends.
 """
@@ -157,7 +158,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 principal = self._identify(method, context)
                 record = self._record(method, principal, request, context)
                 self._authorize(method, principal)
-                if self._streams[principal.id] >= self._max_streams:
+                if principal is not ANONYMOUS and self._streams[principal.id] >= self._max_streams:
                     raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{principal.name} already has "
                                  f"{self._max_streams} streams in flight (max_streams_per_token)")
                 counted = principal.id

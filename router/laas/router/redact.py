@@ -27,8 +27,8 @@ _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
 # A phone number is a whole run of digits: never the middle of a longer one (a card that failed Luhn).
-_PHONE = re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){6,13}"
-                    r"(?!\w|[ .-]\d)")
+_PHONE = re.compile(r"(?:(?<![\w+])\+\d{1,3}[ .-]?|(?<![\w+])(?<!\d[ .-]))(?:\(\d{1,4}\)[ .-]?)?"
+                    r"\d(?:[ .-]?\d){6,13}(?!\w|[ .-]\d)")
 _PLACEHOLDER_PREFIX = re.compile(r"\[[A-Z]*(?:_\d*)?\]?$")
 
 
@@ -45,6 +45,15 @@ def _luhn(digits: str) -> bool:
 def _is_card(value: str) -> bool:
     digits = re.sub(r"\D", "", value)
     return 13 <= len(digits) <= 19 and _luhn(digits)
+
+
+def _card_span(value: str) -> tuple[int, int] | None:
+    """The longest run of whole digit groups inside `value` that is a card number (digits around it may be
+    a neighbouring number: "card 5555 5555 5555 4444 1 time")."""
+    starts = [0, *(m.end() for m in re.finditer(r"[ -]", value))]
+    ends = [*(m.start() for m in re.finditer(r"[ -]", value)), len(value)]
+    spans = sorted(((a, b) for a in starts for b in ends if b > a), key=lambda ab: ab[0] - ab[1])
+    return next(((a, b) for a, b in spans if _is_card(value[a:b])), None)
 
 
 def _is_ipv6(value: str) -> bool:
@@ -97,6 +106,9 @@ class Redactor:
         for kind, pattern, valid in self._rules:
             def sub(m: re.Match[str], kind: str = kind, valid: Callable[[str], bool] = valid) -> str:
                 value = m.group(0)
+                if kind == "CARD" and (span := _card_span(value)) is not None:
+                    a, b = span
+                    return value[:a] + mapping.placeholder(kind, value[a:b]) + value[b:]
                 if not value or not valid(value) or value in mapping.by_placeholder:
                     return value
                 return mapping.placeholder(kind, value)
