@@ -249,3 +249,29 @@ def test_laasd_token_refuses_unknown_scopes(tmp_path: Path) -> None:
 def test_errors_map_to_documented_codes() -> None:
     assert Unauthenticated("x").code == grpc.StatusCode.UNAUTHENTICATED
     assert isinstance(PermissionDenied("x"), LaasError)
+
+
+def test_a_peer_reaches_a_secured_laasd_with_tls_and_its_token(secured: tuple[DaemonProcess, dict[str, str]],
+                                                               ca: CertificateAuthority, tmp_path: Path,
+                                                               start_daemon: Callable[..., DaemonProcess]) -> None:
+    big, tokens = secured
+    (tmp_path / "ca.crt").write_bytes(ca.pem.cert)
+    (tmp_path / "peer.token").write_text(tokens["gen"] + "\n")
+    small = start_daemon(f"""
+[[models]]
+name = "{MODEL}"
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+context_length = 512
+
+[[remotes]]
+name = "big"
+kind = "peer"
+url = "127.0.0.1:{big.port}"
+tls_ca = "{tmp_path / 'ca.crt'}"
+api_key_file = "{tmp_path / 'peer.token'}"
+""")
+    with Client(small.target) as client:
+        result = client.complete("Tides and moons. " * 150, max_tokens=4, temperature=0)
+    assert [(r.target, r.kind) for r in result.routes] == [("big", "peer")] and result.completion_tokens == 4
+    gen_id = tokens["gen"].split("_")[1]
+    assert any(x["who"] == f"{gen_id} (gen)" and x["status"] == "OK" and x["local_only"] for x in _audit(big))

@@ -65,19 +65,27 @@ class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
-class _Async(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+def _aio_details(token: str, details: Any) -> Any:
+    metadata = grpc.aio.Metadata(*_with_token(token, details.metadata))  # aio wants Metadata, not a list
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
+
+
+# grpc.aio files each interceptor under one kind only (the first it is an instance of): one class per kind.
+class _AsyncUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def _details(self, details: Any) -> Any:
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, _with_token(self._token, details.metadata),
-                                          details.credentials, details.wait_for_ready)
-
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_aio_details(self._token, details), request)
+
+
+class _AsyncStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_aio_details(self._token, details), request)
 
 
 def open_channel(target: str, tls: Tls | None = None, token: str | None = None) -> grpc.Channel:
@@ -87,7 +95,7 @@ def open_channel(target: str, tls: Tls | None = None, token: str | None = None) 
 
 
 def open_aio_channel(target: str, tls: Tls | None = None, token: str | None = None) -> grpc.aio.Channel:
-    interceptors = [_Async(token)] if token else None
+    interceptors = [_AsyncUnary(token), _AsyncStream(token)] if token else None
     if tls is not None:
         return grpc.aio.secure_channel(target, tls.credentials(), tls.options(), interceptors=interceptors)
     return grpc.aio.insecure_channel(target, interceptors=interceptors)

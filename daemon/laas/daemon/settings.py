@@ -65,6 +65,7 @@ class RemoteConfig:
     cooldown_s: float = 30.0  # how long an open circuit stays open before one trial request
     ttft_ms: float = 1000.0  # first guesses until the endpoint has been measured
     inter_token_ms: float = 25.0
+    tls_ca: str = ""  # peer: connect with TLS, trusting this CA (PEM file); the API key is the peer's token
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from laas.client.channels import Tls
 from laas.daemon.engine import Engine, SamplingParams
 from laas.daemon.errors import InvalidArgument, LaasError
 from laas.daemon.registry import ModelRegistry, ModelState
@@ -28,12 +29,13 @@ CALIBRATION_TOKENS = 8
 
 
 def remote_engine(remote: RemoteConfig, index: int) -> Engine:
-    if remote.kind == "peer":
-        return PeerEngine(remote.name, remote.url, remote.model, remote.context_length)
     try:
         key = read_api_key(remote.api_key_env, remote.api_key_file)
     except InvalidArgument as e:
         raise SettingsError(str(e), field=f"remotes[{index}].{e.field}") from e
+    if remote.kind == "peer":  # a peer's API key is a laas token (its `generate` scope is enough)
+        return PeerEngine(remote.name, remote.url, remote.model, remote.context_length,
+                          tls=Tls(ca=remote.tls_ca) if remote.tls_ca else None, token=key)
     return CloudEngine(CloudConfig(
         name=remote.name, base_url=remote.url, model=remote.model, context_length=remote.context_length,
         api_key=key, connect_timeout_s=remote.connect_timeout_s, read_timeout_s=remote.read_timeout_s,
