@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from laas.client import Client
+from laas.client import Client, Tls
 from laas.daemon.settings import default_home
 from laas.daemon.store import DEFAULT_MODEL, ModelStore, sha256_of
 from laas.exporters.pipeline import ExportOptions, PackageResult, export
@@ -70,12 +70,13 @@ def start_daemon(make_home: Callable[..., Path], tmp_path: Path) -> Iterator[Cal
     started: list[DaemonProcess] = []
 
     def start(config: str = "", *, wait_serving: bool = True, home: Path | None = None,
-              env: dict[str, str] | None = None, listen: str = "127.0.0.1:0") -> DaemonProcess:
+              env: dict[str, str] | None = None, listen: str = "127.0.0.1:0", tls: Tls | None = None
+              ) -> DaemonProcess:
         config_file = None
         if config:
             config_file = tmp_path / f"laasd-{len(started)}.toml"
             config_file.write_text(config)
-        proc = DaemonProcess(home or make_home(), config_file, env, listen)
+        proc = DaemonProcess(home or make_home(), config_file, env, listen, tls)
         started.append(proc)
         return proc.start(wait_serving=wait_serving)
 

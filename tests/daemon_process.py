@@ -14,12 +14,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from laas.client.channels import Tls, open_channel
+
 _PORT_LINE = re.compile(r"listening on \S+ \(port (\d+)\)")
 
 
 class DaemonProcess:
     def __init__(self, home: Path, config: Path | None = None, env: dict[str, str] | None = None,
-                 listen: str = "127.0.0.1:0") -> None:
+                 listen: str = "127.0.0.1:0", tls: Tls | None = None) -> None:
+        self.tls = tls  # how health checks connect to a daemon with TLS
         self.home = home
         self.listen = listen
         self.config = config
@@ -63,7 +66,7 @@ class DaemonProcess:
         return "".join(self.lines)
 
     def health(self) -> str:
-        with grpc.insecure_channel(self.target) as channel:
+        with open_channel(self.target, self.tls) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 

@@ -16,8 +16,10 @@ from laas.daemon.errors import (
     ModelLoading,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ResourceExhausted,
     ShuttingDown,
+    Unauthenticated,
     Unavailable,
     error_for_status,
     status_for,
@@ -32,6 +34,8 @@ EXPECTED = [
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (LaasError, grpc.StatusCode.INTERNAL),
@@ -94,8 +98,7 @@ def test_error_for_status_gives_the_most_general_class(cls: type[LaasError], cod
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                                  grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
-                                  grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS])
+                                  grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.ALREADY_EXISTS])
 def test_unmapped_codes_become_plain_laas_error_naming_the_code(code: grpc.StatusCode) -> None:
     back = error_for_status(code, "details")
     assert type(back) is LaasError

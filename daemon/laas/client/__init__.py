@@ -12,6 +12,7 @@ Layer: edge (client side). Streams are plain iterators of :class:`Chunk`; every 
 from __future__ import annotations
 
 from laas.client.api import AsyncClient, Client
+from laas.client.channels import Tls
 from laas.client.types import Chunk, ModelDescription, Result
 from laas.daemon.errors import (
     DeadlineExceeded,
@@ -19,7 +20,9 @@ from laas.daemon.errors import (
     LaasError,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -33,7 +36,10 @@ __all__ = [
     "ModelDescription",
     "NotFound",
     "OutOfRange",
+    "PermissionDenied",
     "ResourceExhausted",
     "Result",
+    "Tls",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from laas.client.channels import Tls, open_aio_channel, open_channel
 from laas.client.types import (
     Chunk,
     Explanation,
@@ -57,10 +58,12 @@ def _health_name(status: int) -> str:
 
 
 class Client:
-    """Blocking client. `target` is host:port (default: the local daemon)."""
+    """Blocking client. `target` is host:port or unix:/path (default: the local daemon); `tls` for a
+    daemon with TLS (Tls(ca=..., cert=..., key=...) for mutual TLS), `token` when it requires tokens."""
 
-    def __init__(self, target: str = DEFAULT_LISTEN, *, channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str = DEFAULT_LISTEN, *, channel: grpc.Channel | None = None,
+                 tls: Tls | None = None, token: str | None = None) -> None:
+        self._channel = channel or open_channel(target, tls, token)
         self._stub = pb_grpc.RuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -130,8 +133,9 @@ class Client:
 class AsyncClient:
     """asyncio client; the same calls as Client, awaited, and streams as async iterators."""
 
-    def __init__(self, target: str = DEFAULT_LISTEN, *, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(self, target: str = DEFAULT_LISTEN, *, channel: grpc.aio.Channel | None = None,
+                 tls: Tls | None = None, token: str | None = None) -> None:
+        self._channel = channel or open_aio_channel(target, tls, token)
         self._stub = pb_grpc.RuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

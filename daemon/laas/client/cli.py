@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from laas.client.api import Client
+from laas.client.channels import Tls
 from laas.client.types import Chunk
 from laas.daemon.errors import LaasError
 from laas.daemon.settings import DEFAULT_LISTEN
@@ -25,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=os.environ.get("LAAS_TARGET", DEFAULT_LISTEN),
                         help=f"daemon address host:port (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
     parser.add_argument("--timeout", type=float, help="deadline of each call, seconds")
+    parser.add_argument("--token", default=os.environ.get("LAAS_TOKEN"),
+                        help="API token, sent as `authorization: Bearer` (env LAAS_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--ca", help="TLS: the CA certificate (PEM) that signed the daemon's certificate")
+    parser.add_argument("--cert", help="mutual TLS: this client's certificate (PEM)")
+    parser.add_argument("--key", help="mutual TLS: this client's private key (PEM)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def sampling(p: argparse.ArgumentParser) -> None:
@@ -146,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in exporters_cli.COMMANDS:
         return exporters_cli.run(args)
     try:
-        with Client(args.target) as client:
+        tls = Tls(args.ca, args.cert, args.key) if args.tls or args.ca or args.cert else None
+        with Client(args.target, tls=tls, token=args.token or None) as client:
             return _run(args, client)
     except LaasError as e:
         where = f" (field: {e.field})" if e.field else ""

@@ -23,6 +23,8 @@ class Route:
     reason: str
     predicted_ms: float
     failover: bool
+    local_only: bool = False  # the request may not leave the device (client, token, model or daemon rule)
+    redacted: int = 0  # personal data items replaced by placeholders before it left the device
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +116,8 @@ class ModelDescription:
 
 def route_from_pb(r: pb.RouteInfo) -> Route:
     return Route(target=r.target, kind=pb.TargetKind.Name(r.kind).removeprefix("TARGET_KIND_").lower(),
-                 reason=r.reason, predicted_ms=r.predicted_ms, failover=r.failover)
+                 reason=r.reason, predicted_ms=r.predicted_ms, failover=r.failover,
+                 local_only=r.local_only, redacted=r.redacted)
 
 
 def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:

@@ -1,4 +1,4 @@
-"""`laasd`: the daemon's command line (serve, pull).
+"""`laasd`: the daemon's command line (serve, pull, token).
 
 Layer: composition root. Parses flags, loads Settings once, configures logging, and hands over to
 Server or ModelStore. Exit codes: 0 on a clean stop, 1 on runtime failure, 2 on bad flags or config.
@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from laas.daemon import token_cli
 from laas.daemon.errors import LaasError
 from laas.daemon.gguf_header import read_gguf_header
 from laas.daemon.logs import configure_logging
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="put a model into the store: the default model, or a local GGUF file")
     pull.add_argument("file", nargs="?", type=Path, help="a local .gguf file to copy into the store")
     pull.add_argument("--name", help="file name in the store (default: the file's own name)")
+    token_cli.add_parser(sub)
     return parser
 
 
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format, os.environ)
     try:
+        if args.command == "token":
+            return token_cli.run(settings, args)
         if args.command == "pull":
             return _pull(settings, args.file, args.name)
         from laas.daemon.server import Server  # deferred: grpc and llama.cpp load only to serve

@@ -14,6 +14,8 @@ into status codes with :func:`status_for`, and the client turns status codes bac
     │   ├── ShuttingDown            (the daemon is draining)
     │   └── TargetFailed            (a remote target failed; the router fails over to the next)
     ├── ModelLoadError              (FAILED_PRECONDITION: the model failed to load or validate)
+    ├── Unauthenticated             (UNAUTHENTICATED: no valid token)
+    ├── PermissionDenied            (PERMISSION_DENIED: the token lacks the method's scope)
     ├── Cancelled                   (CANCELLED: the client went away)
     └── DeadlineExceeded            (DEADLINE_EXCEEDED)
 
@@ -81,6 +83,14 @@ class ModelLoadError(LaasError):
     """A model file is missing, invalid or failed to load; retrying will not help until it is fixed."""
 
 
+class Unauthenticated(LaasError):
+    """The call carries no valid token (`authorization: Bearer <token>`) and the daemon requires one."""
+
+
+class PermissionDenied(LaasError):
+    """The caller's token lacks the scope the method needs."""
+
+
 class Cancelled(LaasError):
     """The request was cancelled by its caller."""
 
@@ -100,6 +110,8 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode], ...] = (
     (TargetFailed, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (LaasError, grpc.StatusCode.INTERNAL),

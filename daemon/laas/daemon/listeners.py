@@ -34,13 +34,15 @@ def unix_path(address: str) -> Path | None:
     return Path("/" + path.lstrip("/") if path.startswith("//") else path)
 
 
-def bind_all(server: grpc.aio.Server, addresses: tuple[str, ...], socket_mode: str) -> Bound:
+def bind_all(server: grpc.aio.Server, addresses: tuple[str, ...], socket_mode: str,
+             tls: grpc.ServerCredentials | None = None) -> Bound:
+    """Binds every address; TCP ones use TLS when `tls` is given (unix sockets rely on file permissions)."""
     bound = Bound()
     for address in addresses:
         path = unix_path(address)
         if path is None:
-            port = _add(server, address)
-            log.info("listening on %s (port %d)", address, port)
+            port = _add(server, address, tls)
+            log.info("listening on %s (port %d)%s", address, port, " with TLS" if tls else "")
             bound.port = port if bound.port is None else bound.port
         else:
             _bind_unix(server, path, int(socket_mode, 8))
@@ -49,9 +51,9 @@ def bind_all(server: grpc.aio.Server, addresses: tuple[str, ...], socket_mode: s
     return bound
 
 
-def _add(server: grpc.aio.Server, address: str) -> int:
+def _add(server: grpc.aio.Server, address: str, tls: grpc.ServerCredentials | None = None) -> int:
     try:
-        port: int = server.add_insecure_port(address)
+        port: int = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address}: {e}") from e
     return port

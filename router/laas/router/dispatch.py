@@ -17,6 +17,7 @@ from laas.daemon.engine import Completion, FinishReason, GenerationChunk, TextDe
 from laas.daemon.errors import NotFound, OutOfRange, TargetFailed, Unavailable
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
+from laas.router.redact import Redaction
 from laas.router.targets import LocalTarget, RemoteTarget, RoutedRequest
 
 Target = LocalTarget | RemoteTarget
@@ -113,7 +114,7 @@ class Router:
             text = request.prompt or "".join(m.content for m in request.messages)
             return len(text.encode()) // 4 + 1
 
-    async def run(self, plan: Plan) -> AsyncGenerator[GenerationChunk | RouteChange, None]:
+    async def run(self, plan: Plan) -> AsyncGenerator[GenerationChunk | RouteChange | Redaction, None]:
         delivered: list[str] = []
         failures: list[str] = []
         completion_tokens = 0
@@ -121,6 +122,8 @@ class Router:
         for attempt, estimate in enumerate(plan.decision.order):
             target: Target = self.local[estimate.target] if estimate.kind is TargetKind.LOCAL \
                 else self.remote[estimate.target]
+            if plan.query.policy is Policy.LOCAL_ONLY and target.kind is not TargetKind.LOCAL:
+                raise AssertionError(f"a local-only request was routed to {target.name}")  # policy.choose bug
             resumed = "".join(delivered)
             if resumed:
                 left = (plan.request.sampling.max_tokens or self._default_max_tokens) - completion_tokens

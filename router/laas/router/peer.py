@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from laas.client.api import AsyncClient
+from laas.client.channels import Tls
 from laas.daemon.engine import (
     ChatMessage,
     Completion,
@@ -32,7 +33,9 @@ _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 
 class PeerEngine(Engine):
-    def __init__(self, name: str, target: str, model: str, context_length: int) -> None:
+    def __init__(self, name: str, target: str, model: str, context_length: int, *, tls: Tls | None = None,
+                 token: str | None = None) -> None:
+        self._tls, self._token = tls, token  # a peer on the LAN has TLS and tokens (security.py)
         self.name = name
         self.model = model
         self._target = target
@@ -82,7 +85,7 @@ class PeerEngine(Engine):
 
     def _connect(self) -> AsyncClient:
         if self._client is None:
-            self._client = AsyncClient(self._target)
+            self._client = AsyncClient(self._target, tls=self._tls, token=self._token)
         return self._client
 
     async def check_health(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from laas.client.channels import Tls
 from laas.daemon.engine import Engine, SamplingParams
 from laas.daemon.errors import InvalidArgument, LaasError
 from laas.daemon.registry import ModelRegistry, ModelState
@@ -18,6 +19,7 @@ from laas.router.dispatch import Router
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
+from laas.router.redact import Redactor
 from laas.router.targets import RemoteTarget, RoutedRequest
 
 log = logging.getLogger(__name__)
@@ -27,12 +29,13 @@ CALIBRATION_TOKENS = 8
 
 
 def remote_engine(remote: RemoteConfig, index: int) -> Engine:
-    if remote.kind == "peer":
-        return PeerEngine(remote.name, remote.url, remote.model, remote.context_length)
     try:
         key = read_api_key(remote.api_key_env, remote.api_key_file)
     except InvalidArgument as e:
         raise SettingsError(str(e), field=f"remotes[{index}].{e.field}") from e
+    if remote.kind == "peer":  # a peer's API key is a laas token (its `generate` scope is enough)
+        return PeerEngine(remote.name, remote.url, remote.model, remote.context_length,
+                          tls=Tls(ca=remote.tls_ca) if remote.tls_ca else None, token=key)
     return CloudEngine(CloudConfig(
         name=remote.name, base_url=remote.url, model=remote.model, context_length=remote.context_length,
         api_key=key, connect_timeout_s=remote.connect_timeout_s, read_timeout_s=remote.read_timeout_s,
@@ -46,6 +49,8 @@ def build_router(settings: Settings, registry: ModelRegistry) -> Router:
             RemoteEstimator(ttft_ms=r.ttft_ms, inter_token_ms=r.inter_token_ms),
             CircuitBreaker(threshold=r.failure_threshold, cooldown_s=r.cooldown_s),
             clock=time.monotonic,
+            redactor=Redactor(settings.redact_patterns) if (settings.redact_peers if r.kind == "peer"
+                                                           else settings.redact_cloud) else None,
         )
         for i, r in enumerate(settings.remotes)
     ]

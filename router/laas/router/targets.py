@@ -24,6 +24,7 @@ from laas.daemon.errors import TargetFailed
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
 from laas.router.latency import CircuitBreaker, LocalEstimator, RemoteEstimator
 from laas.router.policy import Estimate, TargetKind, admit
+from laas.router.redact import Mapping, Redaction, Redactor, Restorer
 
 Clock = Callable[[], float]
 
@@ -110,7 +111,8 @@ class LocalTarget:
 
 class RemoteTarget:
     def __init__(self, name: str, kind: TargetKind, engine: Engine, estimator: RemoteEstimator,
-                 breaker: CircuitBreaker, clock: Clock) -> None:
+                 breaker: CircuitBreaker, clock: Clock, redactor: Redactor | None = None) -> None:
+        self.redactor = redactor  # personal data is replaced before a request leaves for this target
         self.name = name
         self.kind = kind
         self.engine = engine
@@ -131,8 +133,20 @@ class RemoteTarget:
         return Estimate(self.name, self.kind, self.context_length, allowed,
                         self.estimator.predict_ms(prompt_tokens, max_tokens), reason)
 
+    def _redacted(self, request: RoutedRequest) -> tuple[RoutedRequest, Restorer | None, int]:
+        if self.redactor is None:
+            return request, None, 0
+        mapping = Mapping()
+        redact = self.redactor.redact
+        request = replace(request, prompt=redact(request.prompt, mapping),
+                          messages=tuple(replace(m, content=redact(m.content, mapping)) for m in request.messages))
+        return request, Restorer(mapping), mapping.replaced
+
     async def stream(self, request: RoutedRequest, prompt_tokens: int, max_tokens: int, resumed_from: str = ""
-                     ) -> AsyncGenerator[GenerationChunk, None]:
+                     ) -> AsyncGenerator[GenerationChunk | Redaction, None]:
+        request, restorer, redacted = self._redacted(request)
+        if redacted:
+            yield Redaction(redacted)
         bound = GenerationRequest(prompt=request.prompt, sampling=request.sampling, messages=request.messages)
         self.breaker.on_attempt(self._clock())
         start = time.perf_counter()
@@ -144,12 +158,18 @@ class RemoteTarget:
                 if isinstance(chunk, TextDelta):
                     tokens += 1
                     first = first or time.perf_counter()
+                    if restorer is not None:  # placeholders back to the values; a split one waits for its end
+                        chunk = TextDelta(restorer.feed(chunk.text))
+                        if not chunk.text:
+                            continue
                 elif isinstance(chunk, Completion):
                     end = time.perf_counter()
                     first = first or end
                     self.estimator.observe((first - start) * 1000, tokens, (end - first) * 1000, prompt_tokens)
                     self.breaker.on_success()
                     settled = True
+                    if restorer is not None and (tail := restorer.flush()):
+                        yield TextDelta(tail)
                 yield chunk
         except TargetFailed:
             self.estimator.observe_failure()

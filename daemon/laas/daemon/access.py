@@ -1,0 +1,183 @@
+"""Access control of every call: authentication, scopes, streams per caller, and the audit line.
+
+Layer: edge. A gRPC server interceptor, so that no servicer method repeats it. For each call:
+1. health checks pass untouched (load balancers and systemd probes carry no token);
+2. the caller is identified: with a token file, by its `authorization: Bearer <token>` metadata
+   (missing or unknown: UNAUTHENTICATED); without one, as `anonymous` (loopback, unix socket, or a
+   listener the operator opened on purpose) or by its client certificate under mutual TLS;
+3. the method's scope is checked (PERMISSION_DENIED names the scope missing); server reflection
+   needs a valid token but no scope;
+4. streams in flight per token (or client certificate) are capped at `max_streams_per_token`
+   (RESOURCE_EXHAUSTED); anonymous local callers share the models' queues (`max_queue`) instead;
+5. the principal is put in `current_principal` for the servicer (local-only per token, the offload
+   scope), and the audit log gets one line when the call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from laas.daemon.audit import AuditLog, AuditRecord
+from laas.daemon.logs import request_id
+from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
+
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("laas_principal", default=ANONYMOUS)
+
+OPEN_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIX = "/grpc.reflection."
+# The scope each laas.v1 method needs.
+METHOD_SCOPES = {
+    "Generate": "generate", "Chat": "generate", "Tokenize": "generate", "ExplainRoute": "generate",
+    "ListModels": "models:read", "GetModel": "models:read",
+}
+_SERVICE = "/laas.v1.Runtime/"
+
+
+class Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, tokens: TokenStore | None, audit: AuditLog, max_streams: int) -> None:
+        self._tokens = tokens
+        self._audit = audit
+        self._max_streams = max_streams
+        self._streams: Counter[str] = Counter()
+
+    def _identify(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        if self._tokens is None:
+            names = (context.auth_context() or {}).get("x509_common_name") or ()
+            return Principal("cert", names[0].decode(errors="replace")) if names else ANONYMOUS
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+                presented = value[7:].strip()
+        principal = self._tokens.authenticate(presented) if presented else None
+        if principal is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required: send the metadata "
+                         "`authorization: Bearer <token>` (see `laasd token create`)")
+        return principal
+
+    @staticmethod
+    def _authorize(method: str, principal: Principal) -> None:
+        scope = METHOD_SCOPES.get(method.removeprefix(_SERVICE)) if method.startswith(_SERVICE) else None
+        if method.startswith(_SERVICE) and scope is None:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to tokens")
+        if scope is not None and scope not in principal.scopes:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the scope {scope!r} that "
+                         f"{method.removeprefix(_SERVICE)} needs")
+
+    def _record(self, method: str, principal: Principal, request: Any, context: grpc.aio.ServicerContext
+                ) -> AuditRecord:
+        who = principal.name if principal.id in ("-", "cert") else f"{principal.id} ({principal.name})"
+        record = AuditRecord(method.removeprefix(_SERVICE), who, context.peer() or "", request_id.get())
+        record.model = getattr(request, "model", "") or ""
+        if self._audit.with_prompts:
+            record.prompt = getattr(request, "prompt", None) or getattr(request, "text", None) or \
+                [[m.role, m.content] for m in getattr(request, "messages", ())] or None
+        return record
+
+    def _finish(self, record: AuditRecord, context: grpc.aio.ServicerContext, error: BaseException | None,
+                started: float) -> None:
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            record.status = "CANCELLED"
+        elif isinstance(error, Denied):
+            record.status = error.code.name
+        elif error is not None and not isinstance(error, grpc.aio.AbortError):
+            record.status = "UNKNOWN"
+        else:
+            code = context.code()
+            record.status = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        record.ms = (time.perf_counter() - started) * 1000
+        self._audit.write(record)
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(OPEN_PREFIX):
+            return handler
+        if handler.request_streaming:  # server reflection: a valid token, no scope, no audit line
+            return handler._replace(stream_stream=self._guard_reflection(handler.stream_stream, method))
+        if handler.response_streaming:
+            return handler._replace(unary_stream=self._guard_stream(handler.unary_stream, method))
+        return handler._replace(unary_unary=self._guard_unary(handler.unary_unary, method))
+
+    def _guard_reflection(self, behavior: Callable[[Any, Any], AsyncIterator[Any]], method: str
+                          ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def run(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                self._identify(method, context)
+            except Denied as e:
+                await context.abort(e.code, e.message)
+            async for response in behavior(requests, context):
+                yield response
+
+        return run
+
+    def _guard_unary(self, behavior: Callable[[Any, Any], Awaitable[Any]], method: str
+                     ) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            record = AuditRecord(method.removeprefix(_SERVICE), "?", context.peer() or "", request_id.get())
+            try:
+                principal = self._identify(method, context)
+                record = self._record(method, principal, request, context)
+                self._authorize(method, principal)
+                current_principal.set(principal)
+                response = await behavior(request, context)
+                record.observe(response)
+            except Denied as e:
+                self._finish(record, context, e, started)
+                await context.abort(e.code, e.message)
+            except BaseException as e:
+                self._finish(record, context, e, started)
+                raise
+            self._finish(record, context, None, started)
+            return response
+
+        return run
+
+    def _guard_stream(self, behavior: Callable[[Any, Any], AsyncIterator[Any]], method: str
+                      ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            record = AuditRecord(method.removeprefix(_SERVICE), "?", context.peer() or "", request_id.get())
+            counted = ""
+            try:
+                principal = self._identify(method, context)
+                record = self._record(method, principal, request, context)
+                self._authorize(method, principal)
+                if principal is not ANONYMOUS and self._streams[principal.id] >= self._max_streams:
+                    raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{principal.name} already has "
+                                 f"{self._max_streams} streams in flight (max_streams_per_token)")
+                counted = principal.id
+                self._streams[counted] += 1
+                current_principal.set(principal)
+                async for response in behavior(request, context):
+                    record.observe(response)
+                    yield response
+            except Denied as e:
+                self._finish(record, context, e, started)
+                await context.abort(e.code, e.message)
+            except BaseException as e:
+                self._finish(record, context, e, started)
+                raise
+            finally:
+                if counted:
+                    self._streams[counted] -= 1
+                    if not self._streams[counted]:
+                        del self._streams[counted]
+            self._finish(record, context, None, started)
+
+        return run

@@ -1,0 +1,96 @@
+"""Security settings: systemd credentials, TLS server credentials and the refusal to listen openly.
+
+Layer: composition. `credential_defaults` fills unset TLS and token paths from systemd's
+$CREDENTIALS_DIRECTORY (LoadCredential= in the unit); `check_security` validates the security
+settings with the rest of Settings; `listen_refusal` is the secure default: a TCP address other than
+loopback needs TLS and tokens, unless the operator sets the loudly named
+`dangerously_listen_without_tls_or_tokens`. Unix sockets are guarded by their file permissions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+
+    from laas.daemon.settings import Settings
+
+# Credential names the unit loads (LoadCredential=), and the setting each one fills when unset.
+CREDENTIALS = (("tls_cert", "laas.tls-cert"), ("tls_key", "laas.tls-key"), ("tls_client_ca", "laas.tls-client-ca"),
+               ("tokens_file", "laas.tokens"))
+
+
+def credential_defaults(environ: Mapping[str, str], values: Mapping[str, Any]) -> dict[str, str]:
+    """Paths of the systemd credentials present, for the settings the operator left unset."""
+    directory = environ.get("CREDENTIALS_DIRECTORY", "").split(":")[0]
+    if not directory:
+        return {}
+    found = {key: Path(directory) / name for key, name in CREDENTIALS if not values.get(key)}
+    return {key: str(path) for key, path in found.items() if path.is_file()}
+
+
+def check_security(s: Settings) -> None:
+    from laas.daemon.settings import SettingsError
+
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SettingsError("tls_cert and tls_key go together: set both or neither", field="tls_key")
+    if s.tls_client_ca and not s.tls_cert:
+        raise SettingsError("tls_client_ca (mutual TLS) needs tls_cert and tls_key", field="tls_client_ca")
+    for i, pattern in enumerate(s.redact_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SettingsError(f"redact_patterns[{i}] is not a valid regular expression: {e}",
+                                field=f"redact_patterns[{i}]") from e
+    for name in ("max_tokens_limit", "max_streams_per_token"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{name} must be >= 1", field=name)
+
+
+def tokens_path(s: Settings) -> Path | None:
+    """The token file in force: `tokens_file`, else <home>/tokens when it exists; None: no token auth."""
+    if s.tokens_file:
+        return Path(s.tokens_file).expanduser()
+    default = s.home / "tokens"
+    return default if default.exists() else None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a host:port address binds only loopback (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or the empty host (every interface): assume it is reachable
+
+
+def listen_refusal(s: Settings, tokens: bool) -> str | None:
+    """Why the daemon must not listen as configured, or None."""
+    if s.dangerously_listen_without_tls_or_tokens:
+        return None
+    open_tcp = [a for a in s.listen_addresses if not a.startswith("unix:") and not is_loopback(a)]
+    missing = [what for what, ok in (("TLS (tls_cert, tls_key)", bool(s.tls_cert)), ("tokens (tokens_file)", tokens))
+               if not ok]
+    if open_tcp and missing:
+        return (f"refusing to listen on {', '.join(open_tcp)} without {' and '.join(missing)}: anyone on the network "
+                "could read and send prompts. Configure them, listen on loopback or a unix socket, or set "
+                "dangerously_listen_without_tls_or_tokens = true")
+    return None
+
+
+def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the TCP listeners (mutual TLS when tls_client_ca is set), or None."""
+    import grpc
+
+    if not s.tls_cert:
+        return None
+    cert, key = Path(s.tls_cert).read_bytes(), Path(s.tls_key).read_bytes()
+    ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)

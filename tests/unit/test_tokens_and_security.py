@@ -1,0 +1,119 @@
+"""Tokens (hashed, scoped, revocable), the security settings, the secure-default listen check, the
+local-only rules and the sandbox of chat templates."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jinja2.exceptions
+import pytest
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from laas.daemon import tokens
+from laas.daemon.engine import SamplingParams
+from laas.daemon.errors import InvalidArgument
+from laas.daemon.privacy import PrivacyRules
+from laas.daemon.security import credential_defaults, is_loopback, listen_refusal, tokens_path
+from laas.daemon.settings import Settings, SettingsError, load_settings
+from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
+
+
+def test_tokens_are_stored_hashed_and_checked(tmp_path: Path) -> None:
+    file = tmp_path / "tokens"
+    token, entry = tokens.create(file, "alice", frozenset({"generate", "offload"}))
+    text = file.read_text()
+    assert token not in text and hashlib.sha256(token.encode()).hexdigest() in text
+    assert file.stat().st_mode & 0o777 == 0o600
+    store = TokenStore(file)
+    principal = store.authenticate(token)
+    assert principal == Principal(entry.id, "alice", frozenset({"generate", "offload"}))
+    for wrong in (token + "x", token[:-1], "laas_" + entry.id + "_", "", "laas__", token.upper()):
+        assert store.authenticate(wrong) is None
+    other, _ = tokens.create(file, "bob", frozenset(), local_only=True)
+    bob = store.authenticate(other)  # the store rereads the changed file
+    assert bob is not None and bob.local_only and not bob.scopes
+    assert [e.name for e in tokens.revoke(file, "alice")] == ["alice"]
+    assert store.authenticate(token) is None and store.authenticate(other) is not None
+
+
+@pytest.mark.parametrize("line", ["abc alice generate", "abc alice root " + "0" * 64, "abc alice generate 1234",
+                                  "abc alice generate " + "0" * 64 + " admin"])
+def test_malformed_token_files_are_refused(tmp_path: Path, line: str) -> None:
+    (tmp_path / "tokens").write_text(line + "\n")
+    with pytest.raises(tokens.TokenFileError, match="tokens:1"):
+        TokenStore(tmp_path / "tokens")
+
+
+@pytest.mark.parametrize(("address", "loopback"), [
+    ("127.0.0.1:7734", True), ("127.8.9.1:1", True), ("[::1]:7734", True), ("localhost:7734", True),
+    ("0.0.0.0:7734", False), ("[::]:7734", False), (":7734", False), ("192.168.1.2:7734", False),
+    ("laas.example:7734", False),
+])
+def test_is_loopback(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
+
+
+def test_listen_refusal_is_the_secure_default(tmp_path: Path) -> None:
+    open_tcp = Settings(home=tmp_path, listen="0.0.0.0:7734,unix:/run/laas/laasd.sock")
+    assert "TLS" in (listen_refusal(open_tcp, tokens=False) or "")
+    tls = Settings(home=tmp_path, listen="0.0.0.0:7734", tls_cert="c", tls_key="k")
+    assert "tokens" in (listen_refusal(tls, tokens=False) or "") and listen_refusal(tls, tokens=True) is None
+    assert listen_refusal(Settings(home=tmp_path, listen="127.0.0.1:1,unix:/x.sock"), tokens=False) is None
+    override = Settings(home=tmp_path, listen="0.0.0.0:7734", dangerously_listen_without_tls_or_tokens=True)
+    assert listen_refusal(override, tokens=False) is None
+
+
+def test_systemd_credentials_fill_unset_paths(tmp_path: Path) -> None:
+    for name in ("laas.tls-cert", "laas.tls-key", "laas.tokens"):
+        (tmp_path / name).write_text("x")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), "LAAS_HOME": str(tmp_path)}
+    s = load_settings(environ=env)
+    assert (s.tls_cert, s.tls_key, s.tokens_file, s.tls_client_ca) == (
+        str(tmp_path / "laas.tls-cert"), str(tmp_path / "laas.tls-key"), str(tmp_path / "laas.tokens"), "")
+    assert credential_defaults(env, {"tls_cert": "/etc/mine.pem"}).get("tls_cert") is None
+    assert tokens_path(Settings(home=tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ('tls_cert = "/c"', "tls_key"), ('tls_client_ca = "/ca"', "tls_client_ca"),
+    ('redact_patterns = ["("]', "redact_patterns[0]"), ("max_streams_per_token = 0", "max_streams_per_token"),
+    ("max_tokens_limit = 0", "max_tokens_limit"),
+])
+def test_bad_security_settings_name_the_field(tmp_path: Path, config: str, field: str) -> None:
+    (tmp_path / "c.toml").write_text(config + "\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(tmp_path / "c.toml", environ={"LAAS_HOME": str(tmp_path)})
+    assert info.value.field == field
+
+
+def test_local_only_rules() -> None:
+    rules = PrivacyRules(local_only_models=frozenset({"secret"}))
+    offload = Principal("1", "a", frozenset({"generate", "offload"}))
+    assert rules.local_only_reason("m", offload, client_asked=False) == ""
+    assert rules.local_only_reason("m", ANONYMOUS, client_asked=False) == ""
+    assert "client" in rules.local_only_reason("m", offload, client_asked=True)
+    assert "model secret" in rules.local_only_reason("secret", offload, client_asked=False)
+    assert "offload" in rules.local_only_reason("m", Principal("2", "b", frozenset({"generate"})), False)
+    assert "local-only" in rules.local_only_reason("m", Principal("3", "c", local_only=True), False)
+    assert "every request" in PrivacyRules(local_only=True).local_only_reason("m", offload, False)
+    PrivacyRules(max_tokens_limit=8).check(SamplingParams(max_tokens=8))
+    with pytest.raises(InvalidArgument) as info:
+        PrivacyRules(max_tokens_limit=8).check(SamplingParams(max_tokens=9))
+    assert info.value.field == "sampling.max_tokens"
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('touch /tmp/laas-pwned').read() }}",
+    "{% for m in messages %}{{ m.__class__.__base__.__subclasses__() }}{% endfor %}",
+    "{{ messages.append.__self__.__class__.__dict__ }}",
+    "{% set x = messages.append({'role': 'user'}) %}{{ x }}",
+])
+def test_chat_templates_render_in_the_sandbox(template: str) -> None:
+    """GgufEngine renders embedded templates with llama-cpp-python's Jinja2ChatFormatter, whose environment
+    is jinja2's ImmutableSandboxedEnvironment: attribute escapes and mutation raise, nothing runs."""
+    formatter = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        formatter(messages=[{"role": "user", "content": "hi"}])
+    assert not Path("/tmp/laas-pwned").exists()
