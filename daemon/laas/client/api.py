@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from laas.client import discovery
 from laas.client.types import (
     Chunk,
     Explanation,
@@ -63,6 +64,15 @@ class Client:
         self._channel = channel or grpc.insecure_channel(target)
         self._stub = pb_grpc.RuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @classmethod
+    def discovered(cls, name: str | None = None, *, model: str = "", wait_s: float = 3.0,
+                   interfaces: Sequence[str] = (), match: str = "*") -> Client:
+        """Connects to the daemon advertised on the LAN (mDNS) as `name`, else to the least-loaded one
+        that serves `model` (among names matching the glob `match`); NotFound when none answers in `wait_s`."""
+        record = (discovery.find(name, wait_s, interfaces) if name
+                  else discovery.least_loaded(model, wait_s, interfaces, match))
+        return cls(record.target)
 
     def __enter__(self) -> Client:
         return self
@@ -134,6 +144,14 @@ class AsyncClient:
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.RuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @classmethod
+    async def discovered(cls, name: str | None = None, *, model: str = "", wait_s: float = 3.0,
+                         interfaces: Sequence[str] = (), match: str = "*") -> AsyncClient:
+        """Client.discovered, awaited."""
+        record = (await discovery.find_async(name, wait_s, interfaces) if name
+                  else await discovery.least_loaded_async(model, wait_s, interfaces, match))
+        return cls(record.target)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -1,4 +1,4 @@
-"""`laas`: the command-line client (generate, chat, models, model, tokenize, health).
+"""`laas`: the command-line client (generate, chat, models, model, tokenize, health, discover).
 
 Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
 field are printed), 2 bad usage, 130 interrupted.
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from laas.client import discover_cli, discovery
 from laas.client.api import Client
 from laas.client.types import Chunk
 from laas.daemon.errors import LaasError
@@ -22,7 +23,8 @@ from laas.daemon.settings import DEFAULT_LISTEN
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laas", description="client of the laas daemon (laasd)")
     parser.add_argument("--target", default=os.environ.get("LAAS_TARGET", DEFAULT_LISTEN),
-                        help=f"daemon address host:port (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
+                        help=f"daemon address host:port, or mdns:NAME (a daemon on the LAN), or mdns: (the "
+                        f"least-loaded one serving --model) (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
     parser.add_argument("--timeout", type=float, help="deadline of each call, seconds")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("text")
     tok.add_argument("-m", "--model", default="")
     sub.add_parser("health", help="print the daemon's health (exit 1 unless SERVING)")
+    discover_cli.add_parser(sub)
     return parser
 
 
@@ -142,6 +145,11 @@ def _run(args: argparse.Namespace, client: Client) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "discover":
+            return discover_cli.run(args)
+        if args.target.startswith("mdns:"):  # found on the LAN by name, or the least-loaded for the model
+            name = args.target.removeprefix("mdns:")
+            args.target = (discovery.find(name) if name else discovery.least_loaded(getattr(args, "model", ""))).target
         with Client(args.target) as client:
             return _run(args, client)
     except LaasError as e:
