@@ -147,7 +147,7 @@ class LanDiscovery:
         self._router = router
         self._advertise = should_advertise(settings)  # SettingsError when "on" would expose an open daemon
         self._browse = bool(settings.discovery_peers) and settings.discovery != "off"
-        self._node = node_id(settings.home)
+        self._node = node_id(settings.home) if self._advertise or self._browse else ""
         self._azc: AsyncZeroconf | None = None
         self._advertiser: Advertiser | None = None
         self._browser: Browser | None = None
