@@ -73,6 +73,9 @@ def test_daemons_appear_report_load_and_go(start_daemon: Callable[..., DaemonPro
     assert seen_a["models"] == [LOCAL] and seen_a["load"] == 0 and seen_a["auth"] is False
     watch.wait_for(_up("b"))
     assert discovery.find(f"{RUN}-a", interfaces=["127.0.0.1"]).target == a.target
+    by_name = subprocess.run([sys.executable, "-m", "laas.client.cli", "--target", f"mdns:{RUN}-b", "health"],
+                             capture_output=True, text=True, timeout=30)
+    assert by_name.stdout.strip() == "SERVING", by_name.stderr
 
     # Load: a stream on a shows in its TXT record while it runs, and goes when it ends.
     mark = len(watch.events)
