@@ -66,6 +66,11 @@ def auth_required(settings: Settings) -> bool:
     return False
 
 
+def tls_required(settings: Settings) -> bool:
+    """Whether TCP connections must use TLS (advertised in TXT). No TLS yet; its settings plug in here."""
+    return False
+
+
 def token_id(settings: Settings) -> str:
     """A short digest of the daemon's token, for the "same-token" peer policy; "" without a token."""
     token = ""  # the token setting plugs in here
@@ -177,7 +182,11 @@ class Advertiser:
             if txt != sent and self._info is not None:
                 seq += 1  # a TXT record seen before is still cached by browsers: each update must be new
                 self._info = self._service_info(txt | {"seq": str(seq)})
-                await (await self._azc.async_update_service(self._info))
+                try:
+                    await (await self._azc.async_update_service(self._info))
+                except Exception:  # the next change tries again
+                    log.exception("mDNS: the load update failed")
+                    continue
                 sent = txt
 
     async def aclose(self) -> None:

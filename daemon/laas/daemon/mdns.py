@@ -137,6 +137,7 @@ class Browser:
         self._timeout_ms = resolve_timeout_ms
         self._sweep_s = sweep_s
         self.records: dict[str, DaemonRecord] = {}
+        self._removals: dict[str, int] = {}  # goodbyes seen per name
         self._tasks: set[asyncio.Task[None]] = set()
         self._browser: AsyncServiceBrowser | None = None
 
@@ -163,10 +164,15 @@ class Browser:
     async def _apply(self, name: str, state_change: ServiceStateChange) -> None:
         short = name.removesuffix("." + SERVICE_TYPE)
         record: DaemonRecord | None = None
-        if state_change is not ServiceStateChange.Removed:
+        if state_change is ServiceStateChange.Removed:
+            self._removals[short] = self._removals.get(short, 0) + 1
+        else:
+            removals = self._removals.get(short, 0)
             info = AsyncServiceInfo(SERVICE_TYPE, name)
             if await info.async_request(self._azc.zeroconf, self._timeout_ms):
                 record = decode(info)
+            if self._removals.get(short, 0) != removals:  # a goodbye came while resolving: it wins
+                return
         if record == self.records.get(short):  # nothing new (or an unknown service that did not resolve)
             return
         if record is None:

@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from zeroconf.asyncio import AsyncZeroconf
 
 from laas.client.api import AsyncClient
-from laas.daemon.discovery import Advertiser, auth_required, node_id, should_advertise, token_id
+from laas.daemon.discovery import Advertiser, auth_required, node_id, should_advertise, tls_required, token_id
 from laas.daemon.mdns import Browser, DaemonRecord, encode_txt, zeroconf
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
@@ -44,8 +44,9 @@ def load_figures(settings: Settings, registry: ModelRegistry, router: Router, no
     default = router.local.get(registry.default.name)
     est = default.estimator if default is not None else None
     models = [e.name for e in sorted(entries, key=lambda e: not e.is_default)]
-    return encode_txt(node, models, tls=False, auth=auth_required(settings), token_id=token_id(settings),
-                      load=load, free=free, wait_ms=est.queue_ms(time.monotonic()) if est else 0.0,
+    return encode_txt(node, models, tls=tls_required(settings), auth=auth_required(settings),
+                      token_id=token_id(settings), load=load, free=free,
+                      wait_ms=est.queue_ms(time.monotonic()) if est else 0.0,
                       prefill_tps=(est.prefill_tps or 0.0) if est else 0.0,
                       decode_tps=(est.decode_tps or 0.0) if est else 0.0)
 
@@ -162,18 +163,27 @@ class LanDiscovery:
             self._azc = zeroconf(self._settings.discovery_interfaces, self._settings.discovery_ip_version)
         return self._azc
 
+    # mDNS is a convenience: when the network refuses it (no multicast route, an interface gone), the
+    # daemon logs why and goes on serving its own clients rather than failing.
+
     async def browse(self) -> None:
         if self._browse and self._browser is None:
-            self._peers = DiscoveredPeers(self._settings, self._router, self._node)
-            self._browser = Browser(self._zeroconf(), self._peers.on_change)
-            self._browser.start()
+            try:
+                self._peers = DiscoveredPeers(self._settings, self._router, self._node)
+                self._browser = Browser(self._zeroconf(), self._peers.on_change)
+                self._browser.start()
+            except Exception:
+                log.exception("mDNS: cannot look for peers on the LAN")
 
     async def advertise(self, port: int) -> None:
         if not self._advertise or self._advertiser is not None:
             return
         figures = functools.partial(load_figures, self._settings, self._registry, self._router, self._node)
-        self._advertiser = Advertiser(self._zeroconf(), self._settings, port, figures)
-        await self._advertiser.start()
+        try:
+            self._advertiser = Advertiser(self._zeroconf(), self._settings, port, figures)
+            await self._advertiser.start()
+        except Exception:
+            log.exception("mDNS: cannot advertise the daemon on the LAN")
 
     async def aclose(self) -> None:
         """Goodbye first (peers stop sending here), then stop following the others."""
