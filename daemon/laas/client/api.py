@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from laas.client import discovery
 from laas.client.channels import Tls, open_aio_channel, open_channel
 from laas.client.types import (
     Chunk,
@@ -66,6 +67,15 @@ class Client:
         self._channel = channel or open_channel(target, tls, token)
         self._stub = pb_grpc.RuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @classmethod
+    def discovered(cls, name: str | None = None, *, model: str = "", wait_s: float = 3.0,
+                   interfaces: Sequence[str] = (), match: str = "*") -> Client:
+        """Connects to the daemon advertised on the LAN (mDNS) as `name`, else to the least-loaded one
+        that serves `model` (among names matching the glob `match`); NotFound when none answers in `wait_s`."""
+        record = (discovery.find(name, wait_s, interfaces) if name
+                  else discovery.least_loaded(model, wait_s, interfaces, match))
+        return cls(record.target)
 
     def __enter__(self) -> Client:
         return self
@@ -138,6 +148,14 @@ class AsyncClient:
         self._channel = channel or open_aio_channel(target, tls, token)
         self._stub = pb_grpc.RuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @classmethod
+    async def discovered(cls, name: str | None = None, *, model: str = "", wait_s: float = 3.0,
+                         interfaces: Sequence[str] = (), match: str = "*") -> AsyncClient:
+        """Client.discovered, awaited."""
+        record = (await discovery.find_async(name, wait_s, interfaces) if name
+                  else await discovery.least_loaded_async(model, wait_s, interfaces, match))
+        return cls(record.target)
 
     async def __aenter__(self) -> AsyncClient:
         return self

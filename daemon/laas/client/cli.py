@@ -1,4 +1,4 @@
-"""`laas`: the command-line client (generate, chat, models, model, tokenize, health; export and eval).
+"""`laas`: the command-line client (generate, chat, models, model, tokenize, health, discover; export and eval).
 
 Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
 field are printed), 2 bad usage, 130 interrupted.
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from laas.client import discover_cli, discovery
 from laas.client.api import Client
 from laas.client.channels import Tls
 from laas.client.types import Chunk
@@ -24,7 +25,8 @@ from laas.exporters import cli as exporters_cli  # light: heavy imports happen w
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laas", description="client of the laas daemon (laasd)")
     parser.add_argument("--target", default=os.environ.get("LAAS_TARGET", DEFAULT_LISTEN),
-                        help=f"daemon address host:port (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
+                        help=f"daemon address host:port, or mdns:NAME (a daemon on the LAN), or mdns: (the "
+                        f"least-loaded one serving --model) (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
     parser.add_argument("--timeout", type=float, help="deadline of each call, seconds")
     parser.add_argument("--token", default=os.environ.get("LAAS_TOKEN"),
                         help="API token, sent as `authorization: Bearer` (env LAAS_TOKEN)")
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("-m", "--model", default="")
     sub.add_parser("health", help="print the daemon's health (exit 1 unless SERVING)")
     exporters_cli.add_parsers(sub)  # export, eval: run in process, not against the daemon
+    discover_cli.add_parser(sub)
     return parser
 
 
@@ -153,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in exporters_cli.COMMANDS:
         return exporters_cli.run(args)
     try:
+        if args.command == "discover":
+            return discover_cli.run(args)
+        if args.target.startswith("mdns:"):  # found on the LAN by name, or the least-loaded for the model
+            name = args.target.removeprefix("mdns:")
+            args.target = (discovery.find(name) if name else discovery.least_loaded(getattr(args, "model", ""))).target
         tls = Tls(args.ca, args.cert, args.key) if args.tls or args.ca or args.cert else None
         with Client(args.target, tls=tls, token=args.token or None) as client:
             return _run(args, client)

@@ -40,6 +40,7 @@ from laas.daemon.settings import ModelConfig, Settings, SettingsError
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
 from laas.daemon.tokens import TokenStore
+from laas.router.discovered import LanDiscovery
 from laas.router.setup import build_router, calibrate
 from laas.v1 import runtime_pb2, runtime_pb2_grpc
 
@@ -49,7 +50,7 @@ SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["Runtime"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
 # Settings a SIGHUP reload cannot apply to a running daemon (it applies models and default_model).
 _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_format", "log_level", "remotes",
-                 "aliases")
+                 "aliases", *(f for f in Settings.__dataclass_fields__ if f.startswith("discovery")))
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
@@ -80,6 +81,7 @@ class Server:
         self.lifecycle = Lifecycle()
         self.registry = ModelRegistry(settings, ModelStore(settings.store), load_engine)
         self.router = build_router(settings, self.registry)
+        self.discovery = LanDiscovery(settings, self.registry, self.router)  # mDNS: advertise, find peers
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -107,6 +109,7 @@ class Server:
         self._grpc = server
         log.info("models in %s", self.settings.store)
         self._loading = asyncio.create_task(self._load_models(), name="load-models")
+        await self.discovery.browse()
         if self._watchdog_s:
             check = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
             self._spawn(Watchdog(self.notifier, self._watchdog_s, check).run(), "watchdog")
@@ -147,6 +150,7 @@ class Server:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("%s", self._serving_status())
             self.notifier.ready(self._serving_status())
+            await self.discovery.advertise(self.port or 0)
         else:
             log.error("the default model %s is not available: %s", self.registry.default.name,
                       self.registry.default.error)
@@ -192,6 +196,7 @@ class Server:
 
     async def shutdown(self) -> None:
         """Drains: refuse new calls, wait up to the grace period for streams in flight, then stop."""
+        await self.discovery.aclose()  # goodbye on mDNS first: peers and clients stop choosing this daemon
         self.notifier.stopping(f"draining {self.lifecycle.in_flight} stream(s)")
         log.info("shutting down: draining %d stream(s), grace %.1fs", self.lifecycle.in_flight,
                  self.settings.drain_grace_s)

@@ -111,6 +111,15 @@ class Settings:
     redact_patterns: tuple[str, ...] = ()
     max_tokens_limit: int = 8192
     max_streams_per_token: int = 4
+    # --- LAN discovery (mDNS/DNS-SD, discovery.py): see packaging/laasd.toml ---
+    discovery: str = "auto"  # auto (advertise when listening beyond loopback), on, off
+    discovery_name: str = ""  # the instance name; "" is "laasd on <hostname>"
+    discovery_interfaces: tuple[str, ...] = ()  # addresses of the interfaces to use; () is all
+    discovery_ip_version: str = "v4"  # v4, v6 or all
+    discovery_allow_unauthenticated: bool = False
+    discovery_peers: tuple[str, ...] = ()  # instance names (globs) to use as peers, or "same-token"
+    discovery_load_interval_s: float = 2.0  # the least time between two load updates in TXT
+    discovery_ttl_s: int = 120  # how long the LAN remembers this daemon if it vanishes without a goodbye
 
     @property
     def store(self) -> Path:
@@ -148,6 +157,8 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
     text_kind = str(kind)
     try:
         if "tuple[str" in text_kind:
+            if isinstance(raw, str) and name.startswith(ENV_PREFIX):  # LAAS_X="a,b"
+                raw = [x.strip() for x in raw.split(",") if x.strip()]
             if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
                 raise ValueError
             return tuple(raw)
@@ -305,3 +316,16 @@ def _check_operations(s: Settings) -> None:
                             field="socket_mode")
     if s.watchdog_stall_s <= 0:
         raise SettingsError("watchdog_stall_s must be > 0", field="watchdog_stall_s")
+    _check_discovery(s)
+
+
+def _check_discovery(s: Settings) -> None:
+    for name, allowed in (("discovery", ("auto", "on", "off")), ("discovery_ip_version", ("v4", "v6", "all"))):
+        if getattr(s, name) not in allowed:
+            raise SettingsError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}", field=name)
+    if s.discovery_load_interval_s < 0.1:
+        raise SettingsError("discovery_load_interval_s must be >= 0.1", field="discovery_load_interval_s")
+    if s.discovery_ttl_s < 1:
+        raise SettingsError("discovery_ttl_s must be >= 1", field="discovery_ttl_s")
+    if len(s.discovery_name.encode()) > 63:
+        raise SettingsError("discovery_name must be at most 63 bytes (a DNS label)", field="discovery_name")

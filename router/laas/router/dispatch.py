@@ -56,6 +56,16 @@ class Router:
         # Which remote targets answer for which requested model name ("" means the default model).
         self._remote_models = remote_models
 
+    def add_remote(self, target: RemoteTarget, models: tuple[str, ...]) -> None:
+        """Adds (or replaces) a remote target at run time: a LAN peer found by discovery."""
+        self.remote[target.name] = target
+        self._remote_models[target.name] = models
+
+    def remove_remote(self, name: str) -> None:
+        """Drops a remote target; requests already running on it go on (or fail over) undisturbed."""
+        self.remote.pop(name, None)
+        self._remote_models.pop(name, None)
+
     @property
     def local(self) -> dict[str, LocalTarget]:
         """A target per local model, following the registry (a SIGHUP reload adds and replaces models);
@@ -119,9 +129,13 @@ class Router:
         failures: list[str] = []
         completion_tokens = 0
         request = plan.request
-        for attempt, estimate in enumerate(plan.decision.order):
-            target: Target = self.local[estimate.target] if estimate.kind is TargetKind.LOCAL \
-                else self.remote[estimate.target]
+        for estimate in plan.decision.order:
+            found = self.local.get(estimate.target) if estimate.kind is TargetKind.LOCAL \
+                else self.remote.get(estimate.target)
+            if found is None:  # a discovered peer that went away since the plan
+                failures.append(f"{estimate.target}: gone")
+                continue
+            target: Target = found
             if plan.query.policy is Policy.LOCAL_ONLY and target.kind is not TargetKind.LOCAL:
                 raise AssertionError(f"a local-only request was routed to {target.name}")  # policy.choose bug
             resumed = "".join(delivered)
@@ -131,8 +145,8 @@ class Router:
                     yield Completion(FinishReason.LENGTH, Usage(0, completion_tokens), Timings())
                     return
                 request = plan.request.continued(resumed, left)
-            reason = plan.decision.reason if attempt == 0 else f"failover after {failures[-1]}"
-            yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, attempt > 0, plan.model)
+            reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
+            yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures), plan.model)
             try:
                 max_tokens = request.sampling.max_tokens or self._default_max_tokens
                 if isinstance(target, LocalTarget):
@@ -149,7 +163,7 @@ class Router:
             except TargetFailed as e:
                 failures.append(str(e))
             except (OutOfRange, Unavailable) as e:
-                if attempt == 0:
+                if not failures:
                     raise
                 failures.append(f"{target.name}: {e}")  # e.g. the continued prompt no longer fits
         raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")

@@ -83,13 +83,14 @@ class RemoteEstimator:
     prefill_ms_per_token: float = 0.0  # the line's slope
     error_rate: float = 0.0
     observed: int = 0
+    queue_ms: float = 0.0  # work queued ahead at the endpoint, as it advertises (a discovered LAN peer)
     _moments: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # E[x], E[y], E[xx], E[xy]
 
     def ttft_for(self, prompt_tokens: int) -> float:
         return self.ttft_ms + self.prefill_ms_per_token * prompt_tokens
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int) -> float:
-        expected = self.ttft_for(prompt_tokens) + max_tokens * self.inter_token_ms
+        expected = self.queue_ms + self.ttft_for(prompt_tokens) + max_tokens * self.inter_token_ms
         # A failing endpoint costs a timeout and a retry elsewhere: weigh it by its error rate.
         return expected * (1 + 2 * self.error_rate)
 
