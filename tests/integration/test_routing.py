@@ -288,12 +288,14 @@ def test_cloud_latency_is_learned(client: Client, proxy: FaultProxy) -> None:
     def predicted() -> float:
         return next(c for c in client.explain(OVERSIZED, max_tokens=8).candidates if c.target == "cloud").predicted_ms
 
-    for _ in range(3):  # settle the estimate (and the error rate that earlier faults raised)
-        client.complete(OVERSIZED, max_tokens=8)
+    # A different first word every time defeats the cloud server's own prompt cache, so every request
+    # costs the same there and only the injected delay differs.
+    for i in range(3):  # settle the estimate (and the error rate that earlier faults raised)
+        client.complete(f"{i}. {OVERSIZED}", max_tokens=8)
     before = predicted()
     proxy.reset(delay_s=1.0)
-    for _ in range(3):
-        client.complete(OVERSIZED, max_tokens=8)
+    for i in range(3):
+        client.complete(f"{i + 3}. {OVERSIZED}", max_tokens=8)
     assert predicted() > before + 300  # the added second of latency was measured
 
 
