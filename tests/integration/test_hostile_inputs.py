@@ -1,5 +1,5 @@
 """Hostile inputs from clients and files: model names that try to leave the store, malformed GGUF files
-given to `laasd pull`, and ONNX models, which this daemon does not load (refused before any parsing).
+given to `laasd pull`, and a garbage ONNX model (refused with a clear error while the daemon serves on).
 Corrupt files and escaping paths in [[models]] are in test_errors.py; the store's own confinement
 (.., absolute paths, symlinks out) in tests/unit/test_store.py; fuzzing in tests/fuzz."""
 
@@ -8,12 +8,14 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from laas.client import Client, LaasError
+from tests.daemon_process import DaemonProcess
 
 NAMES = ["../../../../etc/passwd", "/etc/passwd", "models/../../secret.gguf", "..", ".", "a\x00b",
          "SmolLM2-135M-Instruct.Q4_1.gguf", "~root/.ssh/id_rsa", "x" * 5000, "%2e%2e/%2e%2e/etc/passwd"]
@@ -58,10 +60,15 @@ def test_laasd_pull_refuses_malformed_gguf_with_a_clear_error(tmp_path: Path, na
         else True
 
 
-def test_onnx_models_are_refused_before_parsing(tmp_path: Path) -> None:
-    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
-    config = tmp_path / "laasd.toml"
-    config.write_text('[[models]]\nname = "x"\npath = "bad.onnx"\nformat = "onnx"\n')
-    done = subprocess.run([sys.executable, "-m", "laas.daemon.cli", "--home", str(tmp_path), "--config", str(config),
-                           "serve"], capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2 and "not supported" in done.stderr
+def test_a_garbage_onnx_model_is_refused_and_the_daemon_serves(start_daemon: Callable[..., DaemonProcess],
+                                                                 make_home: Callable[..., Path]) -> None:
+    home = make_home()
+    (home / "models" / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    daemon = start_daemon('[[models]]\nname = "x"\npath = "bad.onnx"\nformat = "onnx"\n', home=home)
+    with Client(daemon.target) as client:
+        bad = next(m for m in client.models() if m.name == "x")
+        assert bad.state == "failed" and bad.error
+        with pytest.raises(LaasError) as info:
+            list(client.generate("Hi", model="x", max_tokens=2))
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert client.complete("Hello", max_tokens=2).completion_tokens == 2
