@@ -148,6 +148,14 @@ def test_revoked_token_stops_working_at_once(secured: tuple[DaemonProcess, dict[
         assert _laasd("--home", str(file.parent), "token", "--file", str(file), "revoke", "temp").returncode == 0
         with pytest.raises(Unauthenticated):
             client.models()
+        # A token file that cannot be read fails closed (UNAVAILABLE), never open and never UNKNOWN.
+        saved = file.read_bytes()
+        file.unlink()
+        try:
+            with pytest.raises(Unavailable, match="tokens cannot be checked"):
+                client.models()
+        finally:
+            file.write_bytes(saved)
 
 
 def test_streams_per_token_and_max_tokens_are_limited(secured: tuple[DaemonProcess, dict[str, str]],

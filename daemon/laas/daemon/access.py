@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,8 +26,11 @@ from typing import Any
 import grpc
 
 from laas.daemon.audit import AuditLog, AuditRecord
+from laas.daemon.errors import LaasError
 from laas.daemon.logs import request_id
 from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
+
+log = logging.getLogger(__name__)
 
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("laas_principal", default=ANONYMOUS)
 
@@ -62,7 +66,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
                 presented = value[7:].strip()
-        principal = self._tokens.authenticate(presented) if presented else None
+        try:
+            principal = self._tokens.authenticate(presented) if presented else None
+        except LaasError as e:  # the token file went missing or unreadable: fail closed, say why in the log
+            log.error("%s", e)
+            raise Denied(grpc.StatusCode.UNAVAILABLE, "tokens cannot be checked now; retry later") from e
         if principal is None:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required: send the metadata "
                          "`authorization: Bearer <token>` (see `laasd token create`)")

@@ -50,7 +50,10 @@ SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["Runtime"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
 # Settings a SIGHUP reload cannot apply to a running daemon (it applies models and default_model).
 _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_format", "log_level", "remotes",
-                 "aliases", *(f for f in Settings.__dataclass_fields__ if f.startswith("discovery")))
+                 "aliases", *(f for f in Settings.__dataclass_fields__ if f.startswith("discovery")),
+                 "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "dangerously_listen_without_tls_or_tokens",
+                 "audit_log", "audit_prompts", "local_only", "local_only_models", "redact_cloud", "redact_peers",
+                 "redact_patterns", "max_tokens_limit", "max_streams_per_token")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
