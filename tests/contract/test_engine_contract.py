@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.gguf_batched import BatchedGgufEngine
 from laas.daemon.engine import (
     ChatMessage,
     Completion,
@@ -31,7 +32,12 @@ async def _gguf(model_file: Path) -> Engine:
     return await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2)
 
 
-@pytest.fixture(scope="module", params=[_gguf], ids=["gguf"])
+async def _gguf_batched(model_file: Path) -> Engine:
+    return await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+                                        parallel=4)
+
+
+@pytest.fixture(scope="module", params=[_gguf, _gguf_batched], ids=["gguf", "gguf-batched"])
 async def engine(request: pytest.FixtureRequest, model_file: Path) -> AsyncIterator[Engine]:
     factory: EngineFactory = request.param
     eng = await factory(model_file)

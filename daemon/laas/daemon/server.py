@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.gguf_batched import BatchedGgufEngine
 from laas.daemon.engine import Engine
 from laas.daemon.errors import LaasError
 from laas.daemon.gguf_header import GgufHeader
@@ -44,10 +45,13 @@ SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["Runtime"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
 # Settings a SIGHUP reload cannot apply to a running daemon (it applies models and default_model).
 _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_format", "log_level", "remotes",
-                 "aliases")
+                 "aliases", "parallel")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
+    if config.parallel and config.parallel > 1:  # continuous batching (issue 8)
+        return await BatchedGgufEngine.load(path, header, context_length=config.context_length, threads=threads,
+                                            parallel=config.parallel, kv_tokens=config.kv_tokens)
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads)
 
 

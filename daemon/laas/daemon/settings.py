@@ -39,6 +39,9 @@ class ModelConfig:
     threads: int | None = None  # None: the daemon's `threads`
     max_queue: int | None = None  # None: the daemon's `max_queue`
     sha256: str | None = None  # checked before loading when given
+    # Continuous batching (issue 8): requests decoded together; None: the daemon's `parallel`.
+    parallel: int | None = None
+    kv_tokens: int = 0  # KV cells shared by the parallel sequences; 0: context_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ class Settings:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Requests allowed to wait for a busy model; one more gets RESOURCE_EXHAUSTED.
     max_queue: int = 8
+    # Requests each model decodes at once (continuous batching); 1: one at a time.
+    parallel: int = 1
     # Tokens generated when a request leaves max_tokens unset.
     default_max_tokens: int = 256
     # Seconds SIGTERM/SIGINT wait for in-flight streams before cancelling them.
@@ -204,7 +209,7 @@ def _model(index: int, table: Any) -> ModelConfig:
     model = ModelConfig(**_table_values(where, table, _MODEL_FIELDS, ("name", "path")))
     if model.format != "gguf":
         raise SettingsError(f"{where}.format: {model.format!r} is not supported (gguf)", field=f"{where}.format")
-    for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0)):
+    for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0), ("parallel", 1), ("kv_tokens", 0)):
         value = getattr(model, name)
         if value is not None and value < low:
             raise SettingsError(f"{where}.{name} must be >= {low}", field=f"{where}.{name}")
@@ -259,7 +264,7 @@ def _check(s: Settings) -> None:
     targets = [r.name for r in s.remotes]
     if len(targets) != len(set(targets)) or set(targets) & set(names):
         raise SettingsError("remotes: each name must be unique, and differ from the models' names", field="remotes")
-    for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1)):
+    for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1), ("parallel", 1)):
         if getattr(s, name) < low:
             raise SettingsError(f"{name} must be >= {low}", field=name)
     if s.drain_grace_s < 0:
