@@ -41,7 +41,7 @@ class ModelConfig:
     sha256: str | None = None  # checked before loading when given
     # Continuous batching (issue 8): requests decoded together; None: the daemon's `parallel`.
     parallel: int | None = None
-    kv_tokens: int = 0  # KV cells shared by the parallel sequences; 0: context_length
+    kv_tokens: int = 0  # KV cells in all, split evenly among the parallel sequences; 0: context_length each
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,12 +7,10 @@ sequence's next token with that sequence's own sampler chain. Finished and cance
 between steps; a long prompt is prefilled `prefill_chunk` tokens a step, so the streams already
 running keep receiving a token every step.
 
-KV budget: the context's cells are shared by all sequences (a unified cache). A sequence is admitted
-only when its reservation (prompt + max_tokens, capped at the context) fits beside the reservations
-of those running, so a running stream never runs out of cells. A finished sequence's tokens stay in
-its slot as a prefix cache: the next request whose prompt starts the same way (a follow-up chat turn)
-takes that slot and prefills only the rest. Idle slots give their cells back, least recently used
-first, when a new sequence needs them.
+KV cache: each sequence id has a KV stream of its own (`kv_tokens` split evenly), so a sequence's
+numbers do not depend on which others share the step: a greedy stream says the same in company as
+alone. A finished sequence's tokens stay in its slot as a prefix cache: the next request whose prompt
+starts the same way (a follow-up chat turn) takes that slot and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -57,9 +55,6 @@ class Sequence:
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
 
-    def reservation(self, n_ctx: int) -> int:
-        return min(len(self.prompt) + self.max_tokens, n_ctx)
-
 
 @dataclass(eq=False)
 class Slot:
@@ -100,7 +95,8 @@ class Scheduler:
         self._model = model
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx.ctx)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx.ctx))
+        self.kv_cells = int(llama_cpp.llama_n_ctx(ctx.ctx))
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))  # cells of each sequence's own KV stream
         self._n_batch = n_batch
         self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -196,31 +192,24 @@ class Scheduler:
             seq.emit(END)
 
     def _admit(self) -> None:
-        """Moves waiting sequences into free slots, in arrival order, while their reservations fit."""
+        """Moves waiting sequences into free slots, in arrival order."""
         while True:
             with self._cond:
                 if not self._pending:
                     return
                 seq = self._pending[0]
             free = [s for s in self.slots if s.seq is None]
-            reserved = sum(s.seq.reservation(self.n_ctx) for s in self.slots if s.seq is not None)
-            need = seq.reservation(self.n_ctx)
-            if not free or reserved + need > self.n_ctx:
+            if not free:
                 return
             with self._cond:
                 self._pending.popleft()
             # The free slot holding the longest prefix of this prompt; else the least recently used.
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, seq.prompt), -s.last_used))
-            self._start(seq, slot, reserved + need)
+            self._start(seq, slot)
 
-    def _start(self, seq: Sequence, slot: Slot, committed: int) -> None:
+    def _start(self, seq: Sequence, slot: Slot) -> None:
         keep = min(_common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)  # the last is evaluated again
         self._truncate(slot, keep)
-        # Idle slots give back their cells (least recently used first) until this sequence's fit.
-        idle = sorted((s for s in self.slots if s.seq is None and s is not slot and s.tokens),
-                      key=lambda s: s.last_used)
-        while idle and committed + sum(len(s.tokens) for s in idle) > self.n_ctx:
-            self._truncate(idle.pop(0), 0)
         seq.slot, slot.seq = slot, seq
         seq.evaluated = seq.cached = keep
         seq.stops = StopMatcher(seq.request.sampling.stop + seq.request.template_stops)

@@ -62,19 +62,20 @@ class BatchedGgufEngine(Engine):
         self._header = header
         self._n_vocab = int(model.n_vocab())
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
-        self._info = ModelInfo(
-            format=ModelFormat.GGUF, quantization=header.quantization, context_length=context_length,
+        self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
+                                    make_sampler=self._make_sampler, on_token=self._count_token)
+        self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
+            format=ModelFormat.GGUF, quantization=header.quantization,
+            context_length=min(context_length, self._scheduler.n_ctx),
             trained_context_length=header.context_length, size_bytes=header.size_bytes,
             architecture=header.architecture, chat_template=header.chat_template,
         )
         self._formatter = chat_formatter(model, header)
-        self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                                    make_sampler=self._make_sampler, on_token=self._count_token)
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK) -> BatchedGgufEngine:
-        """`kv_tokens`: KV cells shared by all sequences (0: one context's worth, `context_length`)."""
+        """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each)."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
 
@@ -87,10 +88,14 @@ class BatchedGgufEngine(Engine):
             llama_cpp.llama_backend_init()
             mparams = llama_cpp.llama_model_default_params()
             cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = max(kv_tokens or n_ctx, n_ctx)
+            cparams.n_ctx = kv_tokens or n_ctx * parallel
             cparams.n_batch = cparams.n_ubatch = n_batch
             cparams.n_seq_max = parallel
-            cparams.kv_unified = True  # one pool of cells: sequences of any length share the budget
+            # A KV stream of its own per sequence: a sequence attends over the same cells in the same
+            # order whoever shares the step, so its numbers (and a greedy stream's text) do not depend
+            # on its company. (A unified cache interleaves the sequences' cells, which changes how the
+            # SIMD lanes sum attention, and a greedy stream can then diverge.)
+            cparams.kv_unified = False
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.no_perf = True
             cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -118,7 +123,7 @@ class BatchedGgufEngine(Engine):
         s: SchedulerStats = self._scheduler.stats
         return BatchStats(
             parallel=len(self._scheduler.slots), active=self._scheduler.active, waiting=self._scheduler.waiting,
-            kv_cells=self._scheduler.n_ctx, kv_used=self._scheduler.kv_used, steps=s.steps,
+            kv_cells=self._scheduler.kv_cells, kv_used=self._scheduler.kv_used, steps=s.steps,
             prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens, prompt_tokens=s.prompt_tokens,
             decoded_tokens=s.decoded_tokens,
         )
