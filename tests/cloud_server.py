@@ -20,11 +20,11 @@ def free_port() -> int:
 
 
 class CloudServer:
-    def __init__(self, model_file: Path, n_ctx: int = 8192) -> None:
+    def __init__(self, model_file: Path, n_ctx: int = 8192, threads: int = 1) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file), "--model_alias", CLOUD_MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "1",
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
              "--interrupt_requests", "False", "--verbose", "False"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.gguf_batched import BatchedGgufEngine
 from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.engine import (
     ChatMessage,
@@ -40,7 +41,13 @@ async def _onnx(request: pytest.FixtureRequest) -> Engine:
     return await OnnxEngine.load(export.package("int4"), context_length=2048, threads=2)
 
 
-@pytest.fixture(scope="module", params=[_gguf, _onnx], ids=["gguf", "onnx"])
+async def _gguf_batched(request: pytest.FixtureRequest) -> Engine:
+    model_file: Path = request.getfixturevalue("model_file")
+    return await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+                                        parallel=4)
+
+
+@pytest.fixture(scope="module", params=[_gguf, _gguf_batched, _onnx], ids=["gguf", "gguf-batched", "onnx"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     factory: EngineFactory = request.param
     eng = await factory(request)

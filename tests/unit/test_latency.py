@@ -331,3 +331,11 @@ def test_queue_ahead_counts_each_request_once() -> None:
         predictions.append(est.predict_ms(0, 10, now=0.0))
         est.admit(est.service_ms(0, 10))  # as LocalTarget admits: its own service time
     assert predictions == pytest.approx([1000, 2000, 3000, 4000, 5000])
+
+
+def test_a_batching_model_queues_only_when_every_slot_is_taken() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=10.0, overhead_ms=0.0, parallel=2)
+    est.start(est.admit(1000.0), now=0.0)
+    assert est.queue_ms(now=0.0) == 0.0  # a slot is free
+    est.start(est.admit(2000.0), now=0.0)
+    assert est.queue_ms(now=0.5) == pytest.approx((500.0 + 1500.0) / 2)

@@ -215,3 +215,20 @@ async def test_no_overshoot_between_a_release_and_the_next_waiter_waking() -> No
     await second.task
     assert outcomes == ["refused"] * 3  # "second" still holds the one waiting place
     assert log == ["first", "second"]
+
+
+async def test_parallel_slots_run_together_and_the_queue_beyond_them_stays_bounded() -> None:
+    q = ModelQueue("m", max_waiting=1, parallel=2)
+    log: list[str] = []
+    holders = [Holder(q, f"r{i}", log) for i in range(3)]
+    await settle()
+    assert log == ["r0", "r1"] and q.active == 2 and q.waiting == 1
+    with pytest.raises(ResourceExhausted):
+        async with q.slot():
+            pass
+    holders[0].release.set()
+    await settle()
+    assert log == ["r0", "r1", "r2"] and q.active == 2 and q.waiting == 0
+    for h in holders:
+        h.release.set()
+    await asyncio.gather(*(h.task for h in holders))

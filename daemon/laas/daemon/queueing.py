@@ -1,4 +1,5 @@
-"""A bounded FIFO queue in front of a model: one request runs, up to `max_waiting` wait, more are refused.
+"""A bounded FIFO queue in front of a model: `parallel` requests run (one unless the model batches),
+up to `max_waiting` wait, more are refused.
 
 Layer: domain (asyncio only). Refusing early with RESOURCE_EXHAUSTED keeps latency bounded for the
 requests already admitted, and tells the caller (later, the router) to go elsewhere.
@@ -14,10 +15,11 @@ from laas.daemon.errors import ResourceExhausted
 
 
 class ModelQueue:
-    def __init__(self, name: str, max_waiting: int) -> None:
+    def __init__(self, name: str, max_waiting: int, parallel: int = 1) -> None:
         self.name = name
         self.max_waiting = max_waiting
-        self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
+        self.parallel = parallel
+        self._lock = asyncio.Semaphore(parallel)  # FIFO: waiters acquire in arrival order
         self.waiting = 0
         self.active = 0
         self._idle = asyncio.Event()  # set while no request runs or waits (a reload closes the model then)
@@ -31,7 +33,7 @@ class ModelQueue:
         """Holds the model for the body; raises ResourceExhausted when the queue is full."""
         # Busy while a request holds the model or is about to (the lock reads free between a release
         # and the next waiter waking up, so it cannot be the test).
-        if (self.active or self.waiting) and self.waiting >= self.max_waiting:
+        if self.active + self.waiting >= self.parallel and self.waiting >= self.max_waiting:
             raise ResourceExhausted(
                 f"model {self.name!r} is busy and {self.waiting} request(s) are already waiting "
                 f"(max_queue={self.max_waiting}); retry later",

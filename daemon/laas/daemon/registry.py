@@ -93,7 +93,8 @@ class ModelRegistry:
 
     def _add(self, cfg: ModelConfig, fetch: bool = False) -> None:
         max_queue = self._settings.max_queue if cfg.max_queue is None else cfg.max_queue
-        self._entries[cfg.name] = ModelEntry(config=cfg, queue=ModelQueue(cfg.name, max_queue), fetch=fetch)
+        parallel = self._settings.parallel if cfg.parallel is None else cfg.parallel
+        self._entries[cfg.name] = ModelEntry(config=cfg, queue=ModelQueue(cfg.name, max_queue, parallel), fetch=fetch)
 
     def _add_store_packages(self) -> None:
         """Serves every ONNX package in the store that no [[models]] table names: the folder is the name.
@@ -190,7 +191,8 @@ class ModelRegistry:
                 header = await asyncio.to_thread(read_gguf_header, path)
                 entry.header, entry.size_bytes = header, header.size_bytes
             threads = entry.config.threads or self._settings.threads
-            entry.engine = await self._loader(path, header, entry.config, threads)
+            config = replace(entry.config, parallel=entry.queue.parallel)  # the daemon's default resolved
+            entry.engine = await self._loader(path, header, config, threads)
             entry.size_bytes = entry.engine.info.size_bytes
         except LaasError as e:
             entry.state, entry.error = ModelState.FAILED, str(e)

@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,11 +27,13 @@ from grpc_reflection.v1alpha import reflection
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.gguf_batched import BatchedGgufEngine
 from laas.daemon.engine import Engine
 from laas.daemon.errors import LaasError, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
+from laas.daemon.metrics import Metrics
 from laas.daemon.privacy import privacy_rules
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
@@ -53,10 +56,13 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
                  "aliases", *(f for f in Settings.__dataclass_fields__ if f.startswith("discovery")),
                  "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "dangerously_listen_without_tls_or_tokens",
                  "audit_log", "audit_prompts", "local_only", "local_only_models", "redact_cloud", "redact_peers",
-                 "redact_patterns", "max_tokens_limit", "max_streams_per_token")
+                 "redact_patterns", "max_tokens_limit", "max_streams_per_token", "parallel", "metrics_listen")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
+    if config.parallel and config.parallel > 1:  # continuous batching (issue 8)
+        return await BatchedGgufEngine.load(path, header, context_length=config.context_length, threads=threads,
+                                            parallel=config.parallel, kv_tokens=config.kv_tokens)
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads)
 
 
@@ -85,6 +91,9 @@ class Server:
         self.registry = ModelRegistry(settings, ModelStore(settings.store), load_engine)
         self.router = build_router(settings, self.registry)
         self.discovery = LanDiscovery(settings, self.registry, self.router)  # mDNS: advertise, find peers
+        self.metrics = Metrics(self.registry, self.router)
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -101,7 +110,8 @@ class Server:
             ("grpc.so_reuseport", 0),
         ])
         runtime_pb2_grpc.add_RuntimeServicer_to_server(
-            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings)), server)
+            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings), self.metrics),
+            server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -110,6 +120,8 @@ class Server:
         self.port, self._sockets = bound.port, bound.sockets
         await server.start()
         self._grpc = server
+        if self.settings.metrics_listen:
+            self._start_metrics_http(self.settings.metrics_listen)
         log.info("models in %s", self.settings.store)
         self._loading = asyncio.create_task(self._load_models(), name="load-models")
         await self.discovery.browse()
@@ -129,6 +141,19 @@ class Server:
         self._audit = AuditLog(audit_path, self.settings.audit_prompts)
         log.info("tokens: %s; audit log: %s", path or "off (loopback or unix socket only)", audit_path or "off")
         return AccessInterceptor(tokens, self._audit, self.settings.max_streams_per_token)
+
+    def _start_metrics_http(self, address: str) -> None:
+        """Serves /metrics over HTTP in its own thread (prometheus-client's WSGI server)."""
+        from prometheus_client import start_http_server
+
+        host, _, port = address.rpartition(":")
+        try:
+            self._metrics_http, _thread = start_http_server(int(port), host or "127.0.0.1",
+                                                            registry=self.metrics.prometheus)
+        except (OSError, ValueError) as e:
+            raise SettingsError(f"metrics_listen {address!r}: {e}", field="metrics_listen") from e
+        self.metrics_port = int(self._metrics_http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", self.metrics_port)
 
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -219,6 +244,9 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         remove_sockets(self._sockets)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         await self.registry.aclose()
         if self._audit is not None:
             self._audit.close()

@@ -20,8 +20,9 @@ import grpc
 
 from laas.daemon import validation
 from laas.daemon.access import current_principal
-from laas.daemon.engine import Completion, FinishReason, GenerationChunk, ModelFormat, Timings
+from laas.daemon.engine import Completion, FinishReason, GenerationChunk, ModelFormat, TextDelta, Timings
 from laas.daemon.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, ShuttingDown, status_for
+from laas.daemon.metrics import Metrics
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
 from laas.router.dispatch import Plan, RouteChange, Router
@@ -132,11 +133,12 @@ def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
 
 class RuntimeService(pb_grpc.RuntimeServicer):
     def __init__(self, registry: ModelRegistry, router: Router, lifecycle: Lifecycle,
-                 privacy: PrivacyRules | None = None) -> None:
+                 privacy: PrivacyRules | None = None, metrics: Metrics | None = None) -> None:
         self._registry = registry
         self._router = router
         self._lifecycle = lifecycle
         self._privacy = privacy or PrivacyRules()
+        self._metrics = metrics or Metrics(registry, router)
 
     # -- streaming generation -------------------------------------------------------------------
 
@@ -154,32 +156,47 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                       ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
         self._lifecycle.enter()
+        recorder = self._metrics.stream(request.model or self._registry.default.name)  # metrics (issue 8)
+        status = "CANCELLED"
         try:
             async with _status_on_error(context):
-                self._lifecycle.check()
-                plan = await self._plan(context, request)
-                ttft_ms = 0.0
-                route: RouteChange | None = None
-                redacted = 0
-                local_only = plan.query.policy is Policy.LOCAL_ONLY
-                async for item in self._router.run(plan):
-                    if isinstance(item, RouteChange):
-                        route = item  # sent with the next message; a target that fails first is never shown
-                        continue
-                    if isinstance(item, Redaction):  # the route's target got placeholders for personal data
-                        redacted = item.count
-                        continue
-                    first = not ttft_ms
-                    if first:
-                        ttft_ms = (time.perf_counter() - arrived) * 1000
-                    out = self._to_pb(item, ttft_ms)
-                    if first:
-                        out.model = plan.model
-                    if route is not None:
-                        out.route.CopyFrom(_route_pb(route, local_only, redacted))
-                        route, redacted = None, 0
-                    yield out
+                try:
+                    self._lifecycle.check()
+                    plan = await self._plan(context, request)
+                    ttft_ms = 0.0
+                    route: RouteChange | None = None
+                    redacted = 0
+                    local_only = plan.query.policy is Policy.LOCAL_ONLY
+                    async for item in self._router.run(plan):
+                        if isinstance(item, RouteChange):
+                            route = item  # sent with the next message; a target that fails first is never shown
+                            recorder.route = item.target
+                            continue
+                        if isinstance(item, Redaction):  # the route's target got placeholders for personal data
+                            redacted = item.count
+                            continue
+                        if isinstance(item, TextDelta):
+                            recorder.on_delta()
+                        else:
+                            status = "OK"
+                        first = not ttft_ms
+                        if first:
+                            ttft_ms = (time.perf_counter() - arrived) * 1000
+                        out = self._to_pb(item, ttft_ms)
+                        if first:
+                            out.model = plan.model
+                        if route is not None:
+                            out.route.CopyFrom(_route_pb(route, local_only, redacted))
+                            route, redacted = None, 0
+                        yield out
+                except LaasError as e:
+                    status = status_for(e).name
+                    raise
+                except Exception:
+                    status = "INTERNAL"
+                    raise
         finally:
+            recorder.finish(status)
             self._lifecycle.leave()
 
     @staticmethod
@@ -247,6 +264,11 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_to_pb(e) for e in self._registry.entries()])
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
+        """The Prometheus metrics' samples (the same figures the metrics endpoint serves)."""
+        return pb.Stats(samples=[pb.Sample(name=s.name, labels=dict(s.labels), value=s.value)
+                                 for s in self._metrics.samples()])
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
         async with _status_on_error(context):

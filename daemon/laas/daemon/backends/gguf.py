@@ -57,7 +57,7 @@ class GgufEngine(Engine):
             architecture=header.architecture,
             chat_template=header.chat_template,
         )
-        self._formatter = _chat_formatter(llm, header)
+        self._formatter = chat_formatter(llm._model, header)
         import llama_cpp
 
         self._is_eog = llama_cpp.llama_vocab_is_eog
@@ -216,8 +216,10 @@ async def _wait_through_cancellation(future: asyncio.Future[None]) -> None:
         future.exception()  # mark retrieved; the error was already raised to the consumer
 
 
-def _chat_formatter(llm: Any, header: GgufHeader) -> Callable[[list[dict[str, str]]], GenerationRequest] | None:
-    """A renderer for the model's embedded chat template, in llama-cpp-python's sandboxed Jinja env."""
+def chat_formatter(model: Any, header: GgufHeader) -> Callable[[list[dict[str, str]]], GenerationRequest] | None:
+    """A renderer for the model's embedded chat template, in llama-cpp-python's sandboxed Jinja env.
+
+    `model` is llama-cpp-python's LlamaModel (the vocabulary names the template's BOS/EOS tokens)."""
     template = header.chat_template
     if not template:
         return None
@@ -225,10 +227,10 @@ def _chat_formatter(llm: Any, header: GgufHeader) -> Callable[[list[dict[str, st
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     def token_text(token_id: int) -> str:
-        return str(llm._model.token_get_text(token_id)) if token_id >= 0 else ""
+        return str(model.token_get_text(token_id)) if token_id >= 0 else ""
 
     formatter = Jinja2ChatFormatter(
-        template=template, eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos()),
+        template=template, eos_token=token_text(model.token_eos()), bos_token=token_text(model.token_bos()),
         add_generation_prompt=True,
     )
 

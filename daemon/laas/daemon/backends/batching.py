@@ -1,0 +1,333 @@
+"""Continuous batching over one llama.cpp context: the scheduler thread of the batched GGUF engine.
+
+Layer: infrastructure. One thread owns the context. Every step it admits waiting sequences into free
+slots (llama.cpp sequence ids), builds one batch holding the next token of every decoding sequence
+plus a bounded chunk of the prompts still being prefilled, decodes it once, and samples each
+sequence's next token with that sequence's own sampler chain. Finished and cancelled sequences leave
+between steps; a long prompt is prefilled `prefill_chunk` tokens a step, so the streams already
+running keep receiving a token every step.
+
+KV cache: each sequence id has a KV stream of its own (`kv_tokens` split evenly), so a sequence's
+numbers do not depend on which others share the step: a greedy stream says the same in company as
+alone. A finished sequence's tokens stay in its slot as a prefix cache: the next request whose prompt
+starts the same way (a follow-up chat turn) takes that slot and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from laas.daemon.engine import Completion, FinishReason, GenerationRequest, TextDelta, Timings, Usage
+from laas.daemon.errors import InvalidArgument, LaasError, ModelLoadError
+from laas.daemon.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[object], None]
+END = object()  # sentinel: the sequence has left the scheduler
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler. Only the scheduler thread touches it after submission."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    max_tokens: int
+    emit: Emit
+    cancel: threading.Event = field(default_factory=threading.Event)
+    slot: Slot | None = None
+    sampler: Any = None
+    evaluated: int = 0  # prompt tokens in the KV cache (cached prefix included)
+    next_token: int | None = None  # sampled, not yet decoded
+    completion: int = 0
+    cached: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence id holds in the KV cache
+    seq: Sequence | None = None
+    last_used: float = 0.0
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the engine reports (metrics read them; only the scheduler thread writes)."""
+
+    steps: int = 0
+    prefix_hits: int = 0
+    prefix_cached_tokens: int = 0
+    prompt_tokens: int = 0
+    decoded_tokens: int = 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """Owns the llama.cpp context; runs in its own thread until closed."""
+
+    def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
+                 make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None]) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._model = model
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx.ctx)
+        self.kv_cells = int(llama_cpp.llama_n_ctx(ctx.ctx))
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))  # cells of each sequence's own KV stream
+        self._n_batch = n_batch
+        self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._make_sampler = make_sampler
+        self._on_token = on_token
+        self.slots = [Slot(i) for i in range(parallel)]
+        self._pending: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.stats = SchedulerStats()
+        self._thread = threading.Thread(target=self._main, name="gguf-batch", daemon=True)
+        self._thread.start()
+
+    # --- called from the event loop -------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._closing:
+                raise ModelLoadError("engine is closed")
+            self._pending.append(seq)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self.slots if s.seq is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def kv_used(self) -> int:
+        return sum(len(s.tokens) for s in self.slots)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def close(self) -> None:
+        """Stops the thread (sequences still running end with an error) and frees the batch."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+
+    # --- the scheduler thread -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._pending and not self.active:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                self._drop_cancelled()
+                self._admit()
+                if self.active:
+                    self._step()
+        except Exception as e:  # a native failure: end every stream with a clear error, not a hang
+            log.exception("the batch scheduler failed")
+            self._fail_all(ModelLoadError(f"generation failed in llama.cpp: {e}"))
+            with self._cond:
+                self._closing = True
+            return
+        self._fail_all(ModelLoadError("engine is closed"))
+
+    def _fail_all(self, error: LaasError) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for seq in [*pending, *(s.seq for s in self.slots if s.seq is not None)]:
+            if seq.slot is not None:
+                self._release(seq)
+            seq.emit(error)
+            seq.emit(END)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.seq is not None and slot.seq.cancel.is_set():
+                seq = slot.seq
+                self._release(seq)
+                seq.emit(END)
+        with self._cond:
+            gone = [s for s in self._pending if s.cancel.is_set()]
+            for seq in gone:
+                self._pending.remove(seq)
+        for seq in gone:
+            seq.emit(END)
+
+    def _admit(self) -> None:
+        """Moves waiting sequences into free slots, in arrival order."""
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return
+                seq = self._pending[0]
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            with self._cond:
+                self._pending.popleft()
+            # The free slot holding the longest prefix of this prompt; else the least recently used.
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, seq.prompt), -s.last_used))
+            self._start(seq, slot)
+
+    def _start(self, seq: Sequence, slot: Slot) -> None:
+        keep = min(_common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)  # the last is evaluated again
+        self._truncate(slot, keep)
+        seq.slot, slot.seq = slot, seq
+        seq.evaluated = seq.cached = keep
+        seq.stops = StopMatcher(seq.request.sampling.stop + seq.request.template_stops)
+        seq.sampler = self._make_sampler(seq.request)
+        seq.submitted_at = time.perf_counter()
+        self.stats.prompt_tokens += len(seq.prompt)
+        if keep:
+            self.stats.prefix_hits += 1
+            self.stats.prefix_cached_tokens += keep
+
+    def _truncate(self, slot: Slot, keep: int) -> None:
+        if len(slot.tokens) > keep:
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
+            del slot.tokens[keep:]
+
+    def _release(self, seq: Sequence) -> None:
+        slot = seq.slot
+        if slot is not None:
+            slot.seq, slot.last_used, seq.slot = None, time.monotonic(), None
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+
+    def _step(self) -> None:
+        """One llama_decode over every active sequence: a token each, plus a chunk of prompt."""
+        b = self._batch
+        n = 0
+        outputs: list[tuple[int, Sequence]] = []
+        added: list[tuple[Sequence, list[int]]] = []
+        running = [s.seq for s in self.slots if s.seq is not None]
+        for seq in running:
+            if seq.next_token is not None:
+                assert seq.slot is not None
+                pos = len(seq.slot.tokens)
+                self._put(n, seq.next_token, pos, seq.slot.seq_id, True)
+                outputs.append((n, seq))
+                added.append((seq, [seq.next_token]))
+                n += 1
+        budget = min(self._n_batch - n, self._prefill_chunk)
+        for seq in sorted((s for s in running if s.next_token is None), key=lambda s: s.submitted_at):
+            if budget <= 0:
+                break
+            assert seq.slot is not None
+            take = min(budget, len(seq.prompt) - seq.evaluated)
+            chunk = seq.prompt[seq.evaluated: seq.evaluated + take]
+            done = seq.evaluated + take == len(seq.prompt)
+            for i, token in enumerate(chunk):
+                last = done and i == take - 1
+                self._put(n, token, seq.evaluated + i, seq.slot.seq_id, last)
+                if last:
+                    outputs.append((n, seq))
+                n += 1
+            added.append((seq, chunk))
+            budget -= take
+        if n == 0:
+            return
+        b.n_tokens = n
+        rc = self._lib.llama_decode(self._ctx.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.stats.steps += 1
+        for seq, toks in added:
+            assert seq.slot is not None
+            seq.slot.tokens.extend(toks)
+            if seq.next_token is None:
+                seq.evaluated += len(toks)
+        for index, seq in outputs:
+            self._sample(seq, index)
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _sample(self, seq: Sequence, index: int) -> None:
+        token = int(seq.sampler.sample(self._ctx, index))
+        now = time.perf_counter()
+        if seq.completion == 0:
+            seq.first_token_at = now
+        seq.completion += 1
+        seq.next_token = token
+        self.stats.decoded_tokens += 1
+        self._on_token()
+        s = seq.request.sampling
+        assert seq.slot is not None
+        if not s.ignore_eos and self._lib.llama_vocab_is_eog(self._model.vocab, token):
+            self._finish(seq, FinishReason.STOP)
+            return
+        piece = self._model.detokenize([token], special=False)
+        text = seq.stops.feed(seq.decoder.decode(piece))
+        if text:
+            seq.emit(TextDelta(text))
+        if seq.stops.stopped:
+            self._finish(seq, FinishReason.STOP)
+        elif seq.completion >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.n_ctx:
+            self._finish(seq, FinishReason.LENGTH)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        # Bytes of a character cut off by max_tokens are dropped, not sent as U+FFFD.
+        tail = seq.stops.flush()
+        if tail:
+            seq.emit(TextDelta(tail))
+        end = time.perf_counter()
+        first = seq.first_token_at or end
+        self._release(seq)
+        seq.emit(Completion(
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.completion,
+                        cached_prompt_tokens=seq.cached),
+            timings=Timings(prompt_ms=(first - seq.submitted_at) * 1000, decode_ms=(end - first) * 1000),
+        ))
+        seq.emit(END)
+
+
+def check_prompt(prompt: list[int]) -> None:
+    if not prompt:
+        raise InvalidArgument("prompt: it has no tokens", field="prompt")
+

@@ -1,0 +1,218 @@
+"""The batched GGUF engine: concurrent requests to one model share its decode steps.
+
+Layer: infrastructure. Used when a model is configured with `parallel` > 1 (GgufEngine serves one
+request at a time otherwise). The model and one llama.cpp context with `parallel` sequence ids are
+driven by a Scheduler thread (batching.py); this class is the Engine face of it: it tokenizes,
+renders chat, submits a sequence per generate() call and relays what the scheduler emits to the
+event loop. Closing the iterator cancels the sequence; the scheduler drops it before its next step,
+and generate() waits for that, so no token is decoded for it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
+from laas.daemon.backends.batching import Sequence as BatchSequence
+from laas.daemon.backends.gguf import chat_formatter
+from laas.daemon.engine import (
+    ChatMessage,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    ModelFormat,
+    ModelInfo,
+)
+from laas.daemon.errors import LaasError, ModelLoadError, OutOfRange
+from laas.daemon.gguf_header import GgufHeader
+
+PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What the engine is doing now, and has done (counters since load)."""
+
+    parallel: int
+    active: int
+    waiting: int
+    kv_cells: int
+    kv_used: int
+    steps: int
+    prefix_hits: int
+    prefix_cached_tokens: int
+    prompt_tokens: int
+    decoded_tokens: int
+
+
+class BatchedGgufEngine(Engine):
+    """Serves one GGUF file to up to `parallel` requests at once. Construct with :meth:`load`."""
+
+    def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
+                 n_batch: int, prefill_chunk: int) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._model = model
+        self._ctx = ctx
+        self._header = header
+        self._n_vocab = int(model.n_vocab())
+        self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
+        self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
+                                    make_sampler=self._make_sampler, on_token=self._count_token)
+        self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
+            format=ModelFormat.GGUF, quantization=header.quantization,
+            context_length=min(context_length, self._scheduler.n_ctx),
+            trained_context_length=header.context_length, size_bytes=header.size_bytes,
+            architecture=header.architecture, chat_template=header.chat_template,
+        )
+        self._formatter = chat_formatter(model, header)
+
+    @classmethod
+    async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int,
+                   kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK) -> BatchedGgufEngine:
+        """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each)."""
+        n_ctx = min(context_length, header.context_length or context_length)
+        n_batch = min(512, max(n_ctx, parallel))
+
+        def _load() -> tuple[Any, Any]:
+            import llama_cpp  # deferred: importing it loads the native library
+            from llama_cpp import _internals
+            from llama_cpp._logger import set_verbose
+
+            set_verbose(False)
+            llama_cpp.llama_backend_init()
+            mparams = llama_cpp.llama_model_default_params()
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = kv_tokens or n_ctx * parallel
+            cparams.n_batch = cparams.n_ubatch = n_batch
+            cparams.n_seq_max = parallel
+            # A KV stream of its own per sequence: a sequence attends over the same cells in the same
+            # order whoever shares the step, so its numbers (and a greedy stream's text) do not depend
+            # on its company. (A unified cache interleaves the sequences' cells, which changes how the
+            # SIMD lanes sum attention, and a greedy stream can then diverge.)
+            cparams.kv_unified = False
+            cparams.n_threads = cparams.n_threads_batch = threads
+            cparams.no_perf = True
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            # (flash attention's CPU kernel sums differently for different batch shapes: a greedy stream
+            # would not produce the same text in company as alone)
+            try:
+                model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+                try:
+                    ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
+                except BaseException:
+                    model.close()  # type: ignore[no-untyped-call]
+                    raise
+            except (ValueError, RuntimeError, OSError) as e:
+                raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
+            return model, ctx
+
+        model, ctx = await asyncio.to_thread(_load)
+        return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def stats(self) -> BatchStats:
+        s: SchedulerStats = self._scheduler.stats
+        return BatchStats(
+            parallel=len(self._scheduler.slots), active=self._scheduler.active, waiting=self._scheduler.waiting,
+            kv_cells=self._scheduler.kv_cells, kv_used=self._scheduler.kv_used, steps=s.steps,
+            prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens, prompt_tokens=s.prompt_tokens,
+            decoded_tokens=s.decoded_tokens,
+        )
+
+    def _count_token(self) -> None:
+        self.decoded_tokens += 1
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
+        return await asyncio.to_thread(self._tokenize, text, add_special)
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+        if self._formatter is None:
+            raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
+        return self._formatter([{"role": m.role, "content": m.content} for m in messages])
+
+    def _make_sampler(self, request: GenerationRequest) -> Any:
+        """The request's own sampler chain, as llama-cpp-python's Llama builds it (same results)."""
+        from llama_cpp import _internals
+
+        s = request.sampling
+        sampler: Any = _internals.LlamaSampler()  # type: ignore[no-untyped-call]
+        sampler.add_penalties(n_vocab=self._n_vocab, penalty_last_n=64, penalty_repeat=s.repeat_penalty,
+                              penalty_freq=s.frequency_penalty, penalty_present=s.presence_penalty)
+        if s.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(s.top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(s.top_p, 1)
+            sampler.add_min_p(s.min_p, 1)
+            sampler.add_temp(s.temperature)
+            sampler.add_dist(s.seed if s.seed is not None else self._random_seed)
+        return sampler
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        loop = asyncio.get_running_loop()
+        prompt = list(request.prompt_tokens or await self.tokenize(request.prompt, add_special=request.add_special))
+        check_prompt(prompt)
+        if len(prompt) >= self._info.context_length:
+            raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of "
+                             f"{self._info.context_length}", field="prompt")
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        left = loop.create_future()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(_deliver, queue, left, item)
+
+        seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit)
+        self._scheduler.submit(seq)
+        try:
+            while True:
+                item = await queue.get()
+                if item is END:
+                    break
+                if isinstance(item, LaasError):
+                    raise item
+                yield cast(GenerationChunk, item)
+        finally:
+            seq.cancel.set()
+            self._scheduler.wake()
+            await _wait_through_cancellation(left)
+
+    async def check_health(self) -> None:
+        if not self._scheduler.alive:
+            raise ModelLoadError("engine is closed")
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._scheduler.close)
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            await asyncio.to_thread(ctx.close)
+        model, self._model = self._model, None
+        if model is not None:
+            await asyncio.to_thread(model.close)
+
+
+def _deliver(queue: asyncio.Queue[object], left: asyncio.Future[None], item: object) -> None:
+    queue.put_nowait(item)
+    if item is END and not left.done():
+        left.set_result(None)
+
+
+async def _wait_through_cancellation(left: asyncio.Future[None]) -> None:
+    """Waits until the scheduler has dropped the sequence, even if this task is cancelled meanwhile."""
+    while not left.done():
+        try:
+            await asyncio.shield(left)
+        except asyncio.CancelledError:
+            continue

@@ -1,0 +1,123 @@
+"""What the daemon has done and is doing, as Prometheus metrics: one registry, two readers.
+
+Layer: application. The servicer records each request (by model, route and status), its time to
+first token and the gaps between its tokens; the rest (queue depth, active sequences, KV use, prefix
+cache hits, model state, circuit states) is read from the registry and router when scraped, so it can
+never drift from the truth. The optional HTTP endpoint (`metrics_listen`) serves the text format;
+the GetStats RPC serves the same samples to gRPC clients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from laas.daemon.registry import ModelRegistry, ModelState
+from laas.router.dispatch import Router
+
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+class Metrics:
+    def __init__(self, registry: ModelRegistry, router: Router) -> None:
+        self.prometheus = CollectorRegistry()
+        self.requests = Counter("laas_requests", "Generate and Chat requests, by model, route and status",
+                                ["model", "route", "status"], registry=self.prometheus)
+        self.tokens = Counter("laas_streamed_tokens", "Text deltas streamed to clients", ["model", "route"],
+                              registry=self.prometheus)
+        self.ttft = Histogram("laas_time_to_first_token_seconds", "From arrival to the first text delta",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=self.prometheus)
+        self.inter_token = Histogram("laas_inter_token_seconds", "Gaps between text deltas of one stream",
+                                     ["model"], buckets=_GAP_BUCKETS, registry=self.prometheus)
+        self.prometheus.register(_LiveState(registry, router))
+
+    def stream(self, model: str) -> StreamRecorder:
+        return StreamRecorder(self, model)
+
+    def text(self) -> bytes:
+        return generate_latest(self.prometheus)
+
+    def samples(self) -> list[Sample]:
+        return [Sample(s.name, tuple(sorted(s.labels.items())), float(s.value))
+                for family in self.prometheus.collect() for s in family.samples]
+
+
+class StreamRecorder:
+    """One request's figures; `finish` records them once, with the status the call ended with."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._m = metrics
+        self.model = model
+        self.route = ""
+        self._arrived = time.perf_counter()
+        self._last = 0.0
+        self._done = False
+
+    def on_delta(self) -> None:
+        now = time.perf_counter()
+        if self._last:
+            self._m.inter_token.labels(self.model).observe(now - self._last)
+        else:
+            self._m.ttft.labels(self.model).observe(now - self._arrived)
+        self._last = now
+        self._m.tokens.labels(self.model, self.route).inc()
+
+    def finish(self, status: str) -> None:
+        if not self._done:
+            self._done = True
+            self._m.requests.labels(self.model, self.route or "none", status).inc()
+
+
+class _LiveState(Collector):
+    def __init__(self, registry: ModelRegistry, router: Router) -> None:
+        self._registry = registry
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        queued = GaugeMetricFamily("laas_queue_depth", "Requests waiting for a model", labels=["model"])
+        active = GaugeMetricFamily("laas_active_requests", "Requests a model is running", labels=["model"])
+        ready = GaugeMetricFamily("laas_model_ready", "1 when the model is loaded and serving", labels=["model"])
+        slots = GaugeMetricFamily("laas_parallel_slots", "Requests the model decodes at once", labels=["model"])
+        kv_used = GaugeMetricFamily("laas_kv_cells_used", "KV cache cells in use (running and cached)",
+                                    labels=["model"])
+        kv_total = GaugeMetricFamily("laas_kv_cells", "KV cache cells of the model's context", labels=["model"])
+        hits = CounterMetricFamily("laas_prefix_cache_hits", "Requests that reused a cached prompt prefix",
+                                   labels=["model"])
+        cached = CounterMetricFamily("laas_prefix_cached_tokens", "Prompt tokens not evaluated again",
+                                     labels=["model"])
+        for entry in self._registry.entries():
+            name = entry.name
+            queued.add_metric([name], entry.queue.waiting)
+            active.add_metric([name], entry.queue.active)
+            ready.add_metric([name], 1.0 if entry.state is ModelState.READY else 0.0)
+            slots.add_metric([name], entry.queue.parallel)
+            stats = getattr(entry.engine, "stats", None)
+            if callable(stats):
+                s = stats()
+                kv_used.add_metric([name], s.kv_used)
+                kv_total.add_metric([name], s.kv_cells)
+                hits.add_metric([name], s.prefix_hits)
+                cached.add_metric([name], s.prefix_cached_tokens)
+        circuit = GaugeMetricFamily("laas_circuit_open", "1 while a remote target's circuit is open",
+                                    labels=["target", "kind"])
+        failures = GaugeMetricFamily("laas_remote_consecutive_failures", "Failures in a row of a remote target",
+                                     labels=["target", "kind"])
+        now = time.monotonic()
+        for remote in self._router.remote.values():
+            labels = [remote.name, remote.kind.value]
+            circuit.add_metric(labels, 0.0 if remote.breaker.state(now) == "closed" else 1.0)
+            failures.add_metric(labels, remote.breaker.failures)
+        yield from (queued, active, ready, slots, kv_used, kv_total, hits, cached, circuit, failures)

@@ -1,0 +1,157 @@
+"""Continuous batching (BatchedGgufEngine) with the real model, in-process: streams that share decode
+steps produce what each produces alone, leave and join between steps, and reuse cached prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from laas.client import Client, ResourceExhausted
+from laas.daemon.backends.gguf_batched import BatchedGgufEngine
+from laas.daemon.engine import ChatMessage, Completion, FinishReason, GenerationRequest, SamplingParams, TextDelta
+from laas.daemon.gguf_header import read_gguf_header
+from tests.daemon_process import DaemonProcess
+
+pytestmark = pytest.mark.timeout(240)
+
+PROMPTS = ("Once upon a time", "1, 2, 3,", "The capital of France is", "def fib(n):")
+
+
+@pytest.fixture(scope="module")
+async def engine(model_file: Path) -> AsyncIterator[BatchedGgufEngine]:
+    eng = await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+                                       parallel=4, prefill_chunk=64)
+    yield eng
+    await eng.aclose()
+
+
+def _greedy(prompt: str, n: int = 16) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+
+async def _collect(engine: BatchedGgufEngine, request: GenerationRequest) -> tuple[str, Completion]:
+    text, done = [], None
+    async for chunk in engine.generate(request):
+        if isinstance(chunk, TextDelta):
+            text.append(chunk.text)
+        else:
+            done = chunk
+    assert isinstance(done, Completion)
+    return "".join(text), done
+
+
+async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine: BatchedGgufEngine) -> None:
+    alone = [(await _collect(engine, _greedy(p)))[0] for p in PROMPTS]
+    steps = engine.stats().steps
+    together = await asyncio.gather(*(_collect(engine, _greedy(p)) for p in PROMPTS))
+    assert [t for t, _ in together] == alone
+    assert all(d.usage.completion_tokens == 16 for _, d in together)
+    # They shared steps: 4 x 16 tokens took far fewer than 64 decodes.
+    assert engine.stats().steps - steps < 30
+
+
+async def test_streams_joining_at_different_steps_are_unaffected(engine: BatchedGgufEngine) -> None:
+    alone = {p: (await _collect(engine, _greedy(p, 12)))[0] for p in PROMPTS}
+
+    async def late(p: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        return (await _collect(engine, _greedy(p, 12)))[0]
+
+    got = await asyncio.gather(*(late(p, 0.05 * i) for i, p in enumerate(PROMPTS)))
+    assert dict(zip(PROMPTS, got, strict=True)) == alone
+
+
+async def test_a_cancelled_stream_frees_its_sequence(engine: BatchedGgufEngine) -> None:
+    long = GenerationRequest(prompt="Once upon a time", sampling=SamplingParams(max_tokens=400, ignore_eos=True))
+    streams = [engine.generate(long) for _ in range(4)]
+    for s in streams:
+        await anext(s)
+    assert engine.stats().active == 4
+    await streams[0].aclose()
+    assert engine.stats().active == 3, "the closed stream still holds a sequence"
+    # The freed slot serves a new request at once, while the other three go on.
+    _, done = await asyncio.wait_for(_collect(engine, _greedy("Hi", 4)), 30)
+    assert done.usage.completion_tokens == 4
+    for s in streams[1:]:
+        await s.aclose()
+    assert engine.stats().active == 0
+
+
+async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: BatchedGgufEngine) -> None:
+    arrivals: list[float] = []
+    first_of_long: list[float] = []
+
+    async def running() -> None:
+        req = GenerationRequest(prompt="Once upon a time", sampling=SamplingParams(max_tokens=400, ignore_eos=True,
+                                                                                  temperature=0.0))
+        async for chunk in engine.generate(req):
+            if isinstance(chunk, TextDelta):
+                arrivals.append(time.perf_counter())
+            if first_of_long:
+                break
+
+    task = asyncio.create_task(running())
+    while len(arrivals) < 3:
+        await asyncio.sleep(0.01)
+    joined = time.perf_counter()
+    prompt = " ".join(f"item {i}," for i in range(120))  # about 700 tokens: 11 chunks
+    async for chunk in engine.generate(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=1))):
+        if isinstance(chunk, TextDelta | Completion) and not first_of_long:
+            first_of_long.append(time.perf_counter())
+            usage = chunk.usage if isinstance(chunk, Completion) else None
+            assert usage is None or usage.prompt_tokens > 600
+    await task
+    during = [t for t in arrivals if joined < t < first_of_long[0]]
+    assert len(during) >= 4, f"the running stream got {len(during)} tokens while the long prompt was prefilled"
+
+
+async def test_a_follow_up_chat_turn_reuses_the_cached_prefix(engine: BatchedGgufEngine) -> None:
+    history = [ChatMessage("system", "You are a helpful assistant. " * 20), ChatMessage("user", "Name a colour.")]
+    first = await engine.render_chat(history)
+    first_tokens = await engine.tokenize(first.prompt, add_special=first.add_special)
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    reply, _ = await _collect(engine, GenerationRequest(prompt=first.prompt, template_stops=first.template_stops,
+                                                            add_special=first.add_special, sampling=sampling))
+    hits = engine.stats().prefix_hits
+    follow = await engine.render_chat([*history, ChatMessage("assistant", reply), ChatMessage("user", "Another.")])
+    _, done2 = await _collect(engine, GenerationRequest(prompt=follow.prompt, template_stops=follow.template_stops,
+                                                        add_special=follow.add_special, sampling=sampling))
+    assert done2.usage.cached_prompt_tokens >= len(first_tokens) - 1
+    assert done2.usage.cached_prompt_tokens < done2.usage.prompt_tokens
+    assert engine.stats().prefix_hits == hits + 1
+    assert engine.stats().prefix_cached_tokens >= done2.usage.cached_prompt_tokens
+
+
+async def test_the_kv_budget_is_split_among_the_sequences(model_file: Path) -> None:
+    eng = await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+                                       parallel=2, kv_tokens=512)
+    try:
+        assert eng.info.context_length == 256 and eng.stats().kv_cells == 512
+        _, done = await _collect(eng, _greedy("1, 2, 3,", 400))
+        assert done.finish_reason is FinishReason.LENGTH and done.usage.completion_tokens < 256
+        assert eng.stats().kv_used <= 256
+    finally:
+        await eng.aclose()
+
+
+def test_the_daemon_runs_parallel_requests_together(start_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = start_daemon("parallel = 2\nmax_queue = 0\n")
+    with Client(daemon.target) as client:
+        alone = client.complete("1, 2, 3,", max_tokens=12, temperature=0, ignore_eos=True).text
+        first = client.generate("Once upon a time", max_tokens=300, ignore_eos=True, temperature=0)
+        next(first)
+        # The second runs beside the first (no queue wait), and says what it says alone.
+        second = client.complete("1, 2, 3,", max_tokens=12, temperature=0, ignore_eos=True)
+        assert second.text == alone
+        assert second.timings["queue_ms"] < 500
+        assert client.model().active_requests == 1
+        third = client.generate("Hello", max_tokens=300, ignore_eos=True)
+        next(third)
+        with pytest.raises(ResourceExhausted):  # two run, max_queue = 0: a third is refused
+            client.complete("Hi", max_tokens=2)
+        first.close()
+        third.close()

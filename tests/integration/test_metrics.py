@@ -1,0 +1,49 @@
+"""Metrics reflect what happened: the Prometheus endpoint and GetStats give the same figures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import httpx
+import pytest
+
+from laas.client import Client, InvalidArgument
+from laas.v1 import runtime_pb2 as pb
+from laas.v1 import runtime_pb2_grpc as pb_grpc
+from tests.cloud_server import free_port
+from tests.daemon_process import DaemonProcess
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _stats(target: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.RuntimeStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in reply.samples}
+
+
+def test_metrics_count_requests_latencies_and_cache_hits(start_daemon: Callable[..., DaemonProcess]) -> None:
+    port = free_port()
+    daemon = start_daemon(f'parallel = 2\nmetrics_listen = "127.0.0.1:{port}"\n')
+    with Client(daemon.target) as client:
+        for _ in range(2):  # the second reuses the first's cached prompt
+            done = client.complete("The capital of France is", max_tokens=6, temperature=0, ignore_eos=True)
+            assert done.completion_tokens == 6
+        with pytest.raises(InvalidArgument):
+            client.complete("Hi", max_tokens=2, top_p=2.0)
+    stats = _stats(daemon.target)
+    ok = (("model", MODEL), ("route", MODEL), ("status", "OK"))
+    assert stats[("laas_requests_total", ok)] == 2
+    assert stats[("laas_requests_total", (("model", MODEL), ("route", "none"), ("status", "INVALID_ARGUMENT")))] == 1
+    assert stats[("laas_time_to_first_token_seconds_count", (("model", MODEL),))] == 2
+    deltas = stats[("laas_streamed_tokens_total", (("model", MODEL), ("route", MODEL)))]
+    assert stats[("laas_inter_token_seconds_count", (("model", MODEL),))] == deltas - 2
+    assert stats[("laas_parallel_slots", (("model", MODEL),))] == 2
+    assert stats[("laas_active_requests", (("model", MODEL),))] == 0
+    assert stats[("laas_model_ready", (("model", MODEL),))] == 1
+    assert stats[("laas_prefix_cache_hits_total", (("model", MODEL),))] >= 1
+    assert 0 < stats[("laas_kv_cells_used", (("model", MODEL),))] <= stats[("laas_kv_cells", (("model", MODEL),))]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert f'laas_requests_total{{model="{MODEL}",route="{MODEL}",status="OK"}} 2.0' in text
+    assert "laas_queue_depth" in text and "laas_time_to_first_token_seconds_bucket" in text
