@@ -172,7 +172,10 @@ class BatchedGgufEngine(Engine):
         left = loop.create_future()
 
         def emit(item: object) -> None:
-            loop.call_soon_threadsafe(_deliver, queue, left, item)
+            try:
+                loop.call_soon_threadsafe(_deliver, queue, left, item)
+            except RuntimeError:  # the loop closed (a stream abandoned at shutdown): nobody is listening
+                pass
 
         seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit)
         self._scheduler.submit(seq)
