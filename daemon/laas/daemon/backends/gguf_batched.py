@@ -11,6 +11,7 @@ and generate() waits for that, so no token is decoded for it afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,10 +173,9 @@ class BatchedGgufEngine(Engine):
         left = loop.create_future()
 
         def emit(item: object) -> None:
-            try:
+            # A stream abandoned at shutdown: the loop is closed and nobody is listening.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, queue, left, item)
-            except RuntimeError:  # the loop closed (a stream abandoned at shutdown): nobody is listening
-                pass
 
         seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit)
         self._scheduler.submit(seq)
