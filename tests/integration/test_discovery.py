@@ -146,12 +146,15 @@ def test_a_peer_that_dies_mid_request_fails_over(start_daemon: Callable[..., Dae
 
 def test_an_open_daemon_on_the_lan_is_not_advertised_unless_allowed(
         start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Path], tmp_path: Path) -> None:
+    # Listening openly needs the loudly named override first (issue 7); discovery then still refuses.
+    dangerous = "dangerously_listen_without_tls_or_tokens = true"
     config = tmp_path / "open.toml"
-    config.write_text(_config("open"))
+    config.write_text(_config("open", extra=dangerous))
     refused = subprocess.run([sys.executable, "-m", "laas.daemon.cli", "--home", str(make_home()), "--config",
                               str(config), "serve", "--listen", "0.0.0.0:0"], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1 and "discovery_allow_unauthenticated" in refused.stderr, refused.stderr
-    allowed = start_daemon(_config("open", extra="discovery_allow_unauthenticated = true"), listen="0.0.0.0:0")
+    allowed = start_daemon(_config("open", extra=f"{dangerous}\ndiscovery_allow_unauthenticated = true"),
+                           listen="0.0.0.0:0")
     record = discovery.find(f"{RUN}-open", wait_s=20, interfaces=["127.0.0.1"])
     assert record.port == allowed.port and record.addresses == ("127.0.0.1",)

@@ -59,16 +59,15 @@ def lan_reachable(settings: Settings) -> bool:
 
 
 def auth_required(settings: Settings) -> bool:
-    """Whether every TCP connection must authenticate (TLS client certificates or a token).
+    """Whether every TCP connection must authenticate (TLS client certificates or a token)."""
+    from laas.daemon.security import tokens_path  # security settings decide it (issue 7)
 
-    The daemon has no authentication yet, so this is False; the TLS/token settings plug in here.
-    """
-    return False
+    return tokens_path(settings) is not None or bool(settings.tls_client_ca)
 
 
 def tls_required(settings: Settings) -> bool:
-    """Whether TCP connections must use TLS (advertised in TXT). No TLS yet; its settings plug in here."""
-    return False
+    """Whether TCP connections must use TLS (advertised in TXT)."""
+    return bool(settings.tls_cert)
 
 
 def token_id(settings: Settings) -> str:
