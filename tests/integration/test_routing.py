@@ -285,17 +285,19 @@ def test_a_deadline_cancels_the_cloud_call(client: Client, proxy: FaultProxy) ->
 
 
 def test_cloud_latency_is_learned(client: Client, proxy: FaultProxy) -> None:
-    def predicted() -> float:
-        return next(c for c in client.explain(OVERSIZED, max_tokens=8).candidates if c.target == "cloud").predicted_ms
+    def ask(i: int) -> str:  # a new first word each time: the cloud server's prompt cache never hits
+        return f"{i}. Tell me about lighthouses."
 
-    # A different first word every time defeats the cloud server's own prompt cache, so every request
-    # costs the same there and only the injected delay differs.
-    for i in range(3):  # settle the estimate (and the error rate that earlier faults raised)
-        client.complete(f"{i}. {OVERSIZED}", max_tokens=8)
+    def predicted() -> float:
+        explained = client.explain(ask(99), max_tokens=8, policy="cloud_only")
+        return next(c for c in explained.candidates if c.target == "cloud").predicted_ms
+
+    for i in range(8):  # settle the estimate, and let the error rate that earlier faults raised decay
+        client.complete(ask(i), max_tokens=8, policy="cloud_only")
     before = predicted()
     proxy.reset(delay_s=1.0)
     for i in range(3):
-        client.complete(f"{i + 3}. {OVERSIZED}", max_tokens=8)
+        client.complete(ask(10 + i), max_tokens=8, policy="cloud_only")
     assert predicted() > before + 300  # the added second of latency was measured
 
 

@@ -39,7 +39,7 @@ REFLECTION_PREFIX = "/grpc.reflection."
 # The scope each laas.v1 method needs.
 METHOD_SCOPES = {
     "Generate": "generate", "Chat": "generate", "Tokenize": "generate", "ExplainRoute": "generate",
-    "ListModels": "models:read", "GetModel": "models:read",
+    "ListModels": "models:read", "GetModel": "models:read", "GetStats": "models:read",
 }
 _SERVICE = "/laas.v1.Runtime/"
 
