@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+from laas.daemon.backends.worker import stream_from_worker
 from laas.daemon.engine import (
     ChatMessage,
     Completion,
@@ -31,13 +33,12 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import InvalidArgument, LaasError, ModelLoadError
+from laas.daemon.errors import InvalidArgument, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-_END = object()  # sentinel: the worker has finished
 
 
 class GgufEngine(Engine):
@@ -97,35 +98,9 @@ class GgufEngine(Engine):
         return self._formatter([{"role": m.role, "content": m.content} for m in messages])
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop_flag = threading.Event()
-
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        future = loop.run_in_executor(self._executor, self._run, request, stop_flag, emit)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                yield cast(GenerationChunk, item)
-            await future  # re-raises a failure of the worker
-        finally:
-            stop_flag.set()
-            await _wait_through_cancellation(future)
-
-    def _run(self, request: GenerationRequest, stop_flag: threading.Event, emit: Callable[[object], None]) -> None:
-        try:
-            self._generate_blocking(request, stop_flag, emit)
-        except LaasError:
-            raise
-        except Exception as e:  # native failures become a clear error, not a dead worker
-            log.exception("generation failed")
-            raise ModelLoadError(f"generation failed in llama.cpp: {e}") from e
-        finally:
-            emit(_END)
+        blocking = functools.partial(self._generate_blocking, request)
+        async for chunk in stream_from_worker(self._executor, blocking, "llama.cpp"):
+            yield chunk
 
     def _generate_blocking(self, request: GenerationRequest, stop_flag: threading.Event,
                            emit: Callable[[object], None]) -> None:
@@ -200,20 +175,6 @@ def _cached_prefix(llm: Any, prompt: list[int]) -> int:
             break
         cached += 1
     return min(cached, len(prompt) - 1)
-
-
-async def _wait_through_cancellation(future: asyncio.Future[None]) -> None:
-    """Waits for the worker to stop even if this task is cancelled meanwhile: releasing the model
-    while native code still runs on it would let the next request race it."""
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            continue
-        except LaasError:
-            return
-    if not future.cancelled():
-        future.exception()  # mark retrieved; the error was already raised to the consumer
 
 
 def chat_formatter(model: Any, header: GgufHeader) -> Callable[[list[dict[str, str]]], GenerationRequest] | None:

@@ -11,17 +11,18 @@ serving. The KV cache lives in :class:`OnnxDecoder`, preallocated for the contex
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from laas.daemon.backends.detokenize import IncrementalDetokenizer
-from laas.daemon.backends.gguf import _END, _wait_through_cancellation
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
+from laas.daemon.backends.worker import stream_from_worker
 from laas.daemon.chat_template import ChatTemplate
 from laas.daemon.engine import (
     ChatMessage,
@@ -36,7 +37,7 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import LaasError, ModelLoadError, OutOfRange
+from laas.daemon.errors import ModelLoadError, OutOfRange
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
 from laas.daemon.sampling import Sampler
 from laas.daemon.stops import StopMatcher
@@ -127,35 +128,9 @@ class OnnxEngine(Engine):
         return self._template.render(messages)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop_flag = threading.Event()
-
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        future = loop.run_in_executor(self._executor, self._run, request, stop_flag, emit)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                yield cast(GenerationChunk, item)
-            await future  # re-raises a failure of the worker
-        finally:
-            stop_flag.set()
-            await _wait_through_cancellation(future)
-
-    def _run(self, request: GenerationRequest, stop_flag: threading.Event, emit: Callable[[object], None]) -> None:
-        try:
-            self._generate_blocking(request, stop_flag, emit)
-        except LaasError:
-            raise
-        except Exception as e:  # onnxruntime failures become a clear error, not a dead worker
-            log.exception("generation failed")
-            raise ModelLoadError(f"generation failed in onnxruntime: {e}") from e
-        finally:
-            emit(_END)
+        blocking = functools.partial(self._generate_blocking, request)
+        async for chunk in stream_from_worker(self._executor, blocking, "onnxruntime"):
+            yield chunk
 
     def _generate_blocking(self, request: GenerationRequest, stop_flag: threading.Event,
                            emit: Callable[[object], None]) -> None:
