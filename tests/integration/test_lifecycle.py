@@ -68,7 +68,7 @@ def test_empty_store_fetches_the_default_model_once(start_daemon: Callable[..., 
                 saw_loading = True
                 time.sleep(0.05)
         assert saw_loading, "requests during the fetch must get UNAVAILABLE"
-        assert daemon.health() == "SERVING"
+        daemon.wait_health("SERVING", timeout=30)  # after the load, the router's calibration, then SERVING
     stored = home / "models" / DEFAULT_MODEL.filename
     assert sha256_of(stored) == DEFAULT_MODEL.sha256
     assert not [p for p in (home / "models").iterdir() if p.name.startswith(".partial")]

@@ -60,7 +60,8 @@ def test_daemon_serves_packages_from_the_store_without_torch(
         assert set(models) == {"smollm2-135m-instruct", "smollm2-135m-instruct-fp32",
                                "smollm2-135m-instruct-int8", INT4}
         m = models[INT4]
-        assert (m.format, m.quantization, m.state, m.architecture) == ("onnx", "int4-b32", "ready", "llama")
+        # described from its manifest at start; loaded on first use
+        assert (m.format, m.quantization, m.state, m.architecture) == ("onnx", "int4-b32", "not_loaded", "llama")
         assert (m.context_length, m.trained_context_length) == (4096, 8192)
         assert m.size_bytes == read_manifest(home / "models" / INT4).size_bytes
         assert models["smollm2-135m-instruct"].is_default and not m.is_default
@@ -71,7 +72,8 @@ def test_daemon_serves_packages_from_the_store_without_torch(
         assert "".join(c.text for c in chunks).strip()
         last = chunks[-1]
         assert (last.finish_reason, last.completion_tokens, last.model or chunks[0].model) == ("length", 24, INT4)
-        assert last.timings["decode_tokens_per_second"] > 0
+        assert last.timings["decode_tokens_per_second"] > 0 and last.timings["load_ms"] > 0
+        assert client.model(INT4).state == "ready"
 
         reply = "".join(c.text for c in client.chat([{"role": "user", "content": "What is 2+2?"}], model=INT4,
                                                     max_tokens=64, temperature=0, timeout=60))
@@ -104,12 +106,16 @@ def test_broken_packages_are_refused_and_the_daemon_keeps_serving(
         models = {m.name: m for m in client.models()}
         assert models["truncated-int4"].state == "failed"
         assert "model.onnx" in models["truncated-int4"].error and "truncated" in models["truncated-int4"].error
-        assert models["garbage-int4"].state == "failed"
-        assert "onnxruntime cannot load garbage-int4/model.onnx" in models["garbage-int4"].error
+        assert models["garbage-int4"].state == "not_loaded"  # its sizes and digests agree: found at load
         with pytest.raises(LaasError) as refused:
             list(client.generate("Hi", model="truncated-int4", max_tokens=4))
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "truncated" in str(refused.value)
+        with pytest.raises(LaasError) as refused:
+            list(client.generate("Hi", model="garbage-int4", max_tokens=4))
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert client.model("garbage-int4").state == "failed"
+        assert "onnxruntime cannot load garbage-int4/model.onnx" in client.model("garbage-int4").error
         # Everything else serves: the default GGUF model and the intact package.
         for name in ("", INT4):
             text = "".join(c.text for c in client.generate("1, 2, 3,", model=name, max_tokens=6, temperature=0))

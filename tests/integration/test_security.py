@@ -100,6 +100,8 @@ CALLS: dict[str, tuple[str, Callable[[Client], object]]] = {
     "ExplainRoute": ("generate", lambda c: c.explain("Hi", max_tokens=1)),
     "ListModels": ("models:read", lambda c: c.models()),
     "GetModel": ("models:read", lambda c: c.model(MODEL)),
+    "LoadModel": ("models:admin", lambda c: c.load_model(MODEL)),
+    "UnloadModel": ("models:admin", lambda c: c.unload_model(MODEL)),
 }
 
 

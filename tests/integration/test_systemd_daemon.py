@@ -83,11 +83,11 @@ def test_sighup_reloads_the_model_list_without_dropping_streams(start_daemon: Ca
         rest = list(stream)  # the stream that began on the old "a" finishes whole
         assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 400
         assert first.text + "".join(c.text for c in rest)
-    _wait_log(daemon, "model a: the replaced engine is closed")
+    _wait_log(daemon, "model a unloaded (replaced)")
     log = daemon.log
     assert "reloaded: added ['b'], changed ['a'], removed none" in log
     # The old engine was closed only after its stream ended (the access line is written at the end).
-    assert log.index("reloaded:") < log.index("Runtime/Generate OK") < log.index("replaced engine is closed")
+    assert log.index("reloaded:") < log.index("Runtime/Generate OK") < log.index("model a unloaded (replaced)")
 
     seen = len(notify.messages)
     daemon.config.write_text("default_model = [not toml\n")

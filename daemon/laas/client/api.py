@@ -32,13 +32,15 @@ Message = Mapping[str, str] | tuple[str, str]
 def _chat_request(messages: Sequence[Message], model: str, sampling: Mapping[str, Any]) -> pb.ChatRequest:
     wire = [pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
             else pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-    routing, sampling = _split_routing(sampling)
-    return pb.ChatRequest(model=model, messages=wire, sampling=sampling_pb(**sampling), routing=routing)
+    routing, keep_alive, sampling = _split_options(sampling)
+    return pb.ChatRequest(model=model, messages=wire, sampling=sampling_pb(**sampling), routing=routing,
+                          keep_alive_s=keep_alive)
 
 
 def _generate_request(prompt: str, model: str, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
-    routing, sampling = _split_routing(sampling)
-    return pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling), routing=routing)
+    routing, keep_alive, sampling = _split_options(sampling)
+    return pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling), routing=routing,
+                              keep_alive_s=keep_alive)
 
 
 def _explain_request(prompt: str | None, messages: Sequence[Message], model: str,
@@ -48,10 +50,12 @@ def _explain_request(prompt: str | None, messages: Sequence[Message], model: str
     return pb.ExplainRouteRequest(generate=_generate_request(prompt or "", model, sampling))
 
 
-def _split_routing(kwargs: Mapping[str, Any]) -> tuple[pb.Routing, dict[str, Any]]:
-    """Separates the routing keywords (policy, latency_budget_ms) from the sampling ones."""
+def _split_options(kwargs: Mapping[str, Any]) -> tuple[pb.Routing, float | None, dict[str, Any]]:
+    """Separates the routing keywords (policy, latency_budget_ms) and keep_alive_s (seconds the model stays
+    loaded after the request) from the sampling ones."""
     rest = dict(kwargs)
-    return routing_pb(rest.pop("policy", None), rest.pop("latency_budget_ms", None)), rest
+    routing = routing_pb(rest.pop("policy", None), rest.pop("latency_budget_ms", None))
+    return routing, rest.pop("keep_alive_s", None), rest
 
 
 def _health_name(status: int) -> str:
@@ -116,6 +120,16 @@ class Client:
 
     def model(self, name: str = "", *, timeout: float | None = None) -> ModelDescription:
         return model_from_pb(self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+
+    def load_model(self, name: str = "", *, keep_alive_s: float | None = None,
+                   timeout: float | None = None) -> ModelDescription:
+        """Loads a model now and keeps it loaded keep_alive_s idle seconds (needs the models:admin scope)."""
+        request = pb.LoadModelRequest(name=name, keep_alive_s=keep_alive_s)
+        return model_from_pb(self._call(self._stub.LoadModel, request, timeout))
+
+    def unload_model(self, name: str = "", *, timeout: float | None = None) -> ModelDescription:
+        """Unloads a model, at once when idle, else when its streams end (needs the models:admin scope)."""
+        return model_from_pb(self._call(self._stub.UnloadModel, pb.UnloadModelRequest(name=name), timeout))
 
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """SERVING, NOT_SERVING, ... for the daemon ("") or one service."""
@@ -193,6 +207,15 @@ class AsyncClient:
 
     async def model(self, name: str = "", *, timeout: float | None = None) -> ModelDescription:
         return model_from_pb(await self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+
+    async def load_model(self, name: str = "", *, keep_alive_s: float | None = None,
+                         timeout: float | None = None) -> ModelDescription:
+        request = pb.LoadModelRequest(name=name, keep_alive_s=keep_alive_s)
+        return model_from_pb(await self._call(self._stub.LoadModel, request, timeout))
+
+    async def unload_model(self, name: str = "", *, timeout: float | None = None) -> ModelDescription:
+        request = pb.UnloadModelRequest(name=name)
+        return model_from_pb(await self._call(self._stub.UnloadModel, request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         request = health_pb2.HealthCheckRequest(service=service)

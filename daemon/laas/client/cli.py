@@ -1,4 +1,5 @@
-"""`laas`: the command-line client (generate, chat, models, model, tokenize, health, discover; export and eval).
+"""`laas`: the command-line client (generate, chat, models, model, load, unload, tokenize, health, discover;
+export and eval).
 
 Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
 field are printed), 2 bad usage, 130 interrupted.
@@ -16,7 +17,7 @@ from typing import Any
 from laas.client import discover_cli, discovery
 from laas.client.api import Client
 from laas.client.channels import Tls
-from laas.client.types import Chunk
+from laas.client.types import Chunk, ModelDescription
 from laas.daemon.errors import LaasError
 from laas.daemon.settings import DEFAULT_LISTEN
 from laas.exporters import cli as exporters_cli  # light: heavy imports happen when a command runs
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="where the request may run (default auto)")
         p.add_argument("--budget-ms", dest="latency_budget_ms", type=float,
                        help="latency budget of the whole answer, ms (default: the --timeout deadline)")
+        p.add_argument("--keep-alive", dest="keep_alive_s", type=float,
+                       help="seconds the model stays loaded after this request (<0 forever, 0 unload when done)")
         p.add_argument("--stats", action="store_true",
                        help="print the route, usage and timings to stderr at the end")
 
@@ -69,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenize", help="print the token ids of a text")
     tok.add_argument("text")
     tok.add_argument("-m", "--model", default="")
+    load = sub.add_parser("load", help="load a model now (needs the models:admin scope)")
+    load.add_argument("name", nargs="?", default="", help="model name (default: the daemon's default)")
+    load.add_argument("--keep-alive", dest="keep_alive_s", type=float,
+                      help="seconds it stays loaded once idle (<0 forever; default: its configured keep_alive_s)")
+    unload = sub.add_parser("unload", help="unload a model (when its streams end; needs the models:admin scope)")
+    unload.add_argument("name", nargs="?", default="", help="model name (default: the daemon's default)")
     sub.add_parser("health", help="print the daemon's health (exit 1 unless SERVING)")
     exporters_cli.add_parsers(sub)  # export, eval: run in process, not against the daemon
     discover_cli.add_parser(sub)
@@ -76,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
-                  "policy", "latency_budget_ms")
+                  "policy", "latency_budget_ms", "keep_alive_s")
 
 
 def _print_stream(chunks: Iterator[Chunk], stats: bool) -> str:
@@ -100,6 +109,18 @@ def _print_stream(chunks: Iterator[Chunk], stats: bool) -> str:
               f"first token {t.get('time_to_first_token_ms', 0):.0f} ms; "
               f"{t.get('decode_tokens_per_second', 0):.1f} tok/s]", file=sys.stderr)
     return "".join(parts)
+
+
+def _residency(m: ModelDescription) -> str:
+    """When a loaded model unloads: "(unloads in 4m59s)", "(kept loaded)", "(unloads when idle)"."""
+    if m.state != "ready":
+        return ""
+    if m.keep_alive_s < 0:
+        return " (kept loaded)"
+    if m.unloads_in_s:
+        minutes, seconds = divmod(round(m.unloads_in_s), 60)
+        return f" (unloads in {minutes}m{seconds:02d}s)" if minutes else f" (unloads in {seconds}s)"
+    return " (busy; unloads when idle)" if m.keep_alive_s == 0 else " (busy)"
 
 
 def _run(args: argparse.Namespace, client: Client) -> int:
@@ -133,11 +154,16 @@ def _run(args: argparse.Namespace, client: Client) -> int:
             verdict = "eligible" if c.eligible else "not eligible"
             print(f"  {c.kind:5} {c.target:28} {c.predicted_ms:9.0f} ms  {verdict}{': ' + c.note if c.note else ''}")
     elif args.command == "models":
-        print(f"{'NAME':32} {'FORMAT':6} {'QUANT':8} {'CONTEXT':>7} {'SIZE':>9}  STATE")
+        print(f"{'NAME':32} {'FORMAT':6} {'QUANT':8} {'CONTEXT':>7} {'SIZE':>9} {'MEMORY':>9}  STATE")
         for m in client.models(timeout=args.timeout):
             star = "*" if m.is_default else " "
+            memory = f"{m.memory_bytes / 1e6:>7.1f}MB" if m.memory_bytes else f"{'-':>9}"
             print(f"{m.name + star:32} {m.format:6} {m.quantization:8} {m.context_length:>7} "
-                  f"{m.size_bytes / 1e6:>7.1f}MB  {m.state}{' ' + m.error if m.error else ''}")
+                  f"{m.size_bytes / 1e6:>7.1f}MB {memory}  {m.state}{_residency(m)}{' ' + m.error if m.error else ''}")
+    elif args.command in ("load", "unload"):
+        m = (client.load_model(args.name, keep_alive_s=args.keep_alive_s, timeout=args.timeout)
+             if args.command == "load" else client.unload_model(args.name, timeout=args.timeout))
+        print(f"{m.name}: {m.state}{_residency(m)}")
     elif args.command == "model":
         m = client.model(args.name, timeout=args.timeout)
         print(json.dumps({k: getattr(m, k) for k in m.__dataclass_fields__}, indent=2))

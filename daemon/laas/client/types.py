@@ -112,6 +112,10 @@ class ModelDescription:
     active_requests: int
     queued_requests: int
     error: str
+    memory_bytes: int = 0  # estimated, while loaded
+    keep_alive_s: float = 0.0  # idle seconds before it unloads (< 0: never)
+    unloads_in_s: float = 0.0  # when loaded, idle and due to unload
+    last_used_unix_s: float = 0.0
 
 
 def route_from_pb(r: pb.RouteInfo) -> Route:
@@ -150,7 +154,8 @@ def model_from_pb(m: pb.Model) -> ModelDescription:
         trained_context_length=m.trained_context_length, size_bytes=m.size_bytes, architecture=m.architecture,
         loaded=m.loaded, state=pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
         is_default=m.is_default, active_requests=m.active_requests, queued_requests=m.queued_requests,
-        error=m.error,
+        error=m.error, memory_bytes=m.memory_bytes, keep_alive_s=m.keep_alive_s, unloads_in_s=m.unloads_in_s,
+        last_used_unix_s=m.last_used_unix_s,
     )
 
 

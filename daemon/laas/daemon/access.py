@@ -40,6 +40,7 @@ REFLECTION_PREFIX = "/grpc.reflection."
 METHOD_SCOPES = {
     "Generate": "generate", "Chat": "generate", "Tokenize": "generate", "ExplainRoute": "generate",
     "ListModels": "models:read", "GetModel": "models:read", "GetStats": "models:read",
+    "LoadModel": "models:admin", "UnloadModel": "models:admin",
 }
 _SERVICE = "/laas.v1.Runtime/"
 

@@ -73,6 +73,7 @@ class Usage:
 @dataclass(frozen=True, slots=True)
 class Timings:
     queue_ms: float = 0.0
+    load_ms: float = 0.0  # loading the model first (it was not loaded when the request got its turn)
     prompt_ms: float = 0.0
     decode_ms: float = 0.0
     time_to_first_token_ms: float = 0.0

@@ -63,6 +63,10 @@ class ResourceExhausted(LaasError):
     """Too many requests are already waiting for the model."""
 
 
+class MemoryBudgetExceeded(ResourceExhausted):
+    """The model does not fit the memory budget beside the models that are busy (or at all)."""
+
+
 class Unavailable(LaasError):
     """The daemon cannot serve this now; the same request may succeed later."""
 
@@ -104,6 +108,7 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (MemoryBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelLoading, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),

@@ -111,6 +111,21 @@ class _LiveState(Collector):
                 kv_total.add_metric([name], s.kv_cells)
                 hits.add_metric([name], s.prefix_hits)
                 cached.add_metric([name], s.prefix_cached_tokens)
+        memory = GaugeMetricFamily("laas_model_memory_bytes", "Estimated memory of a loaded model", labels=["model"])
+        loads = CounterMetricFamily("laas_model_loads", "Model loads", labels=["model"])
+        unloads = CounterMetricFamily("laas_model_unloads", "Model unloads, by reason (idle, evicted, admin, "
+                                      "replaced)", labels=["model", "reason"])
+        for entry in self._registry.entries():
+            memory.add_metric([entry.name], entry.memory_bytes)
+        for name, count in sorted(self._registry.loads.items()):
+            loads.add_metric([name], count)
+        for (name, reason), count in sorted(self._registry.unloads.items()):
+            unloads.add_metric([name, reason], count)
+        budget = GaugeMetricFamily("laas_memory_budget_bytes", "Memory the loaded models may take")
+        budget.add_metric([], self._registry.budget_bytes)
+        resident = GaugeMetricFamily("laas_models_memory_bytes", "Estimated memory of every loaded model")
+        resident.add_metric([], self._registry.resident_bytes)
+        yield from (memory, loads, unloads, budget, resident)
         circuit = GaugeMetricFamily("laas_circuit_open", "1 while a remote target's circuit is open",
                                     labels=["target", "kind"])
         failures = GaugeMetricFamily("laas_remote_consecutive_failures", "Failures in a row of a remote target",

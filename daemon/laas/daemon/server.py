@@ -1,9 +1,11 @@
 """The daemon's server: gRPC listener, health, reflection, model loading, signals and the drain.
 
 Layer: composition. Lifecycle, after uvicorn's serve() -> startup() -> main_loop() -> shutdown():
-listen at once with health NOT_SERVING; fetch and load the models in the background; SERVING once
-the default model is ready. On SIGTERM or SIGINT: NOT_SERVING, refuse new calls (UNAVAILABLE), let
-streams in flight finish within the grace period, cancel what is left, close the engines, exit 0.
+listen at once with health NOT_SERVING; read every model's metadata, fetch and load the models
+`preload` names in the background; SERVING once the default model is ready (or, with preload = "none",
+loadable on first use; registry.py keeps models resident within the memory budget). On SIGTERM or
+SIGINT: NOT_SERVING, refuse new calls (UNAVAILABLE), let streams in flight finish within the grace
+period, cancel what is left, close the engines, exit 0.
 
 Under systemd (systemd.py): STATUS= says what the daemon does, READY=1 follows SERVING, STOPPING=1
 starts the drain, the watchdog pings while the liveness check passes. SIGHUP rereads the model list
@@ -56,7 +58,8 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
                  "aliases", *(f for f in Settings.__dataclass_fields__ if f.startswith("discovery")),
                  "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "dangerously_listen_without_tls_or_tokens",
                  "audit_log", "audit_prompts", "local_only", "local_only_models", "redact_cloud", "redact_peers",
-                 "redact_patterns", "max_tokens_limit", "max_streams_per_token", "parallel", "metrics_listen")
+                 "redact_patterns", "max_tokens_limit", "max_streams_per_token", "parallel", "metrics_listen",
+                 "keep_alive_s", "memory_budget_mb", "preload")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
@@ -168,13 +171,13 @@ class Server:
 
     async def _load_models(self) -> None:
         try:
-            await self.registry.load_all(self._on_loading)
+            await self.registry.preload(self._on_loading)
         except Exception as e:  # a bug or a broken install (an ImportError in a thread): say so, do not hang
             log.exception("loading the models failed")
             self.notifier.status(f"loading the models failed: {e}")
             return
         await calibrate(self.router)
-        if self.lifecycle.accepting and self.registry.default.engine is not None:
+        if self.lifecycle.accepting and self.registry.default.servable:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("%s", self._serving_status())
             self.notifier.ready(self._serving_status())
@@ -207,7 +210,7 @@ class Server:
                 return
             log.info("reloaded: added %s, changed %s, removed %s", changes["added"] or "none",
                      changes["changed"] or "none", changes["removed"] or "none")
-            ready = self.registry.default.engine is not None and self.lifecycle.accepting
+            ready = self.registry.default.servable and self.lifecycle.accepting
             await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
             self.notifier.ready(self._serving_status())

@@ -98,8 +98,11 @@ def model_to_pb(entry: ModelEntry) -> pb.Model:
     out = pb.Model(
         name=entry.name, loaded=entry.state is ModelState.READY, state=_STATE[entry.state],
         is_default=entry.is_default, active_requests=entry.queue.active, queued_requests=entry.queue.waiting,
-        error=entry.error, format=pb.MODEL_FORMAT_GGUF,
+        error=entry.error, format=pb.MODEL_FORMAT_GGUF, memory_bytes=entry.memory_bytes,
+        keep_alive_s=0.0 if entry.unload_when_idle else entry.keep_alive_s, last_used_unix_s=entry.last_used_wall,
     )
+    if entry.expires_at is not None and entry.engine is not None and not entry.busy:
+        out.unloads_in_s = max(entry.expires_at - time.monotonic(), 0.0)
     info = entry.info
     if info is not None:
         out.format = _FORMAT[info.format]
@@ -124,7 +127,8 @@ def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
         usage=pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                        cached_prompt_tokens=u.cached_prompt_tokens),
         timings=pb.Timings(
-            queue_ms=t.queue_ms, prompt_ms=t.prompt_ms, decode_ms=t.decode_ms, time_to_first_token_ms=ttft_ms,
+            queue_ms=t.queue_ms, load_ms=t.load_ms, prompt_ms=t.prompt_ms, decode_ms=t.decode_ms,
+            time_to_first_token_ms=ttft_ms,
             prompt_tokens_per_second=Timings.rate(u.prompt_tokens, t.prompt_ms),
             decode_tokens_per_second=Timings.rate(max(u.completion_tokens - 1, 0), t.decode_ms),
         ),
@@ -209,11 +213,12 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         model = validation.model_name(request.model)
         sampling = _sampling(request.sampling)
         self._privacy.check(sampling)
+        keep_alive = validation.keep_alive(request.keep_alive_s if request.HasField("keep_alive_s") else None)
         if isinstance(request, pb.ChatRequest):
             messages = validation.chat_messages([(m.role, m.content) for m in request.messages])
-            routed = RoutedRequest(sampling, messages=messages)
+            routed = RoutedRequest(sampling, messages=messages, keep_alive_s=keep_alive)
         else:
-            routed = RoutedRequest(sampling, prompt=validation.prompt(request.prompt))
+            routed = RoutedRequest(sampling, prompt=validation.prompt(request.prompt), keep_alive_s=keep_alive)
         policy = _POLICY.get(request.routing.policy)
         if policy is None:
             raise InvalidArgument(f"routing.policy {request.routing.policy} is not a known policy",
@@ -256,8 +261,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> pb.TokenizeResponse:
         async with _status_on_error(context):
-            engine = self._registry.get(validation.model_name(request.model)).ready_engine()
-            tokens = await engine.tokenize(validation.prompt(request.text, "text"), add_special=request.add_special)
+            text = validation.prompt(request.text, "text")
+            async with self._registry.using(self._registry.get(validation.model_name(request.model))) as engine:
+                tokens = await engine.tokenize(text, add_special=request.add_special)
             return pb.TokenizeResponse(tokens=list(tokens), count=len(tokens))
         raise AssertionError("unreachable")  # _status_on_error re-raises as a status
 
@@ -273,4 +279,23 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
         async with _status_on_error(context):
             return model_to_pb(self._registry.get(validation.model_name(request.name, "name"), field="name"))
+        raise AssertionError("unreachable")
+
+    # -- admin: residency -------------------------------------------------------------------------
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        async with _status_on_error(context):
+            self._lifecycle.check()
+            entry = self._registry.get(validation.model_name(request.name, "name"), field="name")
+            keep_alive = validation.keep_alive(request.keep_alive_s if request.HasField("keep_alive_s") else None)
+            async with self._registry.using(entry, keep_alive):  # raises the load's error (failed, budget)
+                pass
+            return model_to_pb(entry)
+        raise AssertionError("unreachable")
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        async with _status_on_error(context):
+            entry = self._registry.get(validation.model_name(request.name, "name"), field="name")
+            await self._registry.unload(entry)
+            return model_to_pb(entry)
         raise AssertionError("unreachable")

@@ -46,6 +46,7 @@ class ModelConfig:
     # Continuous batching (issue 8): requests decoded together; None: the daemon's `parallel`.
     parallel: int | None = None
     kv_tokens: int = 0  # KV cells in all, split evenly among the parallel sequences; 0: context_length each
+    keep_alive_s: float | None = None  # idle seconds before unloading; None: the daemon's `keep_alive_s`
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,12 @@ class Settings:
     max_queue: int = 8
     # Requests each model decodes at once (continuous batching); 1: one at a time.
     parallel: int = 1
+    # Model residency: seconds a model stays loaded after its last request (< 0: forever; 0: unload at once).
+    keep_alive_s: float = 300.0
+    # Memory the loaded models may take, in MiB; 0: 75% of the machine's memory (or of its cgroup's limit).
+    memory_budget_mb: int = 0
+    # Models loaded at start: "default" (the default model), "all", or "none" (each loads on first use).
+    preload: str = "default"
     # Tokens generated when a request leaves max_tokens unset.
     default_max_tokens: int = 256
     # Seconds SIGTERM/SIGINT wait for in-flight streams before cancelling them.
@@ -300,9 +307,12 @@ def _check(s: Settings) -> None:
     targets = [r.name for r in s.remotes]
     if len(targets) != len(set(targets)) or set(targets) & set(names):
         raise SettingsError("remotes: each name must be unique, and differ from the models' names", field="remotes")
-    for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1), ("parallel", 1)):
+    for name, low in (("threads", 1), ("max_queue", 0), ("default_max_tokens", 1), ("parallel", 1),
+                      ("memory_budget_mb", 0)):
         if getattr(s, name) < low:
             raise SettingsError(f"{name} must be >= {low}", field=name)
+    if s.preload not in ("default", "all", "none"):
+        raise SettingsError("preload must be default, all or none", field="preload")
     if s.drain_grace_s < 0:
         raise SettingsError("drain_grace_s must be >= 0", field="drain_grace_s")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):

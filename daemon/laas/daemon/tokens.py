@@ -7,7 +7,7 @@ stretching is needed for keys nobody chose); the digests are compared with hmac.
 file is reread when it changes, so a revoked token stops working at once, without a restart.
 
 Scopes: `generate` (Generate, Chat, Tokenize, ExplainRoute), `models:read` (ListModels, GetModel),
-`models:admin` (model management calls; none in laas.v1 yet, reserved), `offload` (this client's
+`models:admin` (LoadModel, UnloadModel), `offload` (this client's
 requests may leave the device: without it every request is local-only). Health needs no token.
 """
 

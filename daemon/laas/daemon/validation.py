@@ -84,3 +84,10 @@ def chat_messages(messages: Sequence[tuple[str, str]]) -> tuple[ChatMessage, ...
         out.append(ChatMessage(role=role, content=content))
     _check(total <= MAX_PROMPT_BYTES, "messages", f"must total at most {MAX_PROMPT_BYTES} bytes", total)
     return tuple(out)
+
+
+def keep_alive(value: float | None, field: str = "keep_alive_s") -> float | None:
+    """A keep-alive in seconds: any finite number (< 0: keep loaded; 0: unload when idle); None: unset."""
+    if value is not None:
+        _finite(field, value)
+    return value

@@ -321,9 +321,14 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_S_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name from ListModels, or an alias; empty selects the daemon's default model."""
     prompt: _builtins.str
+    keep_alive_s: _builtins.float
+    """Seconds the local model stays loaded after this request (like Ollama's keep_alive): < 0 keeps it
+    loaded, 0 unloads it when its last stream ends; unset: the model's configured keep_alive_s.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     @_builtins.property
@@ -335,12 +340,15 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         sampling: Global___SamplingParams | None = ...,
         routing: Global___Routing | None = ...,
+        keep_alive_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s", "keep_alive_s", b"keep_alive_s", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s", "keep_alive_s", b"keep_alive_s", "model", b"model", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__keep_alive_s: _TypeAlias = _typing.Literal["keep_alive_s"]  # noqa: Y015
+    _WhichOneofArgType__keep_alive_s: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_alive_s) -> _WhichOneofReturnType__keep_alive_s | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -375,7 +383,12 @@ class ChatRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_S_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    keep_alive_s: _builtins.float
+    """Seconds the local model stays loaded after this request (like Ollama's keep_alive): < 0 keeps it
+    loaded, 0 unloads it when its last stream ends; unset: the model's configured keep_alive_s.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -389,12 +402,15 @@ class ChatRequest(_message.Message):
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         sampling: Global___SamplingParams | None = ...,
         routing: Global___Routing | None = ...,
+        keep_alive_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s", "keep_alive_s", b"keep_alive_s", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s", "keep_alive_s", b"keep_alive_s", "messages", b"messages", "model", b"model", "routing", b"routing", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__keep_alive_s: _TypeAlias = _typing.Literal["keep_alive_s"]  # noqa: Y015
+    _WhichOneofArgType__keep_alive_s: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_alive_s) -> _WhichOneofReturnType__keep_alive_s | None: ...
 
 Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
 
@@ -429,6 +445,7 @@ class Timings(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_MS_FIELD_NUMBER: _builtins.int
+    LOAD_MS_FIELD_NUMBER: _builtins.int
     PROMPT_MS_FIELD_NUMBER: _builtins.int
     DECODE_MS_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
@@ -436,6 +453,8 @@ class Timings(_message.Message):
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Time spent waiting for the model to be free."""
+    load_ms: _builtins.float
+    """Time spent loading the model first (it was not loaded when the request's turn came)."""
     prompt_ms: _builtins.float
     """Prompt evaluation (prefill) time."""
     decode_ms: _builtins.float
@@ -448,6 +467,7 @@ class Timings(_message.Message):
         self,
         *,
         queue_ms: _builtins.float = ...,
+        load_ms: _builtins.float = ...,
         prompt_ms: _builtins.float = ...,
         decode_ms: _builtins.float = ...,
         time_to_first_token_ms: _builtins.float = ...,
@@ -456,7 +476,7 @@ class Timings(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "decode_tokens_per_second", b"decode_tokens_per_second", "prompt_ms", b"prompt_ms", "prompt_tokens_per_second", b"prompt_tokens_per_second", "queue_ms", b"queue_ms", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "decode_tokens_per_second", b"decode_tokens_per_second", "load_ms", b"load_ms", "prompt_ms", b"prompt_ms", "prompt_tokens_per_second", b"prompt_tokens_per_second", "queue_ms", b"queue_ms", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -573,6 +593,10 @@ class Model(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _builtins.int
     QUEUED_REQUESTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_S_FIELD_NUMBER: _builtins.int
+    UNLOADS_IN_S_FIELD_NUMBER: _builtins.int
+    LAST_USED_UNIX_S_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     format: Global___ModelFormat.ValueType
     quantization: _builtins.str
@@ -590,6 +614,14 @@ class Model(_message.Message):
     """Requests running on the model now, and waiting for it."""
     queued_requests: _builtins.int
     error: _builtins.str
+    memory_bytes: _builtins.int
+    """Residency: estimated memory the loaded model takes (weights, KV cache, buffers); 0 when not loaded."""
+    keep_alive_s: _builtins.float
+    """Seconds it stays loaded once idle (the last request's keep_alive_s or the configured one; < 0: always)."""
+    unloads_in_s: _builtins.float
+    """Seconds until it unloads, when it is loaded, idle and due to unload; 0 otherwise."""
+    last_used_unix_s: _builtins.float
+    """When its last request ended (Unix seconds); 0 if never used."""
     def __init__(
         self,
         *,
@@ -606,10 +638,14 @@ class Model(_message.Message):
         active_requests: _builtins.int = ...,
         queued_requests: _builtins.int = ...,
         error: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        keep_alive_s: _builtins.float = ...,
+        unloads_in_s: _builtins.float = ...,
+        last_used_unix_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "architecture", b"architecture", "context_length", b"context_length", "error", b"error", "format", b"format", "is_default", b"is_default", "loaded", b"loaded", "name", b"name", "quantization", b"quantization", "queued_requests", b"queued_requests", "size_bytes", b"size_bytes", "state", b"state", "trained_context_length", b"trained_context_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "architecture", b"architecture", "context_length", b"context_length", "error", b"error", "format", b"format", "is_default", b"is_default", "keep_alive_s", b"keep_alive_s", "last_used_unix_s", b"last_used_unix_s", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "name", b"name", "quantization", b"quantization", "queued_requests", b"queued_requests", "size_bytes", b"size_bytes", "state", b"state", "trained_context_length", b"trained_context_length", "unloads_in_s", b"unloads_in_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,6 +817,52 @@ class GetStatsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_S_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Empty selects the default model."""
+    keep_alive_s: _builtins.float
+    """Seconds it stays loaded once idle; unset: the model's configured keep_alive_s."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        keep_alive_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s", "keep_alive_s", b"keep_alive_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s", "keep_alive_s", b"keep_alive_s", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__keep_alive_s: _TypeAlias = _typing.Literal["keep_alive_s"]  # noqa: Y015
+    _WhichOneofArgType__keep_alive_s: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_alive_s) -> _WhichOneofReturnType__keep_alive_s | None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Empty selects the default model."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
 
 @_typing.final
 class Sample(_message.Message):

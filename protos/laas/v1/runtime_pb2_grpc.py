@@ -71,6 +71,16 @@ class RuntimeStub:
                 request_serializer=laas_dot_v1_dot_runtime__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=laas_dot_v1_dot_runtime__pb2.Stats.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/laas.v1.Runtime/LoadModel',
+                request_serializer=laas_dot_v1_dot_runtime__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=laas_dot_v1_dot_runtime__pb2.Model.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/laas.v1.Runtime/UnloadModel',
+                request_serializer=laas_dot_v1_dot_runtime__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=laas_dot_v1_dot_runtime__pb2.Model.FromString,
+                _registered_method=True)
 
 
 class RuntimeServicer:
@@ -129,6 +139,22 @@ class RuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Loads a model now (admin scope) and keeps it loaded for keep_alive_s idle seconds; it is not
+        loaded when it does not fit the memory budget beside busy models (RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unloads a model (admin scope): at once when idle, else as soon as its streams end; a model with
+        a stream running is never unloaded under it. The reply shows which (state, keep_alive_s = 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +192,16 @@ def add_RuntimeServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=laas_dot_v1_dot_runtime__pb2.GetStatsRequest.FromString,
                     response_serializer=laas_dot_v1_dot_runtime__pb2.Stats.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=laas_dot_v1_dot_runtime__pb2.LoadModelRequest.FromString,
+                    response_serializer=laas_dot_v1_dot_runtime__pb2.Model.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=laas_dot_v1_dot_runtime__pb2.UnloadModelRequest.FromString,
+                    response_serializer=laas_dot_v1_dot_runtime__pb2.Model.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +395,60 @@ class Runtime:
             '/laas.v1.Runtime/GetStats',
             laas_dot_v1_dot_runtime__pb2.GetStatsRequest.SerializeToString,
             laas_dot_v1_dot_runtime__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laas.v1.Runtime/LoadModel',
+            laas_dot_v1_dot_runtime__pb2.LoadModelRequest.SerializeToString,
+            laas_dot_v1_dot_runtime__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laas.v1.Runtime/UnloadModel',
+            laas_dot_v1_dot_runtime__pb2.UnloadModelRequest.SerializeToString,
+            laas_dot_v1_dot_runtime__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,

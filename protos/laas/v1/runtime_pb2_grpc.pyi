@@ -56,6 +56,14 @@ class RuntimeStub:
     status, time to first token and inter-token histograms, queue depth, active requests, KV cache
     use, prefix-cache hits, model state, remote targets' circuits.
     """
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.LoadModelRequest, _runtime_pb2.Model]
+    """Loads a model now (admin scope) and keeps it loaded for keep_alive_s idle seconds; it is not
+    loaded when it does not fit the memory budget beside busy models (RESOURCE_EXHAUSTED).
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.UnloadModelRequest, _runtime_pb2.Model]
+    """Unloads a model (admin scope): at once when idle, else as soon as its streams end; a model with
+    a stream running is never unloaded under it. The reply shows which (state, keep_alive_s = 0).
+    """
 
 @_typing.type_check_only
 class RuntimeAsyncStub(RuntimeStub):
@@ -80,6 +88,14 @@ class RuntimeAsyncStub(RuntimeStub):
     """The daemon's metrics (the samples its Prometheus endpoint serves): requests by model, route and
     status, time to first token and inter-token histograms, queue depth, active requests, KV cache
     use, prefix-cache hits, model state, remote targets' circuits.
+    """
+    LoadModel: _aio.UnaryUnaryMultiCallable[_runtime_pb2.LoadModelRequest, _runtime_pb2.Model]  # type: ignore[assignment]
+    """Loads a model now (admin scope) and keeps it loaded for keep_alive_s idle seconds; it is not
+    loaded when it does not fit the memory budget beside busy models (RESOURCE_EXHAUSTED).
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_runtime_pb2.UnloadModelRequest, _runtime_pb2.Model]  # type: ignore[assignment]
+    """Unloads a model (admin scope): at once when idle, else as soon as its streams end; a model with
+    a stream running is never unloaded under it. The reply shows which (state, keep_alive_s = 0).
     """
 
 class RuntimeServicer(metaclass=_abc_1.ABCMeta):
@@ -144,6 +160,26 @@ class RuntimeServicer(metaclass=_abc_1.ABCMeta):
         """The daemon's metrics (the samples its Prometheus endpoint serves): requests by model, route and
         status, time to first token and inter-token histograms, queue depth, active requests, KV cache
         use, prefix-cache hits, model state, remote targets' circuits.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _runtime_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.Model, _abc.Awaitable[_runtime_pb2.Model]]:
+        """Loads a model now (admin scope) and keeps it loaded for keep_alive_s idle seconds; it is not
+        loaded when it does not fit the memory budget beside busy models (RESOURCE_EXHAUSTED).
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _runtime_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.Model, _abc.Awaitable[_runtime_pb2.Model]]:
+        """Unloads a model (admin scope): at once when idle, else as soon as its streams end; a model with
+        a stream running is never unloaded under it. The reply shows which (state, keep_alive_s = 0).
         """
 
 def add_RuntimeServicer_to_server(servicer: RuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from laas.daemon.engine import Completion, FinishReason, GenerationChunk, TextDelta, Timings, Usage
-from laas.daemon.errors import NotFound, OutOfRange, TargetFailed, Unavailable
+from laas.daemon.errors import NotFound, OutOfRange, ResourceExhausted, TargetFailed, Unavailable
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
 from laas.router.redact import Redaction
@@ -100,8 +100,8 @@ class Router:
     async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None) -> Plan:
         local, remotes = self.targets_for(model)
         if local is not None and (not remotes or policy is Policy.LOCAL_ONLY):
-            local.entry.ready_engine()  # the device alone: its own error (loading, failed) is the answer
-        prompt_tokens = await self._count(request, local, policy)
+            local.entry.check_servable()  # the device alone: its own error (fetching, failed) is the answer
+        prompt_tokens = await self._count(request, local)
         query = Query(prompt_tokens, request.sampling.max_tokens, self._default_max_tokens, policy, budget_ms)
         max_tokens = request.sampling.max_tokens or self._default_max_tokens
         estimates = ([local.estimate(prompt_tokens, self._granted(local, prompt_tokens, request))] if local else [])
@@ -114,15 +114,17 @@ class Router:
             return request.sampling.max_tokens
         return max(min(self._default_max_tokens, target.context_length - prompt_tokens), 1)
 
-    async def _count(self, request: RoutedRequest, local: LocalTarget | None, policy: Policy) -> int:
-        try:
-            return await self.count_tokens(request, local)
-        except Unavailable:
-            if local is not None and policy is Policy.LOCAL_ONLY:
-                raise
-            # The device cannot count now (loading): estimate from the text, about 4 bytes a token.
-            text = request.prompt or "".join(m.content for m in request.messages)
-            return len(text.encode()) // 4 + 1
+    async def _count(self, request: RoutedRequest, local: LocalTarget | None) -> int:
+        counter = local.entry if local is not None else self._registry.default
+        if counter.engine is not None:
+            try:
+                return await self.count_tokens(request, local)
+            except Unavailable:  # unloaded meanwhile
+                pass
+        # The model is not loaded (it loads if the request runs here; planning does not load it):
+        # estimate from the text, about 4 bytes a token. The bound request is counted exactly.
+        text = request.prompt or "".join(m.content for m in request.messages)
+        return len(text.encode()) // 4 + 1
 
     async def run(self, plan: Plan) -> AsyncGenerator[GenerationChunk | RouteChange | Redaction, None]:
         delivered: list[str] = []
@@ -162,8 +164,10 @@ class Router:
                 return
             except TargetFailed as e:
                 failures.append(str(e))
-            except (OutOfRange, Unavailable) as e:
-                if not failures:
+            except (OutOfRange, Unavailable, ResourceExhausted) as e:
+                # e.g. the continued prompt no longer fits; a model not loaded found the prompt longer than
+                # its estimate, or no room in the memory budget: the next target, if any, takes it
+                if not failures and estimate is plan.decision.order[-1]:
                     raise
-                failures.append(f"{target.name}: {e}")  # e.g. the continued prompt no longer fits
+                failures.append(f"{target.name}: {e}")
         raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")

@@ -36,6 +36,7 @@ class RoutedRequest:
     sampling: SamplingParams
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
+    keep_alive_s: float | None = None  # how long a local model stays loaded after this request
 
     def continued(self, delivered: str, max_tokens: int) -> RoutedRequest:
         """The same request, resumed after `delivered` was already streamed to the client."""
@@ -60,17 +61,26 @@ class LocalTarget:
     @property
     def context_length(self) -> int:
         info = self.entry.info
-        return info.context_length if info else 0
+        return info.context_length if info else self.entry.config.context_length
+
+    def load_ms(self) -> float:
+        """Time to load the model before it can start: 0 when loaded; the last load, or a guess from its size."""
+        entry = self.entry
+        if entry.state is ModelState.READY:
+            return 0.0
+        return entry.load_ms or 200.0 + entry.size_bytes / 400_000  # ~400 MB/s from the page cache or disk
 
     def estimate(self, prompt_tokens: int, max_tokens: int) -> Estimate:
-        ready = self.entry.state is ModelState.READY
-        reason = "" if ready else f"model is {self.entry.state.value}"
-        predicted = self.estimator.predict_ms(prompt_tokens, max_tokens, self._clock())
-        return Estimate(self.name, self.kind, self.context_length, ready, predicted, reason)
+        entry = self.entry
+        servable = entry.servable  # a model that is not loaded loads on use: it costs its load time
+        reason = "" if servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
+        predicted = self.estimator.predict_ms(prompt_tokens, max_tokens, self._clock()) + self.load_ms()
+        return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason)
 
-    async def render(self, request: RoutedRequest, resumed_from: str = "") -> GenerationRequest:
+    async def render(self, request: RoutedRequest, resumed_from: str = "", engine: Engine | None = None
+                     ) -> GenerationRequest:
         """The engine-level request: chat rendered with the model's template, prompt tokens counted."""
-        engine = self.entry.ready_engine()
+        engine = engine or self.entry.ready_engine()
         if request.messages and not resumed_from:
             bound = await engine.render_chat(request.messages)
         elif request.messages:  # resume inside the assistant's turn, not as a new message
@@ -81,9 +91,10 @@ class LocalTarget:
         tokens = await engine.tokenize(bound.prompt, add_special=bound.add_special)
         return replace(bound, sampling=request.sampling, prompt_tokens=tuple(tokens), messages=request.messages)
 
-    async def bind(self, request: RoutedRequest, resumed_from: str = "") -> GenerationRequest:
+    async def bind(self, request: RoutedRequest, resumed_from: str = "", engine: Engine | None = None
+                   ) -> GenerationRequest:
         """render(), with the token budget granted within the context window (OutOfRange if none fits)."""
-        bound = await self.render(request, resumed_from)
+        bound = await self.render(request, resumed_from, engine)
         granted = admit(len(bound.prompt_tokens or ()), request.sampling.max_tokens, self.context_length,
                         self._default_max_tokens)
         return replace(bound, sampling=replace(request.sampling, max_tokens=granted.max_tokens))
@@ -95,8 +106,14 @@ class LocalTarget:
         ticket = self.estimator.admit(self.estimator.service_ms(prompt_tokens, max_tokens))
         started = False
         try:
-            bound = await self.bind(request, resumed_from)
-            async for chunk in self._registry.run(self.entry, bound):
+            # A loaded model checks the request before it queues (a prompt too long fails at once);
+            # one that is not loaded checks it once loaded, in its turn.
+            early = await self.bind(request, resumed_from) if self.entry.state is ModelState.READY else None
+
+            async def bind(engine: Engine) -> GenerationRequest:
+                return early if early is not None else await self.bind(request, resumed_from, engine)
+
+            async for chunk in self._registry.run(self.entry, bind, request.keep_alive_s):
                 if not started:
                     self.estimator.start(ticket, self._clock() - 1e-3)
                     started = True
