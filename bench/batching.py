@@ -141,7 +141,7 @@ def _pad(n: int, to: int = 256) -> int:
 
 
 def kv_cells(context_length: int, trained: int, parallel: int, kv_tokens: int) -> int:
-    """The KV cells llama.cpp allocates for laasd's model config (gguf_batched.py / gguf.py, llama-context.cpp):
+    """The KV cells llama.cpp allocates for laasd's model config (backends/gguf.py, llama-context.cpp):
     n_ctx padded to 256; without a unified cache, each of the n_seq_max streams gets n_ctx / n_seq_max padded."""
     n_ctx = min(context_length, trained or context_length)
     if parallel <= 1:

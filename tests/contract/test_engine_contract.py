@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from laas.daemon.backends.gguf import GgufEngine
-from laas.daemon.backends.gguf_batched import BatchedGgufEngine
 from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.engine import (
     ChatMessage,
@@ -43,7 +42,7 @@ async def _onnx(request: pytest.FixtureRequest) -> Engine:
 
 async def _gguf_batched(request: pytest.FixtureRequest) -> Engine:
     model_file: Path = request.getfixturevalue("model_file")
-    return await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+    return await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
                                         parallel=4)
 
 

@@ -1,4 +1,4 @@
-"""Continuous batching (BatchedGgufEngine) with the real model, in-process: streams that share decode
+"""Continuous batching (GgufEngine with parallel > 1) with the real model, in-process: streams that share decode
 steps produce what each produces alone, leave and join between steps, and reuse cached prefixes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from laas.client import Client, ResourceExhausted
-from laas.daemon.backends.gguf_batched import BatchedGgufEngine
+from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.engine import ChatMessage, Completion, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.gguf_header import read_gguf_header
 from tests.daemon_process import DaemonProcess
@@ -22,8 +22,8 @@ PROMPTS = ("Once upon a time", "1, 2, 3,", "The capital of France is", "def fib(
 
 
 @pytest.fixture(scope="module")
-async def engine(model_file: Path) -> AsyncIterator[BatchedGgufEngine]:
-    eng = await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+async def engine(model_file: Path) -> AsyncIterator[GgufEngine]:
+    eng = await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
                                        parallel=4, prefill_chunk=64)
     yield eng
     await eng.aclose()
@@ -33,7 +33,7 @@ def _greedy(prompt: str, n: int = 16) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
 
-async def _collect(engine: BatchedGgufEngine, request: GenerationRequest) -> tuple[str, Completion]:
+async def _collect(engine: GgufEngine, request: GenerationRequest) -> tuple[str, Completion]:
     text, done = [], None
     async for chunk in engine.generate(request):
         if isinstance(chunk, TextDelta):
@@ -44,7 +44,7 @@ async def _collect(engine: BatchedGgufEngine, request: GenerationRequest) -> tup
     return "".join(text), done
 
 
-async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine: BatchedGgufEngine) -> None:
+async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine: GgufEngine) -> None:
     alone = [(await _collect(engine, _greedy(p)))[0] for p in PROMPTS]
     steps = engine.stats().steps
     together = await asyncio.gather(*(_collect(engine, _greedy(p)) for p in PROMPTS))
@@ -54,7 +54,7 @@ async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine
     assert engine.stats().steps - steps < 30
 
 
-async def test_streams_joining_at_different_steps_are_unaffected(engine: BatchedGgufEngine) -> None:
+async def test_streams_joining_at_different_steps_are_unaffected(engine: GgufEngine) -> None:
     alone = {p: (await _collect(engine, _greedy(p, 12)))[0] for p in PROMPTS}
 
     async def late(p: str, delay: float) -> str:
@@ -65,7 +65,7 @@ async def test_streams_joining_at_different_steps_are_unaffected(engine: Batched
     assert dict(zip(PROMPTS, got, strict=True)) == alone
 
 
-async def test_a_cancelled_stream_frees_its_sequence(engine: BatchedGgufEngine) -> None:
+async def test_a_cancelled_stream_frees_its_sequence(engine: GgufEngine) -> None:
     long = GenerationRequest(prompt="Once upon a time", sampling=SamplingParams(max_tokens=400, ignore_eos=True))
     streams = [engine.generate(long) for _ in range(4)]
     for s in streams:
@@ -81,7 +81,7 @@ async def test_a_cancelled_stream_frees_its_sequence(engine: BatchedGgufEngine) 
     assert engine.stats().active == 0
 
 
-async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: BatchedGgufEngine) -> None:
+async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: GgufEngine) -> None:
     arrivals: list[float] = []
     first_of_long: list[float] = []
 
@@ -109,7 +109,7 @@ async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: 
     assert len(during) >= 4, f"the running stream got {len(during)} tokens while the long prompt was prefilled"
 
 
-async def test_a_follow_up_chat_turn_reuses_the_cached_prefix(engine: BatchedGgufEngine) -> None:
+async def test_a_follow_up_chat_turn_reuses_the_cached_prefix(engine: GgufEngine) -> None:
     history = [ChatMessage("system", "You are a helpful assistant. " * 20), ChatMessage("user", "Name a colour.")]
     first = await engine.render_chat(history)
     first_tokens = await engine.tokenize(first.prompt, add_special=first.add_special)
@@ -127,7 +127,7 @@ async def test_a_follow_up_chat_turn_reuses_the_cached_prefix(engine: BatchedGgu
 
 
 async def test_the_kv_budget_is_split_among_the_sequences(model_file: Path) -> None:
-    eng = await BatchedGgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+    eng = await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
                                        parallel=2, kv_tokens=512)
     try:
         assert eng.info.context_length == 256 and eng.stats().kv_cells == 512

@@ -268,7 +268,9 @@ class ModelRegistry:
             entry.memory_bytes = await asyncio.to_thread(self._describe_file, entry, path)
             await self._make_room(entry, entry.memory_bytes)
             threads = entry.config.threads or self._settings.threads
-            config = replace(entry.config, parallel=entry.queue.parallel)  # the daemon's default resolved
+            config = replace(entry.config, parallel=entry.queue.parallel,  # the daemon's defaults resolved
+                             flash_attn=self._settings.flash_attn if entry.config.flash_attn is None
+                             else entry.config.flash_attn)
             entry.engine = await self._loader(path, entry.header, config, threads)
             entry.size_bytes = entry.engine.info.size_bytes
         except MemoryBudgetExceeded:

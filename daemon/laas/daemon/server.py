@@ -29,7 +29,6 @@ from grpc_reflection.v1alpha import reflection
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.gguf import GgufEngine
-from laas.daemon.backends.gguf_batched import BatchedGgufEngine
 from laas.daemon.engine import Engine
 from laas.daemon.errors import LaasError, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
@@ -59,14 +58,13 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
                  "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "dangerously_listen_without_tls_or_tokens",
                  "audit_log", "audit_prompts", "local_only", "local_only_models", "redact_cloud", "redact_peers",
                  "redact_patterns", "max_tokens_limit", "max_streams_per_token", "parallel", "metrics_listen",
-                 "keep_alive_s", "memory_budget_mb", "preload")
+                 "keep_alive_s", "memory_budget_mb", "preload", "flash_attn")
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
-    if config.parallel and config.parallel > 1:  # continuous batching (issue 8)
-        return await BatchedGgufEngine.load(path, header, context_length=config.context_length, threads=threads,
-                                            parallel=config.parallel, kv_tokens=config.kv_tokens)
-    return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads)
+    return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
+                                 parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
+                                 flash_attn=bool(config.flash_attn))
 
 
 async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:

@@ -47,6 +47,7 @@ class ModelConfig:
     parallel: int | None = None
     kv_tokens: int = 0  # KV cells in all, split evenly among the parallel sequences; 0: context_length each
     keep_alive_s: float | None = None  # idle seconds before unloading; None: the daemon's `keep_alive_s`
+    flash_attn: bool | None = None  # GGUF: llama.cpp's flash attention; None: the daemon's `flash_attn`
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ class Settings:
     max_queue: int = 8
     # Requests each model decodes at once (continuous batching); 1: one at a time.
     parallel: int = 1
+    # GGUF: llama.cpp's flash attention kernel (faster on CPU; a greedy stream may then differ slightly in
+    # company from what it says alone).
+    flash_attn: bool = False
     # Model residency: seconds a model stays loaded after its last request (< 0: forever; 0: unload at once).
     keep_alive_s: float = 300.0
     # Memory the loaded models may take, in MiB; 0: 75% of the machine's memory (or of its cgroup's limit).

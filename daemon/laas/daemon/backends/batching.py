@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
+
 from laas.daemon.engine import Completion, FinishReason, GenerationRequest, TextDelta, Timings, Usage
 from laas.daemon.errors import InvalidArgument, LaasError, ModelLoadError
 from laas.daemon.stops import StopMatcher
@@ -95,6 +97,8 @@ class Scheduler:
         self._model = model
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx.ctx)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(model.vocab))
+        self._pieces: dict[int, bytes] = {}  # token id -> its text's bytes (detokenized once)
         self.kv_cells = int(llama_cpp.llama_n_ctx(ctx.ctx))
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))  # cells of each sequence's own KV stream
         self._n_batch = n_batch
@@ -248,7 +252,8 @@ class Scheduler:
                 outputs.append((n, seq))
                 added.append((seq, [seq.next_token]))
                 n += 1
-        budget = min(self._n_batch - n, self._prefill_chunk)
+        # Prompts are prefilled a chunk a step beside running streams; with none running, a whole batch.
+        budget = self._n_batch if n == 0 else min(self._n_batch - n, self._prefill_chunk)
         for seq in sorted((s for s in running if s.next_token is None), key=lambda s: s.submitted_at):
             if budget <= 0:
                 break
@@ -288,7 +293,11 @@ class Scheduler:
         b.logits[i] = logits
 
     def _sample(self, seq: Sequence, index: int) -> None:
-        token = int(seq.sampler.sample(self._ctx, index))
+        if seq.sampler is None:  # greedy: the first of the largest logits, as llama.cpp's greedy sampler picks
+            logits = self._lib.llama_get_logits_ith(self._ctx.ctx, index)
+            token = int(numpy.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+        else:
+            token = int(seq.sampler.sample(self._ctx, index))
         now = time.perf_counter()
         if seq.completion == 0:
             seq.first_token_at = now
@@ -301,7 +310,9 @@ class Scheduler:
         if not s.ignore_eos and self._lib.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, FinishReason.STOP)
             return
-        piece = self._model.detokenize([token], special=False)
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._model.detokenize([token], special=False)
         text = seq.stops.feed(seq.decoder.decode(piece))
         if text:
             seq.emit(TextDelta(text))

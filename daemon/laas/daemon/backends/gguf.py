@@ -1,207 +1,226 @@
-"""The GGUF engine: llama-cpp-python behind the Engine interface.
+"""The GGUF engine: llama.cpp through llama-cpp-python's low-level API; concurrent requests share decode steps.
 
-Layer: infrastructure. One llama.cpp context serves one request at a time (the model's queue sees to
-that). Each generation runs in the engine's own worker thread, which hands text deltas to the event
-loop and checks a stop flag before every decode step, so a cancelled or expired request frees the
-model within one step. ctypes releases the GIL during native calls, so the loop keeps serving.
+Layer: infrastructure. The model and one llama.cpp context with `parallel` sequence ids (1 by default:
+one request at a time, the others wait in the model's queue) are
+driven by a Scheduler thread (batching.py); this class is the Engine face of it: it tokenizes,
+renders chat, submits a sequence per generate() call and relays what the scheduler emits to the
+event loop. Closing the iterator cancels the sequence; the scheduler drops it before its next step,
+and generate() waits for that, so no token is decoded for it afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import functools
-import logging
-import threading
-import time
-from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from laas.daemon.backends.worker import stream_from_worker
+from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
+from laas.daemon.backends.batching import Sequence as BatchSequence
+from laas.daemon.backends.gguf_chat import chat_formatter
 from laas.daemon.engine import (
     ChatMessage,
-    Completion,
     Engine,
-    FinishReason,
     GenerationChunk,
     GenerationRequest,
     ModelFormat,
     ModelInfo,
-    TextDelta,
-    Timings,
-    Usage,
 )
-from laas.daemon.errors import InvalidArgument, ModelLoadError
+from laas.daemon.errors import LaasError, ModelLoadError, OutOfRange
 from laas.daemon.gguf_header import GgufHeader
-from laas.daemon.stops import StopMatcher
 
-log = logging.getLogger(__name__)
+PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
 
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What the engine is doing now, and has done (counters since load)."""
+
+    parallel: int
+    active: int
+    waiting: int
+    kv_cells: int
+    kv_used: int
+    steps: int
+    prefix_hits: int
+    prefix_cached_tokens: int
+    prompt_tokens: int
+    decoded_tokens: int
 
 
 class GgufEngine(Engine):
-    """Serves one GGUF file. Construct with :meth:`load` (it runs the slow native load off the loop)."""
+    """Serves one GGUF file to up to `parallel` requests at once. Construct with :meth:`load`."""
 
-    def __init__(self, llm: Any, header: GgufHeader, context_length: int) -> None:
-        self._llm = llm
-        self._header = header
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf")
-        self._closing = threading.Event()  # stops any generation still running when the engine closes
-        self._info = ModelInfo(
-            format=ModelFormat.GGUF,
-            quantization=header.quantization,
-            context_length=context_length,
-            trained_context_length=header.context_length,
-            size_bytes=header.size_bytes,
-            architecture=header.architecture,
-            chat_template=header.chat_template,
-        )
-        self._formatter = chat_formatter(llm._model, header)
+    def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
+                 n_batch: int, prefill_chunk: int) -> None:
         import llama_cpp
 
-        self._is_eog = llama_cpp.llama_vocab_is_eog
-        self._vocab = llm._model.vocab
-        self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a fresh seed for this value
+        self._lib = llama_cpp
+        self._model = model
+        self._ctx = ctx
+        self._header = header
+        self._n_vocab = int(model.n_vocab())
+        self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
+        self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
+                                    make_sampler=self._make_sampler, on_token=self._count_token)
+        self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
+            format=ModelFormat.GGUF, quantization=header.quantization,
+            context_length=min(context_length, self._scheduler.n_ctx),
+            trained_context_length=header.context_length, size_bytes=header.size_bytes,
+            architecture=header.architecture, chat_template=header.chat_template,
+        )
+        self._formatter = chat_formatter(model, header)
 
     @classmethod
-    async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int) -> GgufEngine:
-        def _load() -> Any:
-            import llama_cpp  # deferred: importing it loads the native library
+    async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
+                   kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: bool = False) -> GgufEngine:
+        """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each)."""
+        n_ctx = min(context_length, header.context_length or context_length)
+        n_batch = min(512, max(n_ctx, parallel))
 
+        def _load() -> tuple[Any, Any]:
+            import llama_cpp  # deferred: importing it loads the native library
+            from llama_cpp import _internals
+            from llama_cpp._logger import set_verbose
+
+            set_verbose(False)
+            llama_cpp.llama_backend_init()
+            mparams = llama_cpp.llama_model_default_params()
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = kv_tokens or n_ctx * parallel
+            cparams.n_batch = cparams.n_ubatch = n_batch
+            cparams.n_seq_max = parallel
+            # A KV stream of its own per sequence: a sequence attends over the same cells in the same
+            # order whoever shares the step, so its numbers (and a greedy stream's text) do not depend
+            # on its company. (A unified cache interleaves the sequences' cells, which changes how the
+            # SIMD lanes sum attention, and a greedy stream can then diverge.)
+            cparams.kv_unified = False
+            cparams.n_threads = cparams.n_threads_batch = threads
+            cparams.no_perf = True
+            # Off by default: the CPU flash attention kernel sums differently for different batch shapes, so a
+            # greedy stream in company diverges from its text alone more often (measured: 3 of 36 streams vs
+            # none; without it the batch shape still changes the matrix kernels, so it is rare, not impossible).
+            cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
             try:
-                return llama_cpp.Llama(
-                    model_path=str(path), n_ctx=context_length, n_threads=threads, n_threads_batch=threads,
-                    n_batch=min(512, context_length), verbose=False,
-                )
+                model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+                try:
+                    ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
+                except BaseException:
+                    model.close()  # type: ignore[no-untyped-call]
+                    raise
             except (ValueError, RuntimeError, OSError) as e:
                 raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
+            return model, ctx
 
-        n_ctx = min(context_length, header.context_length or context_length)
-        llm = await asyncio.to_thread(_load)
-        return cls(llm, header, n_ctx)
+        model, ctx = await asyncio.to_thread(_load)
+        return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk)
 
     @property
     def info(self) -> ModelInfo:
         return self._info
 
+    def stats(self) -> BatchStats:
+        s: SchedulerStats = self._scheduler.stats
+        return BatchStats(
+            parallel=len(self._scheduler.slots), active=self._scheduler.active, waiting=self._scheduler.waiting,
+            kv_cells=self._scheduler.kv_cells, kv_used=self._scheduler.kv_used, steps=s.steps,
+            prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens, prompt_tokens=s.prompt_tokens,
+            decoded_tokens=s.decoded_tokens,
+        )
+
+    def _count_token(self) -> None:
+        self.decoded_tokens += 1
+
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         return await asyncio.to_thread(self._tokenize, text, add_special)
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         if self._formatter is None:
             raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
         return self._formatter([{"role": m.role, "content": m.content} for m in messages])
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        blocking = functools.partial(self._generate_blocking, request)
-        async for chunk in stream_from_worker(self._executor, blocking, "llama.cpp"):
-            yield chunk
+    def _make_sampler(self, request: GenerationRequest) -> Any:
+        """The request's own sampler chain, as llama-cpp-python's Llama builds it (same results); None for
+        plain greedy decoding (no penalties), which the scheduler does itself: an argmax over the logits."""
+        from llama_cpp import _internals
 
-    def _generate_blocking(self, request: GenerationRequest, stop_flag: threading.Event,
-                           emit: Callable[[object], None]) -> None:
         s = request.sampling
-        llm = self._llm
-        prompt = list(request.prompt_tokens or self._tokenize(request.prompt, True))
-        max_tokens = s.max_tokens or 1
-        llm.set_seed(s.seed if s.seed is not None else self._random_seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(s.stop + request.template_stops)
-        start = time.perf_counter()
-        first_token_at = 0.0
-        completion = 0
-        finish = FinishReason.LENGTH
-        cached = _cached_prefix(llm, prompt)
-        tokens = llm.generate(
-            prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
-            repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, reset=True,
-        )
+        if s.temperature == 0.0 and (s.repeat_penalty, s.frequency_penalty, s.presence_penalty) == (1.0, 0.0, 0.0):
+            return None
+        sampler: Any = _internals.LlamaSampler()  # type: ignore[no-untyped-call]
+        sampler.add_penalties(n_vocab=self._n_vocab, penalty_last_n=64, penalty_repeat=s.repeat_penalty,
+                              penalty_freq=s.frequency_penalty, penalty_present=s.presence_penalty)
+        if s.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(s.top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(s.top_p, 1)
+            sampler.add_min_p(s.min_p, 1)
+            sampler.add_temp(s.temperature)
+            sampler.add_dist(s.seed if s.seed is not None else self._random_seed)
+        return sampler
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        loop = asyncio.get_running_loop()
+        prompt = list(request.prompt_tokens or await self.tokenize(request.prompt, add_special=request.add_special))
+        check_prompt(prompt)
+        if len(prompt) >= self._info.context_length:
+            raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of "
+                             f"{self._info.context_length}", field="prompt")
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        left = loop.create_future()
+
+        def emit(item: object) -> None:
+            # A stream abandoned at shutdown: the loop is closed and nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, queue, left, item)
+
+        seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit)
+        self._scheduler.submit(seq)
         try:
-            while completion < max_tokens and not stop_flag.is_set() and not self._closing.is_set():
-                token = next(tokens)
-                if completion == 0:
-                    first_token_at = time.perf_counter()
-                completion += 1
-                self.decoded_tokens += 1
-                if not s.ignore_eos and self._is_eog(self._vocab, token):
-                    finish = FinishReason.STOP
+            while True:
+                item = await queue.get()
+                if item is END:
                     break
-                piece = llm.detokenize([token], special=False)
-                text = stops.feed(decoder.decode(piece))
-                if text:
-                    emit(TextDelta(text))
-                if stops.stopped:
-                    finish = FinishReason.STOP
-                    break
+                if isinstance(item, LaasError):
+                    raise item
+                yield cast(GenerationChunk, item)
         finally:
-            tokens.close()
-        # Bytes of a character cut off by max_tokens are dropped, not sent as U+FFFD.
-        tail = stops.flush()
-        if tail:
-            emit(TextDelta(tail))
-        end = time.perf_counter()
-        first_token_at = first_token_at or end
-        prompt_ms = (first_token_at - start) * 1000
-        emit(Completion(
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion, cached_prompt_tokens=cached),
-            timings=Timings(prompt_ms=prompt_ms, decode_ms=(end - first_token_at) * 1000),
-        ))
+            seq.cancel.set()
+            self._scheduler.wake()
+            await _wait_through_cancellation(left)
 
     async def check_health(self) -> None:
-        if self._executor._shutdown:
+        if not self._scheduler.alive:
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
-        # A stream abandoned at shutdown may never be finalized: stop its worker here, and wait for it
-        # off the event loop, which must stay free to finalize what it can.
-        self._closing.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            await asyncio.to_thread(llm.close)
+        await asyncio.to_thread(self._scheduler.close)
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            await asyncio.to_thread(ctx.close)
+        model, self._model = self._model, None
+        if model is not None:
+            await asyncio.to_thread(model.close)
 
 
-def _cached_prefix(llm: Any, prompt: list[int]) -> int:
-    """Prompt tokens llama.cpp will reuse from its KV cache (it re-evaluates the last one of a full match)."""
-    cached = 0
-    for have, want in zip(llm._input_ids[: llm.n_tokens], prompt, strict=False):
-        if have != want:
-            break
-        cached += 1
-    return min(cached, len(prompt) - 1)
+def _deliver(queue: asyncio.Queue[object], left: asyncio.Future[None], item: object) -> None:
+    queue.put_nowait(item)
+    if item is END and not left.done():
+        left.set_result(None)
 
 
-def chat_formatter(model: Any, header: GgufHeader) -> Callable[[list[dict[str, str]]], GenerationRequest] | None:
-    """A renderer for the model's embedded chat template, in llama-cpp-python's sandboxed Jinja env.
-
-    `model` is llama-cpp-python's LlamaModel (the vocabulary names the template's BOS/EOS tokens)."""
-    template = header.chat_template
-    if not template:
-        return None
-    import jinja2
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    def token_text(token_id: int) -> str:
-        return str(model.token_get_text(token_id)) if token_id >= 0 else ""
-
-    formatter = Jinja2ChatFormatter(
-        template=template, eos_token=token_text(model.token_eos()), bos_token=token_text(model.token_bos()),
-        add_generation_prompt=True,
-    )
-
-    def render(messages: list[dict[str, str]]) -> GenerationRequest:
+async def _wait_through_cancellation(left: asyncio.Future[None]) -> None:
+    """Waits until the scheduler has dropped the sequence, even if this task is cancelled meanwhile."""
+    while not left.done():
         try:
-            result = formatter(messages=messages)  # type: ignore[arg-type]
-        except (ValueError, jinja2.TemplateError) as e:  # the template's raise_exception, or a sandbox refusal
-            raise InvalidArgument(f"messages: the model's chat template refused them: {e}", field="messages") from e
-        stop = result.stop
-        stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
-        return GenerationRequest(prompt=result.prompt, template_stops=stops, add_special=not result.added_special)
-
-    return render
+            await asyncio.shield(left)
+        except asyncio.CancelledError:
+            continue
