@@ -269,8 +269,7 @@ class ModelRegistry:
             await self._make_room(entry, entry.memory_bytes)
             threads = entry.config.threads or self._settings.threads
             config = replace(entry.config, parallel=entry.queue.parallel,  # the daemon's defaults resolved
-                             flash_attn=self._settings.flash_attn if entry.config.flash_attn is None
-                             else entry.config.flash_attn)
+                             flash_attn=entry.config.flash_attn or self._settings.flash_attn)
             entry.engine = await self._loader(path, entry.header, config, threads)
             entry.size_bytes = entry.engine.info.size_bytes
         except MemoryBudgetExceeded:

@@ -64,7 +64,8 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
-                                 flash_attn=bool(config.flash_attn))
+                                 flash_attn=config.flash_attn == "on" or (config.flash_attn in (None, "auto")
+                                                                          and (config.parallel or 1) == 1))
 
 
 async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:

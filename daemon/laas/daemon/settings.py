@@ -25,6 +25,7 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 ENV_PREFIX = "LAAS_"
 # gguf: a .gguf file; onnx: a laas ONNX package folder (see onnx_package.py)
 MODEL_FORMATS = ("gguf", "onnx")
+FLASH_ATTN = ("auto", "on", "off")
 
 
 class SettingsError(InvalidArgument):
@@ -47,7 +48,7 @@ class ModelConfig:
     parallel: int | None = None
     kv_tokens: int = 0  # KV cells in all, split evenly among the parallel sequences; 0: context_length each
     keep_alive_s: float | None = None  # idle seconds before unloading; None: the daemon's `keep_alive_s`
-    flash_attn: bool | None = None  # GGUF: llama.cpp's flash attention; None: the daemon's `flash_attn`
+    flash_attn: str | None = None  # GGUF: llama.cpp's flash attention, auto/on/off; None: the daemon's
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +91,9 @@ class Settings:
     max_queue: int = 8
     # Requests each model decodes at once (continuous batching); 1: one at a time.
     parallel: int = 1
-    # GGUF: llama.cpp's flash attention kernel (faster on CPU; a greedy stream may then differ slightly in
-    # company from what it says alone).
-    flash_attn: bool = False
+    # GGUF: llama.cpp's flash attention kernel: on, off, or auto (on for a model with parallel = 1, off when
+    # streams share batches: with it a greedy stream in company differs from its text alone more often).
+    flash_attn: str = "auto"
     # Model residency: seconds a model stays loaded after its last request (< 0: forever; 0: unload at once).
     keep_alive_s: float = 300.0
     # Memory the loaded models may take, in MiB; 0: 75% of the machine's memory (or of its cgroup's limit).
@@ -254,6 +255,8 @@ def _model(index: int, table: Any) -> ModelConfig:
     if model.format not in MODEL_FORMATS:
         raise SettingsError(f"{where}.format: {model.format!r} is not supported ({', '.join(MODEL_FORMATS)})",
                             field=f"{where}.format")
+    if model.flash_attn is not None and model.flash_attn not in FLASH_ATTN:
+        raise SettingsError(f"{where}.flash_attn must be auto, on or off", field=f"{where}.flash_attn")
     for name, low in (("context_length", 16), ("threads", 1), ("max_queue", 0), ("parallel", 1), ("kv_tokens", 0)):
         value = getattr(model, name)
         if value is not None and value < low:
@@ -315,6 +318,8 @@ def _check(s: Settings) -> None:
                       ("memory_budget_mb", 0)):
         if getattr(s, name) < low:
             raise SettingsError(f"{name} must be >= {low}", field=name)
+    if s.flash_attn not in FLASH_ATTN:
+        raise SettingsError("flash_attn must be auto, on or off", field="flash_attn")
     if s.preload not in ("default", "all", "none"):
         raise SettingsError("preload must be default, all or none", field="preload")
     if s.drain_grace_s < 0:

@@ -99,9 +99,10 @@ class GgufEngine(Engine):
             cparams.kv_unified = False
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.no_perf = True
-            # Off by default: the CPU flash attention kernel sums differently for different batch shapes, so a
-            # greedy stream in company diverges from its text alone more often (measured: 3 of 36 streams vs
-            # none; without it the batch shape still changes the matrix kernels, so it is rare, not impossible).
+            # The CPU flash attention kernel is ~8% faster, but it sums differently for different batch shapes,
+            # so a greedy stream in company diverges from its text alone more often (measured: 3 of 36 streams
+            # vs none; without it the batch shape still changes the matrix kernels: rare, not impossible).
+            # The daemon turns it on for parallel = 1 ("auto"): no company, nothing to differ from.
             cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
             try:
