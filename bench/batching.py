@@ -7,7 +7,8 @@ Compared, on the same model file, threads and context, every stream decoding exa
   - the in-process single-stream rate of llama-cpp-python's `Llama.generate()` (the reference);
   - llama.cpp's own `llama-bench` (text generation only: -p 0 -n TOKENS), built from the llama.cpp that
     the installed llama-cpp-python vendors (bench/build_llama_bench.sh); skipped when not built.
-Each level starts its streams at once (a distinct first word each: no prompt cache) and reports
+Each level starts its streams at once (a distinct first word each: no prompt cache); laasd and the server
+take turns at each level (3 rounds; the round of median throughput is reported), and each reports
 aggregate tokens/s (all tokens / wall time), median and p95 time to first token, and the ratios
 the issue sets targets for: at 4 streams >= 1.6x the server's throughput and median TTFT < 0.6 s;
 one stream decodes >= 0.9x as fast as llama-bench (its text generation test times decoding only, so
@@ -222,22 +223,6 @@ def laasd_stream(client: Client, tokens: int) -> Stream:
     return stream
 
 
-def laasd_levels(home: Path, config: Path, tokens: int, levels: list[int]) -> tuple[list[dict[str, float]],
-                                                                                     dict[str, float]]:
-    daemon = DaemonProcess(home, config).start()
-    try:
-        assert daemon.proc is not None
-        memory = {"rss_loaded_idle_mb": rss_mb(daemon.proc.pid)}
-        with Client(daemon.target) as client:
-            stream = laasd_stream(client, tokens)
-            stream("warm-up " + PROMPT)
-            results = [level(stream, n, f"#L{n}-") for n in levels]
-        memory["rss_after_runs_mb"] = rss_mb(daemon.proc.pid)
-        return results, memory
-    finally:
-        daemon.stop()
-
-
 def single_stream(home: Path, config: Path, tokens: int, runs: int = 5) -> dict[str, float]:
     """laasd as configured, streams one after another: median decode rate (after the first token) and whole rate."""
     daemon = DaemonProcess(home, config).start()
@@ -252,27 +237,55 @@ def single_stream(home: Path, config: Path, tokens: int, runs: int = 5) -> dict[
             "tok_s": statistics.median(n / total for _, n, total in results), "runs": runs}
 
 
-def server_levels(model: Path, threads: int, tokens: int, levels: list[int]) -> list[dict[str, float]]:
+def server_stream(url: str, tokens: int) -> Stream:
+    def stream(prompt: str) -> tuple[float, int, float]:
+        body = {"model": CLOUD_MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "logit_bias": {"2": -100}}  # SmolLM2's end-of-text id 2: decode every token asked for
+        start = time.perf_counter()
+        first, count = 0.0, 0
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=600) as reply:
+            for line in reply.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if json.loads(line[6:])["choices"][0].get("text"):
+                    count += 1
+                    first = first or time.perf_counter() - start
+        return first, count, time.perf_counter() - start
+
+    return stream
+
+
+def both_levels(home: Path, config: Path, model: Path, threads: int, tokens: int, levels: list[int], rounds: int
+                ) -> tuple[list[dict[str, float]], list[dict[str, float]], dict[str, float]]:
+    """laasd and llama_cpp.server side by side, taking turns at each level `rounds` times (a busy host drifts
+    over minutes; turns expose both to the same drift); per level, each one's round of median throughput."""
+    daemon = DaemonProcess(home, config).start()
     server = CloudServer(model, n_ctx=CTX, threads=threads).wait_ready()
     try:
-        def stream(prompt: str) -> tuple[float, int, float]:
-            body = {"model": CLOUD_MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-                    "logit_bias": {"2": -100}}  # SmolLM2's end-of-text id 2: decode every token asked for
-            start = time.perf_counter()
-            first, count = 0.0, 0
-            with httpx.stream("POST", f"{server.url}/completions", json=body, timeout=600) as reply:
-                for line in reply.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    if json.loads(line[6:])["choices"][0].get("text"):
-                        count += 1
-                        first = first or time.perf_counter() - start
-            return first, count, time.perf_counter() - start
-
-        stream("warm-up " + PROMPT)
-        return [level(stream, n, f"#S{n}-") for n in levels]
+        assert daemon.proc is not None
+        memory = {"rss_loaded_idle_mb": rss_mb(daemon.proc.pid)}
+        with Client(daemon.target) as client:
+            ours_stream, theirs_stream = laasd_stream(client, tokens), server_stream(server.url, tokens)
+            ours_stream("warm-up " + PROMPT)
+            theirs_stream("warm-up " + PROMPT)
+            ours, theirs = [], []
+            for n in levels:
+                runs: dict[str, list[dict[str, float]]] = {"laasd": [], "server": []}
+                for r in range(rounds):
+                    runs["laasd"].append(level(ours_stream, n, f"#L{n}.{r}-"))
+                    runs["server"].append(level(theirs_stream, n, f"#S{n}.{r}-"))
+                ours.append(_median_run(runs["laasd"]))
+                theirs.append(_median_run(runs["server"]))
+        memory["rss_after_runs_mb"] = rss_mb(daemon.proc.pid)
+        return ours, theirs, memory
     finally:
         server.stop()
+        daemon.stop()
+
+
+def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    ordered = sorted(runs, key=lambda r: r["tok_s"])
+    return {**ordered[len(ordered) // 2], "rounds": len(runs), "tok_s_all": [r["tok_s"] for r in runs]}  # type: ignore[dict-item]
 
 
 # --- the report --------------------------------------------------------------------------------------------------
@@ -293,11 +306,14 @@ def main() -> int:
                         help="llama.cpp's llama-bench binary (default: where bench/build_llama_bench.sh builds it)")
     parser.add_argument("--llama-bench-args", default="", metavar="ARGS",
                         help="more llama-bench flags, e.g. '-fa off' (laasd runs without flash attention)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="turns each contender takes at each level (default 3; --quick: 1)")
     parser.add_argument("--flash-attn", action="store_true",
                         help="the batching laasd (parallel > 1) with flash_attn = \"on\" (default auto: off there)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: levels 1,2 and 16 tokens")
     args = parser.parse_args()
     tokens = args.tokens or (16 if args.quick else 64)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     levels = [int(x) for x in (args.levels or ("1,2" if args.quick else "1,2,4,8")).split(",")]
     model = default_home(os.environ) / "models" / DEFAULT_MODEL.filename
     if not model.is_file():
@@ -334,10 +350,9 @@ def main() -> int:
                 bench_note = f"llama-bench failed: {e}"
         config = _write_home(home, model, args.threads, parallel, "on" if args.flash_attn else "auto")
         idle, idle_note = idle_rss(home, config)
-        ours, memory = laasd_levels(home, config, tokens, levels)
+        ours, theirs, memory = both_levels(home, config, model, args.threads, tokens, levels, args.rounds)
     if bench_note:
         print(bench_note)
-    theirs = server_levels(model, args.threads, tokens, levels)
 
     print(f"\nin-process llama-cpp-python generate(), one stream: {single:.1f} tok/s")
     if bench is not None:
