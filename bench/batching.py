@@ -223,18 +223,28 @@ def laasd_stream(client: Client, tokens: int) -> Stream:
     return stream
 
 
-def single_stream(home: Path, config: Path, tokens: int, runs: int = 5) -> dict[str, float]:
-    """laasd as configured, streams one after another: median decode rate (after the first token) and whole rate."""
+def single_stream(home: Path, config: Path, tokens: int, reference: Callable[[], dict[str, Any]],
+                  runs: int = 7) -> tuple[dict[str, float], dict[str, Any]]:
+    """laasd as configured, one stream at a time, taking turns with the reference (llama-bench, one repetition):
+    per turn, laasd's decode rate (after its first token) over the reference's; the medians of all."""
     daemon = DaemonProcess(home, config).start()
+    results, references = [], []
     try:
         with Client(daemon.target) as client:
             stream = laasd_stream(client, tokens)
             stream("warm-up " + PROMPT)
-            results = [stream(f"#1-{i} {PROMPT}") for i in range(runs)]
+            for i in range(runs):
+                references.append(reference())
+                results.append(stream(f"#1-{i} {PROMPT}"))
     finally:
         daemon.stop()
-    return {"decode_tok_s": statistics.median((n - 1) / (total - first) for first, n, total in results),
-            "tok_s": statistics.median(n / total for _, n, total in results), "runs": runs}
+    decode = [(n - 1) / (total - first) for first, n, total in results]
+    ref = [r["tok_s"] for r in references]
+    ours = {"decode_tok_s": statistics.median(decode), "tok_s": statistics.median(n / total for _, n, total in results),
+            "runs": runs, "decode_over_reference": statistics.median(d / r for d, r in zip(decode, ref, strict=True)),
+            "whole_over_reference": statistics.median(n / total / r for (_, n, total), r in zip(results, ref,
+                                                                                                 strict=True))}
+    return ours, {**references[-1], "tok_s": statistics.median(ref), "runs_tok_s": ref}
 
 
 def server_stream(url: str, tokens: int) -> Stream:
@@ -330,7 +340,7 @@ def main() -> int:
 
     bench_binary = args.llama_bench or default_llama_bench()
     bench: dict[str, Any] | None = None
-    lone: dict[str, float] | None = None  # laasd as configured by default (parallel = 1), one stream at a time
+    lone: dict[str, Any] | None = None  # laasd as configured by default (parallel = 1), one stream at a time
     bench_note = ""
     if not (bench_binary.is_file() and os.access(bench_binary, os.X_OK)):
         bench_note = (f"llama-bench not found at {bench_binary}: build it with `nice -n 19 bench/build_llama_bench.sh`"
@@ -338,14 +348,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="laas-bench-") as tmp:
         home = Path(tmp)
-        if not bench_note:  # llama-bench just before and just after laasd's single streams: a busy host drifts
+        if not bench_note:  # llama-bench and laasd's single streams take turns: a busy host drifts
             try:
                 extra = tuple(args.llama_bench_args.split())
-                before = llama_bench(bench_binary, model, args.threads, tokens, extra=extra)
-                lone = single_stream(home, _write_home(home, model, args.threads, 1, "auto"), tokens)
-                after = llama_bench(bench_binary, model, args.threads, tokens, extra=extra)
-                bench = {**after, "tok_s": (before["tok_s"] + after["tok_s"]) / 2,
-                         "runs_tok_s": [before["tok_s"], after["tok_s"]]}
+                lone, bench = single_stream(
+                    home, _write_home(home, model, args.threads, 1, "auto"), tokens,
+                    lambda: llama_bench(bench_binary, model, args.threads, tokens, repetitions=1, extra=extra))
             except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
                 bench_note = f"llama-bench failed: {e}"
         config = _write_home(home, model, args.threads, parallel, "on" if args.flash_attn else "auto")
@@ -356,13 +364,13 @@ def main() -> int:
 
     print(f"\nin-process llama-cpp-python generate(), one stream: {single:.1f} tok/s")
     if bench is not None:
-        print(f"llama-bench -p 0 -n {tokens} -r {bench['repetitions']} (llama.cpp {bench['build_commit']}, "
-              f"flash_attn {bench['flash_attn']}): {bench['tok_s']:.1f} ± {bench['stddev_tok_s']:.1f} tok/s")
+        print(f"llama-bench -p 0 -n {tokens} (llama.cpp {bench['build_commit']}, flash_attn {bench['flash_attn']}, "
+              f"default: auto), median of {len(bench['runs_tok_s'])} runs: {bench['tok_s']:.1f} tok/s")
     if lone is not None:
         print(f"laasd, default config (parallel = 1, flash_attn auto: on), one stream at a time: decode "
               f"{lone['decode_tok_s']:.1f} tok/s, whole stream {lone['tok_s']:.1f} tok/s "
-              f"(median of {lone['runs']:.0f}; llama-bench before/after: "
-              f"{' / '.join(f'{x:.1f}' for x in bench['runs_tok_s']) if bench else '-'})")
+              f"(median of {lone['runs']:.0f}, taking turns with llama-bench: "
+              f"{' '.join(f'{x:.0f}' for x in bench['runs_tok_s']) if bench else '-'})")
     print(f"\n{'streams':>7} | {'laasd tok/s':>11} {'ttft med':>8} {'ttft p95':>8} | {'server tok/s':>12} "
           f"{'ttft med':>8} {'ttft p95':>8} | {'laasd/server':>12} {'laasd/in-proc':>13}"
           + (f" {'laasd/llama-bench':>17}" if bench else ""))
@@ -396,13 +404,13 @@ def main() -> int:
         "4 streams: laasd median TTFT (s)", ttft4, f"< {TARGET_TTFT_4_S} s",
         None if ttft4 is None else ttft4 < TARGET_TTFT_4_S, "" if four else no_four)
     # llama-bench's text generation test times decoding only (no prompt, no first token): so is laasd's rate here.
-    decode1 = lone["decode_tok_s"] / bench["tok_s"] if lone and bench else None
+    decode1 = lone["decode_over_reference"] if lone and bench else None
     targets["stream1_laasd_decode_over_llama_bench"] = target(
         "1 stream: laasd decode tok/s / llama-bench", decode1, f">= {TARGET_LLAMA_BENCH_RATIO}x",
         None if decode1 is None else decode1 >= TARGET_LLAMA_BENCH_RATIO, "" if bench else "no llama-bench")
     one = by_streams.get(1)
     if lone and bench:  # for reading the above
-        whole = lone["tok_s"] / bench["tok_s"]
+        whole = lone["whole_over_reference"]
         print(f"  {'  the whole stream (first token included)':<44} {whole:>9.2f}")
         targets["stream1_laasd_over_llama_bench"] = {"value": whole, "target": None, "pass": None}
     if one and bench:
