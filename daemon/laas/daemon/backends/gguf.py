@@ -20,6 +20,7 @@ from typing import Any, cast
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.gguf_chat import chat_formatter
+from laas.daemon.backends.worker import wait_through_cancellation
 from laas.daemon.engine import (
     ChatMessage,
     Engine,
@@ -196,7 +197,7 @@ class GgufEngine(Engine):
         finally:
             seq.cancel.set()
             self._scheduler.wake()
-            await _wait_through_cancellation(left)
+            await wait_through_cancellation(left)
 
     async def check_health(self) -> None:
         if not self._scheduler.alive:
@@ -216,12 +217,3 @@ def _deliver(queue: asyncio.Queue[object], left: asyncio.Future[None], item: obj
     queue.put_nowait(item)
     if item is END and not left.done():
         left.set_result(None)
-
-
-async def _wait_through_cancellation(left: asyncio.Future[None]) -> None:
-    """Waits until the scheduler has dropped the sequence, even if this task is cancelled meanwhile."""
-    while not left.done():
-        try:
-            await asyncio.shield(left)
-        except asyncio.CancelledError:
-            continue

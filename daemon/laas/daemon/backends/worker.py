@@ -1,8 +1,9 @@
-"""The bridge both local engines use: blocking generation in the engine's worker thread, streamed to asyncio.
+"""The ONNX engine's bridge: blocking generation in the engine's worker thread, streamed to asyncio.
 
 Layer: infrastructure. The worker hands chunks to the event loop one by one and checks a stop flag
 before every decode step; closing or cancelling the stream sets the flag and waits for the worker to
-stop, so the model is never released while native code still runs on it.
+stop, so the model is never released while native code still runs on it. (The GGUF engine's scheduler
+thread relays its own streams, and waits the same way: wait_through_cancellation.)
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ async def stream_from_worker(executor: Executor, blocking: Blocking, runtime: st
         await future  # re-raises a failure of the worker
     finally:
         stop_flag.set()
-        await _wait_through_cancellation(future)
+        await wait_through_cancellation(future)
 
 
-async def _wait_through_cancellation(future: asyncio.Future[None]) -> None:
-    """Waits for the worker to stop even if this task is cancelled meanwhile."""
+async def wait_through_cancellation(future: asyncio.Future[None]) -> None:
+    """Waits for `future` (the worker, or a sequence leaving the scheduler) even if this task is cancelled
+    meanwhile."""
     while not future.done():
         try:
             await asyncio.shield(future)
