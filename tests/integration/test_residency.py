@@ -3,6 +3,9 @@ memory budget, never under a running stream, LoadModel/UnloadModel, residency in
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -159,3 +162,21 @@ def test_preload_none_serves_at_once_and_loads_on_first_use(start_daemon: Callab
             t.join(60)
         assert len(results) == 3 and len(set(map(str, results))) == 1 and isinstance(results[0], str)
     assert _stats(daemon.target)[("laas_model_loads_total", (("model", "a"),))] == 1
+
+
+def test_the_cli_loads_lists_and_unloads(start_daemon: Callable[..., DaemonProcess], need: int) -> None:
+    daemon = start_daemon(_config(need, 3))
+
+    def laas(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "laas.client.cli", "--target", daemon.target, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert laas("load", "b", "--keep-alive", "-1").strip() == "b: ready (kept loaded)"
+    listing = {line.split()[0]: line for line in laas("models").splitlines()[1:]}
+    assert re.search(r"ready \(unloads in (4m5\d|5m00)s\)", listing["a*"]) and f"{need / 1e6:.1f}MB" in listing["a*"]
+    assert "ready (kept loaded)" in listing["b"]
+    assert laas("unload", "b").strip() == "b: not_loaded"
+    assert laas("generate", "Hi", "-m", "b", "-n", "2", "--keep-alive", "0") is not None
+    _until(lambda: "not_loaded" in laas("models").splitlines()[2])
