@@ -38,7 +38,6 @@ class ModelEntry:
     size_bytes: int = 0
     fetch: bool = False  # fetch the default model into the store when missing
     fetching: bool = False  # the file is being downloaded now (requests get UNAVAILABLE meanwhile)
-    loaded_at: float = 0.0  # wall clock
     # -- residency (registry.py) --
     memory_bytes: int = 0  # estimated resident bytes while loading or loaded; 0 otherwise
     last_used: float = 0.0  # monotonic: when the last request (or pin) left

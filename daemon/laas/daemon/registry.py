@@ -282,7 +282,7 @@ class ModelRegistry:
         except BaseException:
             entry.state, entry.memory_bytes = ModelState.NOT_LOADED, 0
             raise
-        entry.state, entry.loaded_at = ModelState.READY, time.time()
+        entry.state = ModelState.READY
         entry.load_ms = (time.perf_counter() - started) * 1000
         self.loads[entry.name] += 1
         log.info("model %s ready (%s, ~%.0f MiB, %.2fs)", entry.name, entry.info.quantization if entry.info else "?",
