@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +34,46 @@ log = logging.getLogger(__name__)
 Emit = Callable[[object], None]
 END = object()  # sentinel: the sequence has left the scheduler
 
-# Every llama_decode of the process runs on this one thread. llama.cpp computes with OpenMP, and OpenMP
-# gives each thread that starts parallel work a team of its own: with a scheduler thread per loaded model,
-# two models that have decoded mean two teams, more threads than cores, and libgomp then puts its workers
-# to sleep between parallel regions instead of spinning: every decode of every model got 30-45% slower
-# (measured on 2 cores). One compute thread keeps one team; decodes of different models take turns.
-_COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-compute")
+
+
+class DecodeLoop:
+    """The one thread that runs every model's scheduler, a step each in turn.
+
+    llama.cpp computes with OpenMP, and OpenMP gives each thread that starts parallel work a team of its
+    own: with a thread per loaded model, two models that have decoded mean two teams, more threads than
+    cores, and libgomp then puts its workers to sleep between parallel regions instead of spinning: every
+    decode of every model got 30-45% slower (measured on 2 cores). One thread keeps one team; the steps
+    of different models take turns, and no step waits for a hand-over to another thread.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()  # guards every scheduler's pending queue and closing flag
+        self._schedulers: list[Scheduler] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, scheduler: Scheduler) -> None:
+        with self.cond:
+            self._schedulers.append(scheduler)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._main, name="llama-decode", daemon=True)
+                self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _main(self) -> None:
+        while True:
+            with self.cond:
+                while not (ready := [s for s in self._schedulers if s.has_work()]):
+                    self.cond.wait()
+                for gone in (s for s in ready if s.closing):
+                    self._schedulers.remove(gone)
+            for scheduler in ready:
+                scheduler.run_once()
+
+
+_LOOP = DecodeLoop()
 
 
 @dataclass(eq=False)
@@ -94,7 +127,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    """Owns the llama.cpp context; runs in its own thread until closed."""
+    """Owns the llama.cpp context; the decode loop runs it until it is closed."""
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None]) -> None:
@@ -117,8 +150,9 @@ class Scheduler:
         self._on_token = on_token
         self.slots = [Slot(i) for i in range(parallel)]
         self._pending: deque[Sequence] = deque()
-        self._cond = threading.Condition()
-        self._closing = False
+        self._cond = _LOOP.cond
+        self.closing = False
+        self._closed = threading.Event()
         self.stats = SchedulerStats()
         # What the scheduler emits is handed to the event loop by a relay thread. Waking the loop is a write
         # to its self-pipe, which releases the GIL; the loop's thread takes it and runs the whole stream's
@@ -127,14 +161,13 @@ class Scheduler:
         self._outbox: queue.SimpleQueue[tuple[Emit, object] | None] = queue.SimpleQueue()
         self._relay = threading.Thread(target=self._relay_main, name="gguf-relay", daemon=True)
         self._relay.start()
-        self._thread = threading.Thread(target=self._main, name="gguf-batch", daemon=True)
-        self._thread.start()
+        _LOOP.add(self)
 
     # --- called from the event loop -------------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
         with self._cond:
-            if self._closing:
+            if self.closing:
                 raise ModelLoadError("engine is closed")
             self._pending.append(seq)
             self._cond.notify()
@@ -157,14 +190,14 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closing
+        return _LOOP.alive and not self.closing
 
     def close(self) -> None:
-        """Stops the thread (sequences still running end with an error) and frees the batch."""
+        """Leaves the decode loop (sequences still running end with an error) and frees the batch."""
         with self._cond:
-            self._closing = True
+            self.closing = True
             self._cond.notify()
-        self._thread.join()
+        self._closed.wait()
         self._outbox.put(None)  # after everything the scheduler emitted
         self._relay.join()
         self._lib.llama_batch_free(self._batch)
@@ -181,25 +214,26 @@ class Scheduler:
 
     # --- the scheduler thread -------------------------------------------------------------------
 
-    def _main(self) -> None:
+    def has_work(self) -> bool:
+        """Called with the loop's lock held."""
+        return self.closing or bool(self._pending) or self.active > 0
+
+    def run_once(self) -> None:
+        """One turn in the decode loop: drop cancelled sequences, admit waiting ones, decode a step."""
+        if self.closing:
+            self._fail_all(ModelLoadError("engine is closed"))
+            self._closed.set()
+            return
         try:
-            while True:
-                with self._cond:
-                    while not self._closing and not self._pending and not self.active:
-                        self._cond.wait()
-                    if self._closing:
-                        break
-                self._drop_cancelled()
-                self._admit()
-                if self.active:
-                    self._step()
+            self._drop_cancelled()
+            self._admit()
+            if self.active:
+                self._step()
         except Exception as e:  # a native failure: end every stream with a clear error, not a hang
             log.exception("the batch scheduler failed")
-            self._fail_all(ModelLoadError(f"generation failed in llama.cpp: {e}"))
             with self._cond:
-                self._closing = True
-            return
-        self._fail_all(ModelLoadError("engine is closed"))
+                self.closing = True
+            self._fail_all(ModelLoadError(f"generation failed in llama.cpp: {e}"))
 
     def _fail_all(self, error: LaasError) -> None:
         with self._cond:
@@ -300,7 +334,7 @@ class Scheduler:
         if n == 0:
             return
         b.n_tokens = n
-        rc = _COMPUTE.submit(self._lib.llama_decode, self._ctx.ctx, b).result()
+        rc = self._lib.llama_decode(self._ctx.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         self.stats.steps += 1
