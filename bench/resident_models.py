@@ -2,7 +2,7 @@
 
 One laasd serves models a and b (the default model's file under two names, parallel = 1). Rounds take
 turns: model a decodes with b unloaded (the baseline), then with b loaded and having decoded once (its
-engine idle beside a's). Before laasd ran every llama.cpp decode on one compute thread, the second case
+engine idle beside a's). Before laasd ran every llama.cpp decode on one thread, the second case
 was 30-45% slower on 2 cores (two OpenMP thread teams: libgomp stops spinning its workers). Also prints
 the time a request waits for a model that is not loaded (timings.load_ms) and the daemon's RSS with
 none, one and two models loaded.
