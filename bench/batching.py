@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from laas.client import Client  # noqa: E402
 from laas.daemon.gguf_header import read_gguf_header  # noqa: E402
-from laas.daemon.memory import gguf_kv_bytes  # noqa: E402
+from laas.daemon.memory import MiB, gguf_kv_bytes, resident_bytes  # noqa: E402
 from laas.daemon.settings import default_home  # noqa: E402
 from laas.daemon.store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from tests.cloud_server import CLOUD_MODEL, CloudServer  # noqa: E402
@@ -57,7 +57,6 @@ from tests.daemon_process import DaemonProcess  # noqa: E402
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 CTX = 4096
 KV_TOKENS = CTX * 2  # laasd's KV cells in all, split among the parallel sequences
-MiB = 1 << 20
 # The targets.
 TARGET_SERVER_RATIO_4 = 1.6  # laasd aggregate tok/s at 4 streams / llama_cpp.server's
 TARGET_TTFT_4_S = 0.6  # laasd median TTFT at 4 streams, below this
@@ -134,10 +133,7 @@ def llama_bench(binary: Path, model: Path, threads: int, tokens: int, repetition
 # --- memory ------------------------------------------------------------------------------------------------------
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return resident_bytes(pid) / MiB
 
 
 def _pad(n: int, to: int = 256) -> int:

@@ -59,6 +59,11 @@ class ModelEntry:
         return bool(self.queue.active or self.queue.waiting or self.pins)
 
     @property
+    def idle_keep_alive_s(self) -> float:
+        """Seconds it stays loaded once idle: 0 when UnloadModel asked for it, else the last use's keep-alive."""
+        return 0.0 if self.unload_when_idle else self.keep_alive_s
+
+    @property
     def servable(self) -> bool:
         """Whether a request may be sent here now: loaded, or loadable on demand (not failed, not fetching)."""
         return self.state is not ModelState.FAILED and not self.fetching

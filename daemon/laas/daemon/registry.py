@@ -225,20 +225,17 @@ class ModelRegistry:
         cells = (cfg.kv_tokens or n_ctx * parallel) if parallel > 1 else n_ctx
         return gguf_memory(header, cells)
 
-    async def load(self, entry: ModelEntry, keep_alive_s: float | None = None) -> None:
-        """Loads a model if it is not loaded (start, reload, LoadModel); its idle time starts now.
-        Errors are not raised: a model that fails is FAILED with the reason, one that does not fit the
-        memory budget stays NOT_LOADED (and loads on demand later)."""
-        entry.pins += 1
+    async def load(self, entry: ModelEntry) -> None:
+        """Loads a model if it is not loaded (start, reload); its idle time starts now. Errors are not
+        raised: a model that fails is FAILED with the reason, one that does not fit the memory budget
+        stays NOT_LOADED (and loads on demand later)."""
         try:
-            await self.ensure_loaded(entry)
+            async with self.using(entry):
+                pass
         except MemoryBudgetExceeded as e:
             log.warning("model %s is not loaded: %s", entry.name, e)
         except LaasError:
             pass  # FAILED, logged and kept in entry.error
-        finally:
-            entry.pins -= 1
-            self._released(entry, keep_alive_s)
 
     async def ensure_loaded(self, entry: ModelEntry) -> Engine:
         """The model's engine, loading it first when needed (callers waiting for the same load share it)."""
@@ -375,7 +372,7 @@ class ModelRegistry:
             return
         if entry.expiry is not None:
             entry.expiry.cancel()
-        keep = 0.0 if entry.unload_when_idle else entry.keep_alive_s
+        keep = entry.idle_keep_alive_s
         if keep < 0:
             entry.expires_at, entry.expiry = None, None
             return

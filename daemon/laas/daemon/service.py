@@ -99,7 +99,7 @@ def model_to_pb(entry: ModelEntry) -> pb.Model:
         name=entry.name, loaded=entry.state is ModelState.READY, state=_STATE[entry.state],
         is_default=entry.is_default, active_requests=entry.queue.active, queued_requests=entry.queue.waiting,
         error=entry.error, format=pb.MODEL_FORMAT_GGUF, memory_bytes=entry.memory_bytes,
-        keep_alive_s=0.0 if entry.unload_when_idle else entry.keep_alive_s, last_used_unix_s=entry.last_used_wall,
+        keep_alive_s=entry.idle_keep_alive_s, last_used_unix_s=entry.last_used_wall,
     )
     if entry.expires_at is not None and entry.engine is not None and not entry.busy:
         out.unloads_in_s = max(entry.expires_at - time.monotonic(), 0.0)

@@ -90,13 +90,6 @@ class Router:
             raise NotFound(f"model {model!r} is not served here", field="model")  # pragma: no cover
         return local, remotes
 
-    async def count_tokens(self, request: RoutedRequest, local: LocalTarget | None) -> int:
-        """Prompt tokens, counted with the model's own tokenizer, or the default model's for remote-only models."""
-        entry: ModelEntry = local.entry if local is not None else self._registry.default
-        counter = self.local.get(entry.name) or LocalTarget(entry, self._registry, self._default_max_tokens,
-                                                            self._clock)
-        return len((await counter.render(request)).prompt_tokens or ())
-
     async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None) -> Plan:
         local, remotes = self.targets_for(model)
         if local is not None and (not remotes or policy is Policy.LOCAL_ONLY):
@@ -115,10 +108,14 @@ class Router:
         return max(min(self._default_max_tokens, target.context_length - prompt_tokens), 1)
 
     async def _count(self, request: RoutedRequest, local: LocalTarget | None) -> int:
-        counter = local.entry if local is not None else self._registry.default
-        if counter.engine is not None:
+        """Prompt tokens, counted with the model's own tokenizer (the default model's for remote-only models)
+        when it is loaded."""
+        entry: ModelEntry = local.entry if local is not None else self._registry.default
+        if entry.engine is not None:
+            counter = self.local.get(entry.name) or LocalTarget(entry, self._registry, self._default_max_tokens,
+                                                                self._clock)
             try:
-                return await self.count_tokens(request, local)
+                return len((await counter.render(request)).prompt_tokens or ())
             except Unavailable:  # unloaded meanwhile
                 pass
         # The model is not loaded (it loads if the request runs here; planning does not load it):
