@@ -38,6 +38,9 @@ command -v lintian >/dev/null || missing+=(lintian)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v adduser >/dev/null || missing+=(adduser)
+# qemu's user-mode emulation: `laasd doctor --cpu MODEL` and the test that the .deb decodes on a CPU with
+# fewer features than the build machine's.
+command -v "qemu-$(uname -m)" >/dev/null || missing+=(qemu-user)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing system packages: ${missing[*]}"
   as_root apt-get update -qq
@@ -50,9 +53,33 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# llama-cpp-python compiles llama.cpp from source (several minutes on 2 cores); pip caches the wheel.
+# llama-cpp-python compiles llama.cpp from source (several minutes on 2 cores the first time) with this
+# CPU's native flags minus Intel AMX (daemon/laas/daemon/native_build.py says why). The wheel is kept
+# under a key naming its flags and CPU; the installed build is checked against that key and the digest
+# of its library, so a wheel built with other flags (pip's cache, a prebuilt wheel) is replaced, not reused.
+wheel=$(bash packaging/llama_wheel.sh native .venv/bin/python | tail -n1)
+key=$(basename "$(dirname "$wheel")")
+stamp=.venv/llama-build.txt
+lib_digest() {
+  local lib
+  lib=$(.venv/bin/python -c 'import importlib.util as u, pathlib as p; s = u.find_spec("llama_cpp")
+print(p.Path(s.origin).parent / "lib" / "libllama.so" if s and s.origin else "")' 2>/dev/null || true)
+  [ -n "$lib" ] && [ -f "$lib" ] && sha256sum "$lib" | cut -d' ' -f1 || echo none
+}
+if [ "$(cat "$stamp" 2>/dev/null)" != "$key $(lib_digest)" ]; then
+  log "installing llama-cpp-python build $key"
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps --no-cache-dir "$wheel"
+  echo "$key $(lib_digest)" > "$stamp"
+fi
 log "installing laas, its test tools and the export extra (torch CPU, transformers, optimum) into .venv"
 .venv/bin/python -m pip install -q -e '.[dev,export]'
+if [ "$(cat "$stamp")" != "$key $(lib_digest)" ]; then
+  log "pip replaced the llama-cpp-python build $key; run this script again"; exit 1
+fi
 log "fetching the default model (once)"
 .venv/bin/laasd pull
+# The last check: a one-token decode in a child process (a build that crashes says so here, not at the
+# first request), the CPU, the llama.cpp build and the store.
+log "checking the installation (laasd doctor)"
+.venv/bin/laasd doctor
 log "ready: .venv/bin/laasd serve   |   .venv/bin/laas generate 'Hello'"

@@ -29,7 +29,19 @@ venv=$root$prefix
 
 log "virtual environment at $prefix (Python $pyver)"
 "$python" -m venv "$venv"
+# llama.cpp without native flags: every CPU variant of ggml's CPU backend, the best picked at run time
+# (packaging/llama_wheel.sh, daemon/laas/daemon/native_build.py). A package is built once and installed
+# on many CPUs: the build machine's own flags must not leak into it.
+wheel=$(bash "$repo/packaging/llama_wheel.sh" portable "$python" | tail -n1)
+eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" portable --version 0)"
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile --no-deps --no-cache-dir "$wheel"
 PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile "$repo"
+llama_lib=$(find "$venv/lib" -path '*/site-packages/llama_cpp/lib' -type d)
+for variant in $LLAMA_EXCLUDED_VARIANTS; do  # ggml's AMX kernels: see native_build.py
+  rm -f "$llama_lib/libggml-cpu-$variant.so"
+done
+ls "$llama_lib"/libggml-cpu-*.so >/dev/null 2>&1 || { log "no CPU variants in $llama_lib: not a portable build"; exit 1; }
+echo "$(basename "$(dirname "$wheel")") $(sha256sum "$llama_lib/libllama.so" | cut -d' ' -f1)" > "$venv/llama-build.txt"
 # A venv is tied to its path: point the scripts and pyvenv.cfg at $prefix, where it will live.
 grep -rlIF "$venv" "$venv/bin" "$venv/pyvenv.cfg" | xargs sed -i "s#$venv#$prefix#g"
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +

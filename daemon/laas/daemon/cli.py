@@ -1,4 +1,4 @@
-"""`laasd`: the daemon's command line (serve, pull, token).
+"""`laasd`: the daemon's command line (serve, pull, doctor, token).
 
 Layer: composition root. Parses flags, loads Settings once, configures logging, and hands over to
 Server or ModelStore. Exit codes: 0 on a clean stop, 1 on runtime failure, 2 on bad flags or config.
@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="put a model into the store: the default model, or a local GGUF file")
     pull.add_argument("file", nargs="?", type=Path, help="a local .gguf file to copy into the store")
     pull.add_argument("--name", help="file name in the store (default: the file's own name)")
+    doctor = sub.add_parser("doctor", help="check the installation: CPU, llama.cpp build, store, config, "
+                            "a one-token decode in a child process (exit 0 only when all is well)")
+    doctor.add_argument("--cpu", help="run the decode under qemu's emulation of this CPU model (e.g. Haswell): "
+                        "would this build run there?")
     token_cli.add_parser(sub)
     return parser
 
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "token":
             return token_cli.run(settings, args)
+        if args.command == "doctor":
+            from laas.daemon import doctor
+
+            return doctor.run(settings, cpu=args.cpu)
         if args.command == "pull":
             return _pull(settings, args.file, args.name)
         from laas.daemon.server import Server  # deferred: grpc and llama.cpp load only to serve

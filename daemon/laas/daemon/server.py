@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
+import os
+import shlex
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -29,14 +32,16 @@ from grpc_reflection.v1alpha import reflection
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.llama_lib import build_key, cpu_backend_in_use
 from laas.daemon.engine import Engine
 from laas.daemon.errors import LaasError, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
 from laas.daemon.metrics import Metrics
+from laas.daemon.native_probe import WRAPPER_ENV, NativeGate
 from laas.daemon.privacy import privacy_rules
-from laas.daemon.registry import ModelEntry, ModelRegistry
+from laas.daemon.registry import EngineLoader, ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.security import listen_refusal, server_credentials, tokens_path
 from laas.daemon.service import Lifecycle, RuntimeService
@@ -62,21 +67,36 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
-    return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
+    engine = await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
                                  flash_attn=config.flash_attn == "on" or (config.flash_attn in (None, "auto")
                                                                           and (config.parallel or 1) == 1))
+    global _llama_logged
+    if not _llama_logged:
+        _llama_logged = True
+        log.info("llama.cpp: llama-cpp-python %s, build %s, CPU backend %s, %d threads",
+                 importlib.metadata.version("llama-cpp-python"), build_key(), cpu_backend_in_use(), threads)
+    return engine
 
 
-async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
-    """The registry's loader: dispatches on the model's format."""
-    if config.format == "onnx":
-        from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
+_llama_logged = False
 
-        return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
-    if header is None:
-        raise ModelLoadError(f"{path.name}: no GGUF header was read")
-    return await load_gguf(path, header, config, threads)
+
+def engine_loader(gate: NativeGate) -> EngineLoader:
+    """The registry's loader: dispatches on the model's format. GGUF models load in this process only once
+    the native check (a decode in a child process, once per llama.cpp build) says llama.cpp runs here."""
+
+    async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+        if config.format == "onnx":
+            from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
+
+            return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
+        if header is None:
+            raise ModelLoadError(f"{path.name}: no GGUF header was read")
+        await gate.check(path)
+        return await load_gguf(path, header, config, threads)
+
+    return load_engine
 
 
 class Server:
@@ -90,7 +110,9 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._sockets: list[Path] = []
         self.lifecycle = Lifecycle()
-        self.registry = ModelRegistry(settings, ModelStore(settings.store), load_engine)
+        self.native_gate = NativeGate(threads=min(settings.threads, 2),
+                                      wrapper=shlex.split(os.environ.get(WRAPPER_ENV, "")))
+        self.registry = ModelRegistry(settings, ModelStore(settings.store), engine_loader(self.native_gate))
         self.router = build_router(settings, self.registry)
         self.discovery = LanDiscovery(settings, self.registry, self.router)  # mDNS: advertise, find peers
         self.metrics = Metrics(self.registry, self.router)

@@ -145,7 +145,10 @@ def evaluate_gguf(path: Path, *, threads: int, tokens: int | None = None,
     import llama_cpp
 
     from laas.daemon.backends.gguf import GgufEngine
+    from laas.daemon.backends.llama_lib import init_backends
     from laas.daemon.gguf_header import read_gguf_header
+
+    init_backends()
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=WINDOW, n_batch=WINDOW, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)

@@ -20,6 +20,7 @@ from typing import Any, cast
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.gguf_chat import chat_formatter
+from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.worker import wait_through_cancellation
 from laas.daemon.engine import (
     ChatMessage,
@@ -87,6 +88,7 @@ class GgufEngine(Engine):
             from llama_cpp._logger import set_verbose
 
             set_verbose(False)
+            init_backends()  # a portable build: its best CPU variant, from the package's own folder
             llama_cpp.llama_backend_init()
             mparams = llama_cpp.llama_model_default_params()
             cparams = llama_cpp.llama_context_default_params()
