@@ -21,7 +21,7 @@ print(next(re.fullmatch(r"llama-cpp-python==(\S+)", d).group(1) for d in deps if
 eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" "$kind" --version "$version")"
 cache=${LAAS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/laas/wheels}
 dir=$cache/$LLAMA_BUILD_KEY
-wheel=$(find "$dir" -maxdepth 1 -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n1)
+wheel=$(find "$dir" -maxdepth 1 -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n1 || true)
 if [ -z "$wheel" ]; then
   log "building llama-cpp-python $version ($kind: ${LLAMA_CMAKE_ARGS} ${LLAMA_CFLAGS}); several minutes on 2 cores"
   tmp=$(mktemp -d)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from laas.client import Client
 from laas.daemon.native_build import cpu_flags
+from laas.daemon.store import DEFAULT_MODEL
 from tests.conftest import OnnxExport, copy_package
 from tests.daemon_process import DaemonProcess
 
@@ -73,7 +74,9 @@ def test_daemon_fails_gguf_models_whose_native_check_dies_and_serves_the_rest(
     home = make_home()
     copy_package(onnx_export.package("int4"), home / "models")
     env = {"LAAS_NATIVE_CHECK_WRAPPER": f"{QEMU} -cpu {LESSER_CPU}", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    daemon = start_daemon(f'default_model = "{INT4}"\npreload = "all"\n', home=home, env=env)
+    config = (f'default_model = "{INT4}"\npreload = "all"\n[[models]]\nname = "smollm2-135m-instruct"\n'
+              f'path = "{DEFAULT_MODEL.filename}"\n')
+    daemon = start_daemon(config, home=home, env=env)
     with Client(daemon.target) as client:
         assert client.health() == "SERVING"
         gguf = client.model("smollm2-135m-instruct")
