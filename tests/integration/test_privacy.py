@@ -58,6 +58,7 @@ name = "cloud"
 url = "{proxy.url}"
 model = "{CLOUD_MODEL}"
 models = ["{LOCAL}", "private"]
+read_timeout_s = 120  # the test cloud shares two busy cores: its first token can take a minute
 ttft_ms = 50
 inter_token_ms = 2
 """)

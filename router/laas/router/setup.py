@@ -39,7 +39,7 @@ def remote_engine(remote: RemoteConfig, index: int) -> Engine:
     return CloudEngine(CloudConfig(
         name=remote.name, base_url=remote.url, model=remote.model, context_length=remote.context_length,
         api_key=key, connect_timeout_s=remote.connect_timeout_s, read_timeout_s=remote.read_timeout_s,
-        chat_only=remote.chat_only))
+        call_timeout_s=remote.call_timeout_s, chat_only=remote.chat_only))
 
 
 def build_router(settings: Settings, registry: ModelRegistry) -> Router:
