@@ -2,12 +2,19 @@
 
 Modes: "pass" (forward), "status" (answer 503), "garbage" (an event stream of junk), "cut" (forward
 `cut_after` events, then drop the connection mid-stream); `delay_s` adds latency before the answer.
-It counts requests, streams completed and streams the downstream client abandoned.
+Hostile endpoints (issue 13): "ping" (`: ping` comments and never a token), "empty" (events with
+empty deltas, never text), "stall" (forward `cut_after` events, then only pings), "trickle" (a token
+every `tick_s`, never a finish), "huge" (one `data:` line of `huge_bytes` without a newline), "echo"
+(HTTP 401 whose body quotes the request's headers, Authorization included) and "echo_event" (an
+error event quoting it). The synthetic streams send a tick every `tick_s`, for at most `max_ticks`.
+It counts requests, streams completed, streams the downstream client abandoned and bytes it sent in
+the synthetic streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +23,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -26,6 +33,10 @@ class FaultProxy:
         self.mode = "pass"
         self.delay_s = 0.0
         self.cut_after = 3
+        self.tick_s = 0.05
+        self.max_ticks = 6000
+        self.huge_bytes = 512 << 20
+        self.sent_bytes = 0
         self.requests = 0
         self.completed = 0
         self.abandoned = 0
@@ -51,7 +62,7 @@ class FaultProxy:
 
     def reset(self, mode: str = "pass", delay_s: float = 0.0, cut_after: int = 3) -> None:
         self.mode, self.delay_s, self.cut_after = mode, delay_s, cut_after
-        self.requests = self.completed = self.abandoned = 0
+        self.requests = self.completed = self.abandoned = self.sent_bytes = 0
         self.bodies.clear()
         self.authorization.clear()
 
@@ -71,12 +82,46 @@ class FaultProxy:
             return Response("upstream exploded", status_code=503)
         if mode == "garbage":
             return StreamingResponse(iter([b"data: {this is not json\n\n"]), media_type="text/event-stream")
+        if mode == "echo":
+            return JSONResponse({"error": {"message": "invalid request", "request_headers": dict(request.headers)}},
+                                status_code=401)
+        if mode == "echo_event":
+            event = {"error": {"message": f"rejected Authorization: {request.headers.get('authorization')}"}}
+            return StreamingResponse(iter([f"data: {json.dumps(event)}\n\n".encode()]),
+                                     media_type="text/event-stream")
+        if mode in ("ping", "empty", "trickle", "huge"):
+            return StreamingResponse(self._synthetic(mode), media_type="text/event-stream")
         client = httpx.AsyncClient(timeout=None)
         upstream = await client.send(client.build_request(
             request.method, f"{self.upstream}/{request.path_params['path'].removeprefix('v1/')}", content=body,
             headers={"content-type": request.headers.get("content-type", "application/json")}), stream=True)
         return StreamingResponse(self._relay(client, upstream, mode), status_code=upstream.status_code,
                                  media_type=upstream.headers.get("content-type"))
+
+    def _tick(self, mode: str) -> bytes:
+        if mode == "empty":
+            return b'data: {"choices":[{"index":0,"delta":{"content":""},"finish_reason":null}]}\n\n'
+        if mode == "trickle":
+            return b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+        return b": ping\n\n"
+
+    async def _synthetic(self, mode: str) -> AsyncIterator[bytes]:
+        try:
+            if mode == "huge":
+                yield b"data: "
+                block = b"x" * 65536
+                while self.sent_bytes < self.huge_bytes:
+                    self.sent_bytes += len(block)
+                    yield block
+                    await asyncio.sleep(0)  # a hung-up client is noticed (uvicorn drops writes to it silently)
+                return
+            for _ in range(self.max_ticks):
+                chunk = self._tick(mode)
+                self.sent_bytes += len(chunk)
+                yield chunk
+                await asyncio.sleep(self.tick_s)
+        finally:
+            self.abandoned += 1  # it never finishes: the client hung up (or the ticks ran out)
 
     async def _relay(self, client: httpx.AsyncClient, upstream: httpx.Response, mode: str) -> AsyncIterator[bytes]:
         events = 0
@@ -91,11 +136,15 @@ class FaultProxy:
                     events += 1
                     if mode == "cut" and events >= self.cut_after:
                         raise ConnectionAbortedError("fault injected: stream cut")
+                    if mode == "stall" and events >= self.cut_after:
+                        async for chunk in self._synthetic("ping"):  # counts the client hanging up
+                            yield chunk
+                        return
             if not finished:
                 finished = True
                 self.completed += 1
         finally:
-            if not finished and mode != "cut":
+            if not finished and mode not in ("cut", "stall"):
                 self.abandoned += 1
             await upstream.aclose()
             await client.aclose()

@@ -58,6 +58,7 @@ name = "cloud"
 url = "{proxy.url}"
 model = "{CLOUD_MODEL}"
 models = ["{LOCAL}", "private"]
+read_timeout_s = 120  # the test cloud shares two busy cores: its first token can take a minute
 ttft_ms = 50
 inter_token_ms = 2
 """)
@@ -120,6 +121,17 @@ def test_redaction_round_trip_through_a_real_cloud(client: Callable[[str], Clien
     assert "[EMAIL_1]" not in result.text  # (the model may invent [EMAIL_2]: unknown placeholders stay as written)
     # The cloud streams "[EMAIL_1]" as several tokens; the placeholder was held back until whole, then restored.
     assert any(EMAIL in c.text for c in chunks)
+
+
+def test_stop_strings_leave_redacted_and_keep_stopping(client: Callable[[str], Client], proxy: FaultProxy) -> None:
+    """Issue 13 item 14: sampling.stop went to the cloud verbatim."""
+    prompt = f"Contacts.\nEmail: {EMAIL}\nEmail: {EMAIL}\nEmail: {EMAIL}\nEmail:"
+    result = client("offloader").complete(prompt, max_tokens=12, temperature=0, policy="cloud_only",
+                                          stop=[EMAIL, "\n"])
+    body = json.loads(proxy.bodies[0])
+    assert body["stop"] == ["[EMAIL_1]", "\n"] and EMAIL not in proxy.bodies[0].decode()
+    assert result.routes[0].redacted == 4  # three in the prompt, one stop string
+    assert EMAIL not in result.text and "[EMAIL_1]" not in result.text  # it stopped where it would write it
 
 
 def test_chat_is_redacted_too_and_the_device_sees_the_raw_text(client: Callable[[str], Client],

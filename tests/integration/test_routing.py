@@ -21,6 +21,7 @@ from tests.fault_proxy import FaultProxy
 LOCAL = "smollm2-135m-instruct"
 CLOUD_KEY = "sk-test-5e3a1c0ffee"
 OVERSIZED = "The history of lighthouses. " * 120  # about 700 tokens: beyond the device's 512-token window
+HOSTILE_READ_TIMEOUT_S = 5
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,14 @@ def flaky(cloud: CloudServer) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture(scope="module")
-def daemon(make_home: Callable[..., Path], proxy: FaultProxy, flaky: FaultProxy,
+def hostile(cloud: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud.url).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(make_home: Callable[..., Path], proxy: FaultProxy, flaky: FaultProxy, hostile: FaultProxy,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     config = tmp_path_factory.mktemp("routing") / "laasd.toml"
     config.write_text(f"""
@@ -59,9 +67,10 @@ context_length = 512
 name = "cloud"
 url = "{proxy.url}"
 model = "{CLOUD_MODEL}"
-models = ["{LOCAL}", "big-model", "lost-model"]
+models = ["{LOCAL}", "big-model", "lost-model", "hostile-model"]
 context_length = 8192
 api_key_env = "TEST_CLOUD_KEY"
+read_timeout_s = 120  # the test cloud shares two busy cores: the first token of OVERSIZED can take a minute
 failure_threshold = 2
 cooldown_s = 2
 ttft_ms = 50
@@ -83,6 +92,18 @@ url = "http://127.0.0.1:{free_port()}/v1"
 model = "{CLOUD_MODEL}"
 models = ["lost-model"]
 ttft_ms = 5
+inter_token_ms = 1
+
+[[remotes]]
+name = "hostile"
+url = "{hostile.url}"
+model = "{CLOUD_MODEL}"
+models = ["hostile-model"]
+api_key_env = "TEST_CLOUD_KEY"
+read_timeout_s = {HOSTILE_READ_TIMEOUT_S}
+failure_threshold = 1
+cooldown_s = 1
+ttft_ms = 1
 inter_token_ms = 1
 """)
     proc = DaemonProcess(make_home(), config, env={"TEST_CLOUD_KEY": CLOUD_KEY, "LAAS_LOG_LEVEL": "debug"}).start()
@@ -299,6 +320,78 @@ def test_cloud_latency_is_learned(client: Client, proxy: FaultProxy) -> None:
     for i in range(3):
         client.complete(ask(10 + i), max_tokens=8, policy="cloud_only")
     assert predicted() > before + 300  # the added second of latency was measured
+
+
+# --- hostile endpoints (issue 13 items 6, 8, 9): "hostile" is predicted fastest for hostile-model ---------
+
+
+def _hostile_first(client: Client, hostile: FaultProxy, mode: str, cut_after: int = 3) -> None:
+    """Waits until hostile's circuit (opened by the previous test's failure) lets a request through again."""
+    hostile.reset()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if client.explain("Hi", model="hostile-model", max_tokens=4, policy="cloud_only").chosen.target == "hostile":
+            hostile.reset(mode, cut_after=cut_after)
+            return
+        time.sleep(0.1)
+    raise AssertionError("hostile stayed ineligible")
+
+
+def test_an_endpoint_that_only_pings_fails_over_before_the_first_token(client: Client, hostile: FaultProxy) -> None:
+    _hostile_first(client, hostile, "ping")
+    started = time.monotonic()
+    result = client.complete("Hi", model="hostile-model", max_tokens=4, policy="cloud_only")
+    took = time.monotonic() - started
+    assert [(r.target, r.failover) for r in result.routes] == [("cloud", True)]  # hostile never streamed
+    assert f"no token within {HOSTILE_READ_TIMEOUT_S}s" in result.routes[0].reason
+    assert HOSTILE_READ_TIMEOUT_S <= took < HOSTILE_READ_TIMEOUT_S + 20, took  # before: open as long as it pinged
+    _wait_for(lambda: hostile.abandoned == 1)  # the daemon hung up on it
+    note = next(c.note for c in client.explain("Hi", model="hostile-model", max_tokens=4,
+                                               policy="cloud_only").candidates if c.target == "hostile")
+    assert "circuit open after 1 failures" in note  # the breaker counted it
+
+
+def test_an_endpoint_that_stalls_mid_stream_is_continued_elsewhere(client: Client, hostile: FaultProxy) -> None:
+    _hostile_first(client, hostile, "stall", cut_after=4)
+    chunks = list(client.generate("Count from 1 to 100: 1, 2, 3,", model="hostile-model", max_tokens=20,
+                                  temperature=0, policy="cloud_only"))
+    routes = [(i, c.route) for i, c in enumerate(chunks) if c.route is not None]
+    assert [(r.target, r.failover) for _, r in routes] == [("hostile", False), ("cloud", True)]
+    assert f"no token within {HOSTILE_READ_TIMEOUT_S}s" in routes[1][1].reason
+    assert routes[1][0] >= 3  # it took over after hostile's text had been delivered
+    assert chunks[-1].completion_tokens == 20  # one budget across both targets
+
+
+def test_an_endless_line_fails_the_endpoint_at_the_bound(client: Client, hostile: FaultProxy,
+                                                         daemon: DaemonProcess) -> None:
+    _hostile_first(client, hostile, "huge")
+    assert daemon.proc is not None
+    before = _rss_peak(daemon.proc.pid)
+    result = client.complete("Hi", model="hostile-model", max_tokens=4, policy="cloud_only")
+    assert [(r.target, r.failover) for r in result.routes] == [("cloud", True)]
+    assert "more than 1048576 bytes" in result.routes[0].reason
+    assert hostile.sent_bytes < 16 << 20  # of the 512 MiB line it offered
+    assert _rss_peak(daemon.proc.pid) - before < 64 << 20  # before the fix: 1.5 GB
+
+
+@pytest.mark.parametrize("mode", ["echo", "echo_event"])
+def test_an_error_that_echoes_the_key_does_not_reach_the_client(client: Client, hostile: FaultProxy,
+                                                                daemon: DaemonProcess, mode: str) -> None:
+    _hostile_first(client, hostile, mode)
+    result = client.complete("Hi", model="hostile-model", max_tokens=4, policy="cloud_only")
+    assert hostile.authorization == [f"Bearer {CLOUD_KEY}"]  # sent to it, and echoed back
+    assert [(r.target, r.failover) for r in result.routes] == [("cloud", True)]
+    reason = result.routes[0].reason
+    assert CLOUD_KEY not in reason and "Bearer" not in reason
+    assert ("HTTP 401 Unauthorized" if mode == "echo" else "reported an error") in reason
+    _wait_for(lambda: "Bearer ***" in daemon.log)  # the operator has the body, masked
+
+
+def _rss_peak(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
 
 
 def test_the_api_key_is_never_logged(daemon: DaemonProcess) -> None:

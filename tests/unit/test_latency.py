@@ -5,9 +5,19 @@ Pure: every call that needs the time is given `now`; nothing sleeps.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
-from laas.router.latency import ALPHA, CircuitBreaker, LocalEstimator, RemoteEstimator
+from laas.router.latency import (
+    ALPHA,
+    CircuitBreaker,
+    LocalEstimator,
+    Rates,
+    RemoteEstimator,
+    calibrate_rates,
+    decode_floor_tps,
+)
 
 # --- LocalEstimator ----------------------------------------------------------------------------------
 
@@ -140,6 +150,61 @@ def test_uncalibrated_prefill_rate_is_learned_on_its_own() -> None:
     est.observe(prompt_tokens=3, prompt_ms=1.0, decoded_tokens=5, decode_ms=100.0)
     assert est.prefill_tps is None and est.decode_tps == pytest.approx(40)
     assert not est.calibrated
+
+
+# --- calibration (issue 13 item 21: a disturbed start-up run fed the router rates 100x too low) -------
+
+
+def _runs(*rates: Rates) -> tuple[list[int], Callable[[int], Awaitable[Rates]]]:
+    calls: list[int] = []
+
+    async def measure(attempt: int) -> Rates:
+        calls.append(attempt)
+        return rates[attempt - 1]
+
+    return calls, measure
+
+
+def test_the_floor_follows_the_model_size() -> None:
+    assert decode_floor_tps(250_000_000) == pytest.approx(4.0)  # 1 GB/s over 250 MB of weights
+    assert decode_floor_tps(90_000_000) == pytest.approx(11.1, rel=1e-2)
+    assert decode_floor_tps(1_000) == 30.0  # tiny: capped
+
+
+async def test_a_run_at_the_expected_speed_is_measured_once() -> None:
+    calls, measure = _runs(Rates(400.0, 80.0))
+    assert await calibrate_rates(measure, floor_tps=11.0) == (Rates(400.0, 80.0), 1)
+    assert calls == [1]
+
+
+async def test_a_run_far_below_the_floor_is_measured_again_and_the_fastest_counts() -> None:
+    calls, measure = _runs(Rates(4.0, 0.8), Rates(350.0, 75.0), Rates(1.0, 1.0))
+    rates, runs = await calibrate_rates(measure, floor_tps=11.0)
+    assert (rates, runs, calls) == (Rates(350.0, 75.0), 2, [1, 2])
+
+
+async def test_runs_that_stay_slow_stop_after_the_attempts() -> None:
+    calls, measure = _runs(Rates(4.0, 0.8), Rates(None, 1.2), Rates(6.0, None))
+    rates, runs = await calibrate_rates(measure, floor_tps=11.0, attempts=3)
+    assert (rates, runs, calls) == (Rates(6.0, 1.2), 3, [1, 2, 3])
+
+
+def test_a_seed_is_never_below_the_floor_and_the_first_live_request_replaces_it() -> None:
+    est = LocalEstimator()
+    est.seed(Rates(4.0, 0.8), floor_tps=11.0)  # the runs stayed 100x too slow
+    assert (est.prefill_tps, est.decode_tps) == (11.0, 11.0)
+    est.observe(prompt_tokens=100, prompt_ms=250.0, decoded_tokens=41, decode_ms=500.0)  # 400, 80 tok/s
+    assert (est.prefill_tps, est.decode_tps) == pytest.approx((400.0, 80.0))  # one request, not a dozen
+    est.observe(prompt_tokens=100, prompt_ms=500.0, decoded_tokens=41, decode_ms=1000.0)  # 200, 40 tok/s
+    assert est.decode_tps == pytest.approx((1 - ALPHA) * 80 + ALPHA * 40)  # then the usual average
+
+
+def test_a_seeded_rate_waits_for_a_request_that_measures_it() -> None:
+    est = LocalEstimator()
+    est.seed(Rates(500.0, 50.0))
+    est.observe(prompt_tokens=3, prompt_ms=1.0, decoded_tokens=11, decode_ms=100.0)  # no prefill rate: 100 tok/s
+    assert est.prefill_tps == 500.0 and est.decode_tps == pytest.approx(100.0)
+    assert est.seeded_prefill and not est.seeded_decode
 
 
 # --- RemoteEstimator ---------------------------------------------------------------------------------

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncGenerator, Sequence
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from laas.router.redact import Mapping, Redactor, Restorer
+from laas.daemon.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelFormat,
+    ModelInfo,
+    SamplingParams,
+    TextDelta,
+    Timings,
+    Usage,
+)
+from laas.router.latency import CircuitBreaker, RemoteEstimator
+from laas.router.policy import TargetKind
+from laas.router.redact import Mapping, Redaction, Redactor, Restorer
+from laas.router.targets import RemoteTarget, RoutedRequest
 
 
 @pytest.mark.parametrize(("text", "kind"), [
@@ -20,6 +40,17 @@ from laas.router.redact import Mapping, Redactor, Restorer
     ("call +1 (555) 123-4567 now", "PHONE"),
     ("or 020 7946 0958 at home", "PHONE"),
     ("mobile +33 6 12 34 56 78", "PHONE"),
+    # Issue 13 item 14: separators and addresses that passed before
+    ("card 4111.1111.1111.1111 ok", "CARD"),
+    ("card 4111_1111_1111_1111.", "CARD"),
+    ("card 4111/1111/1111/1111", "CARD"),
+    ("card 5555  5555  5555  4444 x", "CARD"),
+    ("amex 3782.822463.10005 due", "CARD"),
+    ("mail jürgen.müller@bücher.de today", "EMAIL"),
+    ("用户@例子.广告", "EMAIL"),
+    ("用户@例子。广告", "EMAIL"),
+    ("punycode jane@xn--mller-kva.de", "EMAIL"),
+    ("write to root@localhost now", "EMAIL"),
 ])
 def test_each_kind_is_found(text: str, kind: str) -> None:
     mapping = Mapping()
@@ -31,7 +62,8 @@ def test_each_kind_is_found(text: str, kind: str) -> None:
 
 @pytest.mark.parametrize("text", [
     "version 1.2.3 on 2024-01-15 at 10:30", "order 12345", "card 4111 1111 1111 1112 (bad Luhn)",
-    "ratio 3:4:5", "999.1.1.1 is not an address", "no data here", "user@localhost",
+    "ratio 3:4:5", "999.1.1.1 is not an address", "no data here", "pi 3.14159265358979 ok",
+    "card 4111.1111.1111.1112 (bad Luhn)", "order 2024/01/15", "x = A@B", "npm lodash@4.17.21",
 ])
 def test_ordinary_text_is_left_alone(text: str) -> None:
     mapping = Mapping()
@@ -56,7 +88,16 @@ def test_a_placeholder_split_across_deltas_is_restored_whole() -> None:
     assert restorer.flush() == "[EMAIL_"  # never completed: given back as written
 
 
-values = st.sampled_from(["ann@ex.com", "bob@corp.example", "10.0.0.1", "+49 30 1234 5678", "5555 5555 5555 4444"])
+def test_an_ipv6_placeholder_split_across_deltas_is_restored() -> None:
+    mapping = Mapping()
+    assert Redactor().redact("v6 2001:db8::1", mapping) == "v6 [IPV6_1]"
+    restorer = Restorer(mapping)
+    out = [restorer.feed(d) for d in ["at [IPV", "6", "_1] ok"]]
+    assert out == ["at ", "", "2001:db8::1 ok"] and restorer.flush() == ""
+
+
+values = st.sampled_from(["ann@ex.com", "bob@corp.example", "10.0.0.1", "+49 30 1234 5678", "5555 5555 5555 4444",
+                          "2001:db8::8a2e:370:7334", "jürgen@bücher.de", "4111.1111.1111.1111"])
 fillers = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="@"), max_size=12)
 
 
@@ -74,3 +115,46 @@ def test_any_split_of_the_answer_restores_the_values(parts: list[tuple[str, str]
         pieces.append(restorer.feed(redacted[i:i + step]))
         i, k = i + step, k + 1
     assert "".join(pieces) + restorer.flush() == text
+
+
+class _Capture(Engine):
+    """A remote engine that records the request it was sent and answers with the first stop string."""
+
+    def __init__(self) -> None:
+        self.sent: GenerationRequest | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(ModelFormat.REMOTE, "", 4096, 4096, 0, "remote")
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
+        return [1]
+
+    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+        return GenerationRequest(prompt="")
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.sent = request
+        yield TextDelta(f"Mail {request.sampling.stop[0]}")
+        yield Completion(FinishReason.STOP, Usage(1, 2), Timings())
+
+    async def check_health(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_stop_strings_are_redacted_with_the_prompts_placeholders() -> None:
+    engine = _Capture()
+    target = RemoteTarget("cloud", TargetKind.CLOUD, engine, RemoteEstimator(), CircuitBreaker(), time.monotonic,
+                          redactor=Redactor())
+    request = RoutedRequest(SamplingParams(max_tokens=4, stop=("ann@ex.com", "10.0.0.1:", "END")),
+                            prompt="Write to ann@ex.com")
+    items = [c async for c in target.stream(request, 4, 4)]
+    assert engine.sent is not None
+    assert engine.sent.prompt == "Write to [EMAIL_1]"
+    assert engine.sent.sampling.stop == ("[EMAIL_1]", "[IP_1]:", "END")  # the cloud stops where it writes one
+    assert "ann@ex.com" not in repr(engine.sent) and "10.0.0.1" not in repr(engine.sent)
+    assert items[0] == Redaction(3)
+    assert "".join(c.text for c in items if isinstance(c, TextDelta)) == "Mail ann@ex.com"  # restored

@@ -68,7 +68,8 @@ class RemoteConfig:
     api_key_env: str | None = None
     api_key_file: str | None = None
     connect_timeout_s: float = 3.0
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = 30.0  # cloud: the longest wait for the next token
+    call_timeout_s: float = 600.0  # cloud: the longest a whole call may take
     chat_only: bool = False  # the endpoint has no /completions: raw prompts are sent as one user message
     failure_threshold: int = 3  # consecutive failures that open the circuit
     cooldown_s: float = 30.0  # how long an open circuit stays open before one trial request
@@ -236,7 +237,8 @@ def _remote(index: int, table: Any) -> RemoteConfig:
     if remote.kind == "cloud" and not remote.model:
         raise SettingsError(f"{where}.model is required for a cloud endpoint", field=f"{where}.model")
     for name, low in (("context_length", 16), ("failure_threshold", 1), ("cooldown_s", 0),
-                      ("connect_timeout_s", 0.001), ("read_timeout_s", 0.001)):
+                      ("connect_timeout_s", 0.001), ("read_timeout_s", 0.001),
+                      ("call_timeout_s", 0.001)):
         if getattr(remote, name) < low:
             raise SettingsError(f"{where}.{name} must be >= {low}", field=f"{where}.{name}")
     return remote

@@ -1,25 +1,33 @@
 """A cloud endpoint as an Engine: any OpenAI-compatible API with streaming (OpenAI, Azure OpenAI, vLLM,
 TGI, llama.cpp's server, Ollama's /v1, another laasd's HTTP front...).
 
-Layer: infrastructure. httpx streams the response; httpx-sse parses the server-sent events. Every
-failure (refused connection, timeout, HTTP error status, a stream cut mid-way, an event that is not
-the expected JSON) becomes TargetFailed, which the router answers by failing over. Closing the
-generator closes the HTTP stream, so a cancelled client request cancels the cloud call too.
-The API key is read once from an environment variable or a file and is never logged or repr'd.
+Layer: infrastructure. httpx streams the response; sse.SseDecoder parses the server-sent events with
+a bound on each line and event. Every failure (refused connection, HTTP error status, a stream cut
+mid-way, an event that is not the expected JSON or is too large, no token within `read_timeout_s`,
+the call past `call_timeout_s`) becomes TargetFailed, which the router answers by failing over (before
+the first token: the next target; mid-stream: the next one continues). Pings and empty deltas do not
+count as tokens. Closing the generator closes the HTTP stream, so a cancelled client request cancels
+the cloud call too. The API key is read once from an environment variable or a file and is never
+logged or repr'd; what the endpoint says about a failure goes to the log (secrets masked), not to
+clients, since an error page may echo the request's Authorization header.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import EventSource
 
 from laas.daemon.engine import (
     ChatMessage,
@@ -35,6 +43,9 @@ from laas.daemon.engine import (
     Usage,
 )
 from laas.daemon.errors import InvalidArgument, TargetFailed
+from laas.router.sse import EventTooLarge, SseDecoder
+
+log = logging.getLogger(__name__)
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eos": FinishReason.STOP}
 
@@ -47,7 +58,8 @@ class CloudConfig:
     context_length: int
     api_key: str | None = None
     connect_timeout_s: float = 3.0
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = 30.0  # the longest wait for the next token (pings and empty deltas do not count)
+    call_timeout_s: float = 600.0  # the longest a whole call may take
     chat_only: bool = False
 
     def __repr__(self) -> str:  # never print the key
@@ -110,46 +122,110 @@ class CloudEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         path, body = self._body(request)
-        headers = {"Accept": "text/event-stream"}
+        # identity: a compressed body could expand past the event bound inside one decoded chunk
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
-        name = self.config.name
+        name, cfg = self.config.name, self.config
+        clock = asyncio.get_running_loop().time
+        begun = clock()
+        whole = begun + cfg.call_timeout_s  # the whole call, however the endpoint trickles
+        next_token = begun + cfg.connect_timeout_s + cfg.read_timeout_s  # until the answer's headers, then per text
         start = time.perf_counter()
         first = last = 0.0
         tokens = 0
         finish: FinishReason | None = None
         usage: dict[str, Any] = {}
+        decoder = SseDecoder()
         try:
-            async with self._client.stream("POST", self.config.base_url.rstrip("/") + path, json=body,
-                                           headers=headers) as response:
-                if response.status_code != 200:
-                    detail = (await response.aread())[:200].decode("utf-8", "replace")
-                    raise TargetFailed(f"{name}: HTTP {response.status_code}: {detail}")
-                async for event in EventSource(response).aiter_sse():
-                    if event.data.strip() == "[DONE]":
-                        break
-                    text, reason, event_usage = _parse_event(name, event.data)
-                    usage.update(event_usage)
-                    if text:
-                        last = time.perf_counter()
-                        first = first or last
-                        tokens += 1
-                        self.decoded_tokens += 1
-                        yield TextDelta(text)
-                    if reason is not None:
-                        finish = _FINISH.get(reason, FinishReason.STOP)
+            async with contextlib.AsyncExitStack() as stack:
+                async with asyncio.timeout_at(min(next_token, whole)):
+                    response = await stack.enter_async_context(self._client.stream(
+                        "POST", cfg.base_url.rstrip("/") + path, json=body, headers=headers))
+                    if response.status_code != 200:
+                        raise self._http_failure(response.status_code, await _read_some(response, _ERROR_BODY_BYTES))
+                next_token = clock() + cfg.read_timeout_s
+                chunks = response.aiter_bytes()
+                done = False
+                while not done:
+                    # Pings (`: ping`), empty deltas and role-only events do not count: only text moves it.
+                    async with asyncio.timeout_at(min(next_token, whole)):
+                        chunk = await anext(chunks, None)
+                    for data in decoder.feed(chunk) if chunk is not None else decoder.close():
+                        if data.strip() == "[DONE]":
+                            done = True
+                            break
+                        if not data.strip():
+                            continue
+                        text, reason, event_usage = self._parse_event(data)
+                        usage.update(event_usage)
+                        if text:
+                            last = time.perf_counter()
+                            first = first or last
+                            tokens += 1
+                            self.decoded_tokens += 1
+                            yield TextDelta(text)
+                            next_token = clock() + cfg.read_timeout_s  # from when the consumer asks again
+                        if reason is not None:
+                            finish = _FINISH.get(reason, FinishReason.STOP)
+                    done = done or chunk is None
+        except TimeoutError as e:
+            waited = f"the call took longer than {cfg.call_timeout_s:g}s" if clock() >= whole else (
+                f"no token within {cfg.read_timeout_s:g}s")
+            raise TargetFailed(f"{name}: {waited}") from e
+        except EventTooLarge as e:
+            raise TargetFailed(f"{name}: the event stream sent {e}") from e
         except httpx.HTTPError as e:
-            raise TargetFailed(f"{name}: {type(e).__name__}: {e or 'connection failed'}") from e
+            log.warning("%s: %s: %s", name, type(e).__name__, self._masked(str(e) or "connection failed"))
+            raise TargetFailed(f"{name}: {type(e).__name__} (the daemon's log has the details)") from e
         if finish is None:
             raise TargetFailed(f"{name}: the stream ended before a finish reason")
         end = time.perf_counter()
         first = first or end
         yield Completion(
             finish_reason=finish,
-            usage=Usage(prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                        completion_tokens=int(usage.get("completion_tokens", tokens))),
+            usage=Usage(prompt_tokens=_count(usage.get("prompt_tokens"), 0),
+                        completion_tokens=_count(usage.get("completion_tokens"), tokens)),
             timings=Timings(prompt_ms=(first - start) * 1000, decode_ms=(last - first) * 1000 if last else 0.0),
         )
+
+    def _masked(self, text: str) -> str:
+        return mask_secrets(text, self.config.api_key)
+
+    def _http_failure(self, status: int, body: bytes) -> TargetFailed:
+        """Clients get the status and its standard phrase; the body (which may echo our headers) goes to
+        the log, secrets masked. The upstream's own reason phrase is not trusted either."""
+        log.warning("%s answered HTTP %d: %s", self.config.name, status,
+                    self._masked(body.decode("utf-8", "replace")))
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "error"
+        return TargetFailed(f"{self.config.name}: HTTP {status} {phrase}")
+
+    def _parse_event(self, data: str) -> tuple[str, str | None, dict[str, Any]]:
+        name = self.config.name
+        try:
+            payload = json.loads(data)
+            if "error" in payload:
+                log.warning("%s reported an error in its stream: %s", name, self._masked(str(payload["error"])[:2000]))
+                raise TargetFailed(f"{name}: the endpoint reported an error (the daemon's log has it)")
+            usage = payload.get("usage") or {}
+            if not isinstance(usage, dict):
+                raise TypeError("usage is not an object")
+            choices = payload.get("choices") or []
+            if not choices:
+                return "", None, usage
+            choice = choices[0]
+            text = choice.get("text")
+            if text is None:
+                text = (choice.get("delta") or {}).get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError("text is not a string")
+            return text, choice.get("finish_reason"), usage
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+            log.warning("%s sent an unexpected event: %s", name, self._masked(data[:200]))
+            raise TargetFailed(f"{name}: unexpected event (not the expected JSON)") from e
 
     async def check_health(self) -> None:
         return None
@@ -158,21 +234,30 @@ class CloudEngine(Engine):
         await self._client.aclose()
 
 
-def _parse_event(name: str, data: str) -> tuple[str, str | None, dict[str, Any]]:
-    try:
-        payload = json.loads(data)
-        if "error" in payload:
-            raise TargetFailed(f"{name}: the endpoint reported an error: {str(payload['error'])[:200]}")
-        usage = payload.get("usage") or {}
-        choices = payload.get("choices") or []
-        if not choices:
-            return "", None, usage
-        choice = choices[0]
-        text = choice.get("text")
-        if text is None:
-            text = (choice.get("delta") or {}).get("content") or ""
-        if not isinstance(text, str):
-            raise TypeError("text is not a string")
-        return text, choice.get("finish_reason"), usage
-    except (ValueError, TypeError, AttributeError) as e:
-        raise TargetFailed(f"{name}: unexpected event {data[:80]!r}") from e
+_ERROR_BODY_BYTES = 4096  # of an error answer, kept for the log
+# Secrets an endpoint may echo (its own error pages often quote the request): the key itself, bearer
+# tokens, OpenAI-style keys and `api-key: ...` / `Authorization: ...` headers.
+_SECRET = re.compile(r"(?i)(\b(?:authorization|x-api-key|api[-_]?key)[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic)\s+)?"
+                     r"|\bbearer\s+)[^\s\"',;}]+|\bsk-[A-Za-z0-9_-]{6,}")
+
+
+def mask_secrets(text: str, key: str | None = None) -> str:
+    """`text` with the API key and anything that looks like a credential replaced by `***`."""
+    if key:
+        text = text.replace(key, "***")
+    return _SECRET.sub(lambda m: (m.group(1) or "sk-") + "***", text)
+
+
+async def _read_some(response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of the body (an error page may be endless)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
+def _count(value: Any, default: int) -> int:
+    """A token count from the endpoint's usage, or the default when it is missing or not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default

@@ -6,14 +6,59 @@ throttling, other load) and a remote endpoint's real latency.
 
     device:  queue ahead + prompt_tokens / prefill rate + max_tokens / decode rate
     remote:  time to first token + max_tokens * inter-token time, inflated by its recent error rate
+
+The device's rates are seeded at start-up by a short calibration. One run can be taken while another
+process holds the cores (llama.cpp with `threads` = every core collapses when it has to share them:
+100x slower was seen), and a device predicted far too slow would see no live request to correct it
+once requests with a deadline go elsewhere. So a run far below what the model's size predicts is
+measured again (the fastest run counts), a seed is never below that floor, and the first live
+request replaces a seed instead of being averaged with it.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 ALPHA = 0.3  # weight of the newest observation
+# Decoding reads every weight once per token; 1 GB/s is far below any device laas targets (a Raspberry
+# Pi 4 reads about 4 GB/s), so a slower run means the run was disturbed, not that the device is slow.
+SLOWEST_BYTES_PER_S = 1e9
+FLOOR_CAP_TPS = 30.0  # tiny models: per-token overheads, not the weights, bound the rate
+
+
+def decode_floor_tps(size_bytes: int) -> float:
+    """The slowest decode rate an undisturbed device gives for a model of this size (tokens/s)."""
+    return min(SLOWEST_BYTES_PER_S / max(size_bytes, 1), FLOOR_CAP_TPS)
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """One calibration run: prefill and decode rates (tokens/s), None when the run could not tell."""
+
+    prefill_tps: float | None
+    decode_tps: float | None
+
+    def best(self, other: Rates) -> Rates:
+        """The faster of each rate: a disturbed run is only ever slower than the device."""
+        return Rates(_max(self.prefill_tps, other.prefill_tps), _max(self.decode_tps, other.decode_tps))
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+async def calibrate_rates(measure: Callable[[int], Awaitable[Rates]], floor_tps: float, attempts: int = 3
+                          ) -> tuple[Rates, int]:
+    """Runs `measure(attempt)` until a run decodes at `floor_tps` or more, at most `attempts` times;
+    returns the fastest rates seen and the runs it took."""
+    best = Rates(None, None)
+    for attempt in range(1, attempts + 1):
+        best = best.best(await measure(attempt))
+        if best.decode_tps is not None and best.decode_tps >= floor_tps:
+            return best, attempt
+    return best, attempts
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -29,6 +74,9 @@ class LocalEstimator:
     overhead_ms: float = 5.0
     # Requests the model decodes at once (continuous batching): one waits only when all slots are taken.
     parallel: int = 1
+    # A rate that is a calibration's seed: the first live observation replaces it.
+    seeded_prefill: bool = False
+    seeded_decode: bool = False
     _admitted: dict[int, tuple[float, float | None]] = field(default_factory=dict)  # id -> (predicted, started)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -70,12 +118,24 @@ class LocalEstimator:
     def finish(self, ticket: int) -> None:
         self._admitted.pop(ticket, None)
 
+    def seed(self, rates: Rates, floor_tps: float = 0.0) -> None:
+        """Sets the rates a calibration measured, never below `floor_tps`; the first live request that
+        measures a rate replaces its seed."""
+        if rates.prefill_tps is not None:
+            self.prefill_tps, self.seeded_prefill = max(rates.prefill_tps, floor_tps), True
+        if rates.decode_tps is not None:
+            self.decode_tps, self.seeded_decode = max(rates.decode_tps, floor_tps), True
+
     def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float) -> None:
         """Learns from a finished request (prefill of fewer than 8 tokens says little about the rate)."""
         if prompt_tokens >= 8 and prompt_ms > 0:
-            self.prefill_tps = _ewma(self.prefill_tps, prompt_tokens * 1000 / prompt_ms)
+            rate = prompt_tokens * 1000 / prompt_ms
+            self.prefill_tps = rate if self.seeded_prefill else _ewma(self.prefill_tps, rate)
+            self.seeded_prefill = False
         if decoded_tokens >= 2 and decode_ms > 0:
-            self.decode_tps = _ewma(self.decode_tps, (decoded_tokens - 1) * 1000 / decode_ms)
+            rate = (decoded_tokens - 1) * 1000 / decode_ms
+            self.decode_tps = rate if self.seeded_decode else _ewma(self.decode_tps, rate)
+            self.seeded_decode = False
 
 
 @dataclass

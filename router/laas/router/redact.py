@@ -21,15 +21,24 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# Unicode local parts and domains (IDN, also with ideographic full stops), punycode TLDs, and the one
+# single-label host people write addresses for (`root@localhost`); `a@b` alone is code (Python's matmul).
+_DOT = "[.\u3002\uff0e\uff61]"
+_EMAIL = re.compile(rf"(?<![\w.+%-])[\w.%+-]+@(?:[\w-]+(?:{_DOT}[\w-]+)*{_DOT}(?:[^\W\d_]{{2,}}|xn--[\w-]+)"
+                    r"|(?i:localhost))(?![\w-])")
+# A card: 13-19 digits, bare or with single spaces/hyphens anywhere, or in groups of 3-6 digits with one
+# separator repeated (`.`, `_`, `/`, `-`, 1-3 spaces or a tab): `4111.1111.1111.1111`, `5555  5555  5555  4444`.
+# Grouping (and Luhn) keeps decimals such as 3.14159265358979 out.
+_CARD = re.compile(r"(?<![\w-])(?<!\d[._/])(?:\d(?:[ -]?\d){12,18}"
+                   r"|\d{3,6}(?P<sep>[._/\t-]| {1,3})\d{3,6}(?:(?P=sep)\d{1,6}){1,4})(?![\w-])(?![._/]\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
 # A phone number is a whole run of digits: never the middle of a longer one (a card that failed Luhn).
 _PHONE = re.compile(r"(?:(?<![\w+])\+\d{1,3}[ .-]?|(?<![\w+])(?<!\d[ .-]))(?:\(\d{1,4}\)[ .-]?)?"
                     r"\d(?:[ .-]?\d){6,13}(?!\w|[ .-]\d)")
-_PLACEHOLDER_PREFIX = re.compile(r"\[[A-Z]*(?:_\d*)?\]?$")
+# What may be the start of a placeholder: `[`, `[IPV`, `[IPV6_`, `[CARD_1`... (kinds may hold digits: IPV6).
+_PLACEHOLDER_PREFIX = re.compile(r"\[(?:[A-Z][A-Z0-9]*)?(?:_\d*)?\]?$")
 
 
 def _luhn(digits: str) -> bool:
@@ -50,8 +59,9 @@ def _is_card(value: str) -> bool:
 def _card_span(value: str) -> tuple[int, int] | None:
     """The longest run of whole digit groups inside `value` that is a card number (digits around it may be
     a neighbouring number: "card 5555 5555 5555 4444 1 time")."""
-    starts = [0, *(m.end() for m in re.finditer(r"[ -]", value))]
-    ends = [*(m.start() for m in re.finditer(r"[ -]", value)), len(value)]
+    seps = list(re.finditer(r"[ ._/\t-]+", value))
+    starts = [0, *(m.end() for m in seps)]
+    ends = [*(m.start() for m in seps), len(value)]
     spans = sorted(((a, b) for a in starts for b in ends if b > a), key=lambda ab: ab[0] - ab[1])
     return next(((a, b) for a, b in spans if _is_card(value[a:b])), None)
 

@@ -6,26 +6,28 @@ is missing stops the daemon at start-up with a SettingsError naming the field.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 from laas.client.channels import Tls
-from laas.daemon.engine import Engine, SamplingParams
+from laas.daemon.engine import Completion, Engine, SamplingParams
 from laas.daemon.errors import InvalidArgument, LaasError
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import RemoteConfig, Settings, SettingsError
 from laas.router.cloud import CloudConfig, CloudEngine, read_api_key
 from laas.router.dispatch import Router
-from laas.router.latency import CircuitBreaker, RemoteEstimator
+from laas.router.latency import CircuitBreaker, Rates, RemoteEstimator, calibrate_rates, decode_floor_tps
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
 from laas.router.redact import Redactor
-from laas.router.targets import RemoteTarget, RoutedRequest
+from laas.router.targets import LocalTarget, RemoteTarget, RoutedRequest
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT = "Calibration: the quick brown fox jumps over the lazy dog. " * 4
 CALIBRATION_TOKENS = 8
+CALIBRATION_ATTEMPTS = 2  # one more run at most: under lasting contention each run takes 20-30 s
 
 
 def remote_engine(remote: RemoteConfig, index: int) -> Engine:
@@ -39,7 +41,7 @@ def remote_engine(remote: RemoteConfig, index: int) -> Engine:
     return CloudEngine(CloudConfig(
         name=remote.name, base_url=remote.url, model=remote.model, context_length=remote.context_length,
         api_key=key, connect_timeout_s=remote.connect_timeout_s, read_timeout_s=remote.read_timeout_s,
-        chat_only=remote.chat_only))
+        call_timeout_s=remote.call_timeout_s, chat_only=remote.chat_only))
 
 
 def build_router(settings: Settings, registry: ModelRegistry) -> Router:
@@ -62,18 +64,42 @@ def build_router(settings: Settings, registry: ModelRegistry) -> Router:
 
 
 async def calibrate(router: Router) -> None:
-    """Seeds each ready local model's prefill and decode rates with one short greedy generation."""
+    """Seeds each ready local model's prefill and decode rates with short greedy generations: one, unless it
+    decodes far slower than the model's size predicts (another process on the cores), then up to
+    CALIBRATION_ATTEMPTS; the fastest run counts, and a seed is never below that floor."""
     for target in router.local.values():
         if target.entry.state is not ModelState.READY:
             continue
-        request = RoutedRequest(SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, ignore_eos=True),
-                                prompt=CALIBRATION_PROMPT)
+        floor = decode_floor_tps(target.entry.size_bytes)
         try:
-            async for _ in target.stream(request, len(CALIBRATION_PROMPT) // 5, CALIBRATION_TOKENS):
-                pass
+            rates, runs = await calibrate_rates(functools.partial(_measure, target), floor, CALIBRATION_ATTEMPTS)
         except LaasError as e:
             log.warning("calibration of %s failed: %s", target.name, e)
             continue
+        if rates.decode_tps is not None and rates.decode_tps < floor:
+            log.warning("calibration of %s decoded at %.1f tok/s in %d runs, far below the %.0f tok/s its size "
+                        "predicts: is another process using the cores (`threads` defaults to all of them)? "
+                        "The router assumes %.0f tok/s until a request measures it", target.name,
+                        rates.decode_tps, runs, floor, floor)
+        target.estimator.seed(rates, floor)
         est = target.estimator
-        log.info("calibrated %s: prefill %.0f tok/s, decode %.1f tok/s", target.name,
+        log.info("calibrated %s in %d run(s): prefill %.0f tok/s, decode %.1f tok/s", target.name, runs,
                  est.prefill_tps or 0, est.decode_tps or 0)
+
+
+async def _measure(target: LocalTarget, attempt: int) -> Rates:
+    """One calibration run's rates (a new first word each run: the prompt cache must not serve it)."""
+    prompt = f"{attempt}. {CALIBRATION_PROMPT}"
+    request = RoutedRequest(SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, ignore_eos=True),
+                            prompt=prompt)
+    rates = Rates(None, None)
+    async for chunk in target.stream(request, len(prompt) // 5, CALIBRATION_TOKENS):
+        if isinstance(chunk, Completion):
+            u, t = chunk.usage, chunk.timings
+            prefilled = u.prompt_tokens - u.cached_prompt_tokens
+            rates = Rates(prefilled * 1000 / t.prompt_ms if prefilled >= 8 and t.prompt_ms > 0 else None,
+                          (u.completion_tokens - 1) * 1000 / t.decode_ms
+                          if u.completion_tokens >= 2 and t.decode_ms > 0 else None)
+    log.debug("calibration run %d of %s: prefill %.1f tok/s, decode %.1f tok/s (0: not measured)", attempt,
+              target.name, rates.prefill_tps or 0, rates.decode_tps or 0)
+    return rates

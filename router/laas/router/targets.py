@@ -157,6 +157,9 @@ class RemoteTarget:
         redact = self.redactor.redact
         request = replace(request, prompt=redact(request.prompt, mapping),
                           messages=tuple(replace(m, content=redact(m.content, mapping)) for m in request.messages))
+        # Stop strings too: the endpoint sees the placeholders the prompt has, and stops where it writes one.
+        request = replace(request, sampling=replace(
+            request.sampling, stop=tuple(redact(s, mapping) for s in request.sampling.stop)))
         return request, Restorer(mapping), mapping.replaced
 
     async def stream(self, request: RoutedRequest, prompt_tokens: int, max_tokens: int, resumed_from: str = ""
