@@ -15,6 +15,7 @@ from laas.daemon.errors import InvalidArgument, ModelLoadError
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 USER = [ChatMessage("user", "x")]
+FOREVER_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 
 
 def test_renders_with_the_generation_prompt_and_the_eos_stop() -> None:
@@ -84,8 +85,8 @@ def test_the_rendered_prompt_is_bounded() -> None:
 
 
 def test_a_template_that_runs_forever_is_stopped_within_its_budget() -> None:
-    template = ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-                            "{{ messages }}", bos_token="", eos_token="", model="m.gguf", timeout_s=0.5)
+    template = ChatTemplate(FOREVER_LOOP + "{{ messages }}", bos_token="", eos_token="", model="m.gguf",
+                            timeout_s=0.5)
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match=r"time budget of 0\.5 s"):
         template.render(USER)
@@ -100,3 +101,16 @@ def test_a_template_that_runs_forever_is_stopped_within_its_budget() -> None:
 def test_an_oversized_template_fails_the_model() -> None:
     with pytest.raises(ModelLoadError, match="more than"):
         ChatTemplate("x" * (2 << 20), bos_token="", eos_token="")
+
+
+def test_a_worker_that_grows_past_the_memory_bound_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where setrlimit is forbidden (systemd's SystemCallFilter=~@resources), the daemon's RSS poll bounds it."""
+    from laas.daemon import template_process
+
+    monkeypatch.setattr(template_process, "MAX_RSS", 200 << 20)
+    template = ChatTemplate("{% set s = messages[0].content * 400000000 %}" + FOREVER_LOOP, bos_token="",
+                            eos_token="", model="m", timeout_s=60)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="more than 200 MiB of memory"):
+        template.render(USER)
+    assert time.monotonic() - started < 30 and template._process._proc is None
