@@ -3,7 +3,9 @@ budget: a refusal (`raise_exception`) is the caller's error, any other failure t
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,19 @@ def test_a_worker_that_grows_past_the_memory_bound_is_killed(monkeypatch: pytest
     with pytest.raises(ModelLoadError, match="more than 200 MiB of memory"):
         template.render(USER)
     assert time.monotonic() - started < 30 and template._process._proc is None
+
+
+async def test_renders_waiting_for_a_slow_template_hold_no_threads() -> None:
+    """Requests to a model whose template runs to its budget wait on the event loop, not in the thread pool
+    that every other blocking call of the daemon shares."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    template = ChatTemplate(FOREVER_LOOP, bos_token="", eos_token="", model="m", timeout_s=1.0)
+    renders = [asyncio.ensure_future(template.arender(USER)) for _ in range(4)]
+    await asyncio.sleep(0)  # the renders start: one thread renders, three wait on the loop
+    started = time.monotonic()
+    assert await asyncio.to_thread(lambda: 7) == 7
+    assert time.monotonic() - started < 0.5, "the pool was full of waiting renders"
+    for result in await asyncio.gather(*renders, return_exceptions=True):
+        assert isinstance(result, ModelLoadError)
+    template.close()

@@ -40,6 +40,7 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._timeout_s = timeout_s
+        self._waiting = asyncio.Lock()  # renders are one at a time per template (one worker)
         self._process = TemplateProcess(source, compile_timeout_s=COMPILE_TIMEOUT_S)
         try:
             self._process.compile()
@@ -61,7 +62,9 @@ class ChatTemplate:
         return GenerationRequest(prompt=prompt, template_stops=stops, add_special=False)
 
     async def arender(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return await asyncio.to_thread(self.render, messages)
+        """:meth:`render` in a thread; callers wait here, not in threads, so a slow template holds one thread."""
+        async with self._waiting:
+            return await asyncio.to_thread(self.render, messages)
 
     def close(self) -> None:
         """Stops the worker process (a later render starts another)."""

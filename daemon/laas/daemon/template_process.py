@@ -39,6 +39,11 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _child_env() -> dict[str, str]:
+    """What the worker needs to start: no secrets (API keys, tokens) from the daemon's environment."""
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "LC_ALL")}
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -85,7 +90,7 @@ class TemplateProcess:
         self._stop()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "laas.daemon.template_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, close_fds=True)
+            stderr=subprocess.DEVNULL, close_fds=True, cwd="/", env=_child_env())
         self._finalizer = weakref.finalize(self, _kill, self._proc)
         self._buffer = bytearray()
         ready = self._exchange(None, START_TIMEOUT_S, 1024)
@@ -130,6 +135,8 @@ class TemplateProcess:
                     if key.fd == proc.stdin.fileno():
                         try:
                             out = out[os.write(key.fd, out[:1 << 16]):]
+                        except BlockingIOError:
+                            continue
                         except OSError:
                             self._fail("the worker died")
                         if not out:
