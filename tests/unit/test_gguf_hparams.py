@@ -75,6 +75,9 @@ def test_per_layer_head_counts(tmp_path: Path) -> None:
           kv("llama.attention.head_count_kv", T_ARRAY, array(T_U32, [3, 0] * 15))]  # attention (hybrids)
     heads = read_gguf_header(write(tmp_path, craft(kvs=ok), "ok.gguf")).metadata["llama.attention.head_count"]
     assert heads[:2] == [9, 0]
+    jamba = [*kvs, kv("llama.attention.head_count", T_U32, 9),  # Jamba: 0 KV heads on its Mamba layers
+             kv("llama.attention.head_count_kv", T_ARRAY, array(T_U32, [0, 0, 0, 3] * 7 + [0, 0]))]
+    assert read_gguf_header(write(tmp_path, craft(kvs=jamba), "j.gguf")).metadata["llama.block_count"] == 30
     short = [*kvs, kv("llama.attention.head_count", T_ARRAY, array(T_U32, [9] * 29))]
     assert "has 29 entries for 30 layers" in load_error(write(tmp_path, craft(kvs=short), "short.gguf"))
     odd = [*kvs, kv("llama.attention.head_count_kv", T_ARRAY, array(T_U32, [3] * 29 + [2])),

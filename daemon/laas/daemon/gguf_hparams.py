@@ -96,7 +96,9 @@ class _Checker:
             width = max(len(heads), len(kv_heads))
             for h, kv in zip(heads * width if len(heads) == 1 else heads,
                              kv_heads * width if len(kv_heads) == 1 else kv_heads, strict=False):
-                if h and (kv == 0 or h % kv):
+                # 0 KV heads in a per-layer array is a layer without attention (Jamba writes them so)
+                no_kv_allowed = len(kv_heads) > 1
+                if h and (h % kv if kv else not no_kv_allowed):
                     raise _Bad(f"{self.key('attention.head_count_kv')} ({kv}) must divide "
                                f"{self.key('attention.head_count')} ({h})")
 
