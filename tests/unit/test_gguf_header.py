@@ -276,14 +276,16 @@ def test_short_arrays_kept_long_arrays_reduced_to_length(tmp_path: Path) -> None
         kv("general.architecture", T_STRING, "llama"),
         kv("short.ints", T_ARRAY, array(T_I32, [1, -2, 3])),
         kv("short.strs", T_ARRAY, array(T_STRING, ["a", "bc"])),
-        kv("long.ints", T_ARRAY, array(T_U8, list(range(200)))),
+        kv("layer.ints", T_ARRAY, array(T_U32, list(range(512)))),  # one per layer: kept
+        kv("long.ints", T_ARRAY, array(T_U8, [i % 256 for i in range(2000)])),
         kv("long.strs", T_ARRAY, array(T_STRING, [str(i) for i in range(100)])),
         kv("after", T_U32, 7),  # parsing continues correctly after the skipped arrays
     ]
     md = read_gguf_header(write(tmp_path, craft(kvs=kvs))).metadata
     assert md["short.ints"] == [1, -2, 3]
     assert md["short.strs"] == ["a", "bc"]
-    assert isinstance(md["long.ints"], ArrayLength) and md["long.ints"] == 200
+    assert md["layer.ints"] == list(range(512))
+    assert isinstance(md["long.ints"], ArrayLength) and md["long.ints"] == 2000
     assert isinstance(md["long.strs"], ArrayLength) and md["long.strs"] == 100
     assert md["after"] == 7
 

@@ -1,59 +1,71 @@
-"""A model's own (Hugging Face style) chat template, rendered in a sandboxed Jinja environment.
+"""A model's own (Hugging Face style) chat template, compiled at load and rendered with a time and size budget.
 
-Layer: domain. Templates ship with models, so they are untrusted code: they render in jinja2's
-ImmutableSandboxedEnvironment with the settings Hugging Face and llama-cpp-python use (trim_blocks,
-lstrip_blocks, `raise_exception`, `tojson`), so one template means the same prompt on every engine.
+Layer: infrastructure. Templates ship with models, so they are untrusted code: they compile and render in
+jinja2's sandbox inside a worker process of their own (template_worker.py, template_process.py), which is
+killed when a render overruns its time or memory budget, so a hostile template costs its own requests a
+bounded wait and nothing else. Both engines use this class, so one template means the same prompt on each.
+
+Errors: a template that does not compile fails its model at load (ModelLoadError, before any native object
+exists); a template that refuses the messages (`raise_exception`) is the caller's error (InvalidArgument on
+`messages`); any other failure of the template (an exception in its code, the time or size budget, the
+worker dying) is the model's (ModelLoadError: FAILED_PRECONDITION, naming the model).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Sequence
-from typing import Any
-
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from laas.daemon.engine import ChatMessage, GenerationRequest
 from laas.daemon.errors import InvalidArgument, ModelLoadError
+from laas.daemon.template_process import TemplateFailed, TemplateProcess, TemplateRefused
+from laas.daemon.validation import MAX_PROMPT_BYTES
 
-
-class _TemplateRaised(Exception):
-    pass
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+MAX_TEMPLATE_BYTES = 1 << 20  # real templates are a few KiB (tool-calling ones ~20 KiB)
+RENDER_TIMEOUT_S = 2.0  # real templates render in milliseconds
+COMPILE_TIMEOUT_S = 10.0
+MAX_RENDERED_BYTES = MAX_PROMPT_BYTES + (64 << 10)  # the messages' limit plus the template's own text
 
 
 class ChatTemplate:
-    def __init__(self, source: str, *, bos_token: str, eos_token: str) -> None:
-        env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        try:
-            self._template = env.from_string(source)
-        except jinja2.TemplateError as e:
-            raise ModelLoadError(f"the model's chat template does not parse: {e}") from e
+    def __init__(self, source: str, *, bos_token: str, eos_token: str, model: str = "",
+                 timeout_s: float = RENDER_TIMEOUT_S) -> None:
+        """Compiles `source` (blocking: call off the event loop); raises ModelLoadError if it does not."""
+        self.model = model
+        self._what = f"model {model!r}: its chat template" if model else "the model's chat template"
+        size = len(source.encode("utf-8", "surrogatepass"))
+        if size > MAX_TEMPLATE_BYTES:
+            raise ModelLoadError(f"{self._what} is {size} bytes, more than {MAX_TEMPLATE_BYTES}")
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._timeout_s = timeout_s
+        self._waiting = asyncio.Lock()  # renders are one at a time per template (one worker)
+        self._process = TemplateProcess(source, compile_timeout_s=COMPILE_TIMEOUT_S)
+        try:
+            self._process.compile()
+        except TemplateFailed as e:
+            raise ModelLoadError(f"{self._what} does not parse: {e}") from e
 
     def render(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        """The prompt (special tokens written by the template itself) and the template's stop string."""
+        """The prompt (special tokens written by the template itself) and the template's stop string.
+        Blocks up to the time budget: call off the event loop (or use :meth:`arender`)."""
+        context = {"messages": [{"role": m.role, "content": m.content} for m in messages],
+                   "bos_token": self.bos_token, "eos_token": self.eos_token}
         try:
-            prompt = self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=True,
-            )
-        except (_TemplateRaised, jinja2.TemplateError, TypeError, ValueError) as e:
+            prompt = self._process.render(context, limit=MAX_RENDERED_BYTES, timeout_s=self._timeout_s)
+        except TemplateRefused as e:
             raise InvalidArgument(f"messages: the model's chat template refused them: {e}", field="messages") from e
+        except TemplateFailed as e:
+            raise ModelLoadError(f"{self._what} failed: {e}") from e
         stops = (self.eos_token,) if self.eos_token else ()
         return GenerationRequest(prompt=prompt, template_stops=stops, add_special=False)
+
+    async def arender(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+        """:meth:`render` in a thread; callers wait here, not in threads, so a slow template holds one thread."""
+        async with self._waiting:
+            return await asyncio.to_thread(self.render, messages)
+
+    def close(self) -> None:
+        """Stops the worker process (a later render starts another)."""
+        self._process.close()

@@ -2,8 +2,10 @@
 
 Layer: infrastructure (pure file parsing, no llama.cpp). llama.cpp's own parser has had overflows on
 crafted files, so a model file is read here first: magic, version, counts, string and array lengths,
-tensor shapes, and every tensor's data range must lie inside the file. Large arrays (the tokenizer's
-vocabulary) are skipped, keeping only their length. A file that fails any check raises ModelLoadError.
+tensor shapes, and every tensor's data range must lie inside the file; then the hyperparameters llama.cpp
+would assert on (gguf_hparams.py). Long arrays (the tokenizer's vocabulary, scores and merges) are skipped
+without decoding, keeping only their length; numeric arrays up to one entry per layer are kept. A file that
+fails any check raises ModelLoadError.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from laas.daemon.errors import ModelLoadError
+from laas.daemon.gguf_hparams import MAX_LAYERS, hyperparameter_problem
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -24,7 +27,8 @@ MAX_KV = 1 << 16
 MAX_STRING = 1 << 24  # 16 MiB: chat templates are a few KiB, vocab entries a few bytes
 MAX_ARRAY = 1 << 24
 MAX_DIMS = 4
-KEPT_ARRAY = 64  # arrays longer than this are skipped; only their length is kept
+KEPT_ARRAY = 64  # string arrays longer than this are skipped; only their length is kept
+KEPT_NUMBERS = 2 * MAX_LAYERS  # the same for numeric arrays (per-layer hyperparameters are kept)
 
 # GGUF metadata value types: id -> struct format (None: variable length).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -102,6 +106,24 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise self.fail("string is not UTF-8") from e
 
+    def skip_strings(self, count: int) -> None:
+        """Steps over `count` strings, checking each length but copying and decoding none."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            if n > MAX_STRING:
+                self.pos = pos
+                raise self.fail(f"string of {n} bytes")
+            pos += 8 + n
+        else:
+            if pos <= end:
+                self.pos = pos
+                return
+        self.pos = min(pos, end)
+        raise self.fail("truncated")
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
@@ -113,11 +135,13 @@ class _Cursor:
                 raise self.fail(f"array of unknown type {item_type}")
             if count > MAX_ARRAY:
                 raise self.fail(f"array of {count} items")
-            if item_type in _SCALARS and count > KEPT_ARRAY:  # skip without decoding
+            if item_type in _SCALARS and count > KEPT_NUMBERS:  # skip without decoding
                 self.take(struct.calcsize(_SCALARS[item_type]) * count)
                 return ArrayLength(count)
-            items = [self.value(item_type, depth + 1) for _ in range(count)]
-            return items if count <= KEPT_ARRAY else ArrayLength(count)
+            if item_type == _STRING and count > KEPT_ARRAY:
+                self.skip_strings(count)
+                return ArrayLength(count)
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         raise self.fail(f"unknown metadata type {vtype}")
 
 
@@ -169,6 +193,11 @@ def _parse(cur: _Cursor, size: int) -> GgufHeader:
         if offset < end:
             raise cur.fail(f"tensor {name!r} overlaps another tensor")
         end = offset + nbytes
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    n_tokens = int(tokens) if isinstance(tokens, ArrayLength) else len(tokens) if isinstance(tokens, list) else None
+    problem = hyperparameter_problem(metadata, n_tokens)
+    if problem is not None:
+        raise ModelLoadError(f"{cur.path.name} has hyperparameters llama.cpp cannot run: {problem}")
     return GgufHeader(version=version, metadata=metadata, tensor_count=n_tensors, size_bytes=size)
 
 

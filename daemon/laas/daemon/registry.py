@@ -276,6 +276,10 @@ class ModelRegistry:
             entry.state, entry.error, entry.memory_bytes = ModelState.FAILED, str(e), 0
             log.error("model %s failed to load: %s", entry.name, e)
             return
+        except Exception as e:  # a loader's bug: FAILED with the reason, not a retried load per request
+            entry.state, entry.error, entry.memory_bytes = ModelState.FAILED, f"unexpected error: {e!r}", 0
+            log.exception("model %s failed to load", entry.name)
+            return
         except BaseException:
             entry.state, entry.memory_bytes = ModelState.NOT_LOADED, 0
             raise

@@ -19,9 +19,10 @@ from typing import Any, cast
 
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
-from laas.daemon.backends.gguf_chat import chat_formatter
+from laas.daemon.backends.gguf_chat import bind_tokens, compile_chat_template
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.worker import wait_through_cancellation
+from laas.daemon.chat_template import ChatTemplate
 from laas.daemon.engine import (
     ChatMessage,
     Engine,
@@ -56,7 +57,7 @@ class GgufEngine(Engine):
     """Serves one GGUF file to up to `parallel` requests at once. Construct with :meth:`load`."""
 
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
-                 n_batch: int, prefill_chunk: int) -> None:
+                 n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -73,7 +74,7 @@ class GgufEngine(Engine):
             trained_context_length=header.context_length, size_bytes=header.size_bytes,
             architecture=header.architecture, chat_template=header.chat_template,
         )
-        self._formatter = chat_formatter(model, header)
+        self._template = bind_tokens(template, model)
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
@@ -119,8 +120,16 @@ class GgufEngine(Engine):
                 raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
             return model, ctx
 
-        model, ctx = await asyncio.to_thread(_load)
-        return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk)
+        # The chat template compiles first: a broken one fails the model before any native object exists.
+        template = await asyncio.to_thread(compile_chat_template, header, path.name)
+        try:
+            model, ctx = await asyncio.to_thread(_load)
+        except BaseException:
+            if template is not None:
+                await asyncio.to_thread(template.close)
+            raise
+        return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
+                   template=template)
 
     @property
     def info(self) -> ModelInfo:
@@ -145,9 +154,9 @@ class GgufEngine(Engine):
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        if self._formatter is None:
+        if self._template is None:
             raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
-        return self._formatter([{"role": m.role, "content": m.content} for m in messages])
+        return await self._template.arender(messages)  # off the event loop, within its time budget
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
         """The request's own sampler chain, as llama-cpp-python's Llama builds it (same results); None for
@@ -213,6 +222,8 @@ class GgufEngine(Engine):
         model, self._model = self._model, None
         if model is not None:
             await asyncio.to_thread(model.close)
+        if self._template is not None:
+            await asyncio.to_thread(self._template.close)
 
 
 def _deliver(queue: asyncio.Queue[object], left: asyncio.Future[None], item: object) -> None:

@@ -89,7 +89,8 @@ class OnnxEngine(Engine):
                 return (tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
             eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
-            template = ChatTemplate(source, bos_token=text(manifest.bos_token_id), eos_token=text(eos))
+            template = ChatTemplate(source, bos_token=text(manifest.bos_token_id), eos_token=text(eos),
+                                    model=folder.name)
         n_ctx = min(context_length, manifest.context_length)
         decoder = OnnxDecoder.open(folder / manifest.graph, manifest.decoder, n_ctx, threads)
         return cls(folder, manifest, decoder, tokenizer, template)
@@ -125,7 +126,7 @@ class OnnxEngine(Engine):
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         if self._template is None:
             raise ModelLoadError(f"model {self._manifest.name!r} has no chat template")
-        return self._template.render(messages)
+        return await self._template.arender(messages)  # off the event loop, within its time budget
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         blocking = functools.partial(self._generate_blocking, request)
@@ -192,3 +193,5 @@ class OnnxEngine(Engine):
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)
         self._decoder = None
+        if self._template is not None:
+            await asyncio.to_thread(self._template.close)
