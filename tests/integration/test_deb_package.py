@@ -6,6 +6,7 @@ setpriv a non-root user without capabilities), then installed, removed and purge
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import signal
@@ -22,6 +23,10 @@ from tests.notify_socket import NotifySocket
 
 ROOT = Path(__file__).resolve().parents[2]
 UID = 61234  # an unprivileged uid with no account, like DynamicUser's
+# Building the package builds its portable llama.cpp (every CPU variant) once: long on 2 cores, then cached.
+pytestmark = pytest.mark.timeout(3600)
+# A CPU with fewer features than any machine that builds the package, and the variant ggml must pick there.
+LESSER_CPU = {"x86_64": ("Haswell", "haswell"), "aarch64": ("cortex-a53", "armv8.0_1")}[platform.machine()]
 
 
 def run(*cmd: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -204,3 +209,33 @@ def test_install_enable_remove_keeps_models_and_purge_cleans_up(deb: Path) -> No
         assert not Path("/opt/laas").exists()
     finally:
         run("dpkg", "-P", "laas", check=False)
+
+
+def _doctor_in_sandbox(extracted: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The packaged `laasd doctor`, run from the package's own files at /opt/laas."""
+    sandbox = ["bwrap", "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--tmpfs", "/tmp",
+               "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/opt", "--ro-bind", str(extracted / "opt/laas"),
+               "/opt/laas", "--tmpfs", "/var/lib", "--bind", str(state), "/var/lib/laas", "--clearenv",
+               "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+               "--", "/opt/laas/bin/laasd", "--home", "/var/lib/laas", "doctor", *args]
+    return subprocess.run(sandbox, capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_packaged_llama_cpp_is_portable_and_picks_its_kernels_at_run_time(
+        extracted: Path, sandbox_dirs: tuple[Path, Path]) -> None:
+    state, _runtime = sandbox_dirs
+    lib = next((extracted / "opt/laas/lib").glob("python3*/site-packages/llama_cpp/lib"))
+    variants = {p.name.removeprefix("libggml-cpu-").removesuffix(".so") for p in lib.glob("libggml-cpu-*.so")}
+    assert LESSER_CPU[1] in variants and "sapphirerapids" not in variants  # ggml's AMX kernels left out
+    assert not (lib / "libggml-cpu.so").exists()  # no single CPU backend built for the build machine
+    assert "-portable-" in (extracted / "opt/laas/llama-build.txt").read_text()
+
+    here = _doctor_in_sandbox(extracted, state)
+    assert here.returncode == 0, here.stdout + here.stderr
+    picked = re.search(r"with CPU backend (\S+)", here.stdout)
+    assert picked and picked[1] in variants, here.stdout
+
+    # The same files on a CPU with fewer features than this one: qemu's user-mode emulation.
+    lesser = _doctor_in_sandbox(extracted, state, "--cpu", LESSER_CPU[0])
+    assert lesser.returncode == 0, lesser.stdout + lesser.stderr
+    assert f"with CPU backend {LESSER_CPU[1]}" in lesser.stdout and "decoded " in lesser.stdout
