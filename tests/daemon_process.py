@@ -32,6 +32,7 @@ class DaemonProcess:
         self.port = 0
         self.lines: list[str] = []
         self._port_seen = threading.Event()
+        self._new_line = threading.Condition()
 
     @property
     def target(self) -> str:
@@ -55,11 +56,25 @@ class DaemonProcess:
     def _read_log(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             match = _PORT_LINE.search(line)
             if match and not self._port_seen.is_set():
                 self.port = int(match.group(1))
                 self._port_seen.set()
+
+    def wait_for_line(self, *parts: str, timeout: float = 30.0) -> str:
+        """The first log line that holds every one of `parts`, waiting for it up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                found = next((line for line in self.lines if all(p in line for p in parts)), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._new_line.wait(left):
+                    raise TimeoutError(f"no log line with {parts}:\n{self.log}")
 
     @property
     def log(self) -> str:

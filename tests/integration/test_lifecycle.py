@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from laas.client import Client, LaasError, Unavailable
 from laas.daemon.store import DEFAULT_MODEL, sha256_of
@@ -83,3 +84,12 @@ def test_environment_overrides_the_config(start_daemon: Callable[..., DaemonProc
     with Client(daemon.target) as client:
         result = client.complete("Once upon a time", ignore_eos=True)
         assert result.completion_tokens == 3  # env beats file
+
+
+def test_health_watch_streams_the_serving_status(daemon: DaemonProcess) -> None:
+    """grpc.health.v1.Health/Watch through the daemon's interceptors, with the real stub (red-team item 12)."""
+    with grpc.insecure_channel(daemon.target) as channel:
+        replies = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        first = next(replies)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        replies.cancel()

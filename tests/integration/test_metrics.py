@@ -47,3 +47,24 @@ def test_metrics_count_requests_latencies_and_cache_hits(start_daemon: Callable[
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert f'laas_requests_total{{model="{MODEL}",route="{MODEL}",status="OK"}} 2.0' in text
     assert "laas_queue_depth" in text and "laas_time_to_first_token_seconds_bucket" in text
+
+
+def test_client_chosen_model_names_do_not_become_labels(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """50 distinct 100 KiB names (INVALID_ARGUMENT) and 10 unknown short ones (NOT_FOUND) count under one
+    "unknown" label, and GetStats keeps answering (red-team item 2: it failed once the labels passed 4 MiB)."""
+    daemon = start_daemon()
+    with grpc.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.RuntimeStub(channel)
+        names = [f"{i:02d}" + "n" * (100 << 10) for i in range(50)] + [f"no-such-model-{i}" for i in range(10)]
+        for name in names:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb.GenerateRequest(model=name, prompt="Hi"), timeout=10))
+            assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    stats = _stats(daemon.target)
+    models = {dict(labels).get("model") for _, labels in stats}
+    assert models <= {MODEL, "unknown", None}, sorted(str(m)[:40] for m in models)
+    counted = {dict(labels)["status"]: value for (name, labels), value in stats.items()
+               if name == "laas_requests_total" and dict(labels)["model"] == "unknown"}
+    assert counted == {"INVALID_ARGUMENT": 50, "NOT_FOUND": 10}
+    audit = (daemon.home / "audit.log").stat().st_size
+    assert audit < 60 * 2 * 1024, audit  # two bounded lines a call, not 5 MB of names

@@ -145,3 +145,39 @@ def test_chat_is_redacted_too_and_the_device_sees_the_raw_text(client: Callable[
     assert "192.168.10.24" not in sent and "7946" not in sent and EMAIL not in sent and "[IP_1]" in sent
     local = Result.join(c.chat(messages, max_tokens=4, temperature=0, policy="local_only"))
     assert local.routes[0].redacted == 0 and proxy.requests == 1  # the device gets the request as it is
+
+
+def test_an_alias_of_a_local_only_model_stays_local(make_home: Callable[..., Path], proxy: FaultProxy,
+                                                    tmp_path: Path) -> None:
+    """local_only_models names the model; a request for its alias (which a remote also serves) is held to
+    the same rule (red-team item 5: the cloud answered it)."""
+    config = tmp_path / "laasd.toml"
+    config.write_text(f"""
+local_only_models = ["{LOCAL}"]
+
+[aliases]
+assistant = "{LOCAL}"
+
+[[models]]
+name = "{LOCAL}"
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+context_length = 512
+
+[[remotes]]
+name = "cloud"
+url = "{proxy.url}"
+model = "{CLOUD_MODEL}"
+models = ["assistant"]
+""")
+    proxy.reset()
+    daemon = DaemonProcess(make_home(), config).start()
+    try:
+        with Client(daemon.target) as c:
+            result = c.complete("Hello", model="assistant", max_tokens=4, policy="cloud_only")
+            assert [(r.kind, r.local_only) for r in result.routes] == [("local", True)]
+            with pytest.raises(OutOfRange):  # too big for the device, and it may not leave it
+                c.complete(OVERSIZED, model="assistant", max_tokens=4)
+            assert c.explain("Hello", model="assistant", max_tokens=4, policy="cloud_only").chosen.local_only
+        assert proxy.requests == 0
+    finally:
+        assert daemon.stop() == 0, daemon.log

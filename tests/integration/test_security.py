@@ -4,20 +4,26 @@ against the real daemon with certificates made by the test (tests/certs.py)."""
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from laas.client import Client, InvalidArgument, ResourceExhausted, Tls, Unavailable
 from laas.client.channels import open_channel
-from laas.daemon.errors import LaasError, PermissionDenied, Unauthenticated
+from laas.client.types import ModelDescription
+from laas.daemon.errors import LaasError, NotFound, PermissionDenied, Unauthenticated
+from laas.v1 import runtime_pb2 as pb
 from tests.certs import CertificateAuthority
+from tests.cloud_server import free_port
 from tests.daemon_process import DaemonProcess
 
 MODEL = "smollm2-135m-instruct"
@@ -285,3 +291,172 @@ api_key_file = "{tmp_path / 'peer.token'}"
     assert [(r.target, r.kind) for r in result.routes] == [("big", "peer")] and result.completion_tokens == 4
     gen_id = tokens["gen"].split("_")[1]
     assert any(x["who"] == f"{gen_id} (gen)" and x["status"] == "OK" and x["local_only"] for x in _audit(big))
+
+
+def test_streams_are_counted_per_client_certificate(start_daemon: Callable[..., DaemonProcess],
+                                                    ca: CertificateAuthority, tmp_path: Path) -> None:
+    """Under mutual TLS, one client's streams do not lock the others out (red-team item 7)."""
+    server_cert, server_key = ca.issue("laasd", server=True).write(tmp_path, "server")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.pem.cert)
+    alice, bob = ca.issue("alice", server=False), ca.issue("bob", server=False)
+    daemon = start_daemon(f'tls_cert = "{server_cert}"\ntls_key = "{server_key}"\ntls_client_ca = "{ca_file}"\n'
+                          "max_streams_per_token = 1\nparallel = 2\n",
+                          tls=Tls(ca=ca.pem.cert, cert=alice.cert, key=alice.key))
+
+    def as_(who: Any) -> Client:
+        return Client(daemon.target, tls=Tls(ca=ca.pem.cert, cert=who.cert, key=who.key))
+
+    with as_(alice) as first, as_(alice) as second, as_(bob) as other:
+        stream = first.generate("Once upon a time", max_tokens=2000, ignore_eos=True)
+        next(stream)  # alice has one stream in flight
+        with pytest.raises(ResourceExhausted, match="alice already has 1 stream"):
+            second.complete("Hi", max_tokens=1)
+        assert other.complete("Hi", max_tokens=1).completion_tokens == 1  # bob is not held back
+        stream.close()
+
+
+def _raw(channel: grpc.Channel, method: str, streaming: bool = False) -> Any:
+    identity: Callable[[bytes], bytes] = lambda b: b  # noqa: E731
+    make = channel.unary_stream if streaming else channel.unary_unary
+    return make(method, request_serializer=identity, response_deserializer=identity)
+
+
+def test_undecodable_requests_are_invalid_argument_after_authentication(
+        secured: tuple[DaemonProcess, dict[str, str]], ca: CertificateAuthority) -> None:
+    """Invalid UTF-8 in a string field or bad wire bytes: INVALID_ARGUMENT, no traceback, one log line per
+    interval (red-team item 10)."""
+    daemon, tokens = secured
+    bad = [b"\x0a\x01\xff", b"\xff\xff\xff", b"\x0a\x02\xc3\x28"]  # field 1 = 0xff; garbage; field 1 = "\xc3("
+    auth = [("authorization", f"Bearer {tokens['all']}")]
+    seen = len(daemon.lines)
+    with open_channel(daemon.target, Tls(ca=ca.pem.cert)) as channel:
+        tokenize = _raw(channel, "/laas.v1.Runtime/Tokenize")
+        generate = _raw(channel, "/laas.v1.Runtime/Generate", streaming=True)
+        check = _raw(channel, "/grpc.health.v1.Health/Check")
+        for _ in range(70):
+            for data in bad:
+                for call in (lambda d: tokenize(d, metadata=auth, timeout=10),
+                             lambda d: list(generate(d, metadata=auth, timeout=10)), lambda d: check(d, timeout=10)):
+                    with pytest.raises(grpc.RpcError) as info:
+                        call(data)
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        with pytest.raises(grpc.RpcError) as info:  # authentication comes first
+            tokenize(bad[0], timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        good = pb.TokenizeRequest(text="Hi").SerializeToString()
+        tokenize(good, metadata=[*auth, ("x-request-id", "after-undecodable")], timeout=10)
+    daemon.wait_for_line("[after-undecodable]", "Tokenize OK")  # every earlier line has been read
+    new = daemon.lines[seen:]
+    assert not [line for line in new if "Traceback" in line or "Unexpected" in line], "".join(new)
+    assert 1 <= len([line for line in new if "undecodable" in line]) <= 2, "".join(new)
+    assert any(x["status"] == "INVALID_ARGUMENT" and x["method"] == "Tokenize" for x in _audit(daemon))
+
+
+def test_keep_alive_needs_models_admin_to_unload_or_pin(secured: tuple[DaemonProcess, dict[str, str]],
+                                                        ca: CertificateAuthority) -> None:
+    """A generate-only token can neither unload a model for everyone (0) nor pin it (1e300 or < 0): its
+    keep_alive_s is clamped to [the model's 300 s, 3600 s] (red-team item 15)."""
+    daemon, tokens = secured
+    with _client(daemon, ca, tokens["gen"]) as gen, _client(daemon, ca, tokens["all"]) as admin:
+
+        def settles_at(expected: float) -> ModelDescription:
+            deadline = time.monotonic() + 10  # the keep-alive is set when the stream's model is released
+            while (model := admin.model(MODEL)).keep_alive_s != expected and time.monotonic() < deadline:
+                continue
+            assert model.keep_alive_s == expected, model
+            return model
+
+        for asked, granted in ((1e300, 3600.0), (0.0, 300.0), (-1.0, 3600.0), (10.0, 300.0), (1000.0, 1000.0),
+                               (0.0, 300.0)):
+            assert gen.complete("Hi", max_tokens=1, keep_alive_s=asked).completion_tokens == 1
+            assert settles_at(granted).loaded, (asked, granted)
+        admin.complete("Hi", max_tokens=1, keep_alive_s=-1.0)  # models:admin may pin
+        settles_at(-1.0)
+        admin.complete("Hi", max_tokens=1, keep_alive_s=300.0)
+        settles_at(300.0)
+
+
+def test_not_found_lists_models_only_to_readers(secured: tuple[DaemonProcess, dict[str, str]],
+                                                ca: CertificateAuthority) -> None:
+    """Red-team item 19: a caller without models:read learns no model names from NOT_FOUND."""
+    daemon, tokens = secured
+    with _client(daemon, ca, tokens["gen"]) as gen, _client(daemon, ca, tokens["all"]) as reader:
+        calls: list[Callable[[Client], object]] = [lambda c: c.complete("Hi", model="no-such-model", max_tokens=1),
+                                                   lambda c: c.tokenize("Hi", model="no-such-model")]
+        for call in calls:
+            with pytest.raises(NotFound) as hidden:
+                call(gen)
+            assert "no-such-model" in str(hidden.value) and MODEL not in str(hidden.value)
+            with pytest.raises(NotFound) as listed:
+                call(reader)
+            assert MODEL in str(listed.value)
+
+
+def test_audit_log_has_a_start_line_that_survives_sigkill(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """A call cut by SIGKILL leaves its STARTED line (red-team item 19)."""
+    daemon = start_daemon()
+    with Client(daemon.target) as client:
+        stream = client.generate("Once upon a time", max_tokens=256, ignore_eos=True)
+        next(stream)
+        daemon.kill()
+        with pytest.raises(LaasError):
+            list(stream)
+    lines = _audit(daemon)
+    started = [x for x in lines if x["method"] == "Generate" and x["status"] == "STARTED"]
+    assert started and started[0]["request_id"] and started[0]["who"] == "anonymous"
+    assert not [x for x in lines if x["request_id"] == started[0]["request_id"] and x["status"] != "STARTED"]
+
+
+def test_model_names_in_the_audit_log_are_bounded(secured: tuple[DaemonProcess, dict[str, str]],
+                                                  ca: CertificateAuthority) -> None:
+    """Red-team item 2: a client-chosen 1 MiB model name costs the audit log at most a bounded line."""
+    daemon, tokens = secured
+    with _client(daemon, ca, tokens["all"]) as client:
+        for i in range(5):
+            with pytest.raises(InvalidArgument):
+                client.complete("Hi", model=f"{i}" + "m" * (1 << 20), max_tokens=1)
+    lines = [x for x in _audit(daemon) if x["model"].startswith(tuple("01234")) and x["model"].endswith("chars]")]
+    assert len([x for x in lines if x["status"] == "STARTED"]) == 5  # (written before the call runs)
+    assert all(len(json.dumps(x)) < 2048 for x in lines), [len(json.dumps(x)) for x in lines]
+    assert lines[0]["model"] == "0" + "m" * 255 + f"...[{(1 << 20) + 1 - 256} more chars]"
+
+
+def test_a_first_token_protects_a_running_open_daemon_at_once(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """`laasd token create` beside a daemon started without tokens: token checks turn on at once, and the
+    command says so (red-team item 18)."""
+    daemon = start_daemon()
+    with Client(daemon.target) as anonymous:
+        assert anonymous.models()
+        done = _laasd("--home", str(daemon.home), "token", "create", "first", "--scopes", "models:read")
+        assert done.returncode == 0 and "uses it at once" in done.stderr, done.stderr
+        with pytest.raises(Unauthenticated):
+            anonymous.models()
+    with Client(daemon.target, token=done.stdout.strip()) as client:
+        assert [m.name for m in client.models()] == [MODEL]
+    daemon.wait_for_line("appeared: every call needs a token")
+
+
+def test_metrics_endpoint_follows_the_listen_rule_and_needs_a_token(
+        start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Path], ca: CertificateAuthority,
+        tmp_path: Path) -> None:
+    """metrics_listen beyond loopback is refused without TLS and tokens; with them, /metrics is HTTPS and needs
+    a token with models:read (red-team item 20)."""
+    config = tmp_path / "open-metrics.toml"
+    config.write_text(f'metrics_listen = "0.0.0.0:{free_port()}"\n')
+    done = _serve(make_home(), "127.0.0.1:0", config)
+    assert done.returncode != 0 and "refusing to serve metrics" in done.stderr, done.stderr
+    home = make_home()
+    reader, gen = _token(home / "tokens", "scraper", "models:read"), _token(home / "tokens", "gen", "generate")
+    cert, key = ca.issue("laasd", server=True).write(tmp_path, "server")
+    port = free_port()
+    daemon = start_daemon(f'tls_cert = "{cert}"\ntls_key = "{key}"\nmetrics_listen = "0.0.0.0:{port}"\n', home=home,
+                          tls=Tls(ca=ca.pem.cert))
+    (tmp_path / "ca.pem").write_bytes(ca.pem.cert)
+    verify = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    url = f"https://localhost:{port}/metrics"
+    assert httpx.get(url, verify=verify, timeout=10).status_code == 401
+    assert httpx.get(url, verify=verify, timeout=10, headers={"Authorization": f"Bearer {gen}"}).status_code == 403
+    ok = httpx.get(url, verify=verify, timeout=10, headers={"Authorization": f"Bearer {reader}"})
+    assert ok.status_code == 200 and "laas_model_ready" in ok.text
+    assert daemon.health() == "SERVING"

@@ -11,10 +11,12 @@ import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from laas.daemon import tokens
+from laas.daemon.audit import bounded
 from laas.daemon.engine import SamplingParams
 from laas.daemon.errors import InvalidArgument
 from laas.daemon.privacy import PrivacyRules
-from laas.daemon.security import credential_defaults, is_loopback, listen_refusal, tokens_path
+from laas.daemon.security import credential_defaults, is_loopback, listen_refusal, metrics_refusal, tokens_path
+from laas.daemon.service import clamp_keep_alive
 from laas.daemon.settings import Settings, SettingsError, load_settings
 from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
 
@@ -117,3 +119,56 @@ def test_chat_templates_render_in_the_sandbox(template: str) -> None:
     with pytest.raises(jinja2.exceptions.SecurityError):
         formatter(messages=[{"role": "user", "content": "hi"}])
     assert not Path("/tmp/laas-pwned").exists()
+
+
+def test_a_token_file_others_can_write_is_refused_and_one_they_can_read_warned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Red-team item 18: the token file's permissions are checked whenever it is (re)read."""
+    file = tmp_path / "tokens"
+    token, _ = tokens.create(file, "alice", frozenset({"generate"}))
+    file.chmod(0o644)
+    with caplog.at_level("WARNING", logger="laas.daemon.tokens"):
+        store = TokenStore(file)
+    assert "readable by group or others (mode 644)" in caplog.text and store.authenticate(token) is not None
+    file.chmod(0o664)
+    with pytest.raises(tokens.TokenFileError, match="writable by group or others"):
+        store.authenticate(token)  # fails closed: the access interceptor answers UNAVAILABLE
+    with pytest.raises(tokens.TokenFileError, match="writable"):
+        TokenStore(file)  # and the daemon does not start with it
+
+
+def test_an_optional_token_file_turns_checks_on_when_it_appears(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens", optional=True)
+    assert not store.in_force()
+    token, _ = tokens.create(tmp_path / "tokens", "first", frozenset({"generate"}))
+    assert store.in_force() and store.authenticate(token) is not None
+    (tmp_path / "tokens").unlink()
+    assert store.in_force()  # once seen, required: a vanished file fails closed
+    with pytest.raises(tokens.TokenFileError):
+        store.authenticate(token)
+
+
+@pytest.mark.parametrize(("asked", "default", "admin", "granted"), [
+    (None, 300.0, False, None), (0.0, 300.0, False, 300.0), (1e300, 300.0, False, 3600.0),
+    (-1.0, 300.0, False, 3600.0), (1000.0, 300.0, False, 1000.0), (0.0, 7200.0, False, 7200.0),
+    (9000.0, 7200.0, False, 7200.0), (0.0, -1.0, False, None), (0.0, 300.0, True, 0.0), (-1.0, 300.0, True, -1.0),
+])
+def test_keep_alive_is_clamped_without_models_admin(asked: float | None, default: float, admin: bool,
+                                                    granted: float | None) -> None:
+    assert clamp_keep_alive(asked, default, admin) == granted
+
+
+def test_audit_fields_are_bounded() -> None:
+    assert bounded("x" * 300) == "x" * 256 + "...[44 more chars]"
+    assert bounded("short") == "short" and bounded(3) == 3
+    assert bounded(["a"] * 1030)[-1] == "...[6 more items]" and len(bounded(["a"] * 1030)) == 1025
+
+
+def test_metrics_listen_follows_the_listen_rule(tmp_path: Path) -> None:
+    assert metrics_refusal(Settings(home=tmp_path, metrics_listen="127.0.0.1:9100"), tokens=False) is None
+    assert metrics_refusal(Settings(home=tmp_path, metrics_listen=":9100"), tokens=False) is None  # binds loopback
+    assert "TLS" in (metrics_refusal(Settings(home=tmp_path, metrics_listen="0.0.0.0:9100"), tokens=True) or "")
+    tls = Settings(home=tmp_path, metrics_listen="[::]:9100", tls_cert="c", tls_key="k")
+    assert "tokens" in (metrics_refusal(tls, tokens=False) or "") and metrics_refusal(tls, tokens=True) is None
+    override = Settings(home=tmp_path, metrics_listen="0.0.0.0:9100", dangerously_listen_without_tls_or_tokens=True)
+    assert metrics_refusal(override, tokens=False) is None

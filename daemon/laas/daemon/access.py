@@ -1,16 +1,19 @@
 """Access control of every call: authentication, scopes, streams per caller, and the audit line.
 
 Layer: edge. A gRPC server interceptor, so that no servicer method repeats it. For each call:
-1. health checks pass untouched (load balancers and systemd probes carry no token);
+1. health checks need no token (load balancers and systemd probes carry none);
 2. the caller is identified: with a token file, by its `authorization: Bearer <token>` metadata
    (missing or unknown: UNAUTHENTICATED); without one, as `anonymous` (loopback, unix socket, or a
    listener the operator opened on purpose) or by its client certificate under mutual TLS;
 3. the method's scope is checked (PERMISSION_DENIED names the scope missing); server reflection
    needs a valid token but no scope;
-4. streams in flight per token (or client certificate) are capped at `max_streams_per_token`
-   (RESOURCE_EXHAUSTED); anonymous local callers share the models' queues (`max_queue`) instead;
-5. the principal is put in `current_principal` for the servicer (local-only per token, the offload
-   scope), and the audit log gets one line when the call ends.
+4. a request whose bytes did not decode is answered INVALID_ARGUMENT (undecodable.py), after 2 and 3;
+5. streams in flight per token (or per client certificate's subject) are capped at
+   `max_streams_per_token` (RESOURCE_EXHAUSTED); anonymous local callers share the models' queues
+   (`max_queue`) instead;
+6. the principal is put in `current_principal` for the servicer (local-only per token, the offload
+   scope), and the audit log gets a line when an authorized call starts (status STARTED, so that a
+   call cut by a crash leaves a trace) and one when it ends.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from laas.daemon.audit import AuditLog, AuditRecord
 from laas.daemon.errors import LaasError
 from laas.daemon.logs import request_id
 from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
+from laas.daemon.undecodable import MESSAGE as UNDECODABLE
+from laas.daemon.undecodable import RateLimitedWarning, Undecodable, decoding
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,11 @@ METHOD_SCOPES = {
 _SERVICE = "/laas.v1.Runtime/"
 
 
+def stream_key(principal: Principal) -> str:
+    """Whose streams are counted together: a token's id, or a client certificate's subject."""
+    return f"cert:{principal.name}" if principal.id == "cert" else principal.id
+
+
 class Denied(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -58,9 +68,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._audit = audit
         self._max_streams = max_streams
         self._streams: Counter[str] = Counter()
+        self._undecodable_log = RateLimitedWarning()
 
     def _identify(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
-        if self._tokens is None:
+        if self._tokens is None or not self._tokens.in_force():
             names = (context.auth_context() or {}).get("x509_common_name") or ()
             return Principal("cert", names[0].decode(errors="replace")) if names else ANONYMOUS
         presented = ""
@@ -85,6 +96,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if scope is not None and scope not in principal.scopes:
             raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the scope {scope!r} that "
                          f"{method.removeprefix(_SERVICE)} needs")
+
+    def _check_decoded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            self._undecodable_log.warn("undecodable %s request from %s: %s", method, context.peer() or "?",
+                                       request.reason)
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE)
 
     def _record(self, method: str, principal: Principal, request: Any, context: grpc.aio.ServicerContext
                 ) -> AuditRecord:
@@ -114,13 +131,29 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or method.startswith(OPEN_PREFIX):
+        if handler is None:
             return handler
+        handler = handler._replace(request_deserializer=decoding(handler.request_deserializer))
+        if method.startswith(OPEN_PREFIX):  # health: no token; only undecodable requests are refused
+            if handler.response_streaming:
+                return handler._replace(unary_stream=self._guard_open(handler.unary_stream, method))
+            return handler._replace(unary_unary=self._guard_open(handler.unary_unary, method))
         if handler.request_streaming:  # server reflection: a valid token, no scope, no audit line
             return handler._replace(stream_stream=self._guard_reflection(handler.stream_stream, method))
         if handler.response_streaming:
             return handler._replace(unary_stream=self._guard_stream(handler.unary_stream, method))
         return handler._replace(unary_unary=self._guard_unary(handler.unary_unary, method))
+
+    def _guard_open(self, behavior: Callable[[Any, Any], Any], method: str) -> Callable[[Any, Any], Any]:
+        """Health's Check (a coroutine) and Watch (a coroutine writing with context.write): both awaited."""
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                self._check_decoded(method, request, context)
+            except Denied as e:
+                await context.abort(e.code, e.message)
+            return await behavior(request, context)
+
+        return run
 
     def _guard_reflection(self, behavior: Callable[[Any, Any], AsyncIterator[Any]], method: str
                           ) -> Callable[[Any, Any], AsyncIterator[Any]]:
@@ -129,7 +162,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._identify(method, context)
             except Denied as e:
                 await context.abort(e.code, e.message)
-            async for response in behavior(requests, context):
+
+            async def decoded() -> AsyncIterator[Any]:
+                async for request in requests:
+                    try:
+                        self._check_decoded(method, request, context)
+                    except Denied as e:
+                        await context.abort(e.code, e.message)
+                    yield request
+
+            async for response in behavior(decoded(), context):
                 yield response
 
         return run
@@ -143,7 +185,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 principal = self._identify(method, context)
                 record = self._record(method, principal, request, context)
                 self._authorize(method, principal)
+                self._check_decoded(method, request, context)
                 current_principal.set(principal)
+                self._audit.start(record)
                 response = await behavior(request, context)
                 record.observe(response)
             except Denied as e:
@@ -167,12 +211,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 principal = self._identify(method, context)
                 record = self._record(method, principal, request, context)
                 self._authorize(method, principal)
-                if principal is not ANONYMOUS and self._streams[principal.id] >= self._max_streams:
+                self._check_decoded(method, request, context)
+                key = stream_key(principal)
+                if principal is not ANONYMOUS and self._streams[key] >= self._max_streams:
                     raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{principal.name} already has "
                                  f"{self._max_streams} streams in flight (max_streams_per_token)")
-                counted = principal.id
+                counted = key
                 self._streams[counted] += 1
                 current_principal.set(principal)
+                self._audit.start(record)
                 async for response in behavior(request, context):
                     record.observe(response)
                     yield response

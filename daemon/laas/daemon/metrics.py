@@ -3,8 +3,10 @@
 Layer: application. The servicer records each request (by model, route and status), its time to
 first token and the gaps between its tokens; the rest (queue depth, active sequences, KV use, prefix
 cache hits, model state, circuit states) is read from the registry and router when scraped, so it can
-never drift from the truth. The optional HTTP endpoint (`metrics_listen`) serves the text format;
-the GetStats RPC serves the same samples to gRPC clients.
+never drift from the truth. A model label is a name the daemon knows (a configured model, an alias, a
+remote's model); any other requested name counts under the one label "unknown", so clients cannot
+grow the metrics (and GetStats' reply) without bound. The optional HTTP endpoint (`metrics_listen`,
+metrics_http.py) serves the text format; the GetStats RPC serves the same samples to gRPC clients.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from laas.daemon.errors import NotFound
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.router.dispatch import Router
 
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 _GAP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+UNKNOWN_MODEL = "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,8 @@ class Sample:
 
 class Metrics:
     def __init__(self, registry: ModelRegistry, router: Router) -> None:
+        self._registry = registry
+        self._router = router
         self.prometheus = CollectorRegistry()
         self.requests = Counter("laas_requests", "Generate and Chat requests, by model, route and status",
                                 ["model", "route", "status"], registry=self.prometheus)
@@ -44,8 +50,18 @@ class Metrics:
                                      ["model"], buckets=_GAP_BUCKETS, registry=self.prometheus)
         self.prometheus.register(_LiveState(registry, router))
 
-    def stream(self, model: str) -> StreamRecorder:
-        return StreamRecorder(self, model)
+    def model_label(self, requested: str) -> str:
+        """The requested model name (empty: the default model's) when the daemon knows it, else "unknown"."""
+        name = requested or self._registry.default.name
+        try:
+            self._router.targets_for(name)
+        except NotFound:
+            return UNKNOWN_MODEL
+        return name
+
+    def stream(self, requested_model: str) -> StreamRecorder:
+        """A recorder for one request, labelled by model_label (never by an arbitrary client string)."""
+        return StreamRecorder(self, self.model_label(requested_model))
 
     def text(self) -> bytes:
         return generate_latest(self.prometheus)

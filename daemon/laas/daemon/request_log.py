@@ -10,6 +10,7 @@ frequent), the laas API at INFO.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
@@ -74,8 +75,12 @@ def _wrap_unary(behavior: Callable[[Any, Any], Awaitable[Any]], call: Callable[[
     return run
 
 
-def _wrap_stream(behavior: Callable[[Any, Any], AsyncIterator[Any]], call: Callable[[], _Call]
-                 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+def _wrap_stream(behavior: Callable[[Any, Any], Any], call: Callable[[], _Call]) -> Callable[[Any, Any], Any]:
+    """Wraps a server-streaming behaviour of either kind gRPC accepts: an async generator, or a coroutine
+    that writes with context.write (grpc_health's Watch)."""
+    if inspect.iscoroutinefunction(behavior):
+        return _wrap_unary(behavior, call)
+
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         this = call()
         await this.begin(context)

@@ -4,7 +4,8 @@ Layer: composition. `credential_defaults` fills unset TLS and token paths from s
 $CREDENTIALS_DIRECTORY (LoadCredential= in the unit); `check_security` validates the security
 settings with the rest of Settings; `listen_refusal` is the secure default: a TCP address other than
 loopback needs TLS and tokens, unless the operator sets the loudly named
-`dangerously_listen_without_tls_or_tokens`. Unix sockets are guarded by their file permissions.
+`dangerously_listen_without_tls_or_tokens`; `metrics_refusal` applies the same rule to `metrics_listen`.
+Unix sockets are guarded by their file permissions.
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def listen_refusal(s: Settings, tokens: bool) -> str | None:
     if open_tcp and missing:
         return (f"refusing to listen on {', '.join(open_tcp)} without {' and '.join(missing)}: anyone on the network "
                 "could read and send prompts. Configure them, listen on loopback or a unix socket, or set "
+                "dangerously_listen_without_tls_or_tokens = true")
+    return None
+
+
+def metrics_refusal(s: Settings, tokens: bool) -> str | None:
+    """Why the metrics endpoint must not listen as configured (the gRPC listener's rule), or None."""
+    if not s.metrics_listen or s.dangerously_listen_without_tls_or_tokens:
+        return None
+    host = s.metrics_listen.rpartition(":")[0] or "127.0.0.1"  # as metrics_http binds it
+    if is_loopback(f"{host}:0"):
+        return None
+    missing = [what for what, ok in (("TLS (tls_cert, tls_key)", bool(s.tls_cert)), ("tokens (tokens_file)", tokens))
+               if not ok]
+    if missing:
+        return (f"refusing to serve metrics on {s.metrics_listen} without {' and '.join(missing)}: anyone on the "
+                "network could read them. Configure them, use a loopback address, or set "
                 "dangerously_listen_without_tls_or_tokens = true")
     return None
 

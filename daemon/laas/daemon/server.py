@@ -39,11 +39,12 @@ from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
 from laas.daemon.metrics import Metrics
+from laas.daemon.metrics_http import serve_metrics
 from laas.daemon.native_probe import WRAPPER_ENV, NativeGate
 from laas.daemon.privacy import privacy_rules
 from laas.daemon.registry import EngineLoader, ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
-from laas.daemon.security import listen_refusal, server_credentials, tokens_path
+from laas.daemon.security import listen_refusal, metrics_refusal, server_credentials, tokens_path
 from laas.daemon.service import Lifecycle, RuntimeService
 from laas.daemon.settings import ModelConfig, Settings, SettingsError
 from laas.daemon.store import ModelStore
@@ -124,6 +125,7 @@ class Server:
         self._loading: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._audit: AuditLog | None = None
+        self._tokens: TokenStore | None = None
 
     async def startup(self) -> int:
         """Binds the listener and starts loading models; returns the bound port."""
@@ -134,8 +136,8 @@ class Server:
             ("grpc.so_reuseport", 0),
         ])
         runtime_pb2_grpc.add_RuntimeServicer_to_server(
-            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings), self.metrics),
-            server)
+            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings), self.metrics,
+                           self.settings.keep_alive_s), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -160,24 +162,29 @@ class Server:
         refusal = listen_refusal(self.settings, path is not None)
         if refusal:
             raise SettingsError(refusal, field="listen")
-        tokens = TokenStore(path) if path is not None else None
+        refusal = metrics_refusal(self.settings, path is not None)
+        if refusal:
+            raise SettingsError(refusal, field="metrics_listen")
+        # Without a token file now, <home>/tokens turns token checks on when `laasd token create` makes it.
+        tokens = TokenStore(path) if path is not None else TokenStore(self.settings.home / "tokens", optional=True)
         audit_path = self.settings.home / self.settings.audit_log if self.settings.audit_log else None
         self._audit = AuditLog(audit_path, self.settings.audit_prompts)
-        log.info("tokens: %s; audit log: %s", path or "off (loopback or unix socket only)", audit_path or "off")
+        self._tokens = tokens
+        log.info("tokens: %s; audit log: %s", path or f"off until {tokens.path} is created (loopback or unix socket "
+                 "only)", audit_path or "off")
         return AccessInterceptor(tokens, self._audit, self.settings.max_streams_per_token)
 
     def _start_metrics_http(self, address: str) -> None:
-        """Serves /metrics over HTTP in its own thread (prometheus-client's WSGI server)."""
-        from prometheus_client import start_http_server
-
-        host, _, port = address.rpartition(":")
+        """Serves /metrics over HTTP (HTTPS with TLS set) in its own threads, behind the tokens (metrics_http.py)."""
+        s = self.settings
+        tls = (s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         try:
-            self._metrics_http, _thread = start_http_server(int(port), host or "127.0.0.1",
-                                                            registry=self.metrics.prometheus)
+            self._metrics_http = serve_metrics(address, self.metrics.prometheus, self._tokens, tls)
         except (OSError, ValueError) as e:
             raise SettingsError(f"metrics_listen {address!r}: {e}", field="metrics_listen") from e
         self.metrics_port = int(self._metrics_http.server_port)
-        log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", self.metrics_port)
+        host = address.rpartition(":")[0] or "127.0.0.1"
+        log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, self.metrics_port)
 
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

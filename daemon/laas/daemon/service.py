@@ -4,6 +4,12 @@ Layer: edge. Each method converts the request to domain values (validation.py ch
 registry and the router policy, and converts the results back. Every LaasError becomes its status
 code through errors.STATUS_TABLE, with the field at fault in the `laas-field` trailing metadata; any
 other exception is a bug, logged and answered INTERNAL without internals.
+
+Two rules protect callers from each other: an unknown model's NOT_FOUND lists the served models only
+to callers with the models:read scope; and a request's keep_alive_s, without the models:admin scope, is
+clamped (clamp_keep_alive): it may keep its model loaded longer than the model's keep-alive, up to
+MAX_KEEP_ALIVE_S (or the model's own when longer), never shorter (0 would unload it for everyone) and
+never forever (< 0 would pin it).
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import grpc
@@ -21,7 +27,7 @@ import grpc
 from laas.daemon import validation
 from laas.daemon.access import current_principal
 from laas.daemon.engine import Completion, FinishReason, GenerationChunk, ModelFormat, TextDelta, Timings
-from laas.daemon.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, ShuttingDown, status_for
+from laas.daemon.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, NotFound, ShuttingDown, status_for
 from laas.daemon.metrics import Metrics
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
@@ -47,6 +53,7 @@ _STATE = {
     ModelState.READY: pb.MODEL_STATE_READY,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
 }
+MAX_KEEP_ALIVE_S = 3600.0  # the longest keep-alive a request without models:admin may ask for
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
                       "presence_penalty", "frequency_penalty")
 
@@ -87,6 +94,29 @@ async def _status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[N
     except Exception:
         log.exception("internal error while serving a request")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; the daemon's log has the details")
+
+
+@contextmanager
+def _names_hidden(name: str, field: str) -> Iterator[None]:
+    """A NOT_FOUND for `field` lists the served models only to callers that may read them (models:read)."""
+    try:
+        yield
+    except NotFound as e:
+        if e.field != field or "models:read" in current_principal.get().scopes:
+            raise
+        raise NotFound(f"{field} {name!r} is not served here", field=field) from None
+
+
+def clamp_keep_alive(requested: float | None, default: float, admin: bool) -> float | None:
+    """The keep-alive a request gets: as asked with models:admin; without it, within
+    [default, max(default, MAX_KEEP_ALIVE_S)] (a negative ask, "forever", gets the upper end), and the
+    model's own when that is "forever" already. None: the model's own."""
+    if requested is None or admin:
+        return requested
+    if default < 0:
+        return None
+    high = max(default, MAX_KEEP_ALIVE_S)
+    return high if requested < 0 else min(max(requested, default), high)
 
 
 def _sampling(msg: pb.SamplingParams) -> Any:
@@ -137,8 +167,10 @@ def _final(chunk: Completion, ttft_ms: float) -> pb.GenerateResponse:
 
 class RuntimeService(pb_grpc.RuntimeServicer):
     def __init__(self, registry: ModelRegistry, router: Router, lifecycle: Lifecycle,
-                 privacy: PrivacyRules | None = None, metrics: Metrics | None = None) -> None:
+                 privacy: PrivacyRules | None = None, metrics: Metrics | None = None,
+                 keep_alive_s: float = 300.0) -> None:
         self._registry = registry
+        self._keep_alive_s = keep_alive_s  # the daemon's keep_alive_s, for models that set none
         self._router = router
         self._lifecycle = lifecycle
         self._privacy = privacy or PrivacyRules()
@@ -160,7 +192,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                       ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
         self._lifecycle.enter()
-        recorder = self._metrics.stream(request.model or self._registry.default.name)  # metrics (issue 8)
+        recorder = self._metrics.stream(request.model)  # labelled by a known name only
         status = "CANCELLED"
         try:
             async with _status_on_error(context):
@@ -213,7 +245,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         model = validation.model_name(request.model)
         sampling = _sampling(request.sampling)
         self._privacy.check(sampling)
-        keep_alive = validation.keep_alive(request.keep_alive_s if request.HasField("keep_alive_s") else None)
+        keep_alive = self._request_keep_alive(
+            model, validation.keep_alive(request.keep_alive_s if request.HasField("keep_alive_s") else None))
         if isinstance(request, pb.ChatRequest):
             messages = validation.chat_messages([(m.role, m.content) for m in request.messages])
             routed = RoutedRequest(sampling, messages=messages, keep_alive_s=keep_alive)
@@ -233,7 +266,17 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         remaining = context.time_remaining()
         if budget is None and remaining is not None:
             budget = remaining * 1000
-        return await self._router.plan(model, routed, policy, budget)
+        with _names_hidden(model, "model"):
+            return await self._router.plan(model, routed, policy, budget)
+
+    def _request_keep_alive(self, model: str, requested: float | None) -> float | None:
+        if requested is None:
+            return None
+        local = self._privacy.resolved(model or self._registry.default.name)
+        entry = next((e for e in self._registry.entries() if e.name == local), None)
+        configured = entry.config.keep_alive_s if entry is not None else None
+        default = self._keep_alive_s if configured is None else configured
+        return clamp_keep_alive(requested, default, "models:admin" in current_principal.get().scopes)
 
     async def ExplainRoute(self, request: pb.ExplainRouteRequest, context: grpc.aio.ServicerContext
                            ) -> pb.RouteExplanation:
@@ -262,7 +305,10 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                        ) -> pb.TokenizeResponse:
         async with _status_on_error(context):
             text = validation.prompt(request.text, "text")
-            async with self._registry.using(self._registry.get(validation.model_name(request.model))) as engine:
+            name = validation.model_name(request.model)
+            with _names_hidden(name, "model"):
+                entry = self._registry.get(name)
+            async with self._registry.using(entry) as engine:
                 tokens = await engine.tokenize(text, add_special=request.add_special)
             return pb.TokenizeResponse(tokens=list(tokens), count=len(tokens))
         raise AssertionError("unreachable")  # _status_on_error re-raises as a status
@@ -286,7 +332,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
         async with _status_on_error(context):
             self._lifecycle.check()
-            entry = self._registry.get(validation.model_name(request.name, "name"), field="name")
+            name = validation.model_name(request.name, "name")
+            with _names_hidden(name, "name"):
+                entry = self._registry.get(name, field="name")
             keep_alive = validation.keep_alive(request.keep_alive_s if request.HasField("keep_alive_s") else None)
             async with self._registry.using(entry, keep_alive):  # raises the load's error (failed, budget)
                 pass
@@ -295,7 +343,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
         async with _status_on_error(context):
-            entry = self._registry.get(validation.model_name(request.name, "name"), field="name")
+            name = validation.model_name(request.name, "name")
+            with _names_hidden(name, "name"):
+                entry = self._registry.get(name, field="name")
             await self._registry.unload(entry)
             return model_to_pb(entry)
         raise AssertionError("unreachable")

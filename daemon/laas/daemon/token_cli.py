@@ -2,7 +2,9 @@
 
 Layer: composition (command line). The token is printed once, on creation; the file keeps only its
 hash. The file is `tokens_file`, else $CREDENTIALS_DIRECTORY/laas.tokens, else <home>/tokens; for the
-packaged service, write /etc/credstore/laas.tokens (`--file`) and restart the service.
+packaged service, write /etc/credstore/laas.tokens (`--file`) and restart the service (systemd copies
+credentials at start). A running daemon rereads its own token file when it changes, and turns token
+checks on when <home>/tokens first appears.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             token, entry = tokens.create(path, args.name, scopes, args.local_only)
             print(token)
             print(f"token {entry.id} ({entry.name}) added to {path}; scopes {','.join(sorted(entry.scopes)) or '-'}"
-                  f"{'; local-only' if entry.local_only else ''}. It is shown only now.", file=sys.stderr)
+                  f"{'; local-only' if entry.local_only else ''}. It is shown only now. A running laasd that reads "
+                  f"this file uses it at once (the first token turns token checks on: every call then needs one); "
+                  f"a systemd credential (LoadCredential=) is copied at start: restart the service.", file=sys.stderr)
         elif args.action == "revoke":
             gone = tokens.revoke(path, args.id_or_name)
             if not gone:

@@ -1,13 +1,16 @@
 """API tokens: created, stored hashed, checked in constant time, each with scopes.
 
 Layer: domain + storage. A token reads `laas_<id>_<secret>`; the token file keeps one line per token,
-`<id> <name> <scopes> <sha256 of the token> [local_only]`, never the token itself, so a copy of the
-file lets nobody in. The secret is 256 random bits, so a plain SHA-256 suffices (no password
-stretching is needed for keys nobody chose); the digests are compared with hmac.compare_digest. The
-file is reread when it changes, so a revoked token stops working at once, without a restart.
+`<id> <name> <scopes> <sha256 of the token> [local_only]`, never the token itself, so a copy of the file
+lets nobody in (still, a file others can read draws a warning in the log, and one others can write,
+which would let them add tokens, is refused). The secret is 256 random bits, so a plain SHA-256 suffices
+(no password stretching is needed for keys nobody chose); the digests are compared with
+hmac.compare_digest. The file is reread when it changes, so a revoked token stops working at once,
+without a restart; the default file (<home>/tokens, `optional`) turns token checks on as soon as it
+appears, so a first `laasd token create` beside a running daemon protects it at once.
 
-Scopes: `generate` (Generate, Chat, Tokenize, ExplainRoute), `models:read` (ListModels, GetModel),
-`models:admin` (LoadModel, UnloadModel), `offload` (this client's
+Scopes: `generate` (Generate, Chat, Tokenize, ExplainRoute), `models:read` (ListModels, GetModel,
+GetStats, the /metrics endpoint), `models:admin` (LoadModel, UnloadModel), `offload` (this client's
 requests may leave the device: without it every request is local-only). Health needs no token.
 """
 
@@ -15,12 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from laas.daemon.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 SCOPES = ("generate", "models:read", "models:admin", "offload")
 _PREFIX = "laas_"
@@ -80,20 +87,43 @@ def parse(text: str, where: str = "tokens") -> list[TokenEntry]:
     return entries
 
 
-class TokenStore:
-    """The token file, reread when its modification time or size changes."""
+def check_mode(path: Path, mode: int) -> None:
+    """Refuses a token file others may write (they could add tokens); warns when others may read it."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TokenFileError(f"the token file {path} is writable by group or others (mode {stat.S_IMODE(mode):o}): "
+                             f"anyone could add a token; run chmod 600 {path}", field="tokens_file")
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("the token file %s is readable by group or others (mode %o); run chmod 600 %s",
+                    path, stat.S_IMODE(mode), path)
 
-    def __init__(self, path: Path) -> None:
+
+class TokenStore:
+    """The token file, reread when its modification time, size or mode changes. An `optional` file that
+    does not exist yet means no token checks (in_force is False) until it appears; once seen, it is
+    required (a file that goes missing fails closed)."""
+
+    def __init__(self, path: Path, optional: bool = False) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._required = not optional
+        self._stamp: tuple[int, int, int] | None = None
         self._by_id: dict[str, TokenEntry] = {}
         self.refresh()
 
+    def in_force(self) -> bool:
+        """Whether calls need a token: the file is required, or an optional one has appeared."""
+        if not self._required and self.path.exists():
+            self._required = True
+            log.warning("the token file %s appeared: every call needs a token from now on", self.path)
+        return self._required
+
     def refresh(self) -> None:
+        if not self.in_force():
+            return
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_mode)
             if stamp != self._stamp:
+                check_mode(self.path, st.st_mode)
                 self._by_id = {e.id: e for e in parse(self.path.read_text(encoding="utf-8"), str(self.path))}
                 self._stamp = stamp
         except OSError as e:
