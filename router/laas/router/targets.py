@@ -108,7 +108,8 @@ class LocalTarget:
         try:
             # A loaded model checks the request before it queues (a prompt too long fails at once);
             # one that is not loaded checks it once loaded, in its turn.
-            early = await self.bind(request, resumed_from) if self.entry.state is ModelState.READY else None
+            async with self._registry.holding(self.entry) as loaded:  # not unloaded while it tokenizes
+                early = await self.bind(request, resumed_from, loaded) if loaded is not None else None
 
             async def bind(engine: Engine) -> GenerationRequest:
                 return early if early is not None else await self.bind(request, resumed_from, engine)

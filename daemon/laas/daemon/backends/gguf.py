@@ -20,7 +20,7 @@ from typing import Any, cast
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.gguf_chat import chat_formatter
-from laas.daemon.backends.worker import wait_through_cancellation
+from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.engine import (
     ChatMessage,
     Engine,
@@ -64,6 +64,7 @@ class GgufEngine(Engine):
         self._header = header
         self._n_vocab = int(model.n_vocab())
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
+        self._native = NativeClaims()  # tokenizing outside the scheduler: aclose waits for it
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                                     make_sampler=self._make_sampler, on_token=self._count_token)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
@@ -137,7 +138,7 @@ class GgufEngine(Engine):
         self.decoded_tokens += 1
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        return await asyncio.to_thread(self._tokenize, text, add_special)
+        return await self._native.run(lambda: self._tokenize(text, add_special))
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
@@ -204,6 +205,7 @@ class GgufEngine(Engine):
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
+        await asyncio.to_thread(self._native.close)  # no llama_tokenize runs on the model once it is freed
         await asyncio.to_thread(self._scheduler.close)
         ctx, self._ctx = self._ctx, None
         if ctx is not None:

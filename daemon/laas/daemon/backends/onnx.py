@@ -22,7 +22,7 @@ from typing import Any
 
 from laas.daemon.backends.detokenize import IncrementalDetokenizer
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
-from laas.daemon.backends.worker import stream_from_worker
+from laas.daemon.backends.worker import NativeClaims, stream_from_worker
 from laas.daemon.chat_template import ChatTemplate
 from laas.daemon.engine import (
     ChatMessage,
@@ -44,6 +44,8 @@ from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
+INLINE_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread, off the event loop
+
 
 class OnnxEngine(Engine):
     """Serves one ONNX package. Construct with :meth:`load` (it checks the files and loads off the loop)."""
@@ -57,6 +59,7 @@ class OnnxEngine(Engine):
         self._template = template
         self._eos = frozenset(manifest.eos_token_ids)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._native = NativeClaims()  # tokenizing and evaluation outside the worker: aclose waits for them
         self._info = ModelInfo(
             format=ModelFormat.ONNX,
             quantization=manifest.quantization,
@@ -103,7 +106,9 @@ class OnnxEngine(Engine):
         return self._manifest
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        return self._tokenize(text, add_special)  # microseconds: not worth a thread hop
+        if len(text) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
+            return self._native.call(lambda: self._tokenize(text, add_special))
+        return await self._native.run(lambda: self._tokenize(text, add_special))
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -113,14 +118,17 @@ class OnnxEngine(Engine):
 
     def text_tokens(self, text: str) -> list[int]:
         """Plain text to ids, no special tokens added (for evaluation)."""
-        return self._tokenize(text, False)
+        return self._native.call(lambda: self._tokenize(text, False))
 
     def decoder_logits(self, tokens: Sequence[int]) -> Any:
         """Logits [n, vocab] at every position of `tokens` from an empty cache (for evaluation; not while
         a generation runs)."""
-        if self._decoder is None:
-            raise ModelLoadError("engine is closed")
-        return self._decoder.all_logits(tokens)
+        def logits() -> Any:
+            if self._decoder is None:
+                raise ModelLoadError("engine is closed")
+            return self._decoder.all_logits(tokens)
+
+        return self._native.call(logits)
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         if self._template is None:
@@ -190,5 +198,6 @@ class OnnxEngine(Engine):
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
+        await asyncio.to_thread(self._native.close)
         self._executor.shutdown(wait=True)
         self._decoder = None
