@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 
+from laas.daemon.backends.literal_text import literal
 from laas.daemon.engine import (
     ChatMessage,
     Completion,
@@ -85,7 +86,9 @@ class LocalTarget:
             bound = await engine.render_chat(request.messages)
         elif request.messages:  # resume inside the assistant's turn, not as a new message
             bound = await engine.render_chat(request.messages[:-1])
-            bound = replace(bound, prompt=bound.prompt + request.messages[-1].content)
+            bound = replace(bound, prompt=bound.prompt + literal(request.messages[-1].content))
+        elif resumed_from and request.prompt.endswith(resumed_from):  # text already streamed: never control tokens
+            bound = GenerationRequest(prompt=request.prompt[:-len(resumed_from)] + literal(resumed_from))
         else:
             bound = GenerationRequest(prompt=request.prompt)
         tokens = await engine.tokenize(bound.prompt, add_special=bound.add_special)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from laas.daemon.backends.detokenize import IncrementalDetokenizer
+from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
 from laas.daemon.backends.worker import NativeClaims, stream_from_worker
 from laas.daemon.chat_template import ChatTemplate
@@ -56,6 +57,10 @@ class OnnxEngine(Engine):
         self._manifest = manifest
         self._decoder: OnnxDecoder | None = decoder
         self._tokenizer = tokenizer
+        # The same tokenizer reading special tokens' texts as text (message contents: see literal_text).
+        self._literal_tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self._literal_tokenizer.encode_special_tokens = True
+        self._specials = SpecialTexts(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
         self._template = template
         self._eos = frozenset(manifest.eos_token_ids)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
@@ -111,7 +116,10 @@ class OnnxEngine(Engine):
         return await self._native.run(lambda: self._tokenize(text, add_special))
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        """Special tokens are parsed except in literal spans (message contents: see literal_text)."""
+        ids: list[int] = []
+        for piece, literal in segments(text):
+            ids += (self._literal_tokenizer if literal else self._tokenizer).encode(piece, add_special_tokens=False).ids
         if add_special and self._manifest.add_bos and self._manifest.bos_token_id is not None:
             ids.insert(0, self._manifest.bos_token_id)
         return ids
@@ -133,7 +141,7 @@ class OnnxEngine(Engine):
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         if self._template is None:
             raise ModelLoadError(f"model {self._manifest.name!r} has no chat template")
-        return self._template.render(messages)
+        return self._template.render(self._specials.mark_messages(messages))  # contents stay text
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         blocking = functools.partial(self._generate_blocking, request)
