@@ -138,3 +138,11 @@ def test_hashing_reads_no_more_than_the_manifest_says(tmp_path: Path) -> None:
     assert hash_file(folder / entry.path, entry.size, entry.path) == entry.sha256
     with pytest.raises(ModelLoadError, match="changed while it was read"):
         hash_file(folder / entry.path, entry.size - 1, entry.path)
+
+
+def test_hashing_gives_up_past_its_time_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "m"
+    manifest = _package(folder)
+    monkeypatch.setattr("laas.daemon.onnx_package.HASH_SLACK_S", -1.0)  # a bound already past: slow storage
+    with pytest.raises(ModelLoadError, match="could not be read within"):
+        verify_files(folder, manifest)
