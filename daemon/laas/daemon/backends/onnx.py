@@ -207,5 +207,5 @@ class OnnxEngine(Engine):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._native.close)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # a generation's last step, off the event loop
         self._decoder = None
