@@ -3,7 +3,9 @@
 Layer: infrastructure (pure file handling; no onnxruntime). The exporters write packages; the daemon
 finds them in the store (any folder with a `manifest.json`), checks every file against the sizes and
 sha256 digests the manifest records, and only then lets onnxruntime parse the graph. A truncated or
-altered file is refused with the file's name, not with a parser's stack trace.
+altered file is refused with the file's name, not with a parser's stack trace. Only regular files are
+read: a FIFO, device or socket in a package is refused before anything opens it for a blocking read
+(it would hang the load, and the residency lock with it), and hashing is bounded in bytes and time.
 
     models/smollm2-135m-instruct-int4/
         manifest.json          what this is: format, quantization, context, source, files, evaluation
@@ -14,18 +16,26 @@ altered file is refused with the file's name, not with a parser's stack trace.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from laas.daemon.errors import ModelLoadError
 from laas.daemon.store import sha256_of
 
 MANIFEST = "manifest.json"
 PACKAGE_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20
+CHUNK = 1 << 20
+# Hashing a file may take this long, plus a second per MIN_HASH_RATE bytes (a slow SD card reads ~20 MB/s).
+HASH_SLACK_S = 10.0
+MIN_HASH_RATE = 5 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +106,60 @@ class Manifest:
         return sum(f.size for f in self.files)
 
 
-def read_manifest(folder: Path) -> Manifest:
-    path = folder / MANIFEST
+def open_regular(path: Path, where: str) -> BinaryIO:
+    """Opens `path` for reading if it is a regular file (symlinks followed). It is opened non-blocking,
+    so a FIFO does not wait for a writer, and checked on the opened descriptor (no swap in between)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError as e:
-        raise ModelLoadError(f"{folder.name}: no {MANIFEST}; not an ONNX model package") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{folder.name}/{MANIFEST} cannot be read: {e}") from e
-    return Manifest.from_json(text, f"{folder.name}/{MANIFEST}")
+        raise ModelLoadError(f"{where} is missing") from e
+    except OSError as e:
+        raise ModelLoadError(f"{where} cannot be opened: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelLoadError(f"{where} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_manifest(folder: Path) -> Manifest:
+    where = f"{folder.name}/{MANIFEST}"
+    try:
+        with open_regular(folder / MANIFEST, where) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except ModelLoadError as e:
+        if not (folder / MANIFEST).exists():
+            raise ModelLoadError(f"{folder.name}: no {MANIFEST}; not an ONNX model package") from e
+        raise
+    except OSError as e:
+        raise ModelLoadError(f"{where} cannot be read: {e}") from e
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ModelLoadError(f"{where} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{where} cannot be read: {e}") from e
+    return Manifest.from_json(text, where)
+
+
+def hash_file(path: Path, size: int, where: str) -> str:
+    """sha256 of a regular file of `size` bytes, reading at most one byte more, within a time bound."""
+    bound_s = HASH_SLACK_S + size / MIN_HASH_RATE
+    deadline = time.monotonic() + bound_s
+    digest = hashlib.sha256()
+    read = 0
+    with open_regular(path, where) as f:
+        while read <= size and (block := f.read(min(CHUNK, size + 1 - read))):
+            digest.update(block)
+            read += len(block)
+            if time.monotonic() > deadline:
+                raise ModelLoadError(f"{where} could not be read within {bound_s:.0f}s")
+    if read != size:
+        raise ModelLoadError(f"{where} changed while it was read (size {size} in the manifest)")
+    return digest.hexdigest()
 
 
 def verify_files(folder: Path, manifest: Manifest, digests: bool = True) -> None:
@@ -115,14 +170,17 @@ def verify_files(folder: Path, manifest: Manifest, digests: bool = True) -> None
         if root not in path.parents:
             raise ModelLoadError(f"{folder.name}/{MANIFEST}: file {entry.path!r} is outside the package")
         try:
-            size = path.stat().st_size
+            info = path.stat()
         except FileNotFoundError as e:
             raise ModelLoadError(f"{folder.name}/{entry.path} is missing") from e
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError(f"{folder.name}/{entry.path} is not a regular file")
+        size = info.st_size
         if size != entry.size:
             raise ModelLoadError(f"{folder.name}/{entry.path} is {size} bytes, the manifest says {entry.size}: "
                                  "truncated or replaced since export")
     for entry in manifest.files if digests else ():
-        if sha256_of(folder / entry.path) != entry.sha256:
+        if hash_file(folder / entry.path, entry.size, f"{folder.name}/{entry.path}") != entry.sha256:
             raise ModelLoadError(f"{folder.name}/{entry.path} does not match its sha256 in the manifest: "
                                  "corrupted or modified since export")
     for needed in (manifest.graph, manifest.tokenizer):

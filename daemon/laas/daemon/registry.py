@@ -417,13 +417,30 @@ class ModelRegistry:
 
     @asynccontextmanager
     async def using(self, entry: ModelEntry, keep_alive_s: float | None = None) -> AsyncIterator[Engine]:
-        """Holds the model loaded (without a place in its queue) for a short use that generates nothing."""
+        """Holds the model loaded (without a place in its queue) for a short use that generates nothing.
+        The engines' native calls return only once the native work is done, even when their caller is
+        cancelled, so the hold outlives every native call made inside it."""
         entry.pins += 1
         try:
             yield await self.ensure_loaded(entry)
         finally:
             entry.pins -= 1
             self._released(entry, keep_alive_s)
+
+    @asynccontextmanager
+    async def holding(self, entry: ModelEntry) -> AsyncIterator[Engine | None]:
+        """Holds the model if it is loaded now, without loading it (None if it is not): planning counts a
+        prompt's tokens with it, and the model is not unloaded under that native call."""
+        engine = entry.engine if entry.state is ModelState.READY else None
+        if engine is None:
+            yield None
+            return
+        entry.pins += 1
+        try:
+            yield engine
+        finally:
+            entry.pins -= 1
+            self._released(entry, entry.keep_alive_s)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -111,13 +111,14 @@ class Router:
         """Prompt tokens, counted with the model's own tokenizer (the default model's for remote-only models)
         when it is loaded."""
         entry: ModelEntry = local.entry if local is not None else self._registry.default
-        if entry.engine is not None:
-            counter = self.local.get(entry.name) or LocalTarget(entry, self._registry, self._default_max_tokens,
-                                                                self._clock)
-            try:
-                return len((await counter.render(request)).prompt_tokens or ())
-            except Unavailable:  # unloaded meanwhile
-                pass
+        async with self._registry.holding(entry) as engine:  # not unloaded while it counts
+            if engine is not None:
+                counter = self.local.get(entry.name) or LocalTarget(entry, self._registry, self._default_max_tokens,
+                                                                    self._clock)
+                try:
+                    return len((await counter.render(request, engine=engine)).prompt_tokens or ())
+                except Unavailable:  # unloaded meanwhile
+                    pass
         # The model is not loaded (it loads if the request runs here; planning does not load it):
         # estimate from the text, about 4 bytes a token. The bound request is counted exactly.
         text = request.prompt or "".join(m.content for m in request.messages)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 
+from laas.daemon.backends.literal_text import literal
 from laas.daemon.engine import (
     ChatMessage,
     Completion,
@@ -85,7 +86,9 @@ class LocalTarget:
             bound = await engine.render_chat(request.messages)
         elif request.messages:  # resume inside the assistant's turn, not as a new message
             bound = await engine.render_chat(request.messages[:-1])
-            bound = replace(bound, prompt=bound.prompt + request.messages[-1].content)
+            bound = replace(bound, prompt=bound.prompt + literal(request.messages[-1].content))
+        elif resumed_from and request.prompt.endswith(resumed_from):  # text already streamed: never control tokens
+            bound = GenerationRequest(prompt=request.prompt[:-len(resumed_from)] + literal(resumed_from))
         else:
             bound = GenerationRequest(prompt=request.prompt)
         tokens = await engine.tokenize(bound.prompt, add_special=bound.add_special)
@@ -108,7 +111,8 @@ class LocalTarget:
         try:
             # A loaded model checks the request before it queues (a prompt too long fails at once);
             # one that is not loaded checks it once loaded, in its turn.
-            early = await self.bind(request, resumed_from) if self.entry.state is ModelState.READY else None
+            async with self._registry.holding(self.entry) as loaded:  # not unloaded while it tokenizes
+                early = await self.bind(request, resumed_from, loaded) if loaded is not None else None
 
             async def bind(engine: Engine) -> GenerationRequest:
                 return early if early is not None else await self.bind(request, resumed_from, engine)

@@ -20,8 +20,9 @@ from typing import Any, cast
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.gguf_chat import bind_tokens, compile_chat_template
+from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
-from laas.daemon.backends.worker import wait_through_cancellation
+from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.chat_template import ChatTemplate
 from laas.daemon.engine import (
     ChatMessage,
@@ -57,7 +58,8 @@ class GgufEngine(Engine):
     """Serves one GGUF file to up to `parallel` requests at once. Construct with :meth:`load`."""
 
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
-                 n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None) -> None:
+                 n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
+                 specials: SpecialTexts | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -66,6 +68,8 @@ class GgufEngine(Engine):
         self._header = header
         self._n_vocab = int(model.n_vocab())
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
+        self._native = NativeClaims()  # tokenizing outside the scheduler: aclose waits for it
+        self._specials = specials or special_texts(model)  # what message contents may not turn into
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                                     make_sampler=self._make_sampler, on_token=self._count_token)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
@@ -128,8 +132,9 @@ class GgufEngine(Engine):
             if template is not None:
                 await asyncio.to_thread(template.close)
             raise
+        specials = await asyncio.to_thread(special_texts, model)
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                   template=template)
+                   template=template, specials=specials)
 
     @property
     def info(self) -> ModelInfo:
@@ -148,15 +153,20 @@ class GgufEngine(Engine):
         self.decoded_tokens += 1
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        return await asyncio.to_thread(self._tokenize, text, add_special)
+        return await self._native.run(lambda: self._tokenize(text, add_special))
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+        """Special tokens are parsed except in literal spans (message contents: see literal_text)."""
+        ids: list[int] = []
+        for i, (piece, literal) in enumerate(segments(text)):
+            ids += self._model.tokenize(piece.encode("utf-8"), add_bos=add_special and i == 0, special=not literal)
+        return ids
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         if self._template is None:
             raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
-        return await self._template.arender(messages)  # off the event loop, within its time budget
+        marked = self._specials.mark_messages(messages)  # contents' special-token texts stay text
+        return await self._template.arender(marked)  # off the event loop, within its time budget
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
         """The request's own sampler chain, as llama-cpp-python's Llama builds it (same results); None for
@@ -215,6 +225,7 @@ class GgufEngine(Engine):
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
+        await asyncio.to_thread(self._native.close)  # no llama_tokenize runs on the model once it is freed
         await asyncio.to_thread(self._scheduler.close)
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
@@ -224,6 +235,18 @@ class GgufEngine(Engine):
             await asyncio.to_thread(model.close)
         if self._template is not None:
             await asyncio.to_thread(self._template.close)
+
+
+def special_texts(model: Any) -> SpecialTexts:
+    """The texts llama.cpp reads as control tokens when it parses special tokens (not the user-defined
+    ones, which it reads in any text)."""
+    import llama_cpp
+
+    control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    vocab = model.vocab
+    texts = (llama_cpp.llama_vocab_get_text(vocab, i) for i in range(int(llama_cpp.llama_vocab_n_tokens(vocab)))
+             if llama_cpp.llama_vocab_get_attr(vocab, i) & control)
+    return SpecialTexts(t.decode("utf-8", errors="replace") for t in texts if t)
 
 
 def _deliver(queue: asyncio.Queue[object], left: asyncio.Future[None], item: object) -> None:

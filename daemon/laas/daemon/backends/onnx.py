@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from laas.daemon.backends.detokenize import IncrementalDetokenizer
+from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
-from laas.daemon.backends.worker import stream_from_worker
+from laas.daemon.backends.worker import NativeClaims, stream_from_worker
 from laas.daemon.chat_template import ChatTemplate
 from laas.daemon.engine import (
     ChatMessage,
@@ -44,6 +45,8 @@ from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
+INLINE_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread, off the event loop
+
 
 class OnnxEngine(Engine):
     """Serves one ONNX package. Construct with :meth:`load` (it checks the files and loads off the loop)."""
@@ -54,9 +57,14 @@ class OnnxEngine(Engine):
         self._manifest = manifest
         self._decoder: OnnxDecoder | None = decoder
         self._tokenizer = tokenizer
+        # The same tokenizer reading special tokens' texts as text (message contents: see literal_text).
+        self._literal_tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self._literal_tokenizer.encode_special_tokens = True
+        self._specials = SpecialTexts(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
         self._template = template
         self._eos = frozenset(manifest.eos_token_ids)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._native = NativeClaims()  # tokenizing and evaluation outside the worker: aclose waits for them
         self._info = ModelInfo(
             format=ModelFormat.ONNX,
             quantization=manifest.quantization,
@@ -104,29 +112,38 @@ class OnnxEngine(Engine):
         return self._manifest
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        return self._tokenize(text, add_special)  # microseconds: not worth a thread hop
+        if len(text) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
+            return self._native.call(lambda: self._tokenize(text, add_special))
+        return await self._native.run(lambda: self._tokenize(text, add_special))
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        """Special tokens are parsed except in literal spans (message contents: see literal_text)."""
+        ids: list[int] = []
+        for piece, literal in segments(text):
+            ids += (self._literal_tokenizer if literal else self._tokenizer).encode(piece, add_special_tokens=False).ids
         if add_special and self._manifest.add_bos and self._manifest.bos_token_id is not None:
             ids.insert(0, self._manifest.bos_token_id)
         return ids
 
     def text_tokens(self, text: str) -> list[int]:
         """Plain text to ids, no special tokens added (for evaluation)."""
-        return self._tokenize(text, False)
+        return self._native.call(lambda: self._tokenize(text, False))
 
     def decoder_logits(self, tokens: Sequence[int]) -> Any:
         """Logits [n, vocab] at every position of `tokens` from an empty cache (for evaluation; not while
         a generation runs)."""
-        if self._decoder is None:
-            raise ModelLoadError("engine is closed")
-        return self._decoder.all_logits(tokens)
+        def logits() -> Any:
+            if self._decoder is None:
+                raise ModelLoadError("engine is closed")
+            return self._decoder.all_logits(tokens)
+
+        return self._native.call(logits)
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         if self._template is None:
             raise ModelLoadError(f"model {self._manifest.name!r} has no chat template")
-        return await self._template.arender(messages)  # off the event loop, within its time budget
+        marked = self._specials.mark_messages(messages)  # contents' special-token texts stay text
+        return await self._template.arender(marked)  # off the event loop, within its time budget
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         blocking = functools.partial(self._generate_blocking, request)
@@ -191,7 +208,8 @@ class OnnxEngine(Engine):
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._native.close)
+        await asyncio.to_thread(self._executor.shutdown, True)  # a generation's last step, off the event loop
         self._decoder = None
         if self._template is not None:
             await asyncio.to_thread(self._template.close)
