@@ -29,8 +29,14 @@ if [ -z "$wheel" ]; then
   CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CFLAGS="$LLAMA_CFLAGS" CXXFLAGS="$LLAMA_CFLAGS" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     "$python" -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
-    "llama-cpp-python==$version" -w "$tmp" >&2
+    --config-settings=build-dir="$tmp/build" "llama-cpp-python==$version" -w "$tmp" >&2
   mkdir -p "$dir"
+  # A portable build's CPU variants (libggml-cpu-<variant>.so) are built but not put into the wheel by
+  # llama-cpp-python's install rules: they are kept beside it, and the .deb puts them beside libllama.so.
+  if compgen -G "$tmp/build/bin/libggml-cpu-*.so" >/dev/null; then
+    mkdir -p "$dir/cpu-variants"
+    cp "$tmp"/build/bin/libggml-cpu-*.so "$dir/cpu-variants/"
+  fi
   mv "$tmp"/llama_cpp_python-*.whl "$dir/"
   printf '%s\n' "key=$LLAMA_BUILD_KEY" "cmake_args=$LLAMA_CMAKE_ARGS" "cflags=$LLAMA_CFLAGS" \
     "excluded_variants=$LLAMA_EXCLUDED_VARIANTS" > "$dir/build.txt"

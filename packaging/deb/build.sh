@@ -37,8 +37,13 @@ eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" portable --version 
 PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile --no-deps --no-cache-dir "$wheel"
 PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile "$repo"
 llama_lib=$(find "$venv/lib" -path '*/site-packages/llama_cpp/lib' -type d)
-for variant in $LLAMA_EXCLUDED_VARIANTS; do  # ggml's AMX kernels: see native_build.py
-  rm -f "$llama_lib/libggml-cpu-$variant.so"
+# The CPU variants, kept beside the wheel (llama_wheel.sh), go beside libllama.so, where laas loads them
+# from; the excluded ones (ggml's AMX kernels: see native_build.py) stay out.
+for lib in "$(dirname "$wheel")"/cpu-variants/libggml-cpu-*.so; do
+  [ -f "$lib" ] || continue
+  variant=$(basename "$lib" .so); variant=${variant#libggml-cpu-}
+  case " $LLAMA_EXCLUDED_VARIANTS " in *" $variant "*) continue ;; esac
+  install -m 0644 "$lib" "$llama_lib/"
 done
 ls "$llama_lib"/libggml-cpu-*.so >/dev/null 2>&1 || { log "no CPU variants in $llama_lib: not a portable build"; exit 1; }
 echo "$(basename "$(dirname "$wheel")") $(sha256sum "$llama_lib/libllama.so" | cut -d' ' -f1)" > "$venv/llama-build.txt"
