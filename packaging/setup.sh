@@ -38,6 +38,7 @@ command -v lintian >/dev/null || missing+=(lintian)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v adduser >/dev/null || missing+=(adduser)
+command -v chrpath >/dev/null || missing+=(chrpath)  # the .deb's llama.cpp CPU variants (deb/build.sh)
 # qemu's user-mode emulation: `laasd doctor --cpu MODEL` and the test that the .deb decodes on a CPU with
 # fewer features than the build machine's.
 command -v "qemu-$(uname -m)" >/dev/null || missing+=(qemu-user)

@@ -2,7 +2,7 @@
 # Builds the laas Debian package: bash packaging/deb/build.sh [OUT_DIR]   (default: dist/)
 # It holds laas in its own virtual environment at /opt/laas (made with the system's python3, so the
 # package depends on that Python), the systemd unit, the default /etc/laas/laasd.toml and the
-# maintainer scripts that add the laas system user and enable the service. Needs: python3 with venv,
+# maintainer scripts that add the laas system user and enable the service. Needs: python3 with venv, chrpath,
 # dpkg-dev, fakeroot-free dpkg-deb (--root-owner-group), and the package index for pip.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -44,6 +44,8 @@ for lib in "$(dirname "$wheel")"/cpu-variants/libggml-cpu-*.so; do
   variant=$(basename "$lib" .so); variant=${variant#libggml-cpu-}
   case " $LLAMA_EXCLUDED_VARIANTS " in *" $variant "*) continue ;; esac
   install -m 0644 "$lib" "$llama_lib/"
+  # Its run path points into the (deleted) build tree; the package's libraries are found beside it.
+  chrpath -r '$ORIGIN' "$llama_lib/$(basename "$lib")" >/dev/null
 done
 ls "$llama_lib"/libggml-cpu-*.so >/dev/null 2>&1 || { log "no CPU variants in $llama_lib: not a portable build"; exit 1; }
 echo "$(basename "$(dirname "$wheel")") $(sha256sum "$llama_lib/libllama.so" | cut -d' ' -f1)" > "$venv/llama-build.txt"
