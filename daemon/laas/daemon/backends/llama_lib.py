@@ -52,11 +52,25 @@ def init_backends() -> None:
 
         folder = lib_dir()
         if folder is not None and cpu_variants(folder):
-            ggml = ctypes.CDLL(str(folder / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+            ggml = ctypes.CDLL(str(_loaded("libggml.so") or folder / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
             if ggml.ggml_backend_reg_count() == 0:
                 ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
                 ggml.ggml_backend_load_all_from_path(str(folder).encode())
         _initialised = True
+
+
+def _loaded(prefix: str) -> Path | None:
+    """The file of an already loaded library whose name starts with `prefix` (a wheel holds copies, not
+    links: libggml.so and libggml.so.0 are two files, and only the one libllama.so loaded has the registry)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if path.startswith("/") and Path(path).name.startswith(prefix):
+            return Path(path)
+    return None
 
 
 def cpu_backend_in_use() -> str:
