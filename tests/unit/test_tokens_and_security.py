@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import jinja2.exceptions
 import pytest
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from laas.daemon import tokens
 from laas.daemon.audit import bounded
@@ -103,22 +101,6 @@ def test_local_only_rules() -> None:
     with pytest.raises(InvalidArgument) as info:
         PrivacyRules(max_tokens_limit=8).check(SamplingParams(max_tokens=9))
     assert info.value.field == "sampling.max_tokens"
-
-
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ cycler.__init__.__globals__.os.popen('touch /tmp/laas-pwned').read() }}",
-    "{% for m in messages %}{{ m.__class__.__base__.__subclasses__() }}{% endfor %}",
-    "{{ messages.append.__self__.__class__.__dict__ }}",
-    "{% set x = messages.append({'role': 'user'}) %}{{ x }}",
-])
-def test_chat_templates_render_in_the_sandbox(template: str) -> None:
-    """GgufEngine renders embedded templates with llama-cpp-python's Jinja2ChatFormatter, whose environment
-    is jinja2's ImmutableSandboxedEnvironment: attribute escapes and mutation raise, nothing runs."""
-    formatter = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
-    with pytest.raises(jinja2.exceptions.SecurityError):
-        formatter(messages=[{"role": "user", "content": "hi"}])
-    assert not Path("/tmp/laas-pwned").exists()
 
 
 def test_a_token_file_others_can_write_is_refused_and_one_they_can_read_warned(

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from laas.daemon.listeners import unix_path
 from laas.daemon.native_build import relevant_features, this_machine
 from laas.daemon.native_probe import run_probe
-from laas.daemon.security import listen_refusal, tokens_path
+from laas.daemon.security import listen_refusal, metrics_refusal, tokens_path
 from laas.daemon.settings import Settings
 
 _SECRET_NAMES = re.compile(r"(^|_)(api_key|password|secret|token)$")
@@ -88,9 +89,10 @@ def _llama_build(report: Report) -> None:
 
 def _listeners(report: Report, settings: Settings) -> None:
     report.section("Listeners")
-    refusal = listen_refusal(settings, tokens_path(settings) is not None)
-    if refusal:
-        report.problem(refusal)
+    tokens = tokens_path(settings) is not None
+    for refusal in (listen_refusal(settings, tokens), metrics_refusal(settings, tokens)):
+        if refusal:
+            report.problem(refusal)
     for address in settings.listen_addresses:
         report.line(f"{address}: {_listener_state(address)}")
     if settings.metrics_listen:
@@ -98,8 +100,9 @@ def _listeners(report: Report, settings: Settings) -> None:
 
 
 def _listener_state(address: str) -> str:
-    if address.startswith("unix:"):
-        return "a socket file exists (a daemon is running?)" if Path(address[5:]).exists() else "free"
+    path = unix_path(address)
+    if path is not None:
+        return "a socket file exists (a daemon is running?)" if path.exists() else "free"
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=0.5):

@@ -127,25 +127,27 @@ class NativeGate:
         self._threads = threads
         self._wrapper = tuple(wrapper)
         self._lock = asyncio.Lock()
-        self._verdicts: dict[str, ProbeResult] = {}
+        # One verdict per process: the llama.cpp this process loads cannot change under it.
+        self._verdict: ProbeResult | None = None
 
     async def check(self, model: Path) -> None:
         """Returns when this build of llama.cpp runs here; raises ModelLoadError with the reason if not."""
         from laas.daemon.backends.llama_lib import native_digest
 
         async with self._lock:
-            digest = await asyncio.to_thread(native_digest)
-            if self._wrapper:
-                digest = f"{digest} {' '.join(self._wrapper)}"
-            verdict = self._verdicts.get(digest) or self._read(digest)
-            if verdict is None:
-                started = time.monotonic()
-                verdict = await run_probe_async(model, threads=self._threads, wrapper=self._wrapper)
-                log.info("native check of llama.cpp (%s): %s in %.1f s", digest[:12],
-                         "ok" if verdict.ok else verdict.reason, time.monotonic() - started)
-                if verdict.definitive:
-                    self._write(digest, verdict)
-            self._verdicts[digest] = verdict
+            if self._verdict is None:
+                digest = await asyncio.to_thread(native_digest)
+                if self._wrapper:
+                    digest = f"{digest} {' '.join(self._wrapper)}"
+                self._verdict = self._read(digest)
+                if self._verdict is None:
+                    started = time.monotonic()
+                    self._verdict = await run_probe_async(model, threads=self._threads, wrapper=self._wrapper)
+                    log.info("native check of llama.cpp (%s): %s in %.1f s", digest[:12],
+                             "ok" if self._verdict.ok else self._verdict.reason, time.monotonic() - started)
+                    if self._verdict.definitive:
+                        self._write(digest, self._verdict)
+            verdict = self._verdict
         if not verdict.ok:
             raise ModelLoadError(verdict.reason)
 

@@ -72,13 +72,18 @@ def is_loopback(address: str) -> bool:
         return False  # a host name or the empty host (every interface): assume it is reachable
 
 
+def _missing_protection(s: Settings, tokens: bool) -> list[str]:
+    """What a listener beyond loopback lacks of TLS and tokens."""
+    return [what for what, ok in (("TLS (tls_cert, tls_key)", bool(s.tls_cert)), ("tokens (tokens_file)", tokens))
+            if not ok]
+
+
 def listen_refusal(s: Settings, tokens: bool) -> str | None:
     """Why the daemon must not listen as configured, or None."""
     if s.dangerously_listen_without_tls_or_tokens:
         return None
     open_tcp = [a for a in s.listen_addresses if not a.startswith("unix:") and not is_loopback(a)]
-    missing = [what for what, ok in (("TLS (tls_cert, tls_key)", bool(s.tls_cert)), ("tokens (tokens_file)", tokens))
-               if not ok]
+    missing = _missing_protection(s, tokens)
     if open_tcp and missing:
         return (f"refusing to listen on {', '.join(open_tcp)} without {' and '.join(missing)}: anyone on the network "
                 "could read and send prompts. Configure them, listen on loopback or a unix socket, or set "
@@ -93,8 +98,7 @@ def metrics_refusal(s: Settings, tokens: bool) -> str | None:
     host = s.metrics_listen.rpartition(":")[0] or "127.0.0.1"  # as metrics_http binds it
     if is_loopback(f"{host}:0"):
         return None
-    missing = [what for what, ok in (("TLS (tls_cert, tls_key)", bool(s.tls_cert)), ("tokens (tokens_file)", tokens))
-               if not ok]
+    missing = _missing_protection(s, tokens)
     if missing:
         return (f"refusing to serve metrics on {s.metrics_listen} without {' and '.join(missing)}: anyone on the "
                 "network could read them. Configure them, use a loopback address, or set "

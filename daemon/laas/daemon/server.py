@@ -68,24 +68,17 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
 
 
 async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
-    engine = await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
+    return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
                                  flash_attn=config.flash_attn == "on" or (config.flash_attn in (None, "auto")
                                                                           and (config.parallel or 1) == 1))
-    global _llama_logged
-    if not _llama_logged:
-        _llama_logged = True
-        log.info("llama.cpp: llama-cpp-python %s, build %s, CPU backend %s, %d threads",
-                 importlib.metadata.version("llama-cpp-python"), build_key(), cpu_backend_in_use(), threads)
-    return engine
-
-
-_llama_logged = False
 
 
 def engine_loader(gate: NativeGate) -> EngineLoader:
     """The registry's loader: dispatches on the model's format. GGUF models load in this process only once
-    the native check (a decode in a child process, once per llama.cpp build) says llama.cpp runs here."""
+    the native check (a decode in a child process, once per llama.cpp build) says llama.cpp runs here;
+    the first one logs which llama.cpp build and CPU backend this process runs."""
+    first_gguf = True
 
     async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
         if config.format == "onnx":
@@ -95,7 +88,13 @@ def engine_loader(gate: NativeGate) -> EngineLoader:
         if header is None:
             raise ModelLoadError(f"{path.name}: no GGUF header was read")
         await gate.check(path)
-        return await load_gguf(path, header, config, threads)
+        engine = await load_gguf(path, header, config, threads)
+        nonlocal first_gguf
+        if first_gguf:
+            first_gguf = False
+            log.info("llama.cpp: llama-cpp-python %s, build %s, CPU backend %s, %d threads",
+                     importlib.metadata.version("llama-cpp-python"), build_key(), cpu_backend_in_use(), threads)
+        return engine
 
     return load_engine
 
