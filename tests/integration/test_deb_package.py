@@ -218,7 +218,7 @@ def _doctor_in_sandbox(extracted: Path, state: Path, *args: str) -> subprocess.C
                "/opt/laas", "--tmpfs", "/var/lib", "--bind", str(state), "/var/lib/laas", "--clearenv",
                "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                "--", "/opt/laas/bin/laasd", "--home", "/var/lib/laas", "doctor", *args]
-    return subprocess.run(sandbox, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(sandbox, capture_output=True, text=True, timeout=2400, check=False)
 
 
 def test_packaged_llama_cpp_is_portable_and_picks_its_kernels_at_run_time(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from laas.daemon.doctor import effective_config, mask
 from laas.daemon.native_build import NO_AMX, cpu_flags, cpu_model, native_build, portable_build
-from laas.daemon.native_probe import interpret
+from laas.daemon.native_probe import PROBE_TIMEOUT_S, interpret, probe_command, probe_timeout
 from laas.daemon.settings import RemoteConfig, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +86,14 @@ def test_a_dead_native_check_names_the_cause_and_the_fix() -> None:
     assert "exit status 3" in interpret(3, "", "").reason
     ok = interpret(0, "noise\n" + json.dumps({"token": " Rome", "cpu_backend": "haswell"}) + "\n", "")
     assert ok.ok and ok.info["cpu_backend"] == "haswell"
+
+
+def test_an_emulated_check_gets_more_time_and_checks_llama_cpp_only() -> None:
+    wrapper = ["/usr/bin/qemu-x86_64", "-cpu", "Haswell"]
+    emulated = probe_command(Path("m.gguf"), threads=2, wrapper=wrapper)
+    assert emulated[:3] == wrapper and emulated[-1] == "--no-onnx"
+    assert "--no-onnx" not in probe_command(Path("m.gguf"), threads=2)
+    assert probe_timeout(wrapper) >= 5 * PROBE_TIMEOUT_S and probe_timeout(()) == PROBE_TIMEOUT_S
 
 
 def test_doctor_masks_secrets_in_the_config() -> None:

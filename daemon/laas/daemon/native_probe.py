@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from laas.daemon.errors import ModelLoadError
-
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 300.0  # a cold page cache, a loaded 2-core machine, or an emulator
+PROBE_TIMEOUT_S = 300.0  # a cold page cache, a loaded 2-core machine
+# Under qemu's user-mode emulation every instruction is translated: a Python start, llama.cpp's load
+# and one prefill take minutes, more on a loaded machine (a CI run needed over 300 s).
+EMULATED_TIMEOUT_S = 1800.0
 REBUILD = "rebuild llama-cpp-python for this CPU: `bash packaging/setup.sh` (it rebuilds when the flags differ)"
 _FIXES = {
     signal.SIGILL: ("illegal instruction: this llama.cpp build uses CPU instructions this machine cannot run "
@@ -53,8 +54,13 @@ class ProbeResult:
 
 
 def probe_command(model: Path, *, threads: int, wrapper: Sequence[str] = ()) -> list[str]:
+    # Under an emulator the child checks llama.cpp only: onnxruntime's import would take minutes there.
     return [*wrapper, sys.executable, "-m", "laas.daemon.native_probe", "--model", str(model),
-            "--threads", str(threads)]
+            "--threads", str(threads), *(["--no-onnx"] if wrapper else [])]
+
+
+def probe_timeout(wrapper: Sequence[str]) -> float:
+    return EMULATED_TIMEOUT_S if wrapper else PROBE_TIMEOUT_S
 
 
 def interpret(returncode: int, stdout: str, stderr: str) -> ProbeResult:
@@ -78,8 +84,9 @@ def interpret(returncode: int, stdout: str, stderr: str) -> ProbeResult:
 
 
 def run_probe(model: Path, *, threads: int = 2, wrapper: Sequence[str] = (),
-              timeout_s: float = PROBE_TIMEOUT_S) -> ProbeResult:
+              timeout_s: float | None = None) -> ProbeResult:
     """Runs the child and waits for it (blocking: the doctor's way)."""
+    timeout_s = probe_timeout(wrapper) if timeout_s is None else timeout_s
     try:
         done = subprocess.run(probe_command(model, threads=threads, wrapper=wrapper), capture_output=True,
                               text=True, timeout=timeout_s, check=False, stdin=subprocess.DEVNULL)
@@ -92,8 +99,9 @@ def run_probe(model: Path, *, threads: int = 2, wrapper: Sequence[str] = (),
 
 
 async def run_probe_async(model: Path, *, threads: int = 2, wrapper: Sequence[str] = (),
-                          timeout_s: float = PROBE_TIMEOUT_S) -> ProbeResult:
+                          timeout_s: float | None = None) -> ProbeResult:
     """Runs the child without blocking the event loop (the daemon's way)."""
+    timeout_s = probe_timeout(wrapper) if timeout_s is None else timeout_s
     proc = await asyncio.create_subprocess_exec(*probe_command(model, threads=threads, wrapper=wrapper),
                                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE)
@@ -132,6 +140,7 @@ class NativeGate:
 
     async def check(self, model: Path) -> None:
         """Returns when this build of llama.cpp runs here; raises ModelLoadError with the reason if not."""
+        from laas.core.errors import ModelLoadError  # not at the top: the child need not import grpc
         from laas.daemon.backends.llama_lib import native_digest
 
         async with self._lock:
@@ -176,7 +185,7 @@ class NativeGate:
             log.warning("could not keep the native check's verdict in %s: %s", self._cache, e)
 
 
-def _probe(model: Path, threads: int) -> dict[str, Any]:
+def _probe(model: Path, threads: int, onnx: bool) -> dict[str, Any]:
     """The child's work: load llama.cpp, prefill a short prompt in one batch, decode one token."""
     from importlib.metadata import version
 
@@ -195,6 +204,8 @@ def _probe(model: Path, threads: int) -> dict[str, Any]:
                                      max_tokens=1, temperature=0.0)
     info["token"] = out["choices"][0]["text"]
     llm.close()
+    if not onnx:
+        return info
     try:
         import onnxruntime
 
@@ -209,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="laas native check: one decode with llama.cpp (a child process)")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="check llama.cpp only")
     args = parser.parse_args(argv)
-    info = _probe(args.model, args.threads)
+    info = _probe(args.model, args.threads, args.onnx)
     print(json.dumps(info), flush=True)
     return 0
 
