@@ -32,8 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from laas.core.types import Completion, GenerationRequest, SamplingParams  # noqa: E402
 from laas.daemon.backends.onnx import OnnxEngine  # noqa: E402
-from laas.daemon.engine import Completion, GenerationRequest, SamplingParams  # noqa: E402
 from laas.daemon.onnx_package import read_manifest  # noqa: E402
 from laas.daemon.settings import default_home  # noqa: E402
 from laas.daemon.store import DEFAULT_MODEL, ModelStore  # noqa: E402

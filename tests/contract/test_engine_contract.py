@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from laas.daemon.backends.gguf import GgufEngine
-from laas.daemon.backends.onnx import OnnxEngine
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
     TextDelta,
 )
+from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.gguf_header import read_gguf_header
 from tests.conftest import OnnxExport
 

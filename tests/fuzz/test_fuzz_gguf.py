@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from laas.daemon.errors import ModelLoadError
+from laas.core.errors import ModelLoadError
 from laas.daemon.gguf_header import read_gguf_header
 
 EXAMPLES = int(os.environ.get("LAAS_FUZZ_EXAMPLES", "300")) * 2

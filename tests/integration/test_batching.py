@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from laas.client import Client, ResourceExhausted
+from laas.core.types import ChatMessage, Completion, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.backends.gguf import GgufEngine
-from laas.daemon.engine import ChatMessage, Completion, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.gguf_header import read_gguf_header
 from tests.daemon_process import DaemonProcess
 

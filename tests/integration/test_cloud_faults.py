@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from laas.daemon.engine import GenerationRequest, SamplingParams, TextDelta
-from laas.daemon.errors import TargetFailed
+from laas.core.errors import TargetFailed
+from laas.core.types import GenerationRequest, SamplingParams, TextDelta
 from laas.router.cloud import CloudConfig, CloudEngine, mask_secrets
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.policy import TargetKind

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from laas.client import Client
-from laas.daemon.errors import LaasError
+from laas.core.errors import LaasError
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 from tests.daemon_process import DaemonProcess

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import onnx
 
+from laas.core.types import GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.backends.onnx import OnnxEngine
-from laas.daemon.engine import GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.gguf_header import read_gguf_header
 from laas.daemon.onnx_package import read_manifest, verify_files
 from laas.daemon.store import DEFAULT_MODEL, sha256_of

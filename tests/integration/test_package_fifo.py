@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from laas.client import Client
-from laas.daemon.errors import ModelLoadError
+from laas.core.errors import ModelLoadError
 from laas.daemon.onnx_package import DecoderShape, Manifest, PackageFile, describe_files, write_manifest
 from tests.daemon_process import DaemonProcess
 

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from laas.client import Client, InvalidArgument, ResourceExhausted, Tls, Unavailable
 from laas.client.channels import open_channel
 from laas.client.types import ModelDescription
-from laas.daemon.errors import LaasError, NotFound, PermissionDenied, Unauthenticated
+from laas.core.errors import LaasError, NotFound, PermissionDenied, Unauthenticated
 from laas.v1 import runtime_pb2 as pb
 from tests.certs import CertificateAuthority
 from tests.cloud_server import free_port

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from laas.core.errors import InvalidArgument, ModelLoadError
+from laas.core.types import ChatMessage
 from laas.daemon.chat_template import MAX_RENDERED_BYTES, ChatTemplate
-from laas.daemon.engine import ChatMessage
-from laas.daemon.errors import InvalidArgument, ModelLoadError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

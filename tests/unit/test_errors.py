@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from laas.daemon import errors
-from laas.daemon.errors import (
+from laas.core import errors
+from laas.core.errors import (
     STATUS_TABLE,
     Cancelled,
     DeadlineExceeded,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from laas.daemon.errors import ModelLoadError
+from laas.core.errors import ModelLoadError
 from laas.daemon.gguf_header import ArrayLength, GgufHeader, read_gguf_header
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from laas.core.types import ChatMessage
 from laas.daemon.backends.literal_text import CLOSE, OPEN, SpecialTexts, literal, segments
-from laas.daemon.engine import ChatMessage
 
 SPECIALS = SpecialTexts(["<|im_start|>", "<|im_end|>", "<|im", "<unused1>", "<unused12>", ""])
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from laas.daemon.engine import ChatMessage, Engine, GenerationChunk, GenerationRequest, ModelInfo
-from laas.daemon.errors import ModelLoadError
+from laas.core.engine import Engine
+from laas.core.errors import ModelLoadError
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo
 from laas.daemon.liveness import EngineStuck, LivenessCheck
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import ModelConfig, Settings

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from laas.daemon.backends.worker import NativeClaims
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.errors import Unavailable
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -26,7 +26,7 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import Unavailable
+from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from laas.daemon.errors import ModelLoadError
+from laas.core.errors import ModelLoadError
 from laas.daemon.onnx_package import (
     MANIFEST,
     DecoderShape,

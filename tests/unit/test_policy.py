@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from laas.daemon.errors import LaasError, OutOfRange
+from laas.core.errors import LaasError, OutOfRange
 from laas.router.policy import Admission, admit
 
 

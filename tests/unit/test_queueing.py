@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from laas.daemon.errors import ResourceExhausted
+from laas.core.errors import ResourceExhausted
 from laas.daemon.queueing import ModelQueue
 
 # a queue bug shows up as a request waiting forever: fail fast instead of at the global 300 s timeout

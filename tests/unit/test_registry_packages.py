@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from laas.daemon.engine import Engine
+from laas.core.engine import Engine
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import ModelConfig, Settings

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.errors import MemoryBudgetExceeded
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -27,7 +28,6 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import MemoryBudgetExceeded
 from laas.daemon.gguf_header import GgufHeader, read_gguf_header
 from laas.daemon.memory import MiB, gguf_memory
 from laas.daemon.registry import ModelRegistry, ModelState

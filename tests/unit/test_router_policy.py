@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from laas.daemon.errors import InvalidArgument, LaasError, OutOfRange, Unavailable
+from laas.core.errors import InvalidArgument, LaasError, OutOfRange, Unavailable
 from laas.router.policy import Decision, Estimate, Policy, Query, TargetKind, choose
 
 CTX = 512  # the device's window in these tests; the remotes have 8192

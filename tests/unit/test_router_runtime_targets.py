@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from laas.daemon.engine import SamplingParams
+from laas.core.types import SamplingParams
 from laas.daemon.sampling import Sampler
 
 

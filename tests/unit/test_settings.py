@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from laas.daemon.errors import InvalidArgument
+from laas.core.errors import InvalidArgument
 from laas.daemon.settings import (
     DEFAULT_LISTEN,
     DEFAULT_MODEL_NAME,

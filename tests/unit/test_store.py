@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from laas.daemon.errors import InvalidArgument, ModelLoadError, NotFound
+from laas.core.errors import InvalidArgument, ModelLoadError, NotFound
 from laas.daemon.store import ModelStore, sha256_of
 
 

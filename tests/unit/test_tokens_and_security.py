@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from laas.core.errors import InvalidArgument
+from laas.core.types import SamplingParams
 from laas.daemon import tokens
 from laas.daemon.audit import bounded
-from laas.daemon.engine import SamplingParams
-from laas.daemon.errors import InvalidArgument
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.security import credential_defaults, is_loopback, listen_refusal, metrics_refusal, tokens_path
 from laas.daemon.service import clamp_keep_alive

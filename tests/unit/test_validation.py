@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from laas.daemon.engine import ChatMessage, SamplingParams
-from laas.daemon.errors import InvalidArgument
+from laas.core.errors import InvalidArgument
+from laas.core.types import ChatMessage, SamplingParams
 from laas.daemon.validation import (
     MAX_MESSAGES,
     MAX_MODEL_NAME,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from laas.client.api import AsyncClient, Client
 from laas.client.channels import Tls
 from laas.client.types import Chunk, ModelDescription, Result
-from laas.daemon.errors import (
+from laas.core.errors import (
     DeadlineExceeded,
     InvalidArgument,
     LaasError,

@@ -18,7 +18,7 @@ from laas.client import discover_cli, discovery
 from laas.client.api import Client
 from laas.client.channels import Tls
 from laas.client.types import Chunk, ModelDescription
-from laas.daemon.errors import LaasError
+from laas.core.errors import LaasError
 from laas.daemon.settings import DEFAULT_LISTEN
 from laas.exporters import cli as exporters_cli  # light: heavy imports happen when a command runs
 

@@ -15,7 +15,7 @@ import contextlib
 import fnmatch
 from collections.abc import Sequence
 
-from laas.daemon.errors import NotFound
+from laas.core.errors import NotFound
 from laas.daemon.mdns import Browser, DaemonRecord, zeroconf
 
 __all__ = ["DaemonRecord", "browse", "find", "find_async", "least_loaded", "least_loaded_async"]

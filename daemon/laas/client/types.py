@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from laas.daemon.errors import FIELD_METADATA_KEY, LaasError, error_for_status
+from laas.core.errors import FIELD_METADATA_KEY, LaasError, error_for_status
 from laas.v1 import runtime_pb2 as pb
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}

@@ -28,8 +28,8 @@ from typing import Any
 
 import grpc
 
+from laas.core.errors import LaasError
 from laas.daemon.audit import AuditLog, AuditRecord
-from laas.daemon.errors import LaasError
 from laas.daemon.logs import request_id
 from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
 from laas.daemon.undecodable import MESSAGE as UNDECODABLE

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from laas.daemon.engine import ChatMessage, GenerationRequest
-from laas.daemon.errors import InvalidArgument, ModelLoadError
+from laas.core.errors import InvalidArgument, ModelLoadError
+from laas.core.types import ChatMessage, GenerationRequest
 from laas.daemon.template_process import TemplateFailed, TemplateProcess, TemplateRefused
 from laas.daemon.validation import MAX_PROMPT_BYTES
 

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from laas.core.errors import LaasError
 from laas.daemon import token_cli
-from laas.daemon.errors import LaasError
 from laas.daemon.gguf_header import read_gguf_header
 from laas.daemon.logs import configure_logging
 from laas.daemon.settings import DEFAULT_LISTEN, Settings, SettingsError, load_settings

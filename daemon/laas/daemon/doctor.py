@@ -113,7 +113,7 @@ def _listener_state(address: str) -> str:
 
 def _store(report: Report, settings: Settings) -> Path | None:
     """Validates every model as the daemon would at start; returns the default model's file if usable."""
-    from laas.daemon.engine import Engine
+    from laas.core.engine import Engine
     from laas.daemon.registry import ModelRegistry, ModelState
     from laas.daemon.store import ModelStore
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from laas.daemon.errors import ModelLoadError
+from laas.core.errors import ModelLoadError
 from laas.daemon.gguf_hparams import MAX_LAYERS, hyperparameter_problem
 
 GGUF_MAGIC = b"GGUF"

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from laas.daemon.engine import Engine
-from laas.daemon.errors import LaasError
+from laas.core.engine import Engine
+from laas.core.errors import LaasError
 from laas.daemon.registry import ModelRegistry
 
 

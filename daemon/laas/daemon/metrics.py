@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from laas.daemon.errors import NotFound
+from laas.core.errors import NotFound
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.router.dispatch import Router
 

@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from laas.daemon.errors import LaasError
+from laas.core.errors import LaasError
 from laas.daemon.tokens import TokenStore
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
-from laas.daemon.engine import Engine, ModelInfo
-from laas.daemon.errors import ModelLoadError, ModelLoading
+from laas.core.engine import Engine
+from laas.core.errors import ModelLoadError, ModelLoading
+from laas.core.types import ModelInfo
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.queueing import ModelQueue
 from laas.daemon.settings import ModelConfig

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from laas.daemon.engine import SamplingParams
-from laas.daemon.errors import InvalidArgument
+from laas.core.errors import InvalidArgument
+from laas.core.types import SamplingParams
 from laas.daemon.tokens import Principal
 
 if TYPE_CHECKING:

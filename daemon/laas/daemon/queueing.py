@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from laas.daemon.errors import ResourceExhausted
+from laas.core.errors import ResourceExhausted
 
 
 class ModelQueue:

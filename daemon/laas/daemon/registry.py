@@ -22,8 +22,9 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from laas.daemon.engine import Completion, Engine, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
-from laas.daemon.errors import LaasError, MemoryBudgetExceeded, ModelLoadError, NotFound
+from laas.core.engine import Engine
+from laas.core.errors import LaasError, MemoryBudgetExceeded, ModelLoadError, NotFound
+from laas.core.types import Completion, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
 from laas.daemon.gguf_header import GgufHeader, read_gguf_header
 from laas.daemon.memory import MiB, budget_bytes, gguf_memory, onnx_memory
 from laas.daemon.model_entry import ModelEntry, ModelState

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from laas.daemon.engine import SamplingParams
+from laas.core.types import SamplingParams
 
 PENALTY_LAST_N = 64
 

@@ -29,12 +29,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from laas.core.engine import Engine
+from laas.core.errors import LaasError, ModelLoadError
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.backends.llama_lib import build_key, cpu_backend_in_use
-from laas.daemon.engine import Engine
-from laas.daemon.errors import LaasError, ModelLoadError
 from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck

@@ -24,10 +24,10 @@ from typing import Any
 
 import grpc
 
+from laas.core.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, NotFound, ShuttingDown, status_for
+from laas.core.types import Completion, FinishReason, GenerationChunk, ModelFormat, TextDelta, Timings
 from laas.daemon import validation
 from laas.daemon.access import current_principal
-from laas.daemon.engine import Completion, FinishReason, GenerationChunk, ModelFormat, TextDelta, Timings
-from laas.daemon.errors import FIELD_METADATA_KEY, InvalidArgument, LaasError, NotFound, ShuttingDown, status_for
 from laas.daemon.metrics import Metrics
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState

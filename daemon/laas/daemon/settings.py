@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from laas.daemon.errors import InvalidArgument
+from laas.core.errors import InvalidArgument
 from laas.daemon.security import check_security, credential_defaults
 
 DEFAULT_PORT = 7734

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from laas.daemon.errors import InvalidArgument, ModelLoadError, NotFound
+from laas.core.errors import InvalidArgument, ModelLoadError, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from laas.daemon.errors import InvalidArgument
+from laas.core.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

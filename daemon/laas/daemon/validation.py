@@ -10,8 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from laas.daemon.engine import ChatMessage, SamplingParams
-from laas.daemon.errors import InvalidArgument
+from laas.core.errors import InvalidArgument
+from laas.core.types import ChatMessage, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256

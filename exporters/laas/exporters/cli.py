@@ -43,7 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from laas.daemon.errors import LaasError
+    from laas.core.errors import LaasError
 
     try:
         return _export(args) if args.command == "export" else _eval(args)

@@ -1,4 +1,4 @@
-"""The exporters' errors: part of laas' one hierarchy (laas.daemon.errors), never sent over gRPC.
+"""The exporters' errors: part of laas' one hierarchy (laas.core.errors), never sent over gRPC.
 
     LaasError
     └── ExportError             a source cannot be exported, evaluated or registered
@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from laas.daemon.errors import LaasError
+from laas.core.errors import LaasError
 
 
 class ExportError(LaasError):

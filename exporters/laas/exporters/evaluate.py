@@ -22,7 +22,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from laas.daemon.engine import Completion, Engine, GenerationRequest, SamplingParams
+from laas.core.engine import Engine
+from laas.core.types import Completion, GenerationRequest, SamplingParams
 
 T = TypeVar("T")
 WINDOW = 256

@@ -29,10 +29,11 @@ from typing import Any
 
 import httpx
 
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.errors import InvalidArgument, TargetFailed
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -42,7 +43,6 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import InvalidArgument, TargetFailed
 from laas.router.sse import EventTooLarge, SseDecoder
 
 log = logging.getLogger(__name__)

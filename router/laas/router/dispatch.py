@@ -13,8 +13,8 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-from laas.daemon.engine import Completion, FinishReason, GenerationChunk, TextDelta, Timings, Usage
-from laas.daemon.errors import NotFound, OutOfRange, ResourceExhausted, TargetFailed, Unavailable
+from laas.core.errors import NotFound, OutOfRange, ResourceExhausted, TargetFailed, Unavailable
+from laas.core.types import Completion, FinishReason, GenerationChunk, TextDelta, Timings, Usage
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
 from laas.router.redact import Redaction

@@ -14,10 +14,11 @@ import grpc
 
 from laas.client.api import AsyncClient
 from laas.client.channels import Tls
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.errors import Cancelled, InvalidArgument, LaasError, TargetFailed
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -27,7 +28,6 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import Cancelled, InvalidArgument, LaasError, TargetFailed
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from laas.daemon.errors import InvalidArgument, OutOfRange, Unavailable
+from laas.core.errors import InvalidArgument, OutOfRange, Unavailable
 
 
 class Policy(enum.Enum):

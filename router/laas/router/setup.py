@@ -11,8 +11,9 @@ import logging
 import time
 
 from laas.client.channels import Tls
-from laas.daemon.engine import Completion, Engine, SamplingParams
-from laas.daemon.errors import InvalidArgument, LaasError
+from laas.core.engine import Engine
+from laas.core.errors import InvalidArgument, LaasError
+from laas.core.types import Completion, SamplingParams
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import RemoteConfig, Settings, SettingsError
 from laas.router.cloud import CloudConfig, CloudEngine, read_api_key

@@ -11,17 +11,10 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 
+from laas.core.engine import Engine
+from laas.core.errors import TargetFailed
+from laas.core.types import ChatMessage, Completion, GenerationChunk, GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.backends.literal_text import literal
-from laas.daemon.engine import (
-    ChatMessage,
-    Completion,
-    Engine,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-    TextDelta,
-)
-from laas.daemon.errors import TargetFailed
 from laas.daemon.registry import ModelEntry, ModelRegistry, ModelState
 from laas.router.latency import CircuitBreaker, LocalEstimator, RemoteEstimator
 from laas.router.policy import Estimate, TargetKind, admit

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from laas.daemon.engine import Completion, FinishReason, GenerationRequest, TextDelta, Timings, Usage
-from laas.daemon.errors import InvalidArgument, LaasError, ModelLoadError
+from laas.core.errors import InvalidArgument, LaasError, ModelLoadError
+from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, Usage
 from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)

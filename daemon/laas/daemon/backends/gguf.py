@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from laas.core.engine import Engine
+from laas.core.errors import LaasError, ModelLoadError, OutOfRange
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.gguf_chat import bind_tokens, compile_chat_template
@@ -24,15 +27,6 @@ from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.chat_template import ChatTemplate
-from laas.daemon.engine import (
-    ChatMessage,
-    Engine,
-    GenerationChunk,
-    GenerationRequest,
-    ModelFormat,
-    ModelInfo,
-)
-from laas.daemon.errors import LaasError, ModelLoadError, OutOfRange
 from laas.daemon.gguf_header import GgufHeader
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from laas.daemon.engine import ChatMessage
+from laas.core.types import ChatMessage
 
 _Node = dict[str, "_Node"]
 OPEN, CLOSE = "\ufdd0", "\ufdd1"

@@ -20,15 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from laas.daemon.backends.detokenize import IncrementalDetokenizer
-from laas.daemon.backends.literal_text import SpecialTexts, segments
-from laas.daemon.backends.onnx_decoder import OnnxDecoder
-from laas.daemon.backends.worker import NativeClaims, stream_from_worker
-from laas.daemon.chat_template import ChatTemplate
-from laas.daemon.engine import (
+from laas.core.engine import Engine
+from laas.core.errors import ModelLoadError, OutOfRange
+from laas.core.types import (
     ChatMessage,
     Completion,
-    Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -38,7 +34,11 @@ from laas.daemon.engine import (
     Timings,
     Usage,
 )
-from laas.daemon.errors import ModelLoadError, OutOfRange
+from laas.daemon.backends.detokenize import IncrementalDetokenizer
+from laas.daemon.backends.literal_text import SpecialTexts, segments
+from laas.daemon.backends.onnx_decoder import OnnxDecoder
+from laas.daemon.backends.worker import NativeClaims, stream_from_worker
+from laas.daemon.chat_template import ChatTemplate
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
 from laas.daemon.sampling import Sampler
 from laas.daemon.stops import StopMatcher

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from laas.daemon.errors import ModelLoadError, OutOfRange
+from laas.core.errors import ModelLoadError, OutOfRange
 from laas.daemon.onnx_package import DecoderShape
 
 PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds the logits a long prompt allocates

@@ -19,8 +19,8 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from typing import Generic, TypeVar, cast
 
-from laas.daemon.engine import GenerationChunk
-from laas.daemon.errors import LaasError, ModelLoadError, Unavailable
+from laas.core.errors import LaasError, ModelLoadError, Unavailable
+from laas.core.types import GenerationChunk
 
 log = logging.getLogger(__name__)
 

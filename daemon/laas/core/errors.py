@@ -1,6 +1,6 @@
 """The one error hierarchy of laas, and the one table that maps it to gRPC status codes.
 
-Layer: domain. Engines, the store and the router raise these; the gRPC edge (service.py) turns them
+Layer: core. Engines, the store and the router raise these; the gRPC edge (service.py) turns them
 into status codes with :func:`status_for`, and the client turns status codes back into them with
 :func:`error_for_status`. Nothing matches on message text.
 

@@ -1,14 +1,12 @@
-"""The Engine interface and the domain types every engine speaks.
+"""The domain types of laas: requests, chunks of a stream, what a model is.
 
-Layer: domain. Local backends (GGUF, later ONNX), LAN peers and cloud endpoints all implement
-:class:`Engine`; the gRPC servicer and the router only ever see these types, never protobuf.
+Layer: core (imports no other slice of laas). Engines, the router, the application layer and every
+edge speak these frozen types; protobuf and HTTP JSON exist only at the edges.
 """
 
 from __future__ import annotations
 
 import enum
-from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -111,33 +109,3 @@ class ModelInfo:
     size_bytes: int
     architecture: str
     chat_template: str | None = None
-
-
-class Engine(ABC):
-    """One model on one target. Implementations run blocking native work off the event loop, and
-    stop it within one decode step when the iterator returned by :meth:`generate` is closed."""
-
-    #: Tokens generated over the engine's life; it stops growing when no stream is running.
-    decoded_tokens: int = 0
-
-    @property
-    @abstractmethod
-    def info(self) -> ModelInfo: ...
-
-    @abstractmethod
-    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]: ...
-
-    @abstractmethod
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        """Applies the model's chat template; the result carries the stops the template implies."""
-
-    @abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        """Streams TextDelta items, then exactly one Completion."""
-
-    @abstractmethod
-    async def check_health(self) -> None:
-        """Raises a LaasError when the engine cannot serve."""
-
-    @abstractmethod
-    async def aclose(self) -> None: ...
