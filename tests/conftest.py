@@ -1,4 +1,10 @@
-"""Shared fixtures: the real default model, model stores, and the real daemon on a loopback port."""
+"""Shared fixtures: the real default model, model stores, and the real daemon on a loopback port.
+
+The fast tier (`pytest -m fast`): every test under tests/unit that does not stand on `model_file` (the
+fixture every model store, daemon and ONNX export is built on) is marked `fast` here at collection; other
+tests join it with an explicit `pytest.mark.fast` (the contract suite's fake engine). A fast test that asks
+for the model at run time (getfixturevalue) fails, so the mark cannot lie.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +22,30 @@ from laas.daemon.store import DEFAULT_MODEL, ModelStore, sha256_of
 from laas.exporters.pipeline import ExportOptions, PackageResult, export
 from tests.daemon_process import DaemonProcess
 
+UNIT = Path(__file__).parent / "unit"
+_running: list[pytest.Item] = []  # the test being run, for the fast tier's check in model_file
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(UNIT) and "model_file" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fast)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    _running[:] = [item]
+    try:
+        return (yield)
+    finally:
+        _running.clear()
+
 
 @pytest.fixture(scope="session")
 def model_file() -> Path:
     """The default model (SmolLM2-135M-Instruct Q4_1), from the user's store or fetched once into a cache."""
+    if _running and _running[0].get_closest_marker("fast") is not None:
+        pytest.fail(f"{_running[0].nodeid} is in the fast tier (marked fast) but needs the model file")
     candidates = [Path(os.environ["LAAS_TEST_MODEL"])] if os.environ.get("LAAS_TEST_MODEL") else []
     candidates.append(default_home(os.environ) / "models" / DEFAULT_MODEL.filename)
     for path in candidates:

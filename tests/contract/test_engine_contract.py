@@ -1,6 +1,7 @@
 """The contract every Engine passes, whatever runs the model (GGUF, ONNX; peers and cloud later).
 
-Engines are driven in-process here, without gRPC, so a failure points at the engine itself.
+Engines are driven in-process here, without gRPC, so a failure points at the engine itself. The fake
+engine (tests/fakes.py) passes it too, so the fast tier's tests stand on an engine that behaves.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.gguf_header import read_gguf_header
 from tests.conftest import OnnxExport
+from tests.fakes import FakeEngine
 
 EngineFactory = Callable[[pytest.FixtureRequest], Awaitable[Engine]]
 
@@ -46,7 +48,12 @@ async def _gguf_batched(request: pytest.FixtureRequest) -> Engine:
                                         parallel=4)
 
 
-@pytest.fixture(scope="module", params=[_gguf, _gguf_batched, _onnx], ids=["gguf", "gguf-batched", "onnx"])
+async def _fake(request: pytest.FixtureRequest) -> Engine:
+    return FakeEngine(context_length=2048)
+
+
+@pytest.fixture(scope="module", params=[_gguf, _gguf_batched, _onnx, pytest.param(_fake, marks=pytest.mark.fast)],
+                ids=["gguf", "gguf-batched", "onnx", "fake"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     factory: EngineFactory = request.param
     eng = await factory(request)

@@ -86,9 +86,10 @@ async def test_watchdog_pings_only_while_the_check_passes(notify: NotifySocket) 
     assert notify.wait_for("STATUS", "stuck: engine stuck", timeout=5)
     assert len(notify.with_key("WATCHDOG")) == 1
     healthy = True
+    seen = len(notify.messages)
     assert await watchdog.tick()
     assert watchdog.failing is None
-    await asyncio.sleep(0.1)
+    notify.wait_for("WATCHDOG", "1", timeout=5, after=seen)
     assert len(notify.with_key("WATCHDOG")) == 2
 
 
