@@ -21,8 +21,8 @@ from importlib.metadata import entry_points
 from typing import Protocol, TypeAlias, cast
 
 GROUP = "laas.cli"
-# The commands laas' optional extras bring, and what installs them.
-OPTIONAL = {"export": "laas[daemon,export]", "eval": "laas[daemon,export]"}
+# The commands laas' optional extras bring, and the extras that bring them.
+OPTIONAL = {"export": "daemon,export", "eval": "daemon,export"}
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -46,8 +46,9 @@ class Plugins:
     def missing(self, command: str) -> str:
         """Why `command` (one of OPTIONAL) cannot run, and what to install."""
         why = f"; a plugin failed to load: {'; '.join(self.broken)}" if self.broken else ""
-        return (f"`laas {command}` is not installed: pip install '{OPTIONAL[command]}' "
-                f"(from a checkout: pip install -e '.[{OPTIONAL[command].partition('[')[2]}){why}")
+        extras = OPTIONAL[command]
+        return f"`laas {command}` is not installed: pip install 'laas[{extras}]' (from a checkout: " \
+               f"pip install -e '.[{extras}]'){why}"
 
 
 def load() -> list[Plugin | str]:
@@ -72,10 +73,10 @@ def mount(sub: Subparsers, found: Sequence[Plugin | str]) -> Plugins:
             continue
         plugin.add_parsers(sub)
         by_command.update(dict.fromkeys(plugin.COMMANDS, plugin))
-    for command, extra in OPTIONAL.items():
+    for command, extras in OPTIONAL.items():
         if command not in by_command:
             # No option prefix: whatever follows (`--help` too) is taken, and main says what to install.
-            stand_in = sub.add_parser(command, help=f"not installed: pip install '{extra}'", add_help=False,
+            stand_in = sub.add_parser(command, help=f"not installed: pip install 'laas[{extras}]'", add_help=False,
                                       prefix_chars="\0")
             stand_in.add_argument("rest", nargs="*")
     return Plugins(by_command, tuple(p for p in found if isinstance(p, str)))
