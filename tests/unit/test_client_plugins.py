@@ -26,6 +26,8 @@ def _help(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_the_installed_entry_point_mounts_export_and_eval(capsys: pytest.CaptureFixture[str]) -> None:
+    plugin: plugins.Plugin = exporters_cli  # mypy checks the module against the protocol
+    assert set(plugin.COMMANDS) == set(plugins.OPTIONAL)
     found = plugins.load()
     assert exporters_cli in found  # pyproject's [project.entry-points."laas.cli"], as installed
     text = _help(capsys)
