@@ -72,8 +72,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key $(lib_digest)" ]; then
   .venv/bin/python -m pip install -q --force-reinstall --no-deps --no-cache-dir "$wheel"
   echo "$key $(lib_digest)" > "$stamp"
 fi
-log "installing laas, its test tools and the export extra (torch CPU, transformers, optimum) into .venv"
-.venv/bin/python -m pip install -q -e '.[dev,export]'
+log "installing laas with the daemon, its test tools and the export extra (torch CPU, transformers, optimum) into .venv"
+.venv/bin/python -m pip install -q -e '.[daemon,dev,export]'
 if [ "$(cat "$stamp")" != "$key $(lib_digest)" ]; then
   log "pip replaced the llama-cpp-python build $key; run this script again"; exit 1
 fi

@@ -35,7 +35,7 @@ log "virtual environment at $prefix (Python $pyver)"
 wheel=$(bash "$repo/packaging/llama_wheel.sh" portable "$python" | tail -n1)
 eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" portable --version 0)"
 PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile --no-deps --no-cache-dir "$wheel"
-PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile "$repo"
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q --no-compile "$repo[daemon]"
 llama_lib=$(find "$venv/lib" -path '*/site-packages/llama_cpp/lib' -type d)
 # The CPU variants, kept beside the wheel (llama_wheel.sh), go beside libllama.so, where laas loads them
 # from; the excluded ones (ggml's AMX kernels: see native_build.py) stay out.

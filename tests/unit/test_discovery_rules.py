@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from laas.client.mdns import MODELS_MAX_BYTES, DaemonRecord, encode_txt
 from laas.daemon.discovery import advertised_addresses, lan_reachable, node_id, should_advertise
-from laas.daemon.mdns import MODELS_MAX_BYTES, DaemonRecord, encode_txt
 from laas.daemon.settings import Settings, SettingsError, load_settings
 from laas.router.discovered import allowed
 

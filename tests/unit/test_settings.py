@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from laas.core.addresses import DEFAULT_LISTEN
 from laas.core.errors import InvalidArgument
 from laas.daemon.settings import (
-    DEFAULT_LISTEN,
     DEFAULT_MODEL_NAME,
     ModelConfig,
     Settings,

@@ -22,7 +22,7 @@ from laas.client.types import (
     routing_pb,
     sampling_pb,
 )
-from laas.daemon.settings import DEFAULT_LISTEN
+from laas.core.addresses import DEFAULT_LISTEN
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 

@@ -1,5 +1,5 @@
 """`laas`: the command-line client (generate, chat, models, model, load, unload, tokenize, health, discover;
-export and eval).
+export and eval when the exporters are installed: they plug in through laas.client.plugins).
 
 Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
 field are printed), 2 bad usage, 130 interrupted.
@@ -14,17 +14,19 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from laas.client import discover_cli, discovery
+from laas.client import discover_cli, discovery, plugins
 from laas.client.api import Client
 from laas.client.channels import Tls
 from laas.client.types import Chunk, ModelDescription
+from laas.core.addresses import DEFAULT_LISTEN
 from laas.core.errors import LaasError
-from laas.daemon.settings import DEFAULT_LISTEN
-from laas.exporters import cli as exporters_cli  # light: heavy imports happen when a command runs
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="laas", description="client of the laas daemon (laasd)")
+def _parser(found: list[plugins.Plugin | str]) -> tuple[argparse.ArgumentParser, plugins.Plugins]:
+    broken = "".join(f"\n  {b}" for b in found if isinstance(b, str))
+    epilog = f"commands that failed to load ({plugins.GROUP}):{broken}" if broken else None
+    parser = argparse.ArgumentParser(prog="laas", description="client of the laas daemon (laasd)", epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=os.environ.get("LAAS_TARGET", DEFAULT_LISTEN),
                         help=f"daemon address host:port, or mdns:NAME (a daemon on the LAN), or mdns: (the "
                         f"least-loaded one serving --model) (default {DEFAULT_LISTEN}; env LAAS_TARGET)")
@@ -79,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     unload = sub.add_parser("unload", help="unload a model (when its streams end; needs the models:admin scope)")
     unload.add_argument("name", nargs="?", default="", help="model name (default: the daemon's default)")
     sub.add_parser("health", help="print the daemon's health (exit 1 unless SERVING)")
-    exporters_cli.add_parsers(sub)  # export, eval: run in process, not against the daemon
     discover_cli.add_parser(sub)
-    return parser
+    mounted = plugins.mount(sub, found)  # export, eval: run in process, not against the daemon
+    return parser, mounted
 
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
@@ -178,9 +180,13 @@ def _run(args: argparse.Namespace, client: Client) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command in exporters_cli.COMMANDS:
-        return exporters_cli.run(args)
+    parser, mounted = _parser(plugins.load())
+    args = parser.parse_args(argv)
+    if args.command in mounted.by_command:
+        return mounted.by_command[args.command].run(args)
+    if args.command in plugins.OPTIONAL:
+        print(f"laas: {mounted.missing(args.command)}", file=sys.stderr)
+        return 2
     try:
         if args.command == "discover":
             return discover_cli.run(args)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 
-from laas.daemon.mdns import Browser, DaemonRecord, zeroconf
+from laas.client.mdns import Browser, DaemonRecord, zeroconf
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

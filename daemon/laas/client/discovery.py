@@ -15,8 +15,8 @@ import contextlib
 import fnmatch
 from collections.abc import Sequence
 
+from laas.client.mdns import Browser, DaemonRecord, zeroconf
 from laas.core.errors import NotFound
-from laas.daemon.mdns import Browser, DaemonRecord, zeroconf
 
 __all__ = ["DaemonRecord", "browse", "find", "find_async", "least_loaded", "least_loaded_async"]
 

@@ -13,11 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from laas.core.addresses import DEFAULT_LISTEN
 from laas.core.errors import LaasError
 from laas.daemon import token_cli
 from laas.daemon.gguf_header import read_gguf_header
 from laas.daemon.logs import configure_logging
-from laas.daemon.settings import DEFAULT_LISTEN, Settings, SettingsError, load_settings
+from laas.daemon.settings import Settings, SettingsError, load_settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore
 
 log = logging.getLogger("laasd")

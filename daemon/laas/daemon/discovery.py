@@ -153,7 +153,7 @@ class Advertiser:
         self.name = instance_name(settings)
 
     def _service_info(self, txt: dict[str, str]) -> AsyncServiceInfo:
-        from laas.daemon.mdns import SERVICE_TYPE, packed
+        from laas.client.mdns import SERVICE_TYPE, packed
 
         addresses = advertised_addresses(self._settings)
         return AsyncServiceInfo(SERVICE_TYPE, f"{self.name}.{SERVICE_TYPE}", port=self._port, properties=txt,

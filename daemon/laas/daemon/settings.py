@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from laas.core.addresses import DEFAULT_LISTEN
 from laas.core.errors import InvalidArgument
 from laas.daemon.security import check_security, credential_defaults
 
-DEFAULT_PORT = 7734
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 ENV_PREFIX = "LAAS_"
 # gguf: a .gguf file; onnx: a laas ONNX package folder (see onnx_package.py)

@@ -1,13 +1,17 @@
 """`laas export` and `laas eval`: the exporters' commands, mounted on the `laas` command line.
 
-Layer: composition (command line). Importing this module is cheap: torch, transformers, optimum and
-onnxruntime load only when a command runs. Exit codes: 0 ok; 1 a step failed or the quality gate refused
-a quantization (the others are registered); 2 bad usage.
+Layer: composition (command line). It plugs into `laas` as the entry point `exporters` of the group
+`laas.cli` (pyproject.toml; the protocol is laas.client.plugins'): the client imports nothing of this
+slice. Importing this module is cheap: torch, transformers, optimum and onnxruntime load only when a
+command runs, and a command whose packages are not installed says which extras hold them (its help line
+too). Exit codes: 0 ok; 1 a step failed, a package is missing, or the quality gate refused a quantization
+(the others are registered); 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,6 +21,20 @@ if TYPE_CHECKING:
     from laas.daemon.settings import Settings
 
 COMMANDS = ("export", "eval")
+# The top-level modules each command imports when it runs: the `export` extra's and the `daemon` extra's.
+NEEDS = {"export": ("torch", "transformers", "optimum", "onnx", "onnxruntime", "tokenizers", "numpy"),
+         "eval": ("llama_cpp", "onnxruntime", "tokenizers", "numpy")}
+INSTALL = "pip install 'laas[daemon,export]' (from a checkout: pip install -e '.[daemon,export]')"
+
+
+def missing(command: str) -> list[str]:
+    """The modules `command` needs that are not installed (found without importing them)."""
+    return [module for module in NEEDS[command] if importlib.util.find_spec(module) is None]
+
+
+def _help(command: str, text: str) -> str:
+    absent = missing(command)
+    return f"{text} (not installed: {', '.join(absent)}; pip install 'laas[daemon,export]')" if absent else text
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,7 +44,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all)")
         p.add_argument("--tokens", type=int, help="evaluate on the first N tokens of the held-out text")
 
-    ex = sub.add_parser("export", help="export a GGUF file or Hugging Face folder to quantized ONNX packages")
+    ex = sub.add_parser("export", help=_help("export", "export a GGUF file or Hugging Face folder to quantized "
+                                             "ONNX packages"))
     ex.add_argument("source", help="a .gguf file or a Hugging Face model folder")
     ex.add_argument("--name", help="package base name (default: from the source); packages are NAME-fp32, ...")
     ex.add_argument("-q", "--quantization", nargs="+", choices=("fp32", "int8", "int4"),
@@ -36,7 +55,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     help="refuse a quantization whose perplexity rises more than this many percent (default 10)")
     ex.add_argument("--force", action="store_true", help="register quantizations the threshold refuses")
     home(ex)
-    ev = sub.add_parser("eval", help="evaluate a served model (ONNX package or GGUF): perplexity, speed, size")
+    ev = sub.add_parser("eval", help=_help("eval", "evaluate a served model (ONNX package or GGUF): perplexity, "
+                                           "speed, size"))
     ev.add_argument("model", help="a model name as `laas models` lists it")
     ev.add_argument("--reference", help="the unquantized model to compare with (default: an ONNX package's own)")
     home(ev)
@@ -45,6 +65,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def run(args: argparse.Namespace) -> int:
     from laas.core.errors import LaasError
 
+    absent = missing(args.command)
+    if absent:
+        print(f"laas {args.command}: needs {', '.join(absent)}, not installed: {INSTALL}", file=sys.stderr)
+        return 1
     try:
         return _export(args) if args.command == "export" else _eval(args)
     except LaasError as e:

@@ -21,8 +21,8 @@ from collections.abc import Coroutine
 from zeroconf.asyncio import AsyncZeroconf
 
 from laas.client.api import AsyncClient
+from laas.client.mdns import Browser, DaemonRecord, encode_txt, zeroconf
 from laas.daemon.discovery import Advertiser, auth_required, node_id, should_advertise, tls_required, token_id
-from laas.daemon.mdns import Browser, DaemonRecord, encode_txt, zeroconf
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
 from laas.router.dispatch import Router

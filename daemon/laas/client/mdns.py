@@ -1,6 +1,7 @@
 """DNS-SD over mDNS for laas: the service type, the TXT record a daemon advertises, and a browser.
 
-Layer: infrastructure, shared by the daemon (advertising, peers) and the client (`laas discover`).
+Layer: client. The wire format of discovery, so it lives with the client (`laas discover`, `mdns:`
+targets); the daemon's advertiser and the router's peer finder stand on it from above.
 A TXT record is small (RFC 6763 advises well under 1300 bytes, each string under 255), so the
 model list is cut to MODELS_MAX_BYTES and `nmodels` says how many there are. Keys:
 
