@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from laas.client import Client  # noqa: E402
+from laas.daemon.backends.gguf_format import gguf_kv_bytes  # noqa: E402
 from laas.daemon.gguf_header import read_gguf_header  # noqa: E402
-from laas.daemon.memory import MiB, gguf_kv_bytes, resident_bytes  # noqa: E402
+from laas.daemon.memory import MiB, resident_bytes  # noqa: E402
 from laas.daemon.settings import default_home  # noqa: E402
 from laas.daemon.store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from tests.cloud_server import CLOUD_MODEL, CloudServer  # noqa: E402

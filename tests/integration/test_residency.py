@@ -14,8 +14,9 @@ import grpc
 import pytest
 
 from laas.client import Client, InvalidArgument, LaasError, NotFound, ResourceExhausted
+from laas.daemon.backends.gguf_format import gguf_memory
 from laas.daemon.gguf_header import read_gguf_header
-from laas.daemon.memory import MiB, gguf_memory, resident_bytes
+from laas.daemon.memory import MiB, resident_bytes
 from laas.daemon.store import DEFAULT_MODEL
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc

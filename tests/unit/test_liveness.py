@@ -10,9 +10,10 @@ import pytest
 
 from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
 from laas.daemon.liveness import EngineStuck, LivenessCheck
-from laas.daemon.registry import ModelRegistry, ModelState
+from laas.daemon.model_entry import ModelEntry
+from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
 
@@ -23,7 +24,7 @@ class StubEngine(Engine):
 
     @property
     def info(self) -> ModelInfo:
-        raise NotImplementedError
+        return ModelInfo(ModelFormat.GGUF, "Q4_1", 512, 512, 1, "llama")
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         raise NotImplementedError
@@ -52,6 +53,12 @@ def registry(tmp_path: Path) -> ModelRegistry:
     return ModelRegistry(settings, ModelStore(tmp_path / "models"), _no_loader)
 
 
+def _loaded(entry: ModelEntry, engine: Engine) -> None:
+    """The entry as the registry leaves it once `engine` has loaded (through the residency's transitions)."""
+    entry.residency.start_loading()
+    entry.residency.loaded(engine, load_ms=1.0)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -63,7 +70,7 @@ class Clock:
 async def test_busy_without_progress_for_stall_s_is_stuck(registry: ModelRegistry) -> None:
     engine, clock = StubEngine(), Clock()
     entry = registry.default
-    entry.engine, entry.state = engine, ModelState.READY
+    _loaded(entry, engine)
     check = LivenessCheck(registry, stall_s=10, clock=clock)
     await check()
     async with entry.queue.slot():
@@ -84,7 +91,7 @@ async def test_busy_without_progress_for_stall_s_is_stuck(registry: ModelRegistr
 async def test_an_idle_model_is_never_stuck_and_engine_health_counts(registry: ModelRegistry) -> None:
     engine, clock = StubEngine(), Clock()
     entry = registry.default
-    entry.engine, entry.state = engine, ModelState.READY
+    _loaded(entry, engine)
     check = LivenessCheck(registry, stall_s=1, clock=clock)
     for _ in range(3):
         clock.now += 100

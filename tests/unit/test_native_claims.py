@@ -26,8 +26,8 @@ from laas.core.types import (
     Timings,
     Usage,
 )
+from laas.daemon.backends.backend import Described
 from laas.daemon.backends.worker import NativeClaims
-from laas.daemon.gguf_header import GgufHeader
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import ModelConfig, Settings
@@ -144,7 +144,7 @@ async def _registry(tmp_path: Path, model_file: Path) -> tuple[ModelRegistry, Ga
     (store / "m.gguf").hardlink_to(model_file)
     engine = GatedEngine()
 
-    async def load(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+    async def load(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         return engine
 
     settings = Settings(home=tmp_path, models=(ModelConfig(name="m", path="m.gguf", context_length=512),),

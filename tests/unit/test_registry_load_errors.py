@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from laas.core.engine import Engine
-from laas.daemon.gguf_header import GgufHeader
+from laas.daemon.backends.backend import Described
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
@@ -18,7 +18,7 @@ async def test_an_unexpected_load_error_fails_the_model_with_the_reason(tmp_path
     (tmp_path / "models" / "m.gguf").write_bytes(craft())
     calls = 0
 
-    async def broken(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+    async def broken(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         nonlocal calls
         calls += 1
         raise RuntimeError("the loader broke")

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from laas.core.engine import Engine
-from laas.daemon.gguf_header import GgufHeader
+from laas.daemon.backends import onnx_format
+from laas.daemon.backends.backend import Described
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
 
 
-async def _refuse(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+async def _refuse(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
     raise AssertionError("not loaded in this test")
 
 
@@ -43,11 +44,9 @@ def test_a_configured_model_wins_over_discovery(tmp_path: Path) -> None:
 async def test_a_broken_package_fails_to_load_with_the_reason(tmp_path: Path) -> None:
     store = _store(tmp_path, "tiny-int4")
 
-    async def onnx_only(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
-        assert header is None and config.format == "onnx" and path == (store.root / "tiny-int4").resolve()
-        from laas.daemon.backends.onnx import OnnxEngine
-
-        return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
+    async def onnx_only(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
+        assert config.format == "onnx" and path == (store.root / "tiny-int4").resolve()
+        return await onnx_format.load(path, described, config, threads)
 
     registry = ModelRegistry(Settings(home=tmp_path, threads=1), store, onnx_only)
     entry = registry.get("tiny-int4")

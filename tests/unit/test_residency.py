@@ -28,8 +28,10 @@ from laas.core.types import (
     Timings,
     Usage,
 )
-from laas.daemon.gguf_header import GgufHeader, read_gguf_header
-from laas.daemon.memory import MiB, gguf_memory
+from laas.daemon.backends.backend import Described
+from laas.daemon.backends.gguf_format import gguf_memory
+from laas.daemon.gguf_header import read_gguf_header
+from laas.daemon.memory import MiB
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
@@ -73,7 +75,7 @@ class Loader:
         self.release: asyncio.Event | None = None
         self.delay = 0.0
 
-    async def __call__(self, path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
+    async def __call__(self, path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         self.calls.append(config.name)
         await asyncio.sleep(self.delay)
         engine = StandIn(config.name, self.release)

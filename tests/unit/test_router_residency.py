@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from laas.core.types import ModelFormat, ModelInfo
 from laas.daemon.model_entry import ModelState
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
 from laas.daemon.store import ModelStore
 from laas.router.dispatch import Router
 from laas.router.targets import LocalTarget
+from tests.unit.test_liveness import StubEngine
 
 
 def _target(tmp_path: Path) -> LocalTarget:
@@ -23,22 +25,30 @@ def _target(tmp_path: Path) -> LocalTarget:
 def test_a_model_not_loaded_is_eligible_and_its_load_time_is_predicted(tmp_path: Path) -> None:
     target = _target(tmp_path)
     entry = target.entry
-    entry.size_bytes = 400_000_000
+    residency = entry.residency
+    residency.described(ModelInfo(ModelFormat.GGUF, "Q4_1", 4096, 8192, 400_000_000, "llama"))
     not_loaded = target.estimate(10, 10)
     assert not_loaded.available and not not_loaded.unavailable_reason
     assert target.load_ms() == 200.0 + 1000.0  # never loaded: guessed from the size
-    entry.load_ms = 350.0  # measured at the last load
+    residency.start_loading()  # loaded in 350 ms, then unloaded: the last load's time is the guess
+    residency.loaded(StubEngine(), load_ms=350.0)
+    residency.unloaded()
     assert target.estimate(10, 10).predicted_ms == not_loaded.predicted_ms - 1200.0 + 350.0
-    entry.state = ModelState.READY
+    residency.start_loading()
+    residency.loaded(StubEngine(), load_ms=350.0)
+    assert entry.state is ModelState.READY
     assert target.load_ms() == 0.0
     assert target.estimate(10, 10).predicted_ms == not_loaded.predicted_ms - 1200.0
 
 
 def test_a_failed_or_fetching_model_is_not_a_candidate(tmp_path: Path) -> None:
     target = _target(tmp_path)
-    target.entry.fetching, target.entry.state = True, ModelState.LOADING
+    residency = target.entry.residency
+    residency.start_loading()
+    residency.fetching(True)
     fetching = target.estimate(10, 10)
     assert not fetching.available and fetching.unavailable_reason == "model is loading"
-    target.entry.fetching, target.entry.state = False, ModelState.FAILED
+    residency.fetching(False)
+    residency.failed("the file is broken")
     failed = target.estimate(10, 10)
     assert not failed.available and failed.unavailable_reason == "model is failed"

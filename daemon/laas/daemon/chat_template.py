@@ -3,7 +3,8 @@
 Layer: infrastructure. Templates ship with models, so they are untrusted code: they compile and render in
 jinja2's sandbox inside a worker process of their own (template_worker.py, template_process.py), which is
 killed when a render overruns its time or memory budget, so a hostile template costs its own requests a
-bounded wait and nothing else. Both engines use this class, so one template means the same prompt on each.
+bounded wait and nothing else. Every engine renders chat through :func:`render_chat` (the one renderer), so
+one template means the same prompt on each; an engine supplies the template's source and its BOS/EOS texts.
 
 Errors: a template that does not compile fails its model at load (ModelLoadError, before any native object
 exists); a template that refuses the messages (`raise_exception`) is the caller's error (InvalidArgument on
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from laas.core.errors import InvalidArgument, ModelLoadError
 from laas.core.types import ChatMessage, GenerationRequest
+from laas.daemon.backends.literal_text import SpecialTexts
 from laas.daemon.template_process import TemplateFailed, TemplateProcess, TemplateRefused
 from laas.daemon.validation import MAX_PROMPT_BYTES
 
@@ -47,6 +49,10 @@ class ChatTemplate:
         except TemplateFailed as e:
             raise ModelLoadError(f"{self._what} does not parse: {e}") from e
 
+    def bind(self, *, bos_token: str, eos_token: str) -> None:
+        """Names the BOS/EOS texts once the model's vocabulary is known (a GGUF model's, after llama.cpp loads)."""
+        self.bos_token, self.eos_token = bos_token, eos_token
+
     def render(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
         """The prompt (special tokens written by the template itself) and the template's stop string.
         Blocks up to the time budget: call off the event loop (or use :meth:`arender`)."""
@@ -69,3 +75,19 @@ class ChatTemplate:
     def close(self) -> None:
         """Stops the worker process (a later render starts another)."""
         self._process.close()
+
+
+def compile_template(source: str | None, *, model: str, bos_token: str = "", eos_token: str = ""
+                     ) -> ChatTemplate | None:
+    """The model's template compiled (blocking), None when it ships none; ModelLoadError if it does not compile,
+    so that a broken template fails the model before any native object exists."""
+    return ChatTemplate(source, bos_token=bos_token, eos_token=eos_token, model=model) if source else None
+
+
+async def render_chat(template: ChatTemplate | None, messages: Sequence[ChatMessage], specials: SpecialTexts,
+                      model: str) -> GenerationRequest:
+    """An engine's render_chat: message contents' special-token texts stay text (literal_text.py), the
+    template renders off the event loop within its time budget."""
+    if template is None:
+        raise ModelLoadError(f"model {model!r} has no chat template")
+    return await template.arender(specials.mark_messages(messages))

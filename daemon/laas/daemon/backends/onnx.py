@@ -38,7 +38,7 @@ from laas.daemon.backends.detokenize import IncrementalDetokenizer
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
 from laas.daemon.backends.worker import NativeClaims, stream_from_worker
-from laas.daemon.chat_template import ChatTemplate
+from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
 from laas.daemon.sampling import Sampler
 from laas.daemon.stops import StopMatcher
@@ -89,16 +89,16 @@ class OnnxEngine(Engine):
             tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise ModelLoadError(f"{folder.name}/{manifest.tokenizer} cannot be loaded: {e}") from e
-        template = None
+        source = None
         if manifest.chat_template and manifest.file(manifest.chat_template):
             source = (folder / manifest.chat_template).read_text(encoding="utf-8")
 
-            def text(token_id: int | None) -> str:
-                return (tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
+        def text(token_id: int | None) -> str:
+            return (tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
-            eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
-            template = ChatTemplate(source, bos_token=text(manifest.bos_token_id), eos_token=text(eos),
-                                    model=folder.name)
+        eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
+        template = compile_template(source, model=folder.name, bos_token=text(manifest.bos_token_id),
+                                    eos_token=text(eos))
         n_ctx = min(context_length, manifest.context_length)
         decoder = OnnxDecoder.open(folder / manifest.graph, manifest.decoder, n_ctx, threads)
         return cls(folder, manifest, decoder, tokenizer, template)
@@ -140,10 +140,7 @@ class OnnxEngine(Engine):
         return self._native.call(logits)
 
     async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        if self._template is None:
-            raise ModelLoadError(f"model {self._manifest.name!r} has no chat template")
-        marked = self._specials.mark_messages(messages)  # contents' special-token texts stay text
-        return await self._template.arender(marked)  # off the event loop, within its time budget
+        return await render_chat(self._template, messages, self._specials, self._manifest.name)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         blocking = functools.partial(self._generate_blocking, request)

@@ -1,0 +1,86 @@
+"""The GGUF format: one .gguf file in the store, served by llama.cpp (backends/gguf.py).
+
+Layer: infrastructure. Describing reads the file's header (gguf_header.py, pure Python: a hostile file
+fails here, before llama.cpp parses it) and estimates the resident bytes from it: the weights (the file,
+memory-mapped), the KV cache (K and V for every layer and cell, in f16, llama.cpp's default cache type)
+and a fixed allowance for compute buffers and logits. llama.cpp itself loads only in ``load``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+from laas.core.engine import Engine
+from laas.core.errors import ModelLoadError
+from laas.core.types import ModelFormat, ModelInfo
+from laas.daemon.backends.backend import Backend, Described
+from laas.daemon.gguf_header import GgufHeader, read_gguf_header
+from laas.daemon.memory import COMPUTE_OVERHEAD
+from laas.daemon.settings import ModelConfig
+from laas.daemon.store import ModelStore, sha256_of
+
+
+def gguf_kv_bytes(header: GgufHeader, cells: int) -> int:
+    """K and V cache of `cells` cells in f16 (llama.cpp's default cache type)."""
+    m, arch = header.metadata, header.architecture
+
+    def number(key: str, default: int = 0) -> int:
+        value = m.get(f"{arch}.{key}", default)
+        if isinstance(value, list):  # per-layer head counts (some architectures): the largest bounds it
+            value = max((v for v in value if isinstance(v, int)), default=default)
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+    layers, embd, heads = number("block_count"), number("embedding_length"), number("attention.head_count", 1)
+    kv_heads = number("attention.head_count_kv", heads) or heads
+    head_dim = embd // max(heads, 1)
+    key_len = number("attention.key_length", head_dim) or head_dim
+    value_len = number("attention.value_length", head_dim) or head_dim
+    return layers * cells * kv_heads * (key_len + value_len) * 2
+
+
+def gguf_memory(header: GgufHeader, cells: int) -> int:
+    """Resident bytes of a loaded GGUF model whose context holds `cells` KV cells in all."""
+    return header.size_bytes + gguf_kv_bytes(header, cells) + COMPUTE_OVERHEAD
+
+
+def locate(store: ModelStore, config: ModelConfig) -> Path:
+    return store.file_for(config.path, field=f"models.{config.name}.path")
+
+
+def describe(path: Path, config: ModelConfig) -> Described:
+    header = read_gguf_header(path)
+    n_ctx = min(config.context_length, header.context_length or config.context_length)
+    parallel = config.parallel or 1
+    cells = (config.kv_tokens or n_ctx * parallel) if parallel > 1 else n_ctx
+    info = ModelInfo(ModelFormat.GGUF, header.quantization, n_ctx, header.context_length, header.size_bytes,
+                     header.architecture, header.chat_template)
+    return Described(info, gguf_memory(header, cells), header)
+
+
+def verify(path: Path, config: ModelConfig) -> None:
+    if config.sha256 and sha256_of(path) != config.sha256.lower():
+        raise ModelLoadError(f"{path.name} does not match its configured sha256")
+
+
+async def load(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
+    from laas.daemon.backends.gguf import GgufEngine  # deferred: llama.cpp loads only to serve GGUF
+
+    header = described.metadata
+    if not isinstance(header, GgufHeader):
+        raise ModelLoadError(f"{path.name}: no GGUF header was read")
+    parallel = config.parallel or 1
+    # Flash attention "auto": on for one sequence only (in company it sums differently per batch shape).
+    flash = config.flash_attn == "on" or (config.flash_attn in (None, "auto") and parallel == 1)
+    return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
+                                 parallel=parallel, kv_tokens=config.kv_tokens, flash_attn=flash)
+
+
+def runtime(threads: int) -> str:
+    from laas.daemon.backends.llama_lib import build_key, cpu_backend_in_use
+
+    return (f"llama.cpp: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, build {build_key()}, "
+            f"CPU backend {cpu_backend_in_use()}, {threads} threads")
+
+
+FORMAT = Backend("gguf", locate, describe, load, verify=verify, native_check=True, runtime=runtime)

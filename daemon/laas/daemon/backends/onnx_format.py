@@ -1,0 +1,54 @@
+"""The ONNX format: a laas ONNX package (a folder: manifest.json, the graph, the tokenizer), served by
+onnxruntime (backends/onnx.py).
+
+Layer: infrastructure. Describing reads the manifest and checks that every file it lists is there with
+its size (a truncated package fails now; the digests are checked at load); the resident bytes are the
+package's files and the f32 KV cache the engine preallocates for the context. onnxruntime, tokenizers and
+numpy load only in ``load``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from laas.core.engine import Engine
+from laas.core.errors import NotFound
+from laas.core.types import ModelFormat, ModelInfo
+from laas.daemon.backends.backend import Backend, Described
+from laas.daemon.memory import COMPUTE_OVERHEAD
+from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
+from laas.daemon.settings import ModelConfig
+from laas.daemon.store import ModelStore
+
+
+def onnx_memory(manifest: Manifest, context_length: int) -> int:
+    """Resident bytes of a loaded ONNX package: its files, and the f32 KV cache preallocated for the context."""
+    d = manifest.decoder
+    kv = d.num_layers * context_length * d.num_kv_heads * d.head_dim * 2 * 4
+    return manifest.size_bytes + kv + COMPUTE_OVERHEAD
+
+
+def locate(store: ModelStore, config: ModelConfig) -> Path:
+    folder = store.resolve(config.path, field=f"models.{config.name}.path")
+    if not folder.is_dir():
+        raise NotFound(f"ONNX package {config.path!r} is not in the model store {store.root}",
+                       field=f"models.{config.name}.path")
+    return folder
+
+
+def describe(path: Path, config: ModelConfig) -> Described:
+    manifest = read_manifest(path)
+    verify_files(path, manifest, digests=False)
+    n_ctx = min(config.context_length, manifest.context_length)
+    info = ModelInfo(ModelFormat.ONNX, manifest.quantization, n_ctx, manifest.context_length, manifest.size_bytes,
+                     manifest.architecture)
+    return Described(info, onnx_memory(manifest, n_ctx), manifest)
+
+
+async def load(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
+    from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
+
+    return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
+
+
+FORMAT = Backend("onnx", locate, describe, load)
