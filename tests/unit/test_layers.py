@@ -36,15 +36,6 @@ KNOWN_WRONG = {
     "laas.client.cli imports laas.exporters.cli",
     "laas.client.discover_cli imports laas.daemon.mdns",
     "laas.client.discovery imports laas.daemon.mdns",
-    "laas.router.discovered imports laas.daemon.discovery",
-    "laas.router.discovered imports laas.daemon.mdns",
-    "laas.router.discovered imports laas.daemon.registry",
-    "laas.router.discovered imports laas.daemon.settings",
-    "laas.router.dispatch imports laas.daemon.registry",
-    "laas.router.setup imports laas.daemon.registry",
-    "laas.router.setup imports laas.daemon.settings",
-    "laas.router.targets imports laas.daemon.backends.literal_text",
-    "laas.router.targets imports laas.daemon.registry",
 }
 KNOWN_CIRCLES = {
     "laas.daemon.settings -> laas.daemon.security -> laas.daemon.settings",
