@@ -17,8 +17,9 @@ from laas.core.types import GenerationRequest, SamplingParams, TextDelta
 from laas.router.cloud import CloudConfig, CloudEngine, mask_secrets
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.policy import TargetKind
+from laas.router.remote import RemoteTarget
 from laas.router.sse import MAX_EVENT_BYTES
-from laas.router.targets import RemoteTarget, RoutedRequest
+from laas.router.targets import Admitted, RoutedRequest
 from tests.fault_proxy import FaultProxy
 
 KEY = "sk-test-5e3a1c0ffee-secret"
@@ -99,7 +100,7 @@ async def test_the_breaker_counts_a_call_that_only_pinged(proxy: FaultProxy) -> 
     breaker = CircuitBreaker(threshold=1)
     target = RemoteTarget("cloud", TargetKind.CLOUD, _engine(proxy), RemoteEstimator(), breaker, time.monotonic)
     with pytest.raises(TargetFailed):
-        async for _ in target.stream(RoutedRequest(SamplingParams(max_tokens=4), prompt="hi"), 1, 4):
+        async for _ in target.stream(Admitted(RoutedRequest(SamplingParams(max_tokens=4), prompt="hi"), 1, 16)):
             pass
     await target.engine.aclose()
     assert breaker.failures == 1 and breaker.state(time.monotonic()) == "open"

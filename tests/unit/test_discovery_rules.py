@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
 from laas.client.mdns import MODELS_MAX_BYTES, DaemonRecord, encode_txt
-from laas.daemon.discovery import advertised_addresses, lan_reachable, node_id, should_advertise
+from laas.daemon import tokens
+from laas.daemon.discovery import advertised_addresses, lan_reachable, node_id, should_advertise, token_id
+from laas.daemon.lan_peers import allowed
 from laas.daemon.settings import Settings, SettingsError, load_settings
-from laas.router.discovered import allowed
 
 
 def _settings(listen: str, **values: object) -> Settings:
@@ -85,3 +87,24 @@ def test_discovery_settings_are_checked(tmp_path: Path) -> None:
         with pytest.raises(SettingsError) as e:
             load_settings(environ={"LAAS_HOME": str(tmp_path), name: bad})
         assert e.value.field == name.removeprefix("LAAS_").lower(), name
+
+
+def test_the_token_id_is_a_digest_of_the_token_file_and_same_token_matches_it(tmp_path: Path) -> None:
+    home_a, home_b, home_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a = Settings(home=home_a, discovery_peers=("same-token",))
+    assert token_id(a) == ""  # no token file: no id, and same-token matches nothing
+    assert not allowed(a, DaemonRecord("b", ("192.168.1.21",), 7734, token_id=""))
+    token, _ = tokens.create(home_a / "tokens", "fleet", frozenset({"generate"}))
+    mine = token_id(a)
+    assert len(mine) == 16 and token not in mine
+    home_b.mkdir()
+    shutil.copy(home_a / "tokens", home_b / "tokens")  # a daemon given the same tokens
+    assert token_id(Settings(home=home_b)) == mine
+    tokens.create(home_c / "tokens", "fleet", frozenset({"generate"}))  # another token of the same name
+    assert token_id(Settings(home=home_c)) not in ("", mine)
+    assert allowed(a, DaemonRecord("b", ("192.168.1.21",), 7734, token_id=mine))
+    assert not allowed(a, DaemonRecord("c", ("192.168.1.22",), 7734, token_id=token_id(Settings(home=home_c))))
+    txt = encode_txt("n", ["m"], tls=False, auth=True, token_id=mine)
+    assert txt["tid"] == mine
+    tokens.revoke(home_a / "tokens", "fleet")  # the id follows the file
+    assert token_id(a) == ""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,13 +29,14 @@ from laas.core.types import (
 )
 from laas.daemon.backends.backend import Described
 from laas.daemon.backends.worker import NativeClaims
+from laas.daemon.local_target import LocalModels
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
 from laas.router.dispatch import Router
 from laas.router.policy import Policy
-from laas.router.targets import RoutedRequest
+from laas.router.targets import Admitted, RoutedRequest, Streamed
 
 BOUND = 10.0  # seconds any wait in these tests may take at most
 
@@ -188,13 +190,14 @@ async def _unloaded(entry: ModelEntry) -> None:
 async def test_the_router_holds_the_model_while_it_counts_a_prompt(tmp_path: Path, model_file: Path,
                                                                     step: str) -> None:
     reg, engine = await _registry(tmp_path, model_file)
-    router = Router(reg, [], {}, {}, 16)
+    device = LocalModels(reg, 16, time.monotonic)
+    router = Router(device, [], {}, {}, 16)
     request = RoutedRequest(SamplingParams(max_tokens=1), prompt="long text")
     if step == "plan":
         task: asyncio.Task[object] = asyncio.create_task(router.plan("", request, Policy.AUTO, None))
     else:
-        target = router.local["m"]
-        task = asyncio.create_task(_drain(target.stream(request, 3, 1)))
+        target = device.targets()["m"]
+        task = asyncio.create_task(_drain(target.stream(Admitted(request, 3, 16))))
     await engine.gate.wait_entered()
     assert reg.default.busy
     assert await reg.unload(reg.default) is False
@@ -204,5 +207,5 @@ async def test_the_router_holds_the_model_while_it_counts_a_prompt(tmp_path: Pat
     await reg.aclose()
 
 
-async def _drain(stream: AsyncGenerator[GenerationChunk, None]) -> list[GenerationChunk]:
+async def _drain(stream: AsyncIterator[Streamed]) -> list[Streamed]:
     return [chunk async for chunk in stream]

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from laas.core.engine import Engine
 from laas.core.types import (
-    ChatMessage,
     Completion,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
-    ModelFormat,
-    ModelInfo,
     SamplingParams,
     TextDelta,
     Timings,
@@ -26,7 +22,8 @@ from laas.core.types import (
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.policy import TargetKind
 from laas.router.redact import Mapping, Redaction, Redactor, Restorer
-from laas.router.targets import RemoteTarget, RoutedRequest
+from laas.router.remote import RemoteTarget
+from laas.router.targets import Admitted, RoutedRequest
 
 
 @pytest.mark.parametrize(("text", "kind"), [
@@ -117,21 +114,13 @@ def test_any_split_of_the_answer_restores_the_values(parts: list[tuple[str, str]
     assert "".join(pieces) + restorer.flush() == text
 
 
-class _Capture(Engine):
-    """A remote engine that records the request it was sent and answers with the first stop string."""
+class _Capture:
+    """A remote endpoint that records the request it was sent and answers with the first stop string."""
+
+    context_length = 4096
 
     def __init__(self) -> None:
         self.sent: GenerationRequest | None = None
-
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(ModelFormat.REMOTE, "", 4096, 4096, 0, "remote")
-
-    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        return [1]
-
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return GenerationRequest(prompt="")
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self.sent = request
@@ -151,7 +140,7 @@ async def test_stop_strings_are_redacted_with_the_prompts_placeholders() -> None
                           redactor=Redactor())
     request = RoutedRequest(SamplingParams(max_tokens=4, stop=("ann@ex.com", "10.0.0.1:", "END")),
                             prompt="Write to ann@ex.com")
-    items = [c async for c in target.stream(request, 4, 4)]
+    items = [c async for c in target.stream(Admitted(request, 4, 16))]
     assert engine.sent is not None
     assert engine.sent.prompt == "Write to [EMAIL_1]"
     assert engine.sent.sampling.stop == ("[EMAIL_1]", "[IP_1]:", "END")  # the cloud stops where it writes one

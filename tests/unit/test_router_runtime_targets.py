@@ -3,45 +3,37 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from laas.core.engine import Engine
 from laas.core.types import (
-    ChatMessage,
     Completion,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
-    ModelFormat,
-    ModelInfo,
     SamplingParams,
     TextDelta,
     Timings,
     Usage,
 )
+from laas.daemon.local_target import LocalModels
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
 from laas.daemon.store import ModelStore
 from laas.router.dispatch import Plan, RouteChange, Router
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.policy import Policy, Query, TargetKind, choose
-from laas.router.targets import RemoteTarget, RoutedRequest
+from laas.router.remote import RemoteTarget
+from laas.router.targets import Admitted, RoutedRequest
 
 
-class Echo(Engine):
+class Echo:
+    """A remote endpoint that answers with its word."""
+
+    context_length = 4096
+
     def __init__(self, word: str) -> None:
         self.word = word
-
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(ModelFormat.REMOTE, "", 4096, 4096, 0, "remote")
-
-    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        return [1]
-
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return GenerationRequest(prompt="")
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         yield TextDelta(self.word)
@@ -61,7 +53,8 @@ def _peer(name: str, ttft_ms: float) -> RemoteTarget:
 
 async def test_a_peer_that_left_after_the_plan_is_skipped_and_the_next_takes_the_request(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
-    router = Router(ModelRegistry(settings, ModelStore(settings.store), None), [], {}, {}, 16)  # type: ignore[arg-type]
+    registry = ModelRegistry(settings, ModelStore(settings.store), None)  # type: ignore[arg-type]
+    router = Router(LocalModels(registry, 16, time.monotonic), [], {}, {}, 16)
     model = settings.default_model
     router.add_remote(_peer("near", 10), (model,))
     router.add_remote(_peer("far", 500), (model,))
@@ -69,7 +62,8 @@ async def test_a_peer_that_left_after_the_plan_is_skipped_and_the_next_takes_the
     assert [r.name for r in remotes] == ["near", "far"]
     request = RoutedRequest(SamplingParams(max_tokens=1), prompt="hi")
     query = Query(1, 1, 16, Policy.CLOUD_ONLY)
-    plan = Plan(request, query, choose(query, [r.estimate(1, 1) for r in remotes]), model)
+    admitted = Admitted(request, 1, 16)
+    plan = Plan(admitted, query, choose(query, [r.estimate(admitted) for r in remotes]), model)
     assert plan.decision.chosen.target == "near"
     router.remove_remote("near")  # its goodbye arrives between the plan and the run
     assert [r.name for r in router.targets_for("")[1]] == ["far"]

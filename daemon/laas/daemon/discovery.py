@@ -10,6 +10,8 @@ Layer: infrastructure. The rules, in one place:
   `auth_required` is the single predicate the TLS/token settings plug into.
 - The instance name is stable (`discovery_name`, else "laasd on <hostname>"); so is the node id (a
   file in the daemon's home). Load figures in TXT change at most once per `discovery_load_interval_s`.
+- The token id in TXT is a digest of the daemon's token file (`token_id`): daemons that share their
+  tokens find each other under the "same-token" peer policy.
 - On shutdown the service is unregistered first (goodbye packets), before the drain.
 """
 
@@ -31,6 +33,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from laas.daemon.listeners import unix_path
 from laas.daemon.settings import Settings, SettingsError
+from laas.daemon.tokens import TokenFileError, listed
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,22 @@ def tls_required(settings: Settings) -> bool:
 
 
 def token_id(settings: Settings) -> str:
-    """A short digest of the daemon's token, for the "same-token" peer policy; "" without a token."""
-    token = ""  # the token setting plugs in here
-    return hashlib.sha256(b"laas-token-id\0" + token.encode()).hexdigest()[:16] if token else ""
+    """A short digest of the tokens this daemon accepts (its token file), for the "same-token" peer policy;
+    "" without tokens. Daemons given the same token file advertise the same id, so each finds the other
+    with discovery_peers = ["same-token"]. It is computed from the digests the file keeps, so it tells
+    nothing that lets anyone in; it follows the file (a token created or revoked changes it)."""
+    from laas.daemon.security import tokens_path  # security settings decide which file is in force
+
+    path = tokens_path(settings)
+    if path is None:
+        return ""
+    try:
+        digests = sorted(entry.digest for entry in listed(path))
+    except (OSError, UnicodeDecodeError, TokenFileError):  # the access check reports a broken file
+        return ""
+    if not digests:
+        return ""
+    return hashlib.sha256(b"laas-token-id\0" + "\n".join(digests).encode()).hexdigest()[:16]
 
 
 def should_advertise(settings: Settings) -> bool:

@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -32,22 +33,23 @@ from laas.core.errors import LaasError
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.formats import engine_loader
+from laas.daemon.lan_peers import LanDiscovery
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
+from laas.daemon.local_target import LocalModels
 from laas.daemon.metrics import Metrics
 from laas.daemon.metrics_http import serve_metrics
 from laas.daemon.native_probe import WRAPPER_ENV, NativeGate
 from laas.daemon.privacy import privacy_rules
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
+from laas.daemon.routing import build_router, calibrate
 from laas.daemon.security import listen_refusal, metrics_refusal, server_credentials, tokens_path
 from laas.daemon.service import Lifecycle, RuntimeService
 from laas.daemon.settings import Settings, SettingsError
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
 from laas.daemon.tokens import TokenStore
-from laas.router.discovered import LanDiscovery
-from laas.router.setup import build_router, calibrate
 from laas.v1 import runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,9 @@ class Server:
         self.native_gate = NativeGate(threads=min(settings.threads, 2),
                                       wrapper=shlex.split(os.environ.get(WRAPPER_ENV, "")))
         self.registry = ModelRegistry(settings, ModelStore(settings.store), engine_loader(self.native_gate))
-        self.router = build_router(settings, self.registry)
-        self.discovery = LanDiscovery(settings, self.registry, self.router)  # mDNS: advertise, find peers
+        self.local_models = LocalModels(self.registry, settings.default_max_tokens, time.monotonic)
+        self.router = build_router(settings, self.registry, self.local_models)
+        self.discovery = LanDiscovery(settings, self.registry, self.router, self.local_models)  # mDNS
         self.metrics = Metrics(self.registry, self.router)
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
@@ -167,7 +170,7 @@ class Server:
             log.exception("loading the models failed")
             self.notifier.status(f"loading the models failed: {e}")
             return
-        await calibrate(self.router)
+        await calibrate(self.local_models)
         if self.lifecycle.accepting and self.registry.default.servable:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("%s", self._serving_status())

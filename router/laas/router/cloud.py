@@ -1,5 +1,5 @@
-"""A cloud endpoint as an Engine: any OpenAI-compatible API with streaming (OpenAI, Azure OpenAI, vLLM,
-TGI, llama.cpp's server, Ollama's /v1, another laasd's HTTP front...).
+"""A cloud endpoint as a remote Endpoint (remote.py): any OpenAI-compatible API with streaming (OpenAI,
+Azure OpenAI, vLLM, TGI, llama.cpp's server, Ollama's /v1, another laasd's HTTP front...).
 
 Layer: infrastructure. httpx streams the response; sse.SseDecoder parses the server-sent events with
 a bound on each line and event. Every failure (refused connection, HTTP error status, a stream cut
@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -29,20 +29,8 @@ from typing import Any
 
 import httpx
 
-from laas.core.engine import Engine
 from laas.core.errors import InvalidArgument, TargetFailed
-from laas.core.types import (
-    ChatMessage,
-    Completion,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelFormat,
-    ModelInfo,
-    TextDelta,
-    Timings,
-    Usage,
-)
+from laas.core.types import Completion, FinishReason, GenerationChunk, GenerationRequest, TextDelta, Timings, Usage
 from laas.router.sse import EventTooLarge, SseDecoder
 
 log = logging.getLogger(__name__)
@@ -81,22 +69,17 @@ def read_api_key(env: str | None, file: str | None, environ: dict[str, str] | No
     return None
 
 
-class CloudEngine(Engine):
+class CloudEngine:
+    """An OpenAI-compatible endpoint: chat messages go to /chat/completions, raw prompts to /completions."""
+
     def __init__(self, config: CloudConfig, client: httpx.AsyncClient | None = None) -> None:
         self.config = config
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
         self._client = client or httpx.AsyncClient(timeout=timeout, trust_env=False)
-        self._info = ModelInfo(ModelFormat.REMOTE, "", config.context_length, config.context_length, 0, "remote")
 
     @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        raise InvalidArgument(f"{self.config.name} is a remote endpoint; it does not tokenize here")
-
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return GenerationRequest(prompt="", messages=tuple(messages))
+    def context_length(self) -> int:
+        return self.config.context_length
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         s = request.sampling
@@ -163,7 +146,6 @@ class CloudEngine(Engine):
                             last = time.perf_counter()
                             first = first or last
                             tokens += 1
-                            self.decoded_tokens += 1
                             yield TextDelta(text)
                             next_token = clock() + cfg.read_timeout_s  # from when the consumer asks again
                         if reason is not None:

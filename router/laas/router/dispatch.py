@@ -1,26 +1,27 @@
-"""The router at run time: finds the targets for a model, asks the policy, runs the route, fails over.
+"""The router at run time: finds the targets for a model, admits the request, asks the policy, runs the
+route, fails over.
 
-Layer: application. `plan` counts the prompt's tokens with the local tokenizer, gathers every target's
-estimate and asks policy.choose (pure). `run` streams from the chosen target; when a target fails
-before its first token, the next one in the decision's order takes the request; when it fails
-mid-stream, the next one continues from the text already delivered, so the client sees one coherent
-stream. Each route taken is announced with a RouteChange item in the stream.
+Layer: router. `plan` admits the request once (the model's own target renders and counts it, or the
+default model's for a model only remote targets serve), gathers every target's estimate and asks
+policy.choose (pure). `run` streams from the chosen target; when a target fails before its first
+token, the next one in the decision's order takes the request; when it fails mid-stream, the next one
+continues from the text already delivered, so the client sees one coherent stream. Each route taken is
+announced with a RouteChange item in the stream. Every target is a `Target` (targets.py): the router
+never asks which kind of object it holds.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from laas.core.errors import NotFound, OutOfRange, ResourceExhausted, TargetFailed, Unavailable
+from laas.core.errors import OutOfRange, ResourceExhausted, TargetFailed, Unavailable
 from laas.core.types import Completion, FinishReason, GenerationChunk, TextDelta, Timings, Usage
-from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
 from laas.router.redact import Redaction
-from laas.router.targets import LocalTarget, RemoteTarget, RoutedRequest
-
-Target = LocalTarget | RemoteTarget
+from laas.router.remote import RemoteTarget
+from laas.router.targets import Admitted, Device, DeviceTarget, RoutedRequest, Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +38,20 @@ class RouteChange:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    request: RoutedRequest
+    admitted: Admitted
     query: Query
     decision: Decision
     model: str
 
 
 class Router:
-    def __init__(self, registry: ModelRegistry, remotes: Sequence[RemoteTarget], aliases: dict[str, str],
+    def __init__(self, device: Device, remotes: Sequence[RemoteTarget], aliases: dict[str, str],
                  remote_models: dict[str, tuple[str, ...]], default_max_tokens: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._registry = registry
+        self._device = device
         self._aliases = aliases
         self._default_max_tokens = default_max_tokens
         self._clock = clock
-        self._local: dict[str, LocalTarget] = {}
         self.remote = {r.name: r for r in remotes}
         # Which remote targets answer for which requested model name ("" means the default model).
         self._remote_models = remote_models
@@ -67,97 +67,71 @@ class Router:
         self._remote_models.pop(name, None)
 
     @property
-    def local(self) -> dict[str, LocalTarget]:
-        """A target per local model, following the registry (a SIGHUP reload adds and replaces models);
-        a model that stays keeps its learned estimates."""
-        entries = {e.name: e for e in self._registry.entries()}
-        for name in [n for n, t in self._local.items() if entries.get(n) is not t.entry]:
-            del self._local[name]
-        for name, entry in entries.items():
-            if name not in self._local:
-                self._local[name] = LocalTarget(entry, self._registry, self._default_max_tokens, self._clock)
-        return self._local
+    def local(self) -> Mapping[str, DeviceTarget]:
+        """A target per local model (the device follows its registry: a SIGHUP reload adds and replaces models)."""
+        return self._device.targets()
 
-    def targets_for(self, model: str) -> tuple[LocalTarget | None, list[RemoteTarget]]:
-        name = model or self._registry.default.name
-        local_name = self._aliases.get(name, name)
-        local = self.local.get(local_name)
+    def targets_for(self, model: str) -> tuple[DeviceTarget | None, list[RemoteTarget]]:
+        default = self._device.default_model
+        name = model or default
+        local = self.local.get(self._aliases.get(name, name))
         remotes = [r for r in self.remote.values()
                    if name in self._remote_models.get(r.name, ()) or
-                   (not self._remote_models.get(r.name) and name == self._registry.default.name)]
+                   (not self._remote_models.get(r.name) and name == default)]
         if local is None and not remotes:
-            self._registry.get(model)  # raises NotFound naming the known models
-            raise NotFound(f"model {model!r} is not served here", field="model")  # pragma: no cover
+            raise self._device.not_served(model)
         return local, remotes
+
+    async def admit(self, request: RoutedRequest, counter: DeviceTarget | None) -> Admitted:
+        """The request admitted once: rendered and counted by `counter` (the model's own target) when it is
+        loaded; else provisional, its tokens estimated from the text (the device renders it in its turn)."""
+        bound = await counter.render(request) if counter is not None else None
+        if bound is None or counter is None:
+            return Admitted(request, request.text_tokens(), self._default_max_tokens)
+        return Admitted(request, len(bound.prompt_tokens or ()), self._default_max_tokens, bound, counter.name)
 
     async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None) -> Plan:
         local, remotes = self.targets_for(model)
         if local is not None and (not remotes or policy is Policy.LOCAL_ONLY):
-            local.entry.check_servable()  # the device alone: its own error (fetching, failed) is the answer
-        prompt_tokens = await self._count(request, local)
-        query = Query(prompt_tokens, request.sampling.max_tokens, self._default_max_tokens, policy, budget_ms)
-        max_tokens = request.sampling.max_tokens or self._default_max_tokens
-        estimates = ([local.estimate(prompt_tokens, self._granted(local, prompt_tokens, request))] if local else [])
-        estimates += [r.estimate(prompt_tokens, max_tokens) for r in remotes]
-        return Plan(request, query, choose(query, estimates), model or self._registry.default.name)
+            local.check_servable()  # the device alone: its own error (fetching, failed) is the answer
+        # A model only remote targets serve is counted with the default model's tokenizer.
+        admitted = await self.admit(request, local or self.local.get(self._device.default_model))
+        query = Query(admitted.prompt_tokens, request.sampling.max_tokens, self._default_max_tokens, policy,
+                      budget_ms)
+        targets: list[Target] = [*([local] if local is not None else []), *remotes]
+        decision = choose(query, [t.estimate(admitted) for t in targets])
+        return Plan(admitted, query, decision, model or self._device.default_model)
 
-    def _granted(self, target: LocalTarget, prompt_tokens: int, request: RoutedRequest) -> int:
-        """The tokens the device would generate: an unset max_tokens is shortened to the room left."""
-        if request.sampling.max_tokens is not None:
-            return request.sampling.max_tokens
-        return max(min(self._default_max_tokens, target.context_length - prompt_tokens), 1)
-
-    async def _count(self, request: RoutedRequest, local: LocalTarget | None) -> int:
-        """Prompt tokens, counted with the model's own tokenizer (the default model's for remote-only models)
-        when it is loaded."""
-        entry: ModelEntry = local.entry if local is not None else self._registry.default
-        async with self._registry.holding(entry) as engine:  # not unloaded while it counts
-            if engine is not None:
-                counter = self.local.get(entry.name) or LocalTarget(entry, self._registry, self._default_max_tokens,
-                                                                    self._clock)
-                try:
-                    return len((await counter.render(request, engine=engine)).prompt_tokens or ())
-                except Unavailable:  # unloaded meanwhile
-                    pass
-        # The model is not loaded (it loads if the request runs here; planning does not load it):
-        # estimate from the text, about 4 bytes a token. The bound request is counted exactly.
-        text = request.prompt or "".join(m.content for m in request.messages)
-        return len(text.encode()) // 4 + 1
+    def _target(self, estimate_kind: TargetKind, name: str) -> Target | None:
+        return self.local.get(name) if estimate_kind is TargetKind.LOCAL else self.remote.get(name)
 
     async def run(self, plan: Plan) -> AsyncGenerator[GenerationChunk | RouteChange | Redaction, None]:
         delivered: list[str] = []
         failures: list[str] = []
         completion_tokens = 0
-        request = plan.request
+        admitted = plan.admitted
         for estimate in plan.decision.order:
-            found = self.local.get(estimate.target) if estimate.kind is TargetKind.LOCAL \
-                else self.remote.get(estimate.target)
-            if found is None:  # a discovered peer that went away since the plan
+            target = self._target(estimate.kind, estimate.target)
+            if target is None:  # a discovered peer that went away since the plan
                 failures.append(f"{estimate.target}: gone")
                 continue
-            target: Target = found
             if plan.query.policy is Policy.LOCAL_ONLY and target.kind is not TargetKind.LOCAL:
                 raise AssertionError(f"a local-only request was routed to {target.name}")  # policy.choose bug
             resumed = "".join(delivered)
             if resumed:
-                left = (plan.request.sampling.max_tokens or self._default_max_tokens) - completion_tokens
-                if left < 1:  # the broken stream had already delivered every token asked for
+                if plan.admitted.budget - completion_tokens < 1:  # the broken stream delivered every token asked for
                     yield Completion(FinishReason.LENGTH, Usage(0, completion_tokens), Timings())
                     return
-                request = plan.request.continued(resumed, left)
+                admitted = plan.admitted.continued(resumed, completion_tokens)
             reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
             yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures), plan.model)
             try:
-                max_tokens = request.sampling.max_tokens or self._default_max_tokens
-                if isinstance(target, LocalTarget):
-                    max_tokens = self._granted(target, plan.query.prompt_tokens, request)
-                async for chunk in target.stream(request, plan.query.prompt_tokens, max_tokens, resumed):
+                async for chunk in target.stream(admitted):
                     if isinstance(chunk, TextDelta):
                         delivered.append(chunk.text)
                         completion_tokens += 1
                     elif isinstance(chunk, Completion) and resumed:
-                        usage = Usage(chunk.usage.prompt_tokens, completion_tokens)
-                        chunk = replace(chunk, usage=usage)
+                        chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
                     yield chunk
                 return
             except TargetFailed as e:

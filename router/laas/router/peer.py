@@ -1,4 +1,4 @@
-"""Another laasd as an Engine, over our own gRPC API: the shape LAN peers take.
+"""Another laasd as a remote Endpoint (remote.py), over our own gRPC API: the shape LAN peers take.
 
 Layer: infrastructure. The request is sent LOCAL_ONLY, so a peer never forwards what it got from a
 peer (no loops). Any failure of the peer becomes TargetFailed, and the router fails over.
@@ -7,32 +7,22 @@ peer (no loops). Any failure of the peer becomes TargetFailed, and the router fa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 
 from laas.client.api import AsyncClient
 from laas.client.channels import Tls
-from laas.core.engine import Engine
-from laas.core.errors import Cancelled, InvalidArgument, LaasError, TargetFailed
-from laas.core.types import (
-    ChatMessage,
-    Completion,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelFormat,
-    ModelInfo,
-    TextDelta,
-    Timings,
-    Usage,
-)
+from laas.core.errors import Cancelled, LaasError, TargetFailed
+from laas.core.types import Completion, FinishReason, GenerationChunk, GenerationRequest, TextDelta, Timings, Usage
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 
-class PeerEngine(Engine):
+class PeerEngine:
+    """A laasd on the LAN: chat messages go as Chat (it applies its own template), prompts as Generate."""
+
     def __init__(self, name: str, target: str, model: str, context_length: int, *, tls: Tls | None = None,
                  token: str | None = None) -> None:
         self._tls, self._token = tls, token  # a peer on the LAN has TLS and tokens (security.py)
@@ -40,17 +30,11 @@ class PeerEngine(Engine):
         self.model = model
         self._target = target
         self._client: AsyncClient | None = None  # made on first use: a grpc.aio channel binds to the running loop
-        self._info = ModelInfo(ModelFormat.REMOTE, "", context_length, context_length, 0, "remote")
+        self._context_length = context_length
 
     @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
-        raise InvalidArgument(f"{self.name} is a peer; count tokens locally")
-
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return GenerationRequest(prompt="", messages=tuple(messages))
+    def context_length(self) -> int:
+        return self._context_length
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         sampling: dict[str, Any] = dataclasses.asdict(request.sampling)  # the client takes the same names
@@ -63,7 +47,6 @@ class PeerEngine(Engine):
         try:
             async for chunk in stream:
                 if chunk.text:
-                    self.decoded_tokens += 1
                     yield TextDelta(chunk.text)
                 if chunk.finish_reason is not None:
                     t = chunk.timings

@@ -42,9 +42,18 @@ class Admission:
     max_tokens: int
 
 
+def granted(requested: int | None, default: int, room: int | None = None) -> int:
+    """The max_tokens a target runs a request with: as asked; unset, the default, shortened to `room`
+    (the context left on the device) when it is given. Every resolution of the default is this one."""
+    if requested is not None:
+        return requested
+    return default if room is None else max(min(default, room), 1)
+
+
 def admit(prompt_tokens: int, requested_max_tokens: int | None, context_length: int,
           default_max_tokens: int) -> Admission:
-    """Grants a token budget that fits the context window, or raises OutOfRange.
+    """Grants a token budget that fits the context window, or raises OutOfRange: the device's check of a
+    request it counted itself (policy.choose judged the others with the same arithmetic).
 
     An explicit max_tokens must fit whole (prompt + max_tokens <= context); an unset one gets the
     default, shortened to the room left, so short replies to long prompts still work.
@@ -55,15 +64,13 @@ def admit(prompt_tokens: int, requested_max_tokens: int | None, context_length: 
             f"prompt is {prompt_tokens} tokens; the model's context window is {context_length} tokens",
             field="prompt",
         )
-    if requested_max_tokens is None:
-        return Admission(prompt_tokens, min(default_max_tokens, room))
-    if requested_max_tokens > room:
+    if requested_max_tokens is not None and requested_max_tokens > room:
         raise OutOfRange(
             f"prompt ({prompt_tokens} tokens) + sampling.max_tokens ({requested_max_tokens}) exceeds the "
             f"model's context window of {context_length} tokens",
             field="sampling.max_tokens",
         )
-    return Admission(prompt_tokens, requested_max_tokens)
+    return Admission(prompt_tokens, granted(requested_max_tokens, default_max_tokens, room))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +115,8 @@ class Decision:
 
 
 def _max_tokens(query: Query, e: Estimate) -> int:
-    if query.max_tokens is not None:
-        return query.max_tokens
-    room = e.context_length - query.prompt_tokens
-    return min(query.default_max_tokens, room) if e.kind is TargetKind.LOCAL else query.default_max_tokens
+    room = e.context_length - query.prompt_tokens if e.kind is TargetKind.LOCAL else None
+    return granted(query.max_tokens, query.default_max_tokens, room)
 
 
 def _judge(query: Query, e: Estimate) -> Judged:
@@ -122,7 +127,7 @@ def _judge(query: Query, e: Estimate) -> Judged:
         return Judged(e, False, meets, "CLOUD_ONLY sends the request off the device", "policy")
     if not e.available:
         return Judged(e, False, meets, e.unavailable_reason or "unavailable", "unavailable")
-    needed = query.prompt_tokens + max(_max_tokens(query, e), 1)
+    needed = query.prompt_tokens + _max_tokens(query, e)
     if needed > e.context_length:
         return Judged(e, False, meets, f"needs {needed} tokens of context, has {e.context_length}", "context")
     return Judged(e, True, meets, "meets the deadline" if query.budget_ms is not None and meets else "")
@@ -169,7 +174,7 @@ def _nothing_fits(query: Query, judged: tuple[Judged, ...]) -> Exception:
     message = f"no target can take this request ({notes})"
     oversized = [j for j in judged if j.why == "context"]
     could_fit_later = [j for j in judged if j.why == "unavailable" and
-                       query.prompt_tokens + max(_max_tokens(query, j.estimate), 1) <= j.estimate.context_length]
+                       query.prompt_tokens + _max_tokens(query, j.estimate) <= j.estimate.context_length]
     if oversized and not could_fit_later:
         prompt_too_long = query.max_tokens is None or all(
             query.prompt_tokens >= j.estimate.context_length for j in oversized)

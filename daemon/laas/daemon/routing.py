@@ -1,7 +1,9 @@
-"""Builds the router from settings (remote engines, aliases) and seeds local estimates by calibration.
+"""The router's wiring: the targets the settings name (the device's models, remote endpoints, aliases),
+and the local estimates seeded by calibration.
 
-Layer: composition. API keys are read here, once, from their variable or file; a configured key that
-is missing stops the daemon at start-up with a SettingsError naming the field.
+Layer: daemon (composition root's side: settings in, a router library object out). API keys are
+read here, once, from their variable or file; a configured key that is missing stops the daemon at
+start-up with a SettingsError naming the field.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import logging
 import time
 
 from laas.client.channels import Tls
-from laas.core.engine import Engine
 from laas.core.errors import InvalidArgument, LaasError
 from laas.core.types import Completion, SamplingParams
-from laas.daemon.registry import ModelRegistry, ModelState
+from laas.daemon.local_target import LocalModels, LocalTarget
+from laas.daemon.model_entry import ModelState
+from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import RemoteConfig, Settings, SettingsError
 from laas.router.cloud import CloudConfig, CloudEngine, read_api_key
 from laas.router.dispatch import Router
@@ -22,7 +25,8 @@ from laas.router.latency import CircuitBreaker, Rates, RemoteEstimator, calibrat
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
 from laas.router.redact import Redactor
-from laas.router.targets import LocalTarget, RemoteTarget, RoutedRequest
+from laas.router.remote import Endpoint, RemoteTarget
+from laas.router.targets import Admitted, RoutedRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ CALIBRATION_TOKENS = 8
 CALIBRATION_ATTEMPTS = 2  # one more run at most: under lasting contention each run takes 20-30 s
 
 
-def remote_engine(remote: RemoteConfig, index: int) -> Engine:
+def remote_endpoint(remote: RemoteConfig, index: int) -> Endpoint:
     try:
         key = read_api_key(remote.api_key_env, remote.api_key_file)
     except InvalidArgument as e:
@@ -45,10 +49,11 @@ def remote_engine(remote: RemoteConfig, index: int) -> Engine:
         call_timeout_s=remote.call_timeout_s, chat_only=remote.chat_only))
 
 
-def build_router(settings: Settings, registry: ModelRegistry) -> Router:
+def build_router(settings: Settings, registry: ModelRegistry, device: LocalModels) -> Router:
+    """The router over the device's models and the remote targets the settings name."""
     remotes = [
         RemoteTarget(
-            r.name, TargetKind.PEER if r.kind == "peer" else TargetKind.CLOUD, remote_engine(r, i),
+            r.name, TargetKind.PEER if r.kind == "peer" else TargetKind.CLOUD, remote_endpoint(r, i),
             RemoteEstimator(ttft_ms=r.ttft_ms, inter_token_ms=r.inter_token_ms),
             CircuitBreaker(threshold=r.failure_threshold, cooldown_s=r.cooldown_s),
             clock=time.monotonic,
@@ -60,15 +65,15 @@ def build_router(settings: Settings, registry: ModelRegistry) -> Router:
     aliases = dict(settings.aliases)
     for alias, local in aliases.items():
         registry.get(local, field=f"aliases.{alias}")  # NotFound at start-up, not on the first request
-    return Router(registry, remotes, aliases, {r.name: r.models for r in settings.remotes},
+    return Router(device, remotes, aliases, {r.name: r.models for r in settings.remotes},
                   settings.default_max_tokens, clock=time.monotonic)
 
 
-async def calibrate(router: Router) -> None:
+async def calibrate(device: LocalModels) -> None:
     """Seeds each ready local model's prefill and decode rates with short greedy generations: one, unless it
     decodes far slower than the model's size predicts (another process on the cores), then up to
     CALIBRATION_ATTEMPTS; the fastest run counts, and a seed is never below that floor."""
-    for target in router.local.values():
+    for target in device.targets().values():
         if target.entry.state is not ModelState.READY:
             continue
         floor = decode_floor_tps(target.entry.size_bytes)
@@ -94,7 +99,7 @@ async def _measure(target: LocalTarget, attempt: int) -> Rates:
     request = RoutedRequest(SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, ignore_eos=True),
                             prompt=prompt)
     rates = Rates(None, None)
-    async for chunk in target.stream(request, len(prompt) // 5, CALIBRATION_TOKENS):
+    async for chunk in target.stream(Admitted(request, len(prompt) // 5, CALIBRATION_TOKENS)):
         if isinstance(chunk, Completion):
             u, t = chunk.usage, chunk.timings
             prefilled = u.prompt_tokens - u.cached_prompt_tokens

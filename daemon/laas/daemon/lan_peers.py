@@ -1,8 +1,9 @@
 """LAN peers found by mDNS as router targets, and the load figures this daemon advertises to them.
 
-Layer: composition (zeroconf records in, router targets out). A discovered daemon becomes a peer
-target, named by its instance name, when the policy (`discovery_peers`) allows it: an instance name
-or glob from the list, or "same-token" (it advertises the digest of our own token). Its latency
+Layer: daemon, the composition root's side (zeroconf records in, router targets out). A discovered
+daemon becomes a peer target, named by its instance name, when the policy (`discovery_peers`) allows
+it: an instance name or glob from the list, or "same-token" (it advertises the token id ours has:
+discovery.token_id, a digest of the token file). Its latency
 prediction is the same as a configured peer's, seeded from what it advertises (its prefill and
 decode rates, the work queued on it) plus the round trip measured when it appears; then learned
 from every request sent there. The requests go LOCAL_ONLY (PeerEngine), so a peer never forwards one.
@@ -22,26 +23,34 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from laas.client.api import AsyncClient
 from laas.client.mdns import Browser, DaemonRecord, encode_txt, zeroconf
-from laas.daemon.discovery import Advertiser, auth_required, node_id, should_advertise, tls_required, token_id
+from laas.daemon.discovery import (
+    Advertiser,
+    auth_required,
+    node_id,
+    should_advertise,
+    tls_required,
+    token_id,
+)
+from laas.daemon.local_target import LocalModels
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
 from laas.router.dispatch import Router
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
-from laas.router.targets import RemoteTarget
+from laas.router.remote import RemoteTarget
 
 log = logging.getLogger(__name__)
 
 PEER_CONTEXT_LENGTH = 4096  # TXT does not carry context windows; a peer refuses what does not fit
 
 
-def load_figures(settings: Settings, registry: ModelRegistry, router: Router, node: str) -> dict[str, str]:
+def load_figures(settings: Settings, registry: ModelRegistry, device: LocalModels, node: str) -> dict[str, str]:
     """This daemon's TXT record now: models, queue depth, free places, predicted wait, measured rates."""
     entries = registry.entries()
     load = sum(e.queue.active + e.queue.waiting for e in entries)
     free = sum(max(e.queue.max_waiting + 1 - e.queue.active - e.queue.waiting, 0) for e in entries)
-    default = router.local.get(registry.default.name)
+    default = device.targets().get(registry.default.name)
     est = default.estimator if default is not None else None
     models = [e.name for e in sorted(entries, key=lambda e: not e.is_default)]
     return encode_txt(node, models, tls=tls_required(settings), auth=auth_required(settings),
@@ -52,7 +61,8 @@ def load_figures(settings: Settings, registry: ModelRegistry, router: Router, no
 
 
 def allowed(settings: Settings, record: DaemonRecord) -> bool:
-    """The peer policy: an instance name (or glob) in discovery_peers, or "same-token"."""
+    """The peer policy: an instance name (or glob) in discovery_peers, or "same-token" (the record
+    advertises this daemon's own token id; never without tokens)."""
     for rule in settings.discovery_peers:
         if rule == "same-token":
             mine = token_id(settings)
@@ -135,17 +145,18 @@ class DiscoveredPeers:
         for name in list(self._records):
             self._router.remove_remote(name)
         for engine in self._engines.values():
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a peer's goodbye is not ours to fail on
                 await engine.aclose()
 
 
 class LanDiscovery:
     """The daemon's presence on the LAN: advertising itself (after SERVING) and following allowed peers."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, router: Router) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, router: Router, device: LocalModels) -> None:
         self._settings = settings
         self._registry = registry
         self._router = router
+        self._device = device
         self._advertise = should_advertise(settings)  # SettingsError when "on" would expose an open daemon
         self._browse = bool(settings.discovery_peers) and settings.discovery != "off"
         self._node = node_id(settings.home) if self._advertise or self._browse else ""
@@ -178,7 +189,7 @@ class LanDiscovery:
     async def advertise(self, port: int) -> None:
         if not self._advertise or self._advertiser is not None:
             return
-        figures = functools.partial(load_figures, self._settings, self._registry, self._router, self._node)
+        figures = functools.partial(load_figures, self._settings, self._registry, self._device, self._node)
         try:
             self._advertiser = Advertiser(self._zeroconf(), self._settings, port, figures)
             await self._advertiser.start()
