@@ -137,8 +137,9 @@ class ModelRegistry:
         the streams already on it, then closes its engine. Returns the names added, changed and removed.
         Raises NotFound (and changes nothing) for an unknown default model.
         """
-        fresh = ModelRegistry(replace(self._settings, models=settings.models,
-                                      default_model=settings.default_model), self._store, self._loader, self._clock)
+        fresh = ModelRegistry(self._settings.model_copy(update={"models": settings.models,
+                                                                "default_model": settings.default_model}),
+                              self._store, self._loader, self._clock)
         kept, loading = {}, []
         for name, entry in fresh._entries.items():
             old = self._entries.get(name)
@@ -266,8 +267,8 @@ class ModelRegistry:
             entry.memory_bytes = await asyncio.to_thread(self._describe_file, entry, path)
             await self._make_room(entry, entry.memory_bytes)
             threads = entry.config.threads or self._settings.threads
-            config = replace(entry.config, parallel=entry.queue.parallel,  # the daemon's defaults resolved
-                             flash_attn=entry.config.flash_attn or self._settings.flash_attn)
+            config = entry.config.model_copy(update={  # the daemon's defaults resolved
+                "parallel": entry.queue.parallel, "flash_attn": entry.config.flash_attn or self._settings.flash_attn})
             entry.engine = await self._loader(path, entry.header, config, threads)
             entry.size_bytes = entry.engine.info.size_bytes
         except MemoryBudgetExceeded:
