@@ -107,7 +107,7 @@ def settings_error(error: ValidationError, written: Mapping[str, str] | None = N
         parent = unknown[0]["loc"][:-1]
         keys = sorted(str(e["loc"][-1]) for e in unknown if e["loc"][:-1] == parent)
         where = _where(parent)
-        message = f"{where}: unknown key(s) {keys}" if where else f"config: unknown setting(s) {keys}"
+        message = f"{where}: unknown key(s) {keys}" if where else f"unknown setting(s) {keys}"
         return SettingsError(message, field=_join(where, keys[0]))
     return _refused(errors[0], written or {})
 
@@ -115,10 +115,10 @@ def settings_error(error: ValidationError, written: Mapping[str, str] | None = N
 def _refused(e: ErrorDetails, written: Mapping[str, str]) -> SettingsError:
     loc, kind, ctx = e["loc"], e["type"], e.get("ctx") or {}
     field = _join(_where(loc), str(ctx.get("field", "")))
-    if kind == "setting":
+    if kind == "setting":  # a sentence that names its setting, or what follows the field's name
         message = str(ctx["message"])
-        top = field.split(".")[0].split("[")[0]
-        return SettingsError(message if message.startswith(top) else f"{field}: {message}", field=field)
+        whole = message.split(" ")[0].rstrip(":") in Settings.model_fields
+        return SettingsError(message if whole else f"{field} {message}", field=field)
     if kind in _BOUNDS:
         limit = next(iter(ctx.values()))
         return SettingsError(f"{field} must be {_BOUNDS[kind]} {limit}", field=field)

@@ -44,7 +44,8 @@ class SettingsError(InvalidArgument):
 
 
 def refusal(message: str, field: str = "") -> PydanticCustomError:
-    """A validator's refusal: `message` as the operator reads it; `field` is relative to the model checked."""
+    """A validator's refusal: `message` is a sentence that begins with a setting's name, or what follows the
+    refused field's name ("is required ..."); `field` is relative to the model checked ("" is the value's own)."""
     return PydanticCustomError("setting", "{message}", {"message": message, "field": field})
 
 
@@ -58,7 +59,7 @@ def _regex(pattern: str) -> str:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise refusal(f"not a valid regular expression: {e}") from e
+        raise refusal(f"is not a valid regular expression: {e}") from e
     return pattern
 
 
@@ -161,7 +162,7 @@ class RemoteConfig(_Table, frozen=True):
     @model_validator(mode="after")
     def _cloud_needs_a_model(self) -> Self:
         if self.kind == "cloud" and not self.model:
-            raise refusal("model is required for a cloud endpoint", "model")
+            raise refusal("is required for a cloud endpoint", "model")
         return self
 
 
