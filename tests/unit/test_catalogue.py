@@ -32,7 +32,7 @@ def test_an_unknown_default_or_format_is_refused_naming_the_field(tmp_path: Path
         _catalogue(ModelStore(tmp_path), default="nope")
     assert info.value.field == "default_model"
     with pytest.raises(NotFound) as info:
-        _catalogue(ModelStore(tmp_path), ModelConfig(name="x", path="x.bin", format="safetensors"))
+        _catalogue(ModelStore(tmp_path), ModelConfig.model_construct(name="x", path="x.bin", format="safetensors"))
     assert info.value.field == "models.x.format"
 
 

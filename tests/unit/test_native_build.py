@@ -100,5 +100,5 @@ def test_doctor_masks_secrets_in_the_config() -> None:
     assert mask("api_key", "sk-live-123") == "***"
     assert mask("api_key_env", "OPENAI_API_KEY") == "OPENAI_API_KEY"  # a variable's name, not a secret
     assert mask("url", "https://user:pw@api.example.org/v1") == "https://***@api.example.org/v1"
-    config = effective_config(Settings(remotes=(RemoteConfig(name="c", url="https://u:secret@h/v1"),)))
+    config = effective_config(Settings(remotes=(RemoteConfig(name="c", url="https://u:secret@h/v1", model="m"),)))
     assert "secret" not in json.dumps(config, default=str)

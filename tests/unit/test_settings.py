@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,13 +10,17 @@ import pytest
 
 from laas.core.addresses import DEFAULT_LISTEN
 from laas.core.errors import InvalidArgument
+from laas.daemon.server import Server
 from laas.daemon.settings import (
     DEFAULT_MODEL_NAME,
     ModelConfig,
+    RemoteConfig,
     Settings,
     SettingsError,
     default_home,
     load_settings,
+    reload_mark,
+    reloaded,
 )
 
 HOME_ENV = {"LAAS_HOME": "/srv/laas-test-home"}
@@ -427,3 +432,68 @@ def test_onnx_models_name_a_package_folder(tmp_path: Path) -> None:
     path = config(tmp_path, '[[models]]\nname = "small"\npath = "small-int4"\nformat = "onnx"\nthreads = 2\n')
     (model,) = load_settings(path, environ=HOME_ENV).models
     assert (model.format, model.path, model.threads) == ("onnx", "small-int4", 2)
+
+
+# --- descriptions and reload marks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [Settings, ModelConfig, RemoteConfig])
+def test_every_field_is_described(model: type[Settings | ModelConfig | RemoteConfig]) -> None:
+    assert [name for name, info in model.model_fields.items() if not (info.description or "").strip()] == []
+
+
+# A changed, valid value of every setting (against BASE below): a new setting needs one, and a reload mark.
+CHANGED: dict[str, object] = {
+    "listen": "127.0.0.1:1", "home": Path("/elsewhere"), "default_model": "m",
+    "models": (ModelConfig(name="m", path="m.gguf"),), "remotes": (RemoteConfig(name="r", url="h:1", kind="peer"),),
+    "aliases": (("a", "m"),), "threads": 97, "max_queue": 3, "parallel": 2, "flash_attn": "on",
+    "keep_alive_s": -1.0, "memory_budget_mb": 64, "preload": "all", "default_max_tokens": 9, "drain_grace_s": 1.5,
+    "log_level": "debug", "log_format": "json", "socket_mode": "0600", "watchdog_stall_s": 5.0,
+    "metrics_listen": "127.0.0.1:9100", "default_model_source": "pkg==2", "tls_cert": "c2", "tls_key": "k2",
+    "tls_client_ca": "ca", "tokens_file": "/t", "dangerously_listen_without_tls_or_tokens": True, "audit_log": "",
+    "audit_prompts": True, "local_only": True, "local_only_models": ("m",), "redact_cloud": False,
+    "redact_peers": True, "redact_patterns": ("x+",), "max_tokens_limit": 16, "max_streams_per_token": 1,
+    "discovery": "off", "discovery_name": "kitchen", "discovery_interfaces": ("127.0.0.1",),
+    "discovery_ip_version": "all", "discovery_allow_unauthenticated": True, "discovery_peers": ("same-token",),
+    "discovery_load_interval_s": 5.0, "discovery_ttl_s": 60,
+}
+BASE = Settings(home=Path("/srv/laas-test-home"), preload="none", tls_cert="c", tls_key="k")
+
+
+def test_every_setting_has_a_reload_mark_and_a_changed_value_in_this_test() -> None:
+    assert set(CHANGED) == set(Settings.model_fields)
+    assert {reload_mark(name) for name in Settings.model_fields} == {"apply", "restart"}
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_a_reload_applies_or_warns_about_every_setting(name: str) -> None:
+    new = Settings.model_validate(dict(BASE) | {name: CHANGED[name]})
+    assert getattr(new, name) != getattr(BASE, name)
+    in_force, warned = reloaded(BASE, new)
+    applied = getattr(in_force, name) == getattr(new, name)
+    assert applied is (reload_mark(name) == "apply") and applied is (name not in warned)
+    assert warned in ((), (name,))
+    others = {n for n in Settings.model_fields if n != name}
+    assert all(getattr(in_force, n) == getattr(BASE, n) for n in others)
+
+
+def test_a_reload_that_breaks_a_check_is_refused() -> None:
+    current = Settings(home=Path("/h"), remotes=(RemoteConfig(name="m", url="h:1", kind="peer"),))
+    clash = Settings(home=Path("/h"), models=(ModelConfig(name="m", path="m.gguf"),))  # a remote is named m
+    with pytest.raises(SettingsError) as info:
+        reloaded(current, clash)
+    assert info.value.field == "remotes"
+
+
+async def test_sighup_puts_the_applied_settings_in_force_and_warns_for_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    current = Settings(home=tmp_path, preload="none")
+    new = Settings.model_validate(dict(current) | {"drain_grace_s": 1.5, "default_max_tokens": 9,
+                                                   "watchdog_stall_s": 5.0, "default_model_source": "pkg==2"})
+    server = Server(current, reload_settings=lambda: new)
+    with caplog.at_level(logging.WARNING):
+        await server._reload()
+    assert server.settings.drain_grace_s == 1.5  # read at shutdown from server.settings
+    assert server.settings.default_max_tokens == 256
+    assert ("reload: default_max_tokens, watchdog_stall_s, default_model_source changed; a restart applies that"
+            in caplog.text)

@@ -10,12 +10,12 @@ registry applies that to the models it has (residency.py holds what changes at r
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from laas.core.errors import NotFound
-from laas.daemon.backends.formats import backend_for
+from laas.daemon.backends.loader import backend_for
 from laas.daemon.onnx_package import find_packages
 from laas.daemon.settings import DEFAULT_MODEL_NAME, ModelConfig, Settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore
@@ -56,7 +56,8 @@ class ModelSpec:
     @property
     def load_config(self) -> ModelConfig:
         """The config a backend describes and loads with: parallel and flash attention resolved."""
-        return replace(self.config, parallel=self.parallel, flash_attn=self.config.flash_attn or self.flash_attn)
+        return self.config.model_copy(update={"parallel": self.parallel,
+                                              "flash_attn": self.config.flash_attn or self.flash_attn})
 
     @staticmethod
     def of(config: ModelConfig, defaults: ModelDefaults, fetch: bool = False) -> ModelSpec:

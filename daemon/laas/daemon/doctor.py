@@ -11,7 +11,6 @@ emulation of that CPU model: would this build run on such a machine?
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.metadata
 import re
 import shutil
@@ -44,7 +43,7 @@ def mask(name: str, value: Any) -> Any:
 
 
 def effective_config(settings: Settings) -> dict[str, Any]:
-    raw = dataclasses.asdict(settings)
+    raw = settings.model_dump()
     return {k: mask(k, str(v) if isinstance(v, Path) else v) for k, v in raw.items()}
 
 

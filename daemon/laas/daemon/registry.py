@@ -27,7 +27,7 @@ from laas.core.engine import Engine
 from laas.core.errors import LaasError, MemoryBudgetExceeded, NotFound
 from laas.core.types import Completion, GenerationChunk, GenerationRequest
 from laas.daemon.backends.backend import Described, EngineLoader
-from laas.daemon.backends.formats import backend_for
+from laas.daemon.backends.loader import backend_for
 from laas.daemon.catalogue import Catalogue, ModelDefaults, diff
 from laas.daemon.memory import MiB, budget_bytes
 from laas.daemon.model_entry import ModelEntry, ModelSnapshot, ModelState

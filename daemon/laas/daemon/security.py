@@ -1,25 +1,24 @@
 """Security settings: systemd credentials, TLS server credentials and the refusal to listen openly.
 
 Layer: composition. `credential_defaults` fills unset TLS and token paths from systemd's
-$CREDENTIALS_DIRECTORY (LoadCredential= in the unit); `check_security` validates the security
-settings with the rest of Settings; `listen_refusal` is the secure default: a TCP address other than
-loopback needs TLS and tokens, unless the operator sets the loudly named
+$CREDENTIALS_DIRECTORY (LoadCredential= in the unit; settings.py calls it while loading, and
+settings_models.py checks the values with the other settings); `listen_refusal` is the secure default:
+a TCP address other than loopback needs TLS and tokens, unless the operator sets the loudly named
 `dangerously_listen_without_tls_or_tokens`; `metrics_refusal` applies the same rule to `metrics_listen`.
-Unix sockets are guarded by their file permissions.
+Unix sockets are guarded by their file permissions. The checks read the settings through
+`SecuritySettings`, the few fields they need, so that this module does not import settings.py (which
+imports it).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import grpc
-
-    from laas.daemon.settings import Settings
 
 # Credential names the unit loads (LoadCredential=), and the setting each one fills when unset.
 CREDENTIALS = (("tls_cert", "laas.tls-cert"), ("tls_key", "laas.tls-key"), ("tls_client_ca", "laas.tls-client-ca"),
@@ -35,25 +34,28 @@ def credential_defaults(environ: Mapping[str, str], values: Mapping[str, Any]) -
     return {key: str(path) for key, path in found.items() if path.is_file()}
 
 
-def check_security(s: Settings) -> None:
-    from laas.daemon.settings import SettingsError
+class SecuritySettings(Protocol):
+    """The settings the checks below read (laas.daemon.settings.Settings has them)."""
 
-    if bool(s.tls_cert) != bool(s.tls_key):
-        raise SettingsError("tls_cert and tls_key go together: set both or neither", field="tls_key")
-    if s.tls_client_ca and not s.tls_cert:
-        raise SettingsError("tls_client_ca (mutual TLS) needs tls_cert and tls_key", field="tls_client_ca")
-    for i, pattern in enumerate(s.redact_patterns):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise SettingsError(f"redact_patterns[{i}] is not a valid regular expression: {e}",
-                                field=f"redact_patterns[{i}]") from e
-    for name in ("max_tokens_limit", "max_streams_per_token"):
-        if getattr(s, name) < 1:
-            raise SettingsError(f"{name} must be >= 1", field=name)
+    @property
+    def home(self) -> Path: ...
+    @property
+    def listen_addresses(self) -> tuple[str, ...]: ...
+    @property
+    def metrics_listen(self) -> str: ...
+    @property
+    def tls_cert(self) -> str: ...
+    @property
+    def tls_key(self) -> str: ...
+    @property
+    def tls_client_ca(self) -> str: ...
+    @property
+    def tokens_file(self) -> str: ...
+    @property
+    def dangerously_listen_without_tls_or_tokens(self) -> bool: ...
 
 
-def tokens_path(s: Settings) -> Path | None:
+def tokens_path(s: SecuritySettings) -> Path | None:
     """The token file in force: `tokens_file`, else <home>/tokens when it exists; None: no token auth."""
     if s.tokens_file:
         return Path(s.tokens_file).expanduser()
@@ -72,13 +74,13 @@ def is_loopback(address: str) -> bool:
         return False  # a host name or the empty host (every interface): assume it is reachable
 
 
-def _missing_protection(s: Settings, tokens: bool) -> list[str]:
+def _missing_protection(s: SecuritySettings, tokens: bool) -> list[str]:
     """What a listener beyond loopback lacks of TLS and tokens."""
     return [what for what, ok in (("TLS (tls_cert, tls_key)", bool(s.tls_cert)), ("tokens (tokens_file)", tokens))
             if not ok]
 
 
-def listen_refusal(s: Settings, tokens: bool) -> str | None:
+def listen_refusal(s: SecuritySettings, tokens: bool) -> str | None:
     """Why the daemon must not listen as configured, or None."""
     if s.dangerously_listen_without_tls_or_tokens:
         return None
@@ -91,7 +93,7 @@ def listen_refusal(s: Settings, tokens: bool) -> str | None:
     return None
 
 
-def metrics_refusal(s: Settings, tokens: bool) -> str | None:
+def metrics_refusal(s: SecuritySettings, tokens: bool) -> str | None:
     """Why the metrics endpoint must not listen as configured (the gRPC listener's rule), or None."""
     if not s.metrics_listen or s.dangerously_listen_without_tls_or_tokens:
         return None
@@ -106,7 +108,7 @@ def metrics_refusal(s: Settings, tokens: bool) -> str | None:
     return None
 
 
-def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(s: SecuritySettings) -> grpc.ServerCredentials | None:
     """TLS credentials for the TCP listeners (mutual TLS when tls_client_ca is set), or None."""
     import grpc
 

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from laas.core.errors import LaasError
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
-from laas.daemon.backends.formats import engine_loader
+from laas.daemon.backends.loader import engine_loader
 from laas.daemon.lan_peers import LanDiscovery
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
@@ -46,7 +46,7 @@ from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.routing import build_router, calibrate
 from laas.daemon.security import listen_refusal, metrics_refusal, server_credentials, tokens_path
 from laas.daemon.service import Lifecycle, RuntimeService
-from laas.daemon.settings import Settings, SettingsError
+from laas.daemon.settings import Settings, SettingsError, reloaded
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
 from laas.daemon.tokens import TokenStore
@@ -56,13 +56,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["Runtime"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
-# Settings a SIGHUP reload cannot apply to a running daemon (it applies models and default_model).
-_RESTART_ONLY = ("listen", "home", "threads", "max_queue", "socket_mode", "log_format", "log_level", "remotes",
-                 "aliases", *(f for f in Settings.__dataclass_fields__ if f.startswith("discovery")),
-                 "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "dangerously_listen_without_tls_or_tokens",
-                 "audit_log", "audit_prompts", "local_only", "local_only_models", "redact_cloud", "redact_peers",
-                 "redact_patterns", "max_tokens_limit", "max_streams_per_token", "parallel", "metrics_listen",
-                 "keep_alive_s", "memory_budget_mb", "preload", "flash_attn")
 
 
 class Server:
@@ -193,11 +186,12 @@ class Server:
                 return
             self.notifier.reloading("reloading the model list")
             try:
-                new = self._reload_settings()
-                unapplied = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(self.settings, f)]
+                # The fields' reload marks (settings_models.py) say what is applied and what needs a restart.
+                in_force, unapplied = reloaded(self.settings, self._reload_settings())
                 if unapplied:
                     log.warning("reload: %s changed; a restart applies that", ", ".join(unapplied))
-                changes = await self.registry.reload(new, self._on_loading)
+                changes = await self.registry.reload(in_force, self._on_loading)
+                self.settings = in_force  # e.g. drain_grace_s, read at shutdown
             except LaasError as e:
                 log.error("reload failed, the model list is unchanged: %s", e)
                 self.notifier.ready(f"reload failed: {e}; {self._serving_status()}")
