@@ -8,7 +8,7 @@ SIGINT: NOT_SERVING, refuse new calls (UNAVAILABLE), let streams in flight finis
 period, cancel what is left, close the engines, exit 0.
 
 Teardown is an exit stack: every resource goes on it as it is acquired (the decode thread, the remote
-targets, the registry, the audit log, background tasks, sockets, the gRPC server, the metrics endpoint,
+targets, the registry, the audit log, background tasks, the metrics endpoint, sockets, the gRPC server,
 the drain, mDNS) and shutdown() closes them in reverse: goodbye on mDNS, refuse new calls and drain within
 `drain_grace_s`, stop gRPC, then the rest. A step that fails is logged and the steps after it still run.
 
@@ -145,6 +145,8 @@ class Server:
         the exit stack at once, so shutdown() also closes what a start-up that failed half way holds."""
         access = self._access()  # raises before binding when the listen addresses would be open
         self._on_exit("the background tasks", self._cancel_tasks)  # loading, watchdog, reloads
+        if self.settings.metrics_listen:  # before gRPC: a bad address fails the start before it listens
+            self._start_metrics_http(self.settings.metrics_listen)
         server = grpc.aio.server(interceptors=[RequestLogInterceptor(), access], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -163,8 +165,6 @@ class Server:
         await server.start()
         self._grpc = server
         self._on_exit("the gRPC server", lambda: server.stop(grace=0.5))  # cancels the streams left
-        if self.settings.metrics_listen:
-            self._start_metrics_http(self.settings.metrics_listen)
         self._on_exit("the drain", self._drain)
         log.info("models in %s", self.settings.store)
         self._loading = asyncio.create_task(self._load_models(), name="load-models")
@@ -317,8 +317,8 @@ class Server:
 
     async def shutdown(self) -> None:
         """Closes everything in reverse order of acquiring it: goodbye on mDNS (peers and clients stop
-        choosing this daemon), the drain, gRPC, the metrics endpoint, sockets, tasks, the audit log, the
-        models, the remote targets, the decode thread."""
+        choosing this daemon), the drain, gRPC, the unix sockets, the metrics endpoint, the background
+        tasks, the audit log, the models, the remote targets, the decode thread."""
         await self._exit.aclose()
         log.info("stopped")
 
