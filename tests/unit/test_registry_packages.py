@@ -6,7 +6,7 @@ from pathlib import Path
 
 from laas.core.engine import Engine
 from laas.daemon.backends import onnx_format
-from laas.daemon.backends.backend import Described
+from laas.daemon.backends.backend import Described, Shared
 from laas.daemon.registry import ModelRegistry, ModelState
 from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import ModelStore
@@ -46,7 +46,7 @@ async def test_a_broken_package_fails_to_load_with_the_reason(tmp_path: Path) ->
 
     async def onnx_only(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         assert config.format == "onnx" and path == (store.root / "tiny-int4").resolve()
-        return await onnx_format.load(path, described, config, threads)
+        return await onnx_format.load(path, described, config, threads, Shared())
 
     registry = ModelRegistry(Settings(home=tmp_path, threads=1), store, onnx_only)
     entry = registry.get("tiny-int4")

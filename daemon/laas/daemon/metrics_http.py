@@ -69,14 +69,31 @@ def guarded(app: WsgiApp, tokens: TokenStore | None) -> WsgiApp:
     return run
 
 
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """The endpoint, serving in a thread of its own; close() stops it and joins that thread."""
+
+    daemon_threads = True
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Blocks until the serving thread has ended (up to its poll interval, 0.5 s): call it off the loop."""
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+
 def serve_metrics(address: str, registry: CollectorRegistry, tokens: TokenStore | None,
-                  tls: tuple[str, str, str] | None = None) -> WSGIServer:
+                  tls: tuple[str, str, str] | None = None) -> MetricsServer:
     """Serves /metrics on `address` in a daemon thread; `tls` is (cert, key, client CA or "")."""
     host, port = split_address(address)
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
 
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
+    class Server(MetricsServer):
         address_family = family
 
     httpd = make_server(host, port, guarded(make_wsgi_app(registry), tokens), Server, handler_class=_Quiet)
@@ -89,5 +106,5 @@ def serve_metrics(address: str, registry: CollectorRegistry, tokens: TokenStore 
             context.verify_mode = ssl.CERT_REQUIRED
         # the handshake runs in the request's thread, so a slow client cannot hold up accept()
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
-    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    httpd.start()
     return httpd

@@ -7,6 +7,11 @@ loadable on first use; registry.py keeps models resident within the memory budge
 SIGINT: NOT_SERVING, refuse new calls (UNAVAILABLE), let streams in flight finish within the grace
 period, cancel what is left, close the engines, exit 0.
 
+Teardown is an exit stack: every resource goes on it as it is acquired (the decode thread, the remote
+targets, the registry, the audit log, background tasks, the metrics endpoint, sockets, the gRPC server,
+the drain, mDNS) and shutdown() closes them in reverse: goodbye on mDNS, refuse new calls and drain within
+`drain_grace_s`, stop gRPC, then the rest. A step that fails is logged and the steps after it still run.
+
 Under systemd (systemd.py): STATUS= says what the daemon does, READY=1 follows SERVING, STOPPING=1
 starts the drain, the watchdog pings while the liveness check passes. SIGHUP rereads the model list
 (reload_settings) and applies it without dropping streams in flight (ModelRegistry.reload).
@@ -16,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import shlex
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,13 +36,15 @@ from grpc_reflection.v1alpha import reflection
 from laas.core.errors import LaasError
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
+from laas.daemon.backends.backend import Shared
+from laas.daemon.backends.batching import DecodeLoop
 from laas.daemon.backends.loader import engine_loader
 from laas.daemon.lan_peers import LanDiscovery
 from laas.daemon.listeners import bind_all, remove_sockets
 from laas.daemon.liveness import LivenessCheck
 from laas.daemon.local_target import LocalModels
 from laas.daemon.metrics import Metrics
-from laas.daemon.metrics_http import serve_metrics
+from laas.daemon.metrics_http import MetricsServer, serve_metrics
 from laas.daemon.native_probe import WRAPPER_ENV, NativeGate
 from laas.daemon.privacy import privacy_rules
 from laas.daemon.registry import ModelEntry, ModelRegistry
@@ -67,17 +73,22 @@ class Server:
         self._reload_settings = reload_settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self._sockets: list[Path] = []
+        self._exit = contextlib.AsyncExitStack()  # what the server holds; shutdown() closes it in reverse
         self.lifecycle = Lifecycle()
         self.native_gate = NativeGate(threads=min(settings.threads, 2),
                                       wrapper=shlex.split(os.environ.get(WRAPPER_ENV, "")))
-        self.registry = ModelRegistry(settings, ModelStore(settings.store), engine_loader(self.native_gate))
+        self.decode_loop = DecodeLoop()  # the one llama.cpp decode thread of every GGUF engine (batching.py)
+        self._on_exit("the decode thread", lambda: asyncio.to_thread(self.decode_loop.stop))
+        self.registry = ModelRegistry(settings, ModelStore(settings.store),
+                                      engine_loader(self.native_gate, Shared(self.decode_loop)))
         self.local_models = LocalModels(self.registry, settings.default_max_tokens, time.monotonic)
         self.router = build_router(settings, self.registry, self.local_models)
+        self._on_exit("the remote targets", self._close_remotes)
+        self._on_exit("the models", self.registry.aclose)
         self.discovery = LanDiscovery(settings, self.registry, self.router, self.local_models)  # mDNS
         self.metrics = Metrics(self.registry, self.router)
         self.metrics_port: int | None = None
-        self._metrics_http: Any = None
+        self._metrics_http: MetricsServer | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -87,8 +98,12 @@ class Server:
         self._tokens: TokenStore | None = None
 
     async def startup(self) -> int:
-        """Binds the listener and starts loading models; returns the bound port."""
+        """Binds the listener and starts loading models; returns the bound port. What it acquires goes on
+        the exit stack at once, so shutdown() also closes what a start-up that failed half way holds."""
         access = self._access()  # raises before binding when the listen addresses would be open
+        self._on_exit("the background tasks", self._cancel_tasks)  # loading, watchdog, reloads
+        if self.settings.metrics_listen:  # before gRPC: a bad address fails the start before it listens
+            self._start_metrics_http(self.settings.metrics_listen)
         server = grpc.aio.server(interceptors=[RequestLogInterceptor(), access], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -102,13 +117,15 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         bound = bind_all(server, self.settings.listen_addresses, self.settings.socket_mode,
                          server_credentials(self.settings))
-        self.port, self._sockets = bound.port, bound.sockets
+        self.port = bound.port
+        self._on_exit("the unix sockets", lambda: remove_sockets(bound.sockets))
         await server.start()
         self._grpc = server
-        if self.settings.metrics_listen:
-            self._start_metrics_http(self.settings.metrics_listen)
+        self._on_exit("the gRPC server", lambda: server.stop(grace=0.5))  # cancels the streams left
+        self._on_exit("the drain", self._drain)
         log.info("models in %s", self.settings.store)
         self._loading = asyncio.create_task(self._load_models(), name="load-models")
+        self._on_exit("mDNS", self.discovery.aclose)  # first down: the goodbye, before the drain
         await self.discovery.browse()
         if self._watchdog_s:
             check = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
@@ -128,6 +145,7 @@ class Server:
         tokens = TokenStore(path) if path is not None else TokenStore(self.settings.home / "tokens", optional=True)
         audit_path = self.settings.home / self.settings.audit_log if self.settings.audit_log else None
         self._audit = AuditLog(audit_path, self.settings.audit_prompts)
+        self._on_exit("the audit log", self._audit.close)
         self._tokens = tokens
         log.info("tokens: %s; audit log: %s", path or f"off until {tokens.path} is created (loopback or unix socket "
                  "only)", audit_path or "off")
@@ -138,12 +156,41 @@ class Server:
         s = self.settings
         tls = (s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         try:
-            self._metrics_http = serve_metrics(address, self.metrics.prometheus, self._tokens, tls)
+            httpd = self._metrics_http = serve_metrics(address, self.metrics.prometheus, self._tokens, tls)
         except (OSError, ValueError) as e:
             raise SettingsError(f"metrics_listen {address!r}: {e}", field="metrics_listen") from e
-        self.metrics_port = int(self._metrics_http.server_port)
+        self._on_exit("the metrics endpoint", lambda: asyncio.to_thread(httpd.close))
+        self.metrics_port = int(httpd.server_port)
         host = address.rpartition(":")[0] or "127.0.0.1"
         log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, self.metrics_port)
+
+    def _on_exit(self, what: str, close: Callable[[], object]) -> None:
+        """Puts `close` (a function; what it returns is awaited when awaitable) on the exit stack. When it
+        raises, shutdown() logs that and goes on with the next step: one broken resource does not keep the
+        others (the engines, the sockets) open."""
+
+        async def step() -> None:
+            try:
+                done = close()
+                if inspect.isawaitable(done):
+                    await done
+            except Exception:
+                log.exception("shutdown: closing %s failed", what)
+
+        self._exit.push_async_callback(step)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [*self._tasks, *([self._loading] if self._loading is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _close_remotes(self) -> None:
+        for remote in list(self.router.remote.values()):
+            try:
+                await remote.aclose()
+            except Exception:
+                log.exception("shutdown: closing remote %s failed", remote.name)
 
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -213,9 +260,9 @@ class Server:
     async def main_loop(self) -> None:
         await self._stop.wait()
 
-    async def shutdown(self) -> None:
-        """Drains: refuse new calls, wait up to the grace period for streams in flight, then stop."""
-        await self.discovery.aclose()  # goodbye on mDNS first: peers and clients stop choosing this daemon
+    async def _drain(self) -> None:
+        """Refuses new calls, then waits up to the grace period for the streams in flight (stopping gRPC,
+        the next step down, cancels those left)."""
         self.notifier.stopping(f"draining {self.lifecycle.in_flight} stream(s)")
         log.info("shutting down: draining %d stream(s), grace %.1fs", self.lifecycle.in_flight,
                  self.settings.drain_grace_s)
@@ -225,24 +272,12 @@ class Server:
             await asyncio.wait_for(self.lifecycle.idle.wait(), self.settings.drain_grace_s)
         except TimeoutError:
             log.warning("grace period over: cancelling %d stream(s)", self.lifecycle.in_flight)
-        if self._grpc is not None:
-            await self._grpc.stop(grace=0.5)
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loading
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        remove_sockets(self._sockets)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
-        await self.registry.aclose()
-        if self._audit is not None:
-            self._audit.close()
-        for remote in self.router.remote.values():
-            await remote.engine.aclose()
+
+    async def shutdown(self) -> None:
+        """Closes everything in reverse order of acquiring it: goodbye on mDNS (peers and clients stop
+        choosing this daemon), the drain, gRPC, the unix sockets, the metrics endpoint, the background
+        tasks, the audit log, the models, the remote targets, the decode thread."""
+        await self._exit.aclose()
         log.info("stopped")
 
     async def serve(self) -> None:

@@ -13,11 +13,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from laas.core.engine import Engine
 from laas.core.types import ModelInfo
 from laas.daemon.settings import ModelConfig
 from laas.daemon.store import ModelStore
+
+if TYPE_CHECKING:
+    from laas.daemon.backends.batching import DecodeLoop
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,18 @@ EngineLoader = Callable[[Path, Described, ModelConfig, int], Awaitable[Engine]]
 
 
 @dataclass(frozen=True, slots=True)
+class Shared:
+    """What the composition root owns and every engine of a process shares (and stops on shutdown)."""
+
+    # The one thread that runs llama_decode for every GGUF engine; None: each engine runs its own.
+    decode_loop: DecodeLoop | None = None
+
+
+# An EngineLoader that also gets the process's shared resources.
+BackendLoad = Callable[[Path, Described, ModelConfig, int, Shared], Awaitable[Engine]]
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One model format. Every callable but ``load`` blocks (call it off the event loop)."""
 
@@ -43,7 +59,7 @@ class Backend:
     locate: Callable[[ModelStore, ModelConfig], Path]
     # Reads the metadata; raises ModelLoadError for a file that may not reach native code.
     describe: Callable[[Path, ModelConfig], Described]
-    load: EngineLoader
+    load: BackendLoad
     # Checks the file before it loads (a configured digest); None: nothing beyond describe.
     verify: Callable[[Path, ModelConfig], None] | None = None
     # The native library must pass the daemon's native check (a decode in a child process) first.

@@ -44,15 +44,22 @@ class DecodeLoop:
     cores, and libgomp then puts its workers to sleep between parallel regions instead of spinning: every
     decode of every model got 30-45% slower (measured on 2 cores). One thread keeps one team; the steps
     of different models take turns, and no step waits for a hand-over to another thread.
+
+    Whoever creates it owns it: the daemon's Server makes one for all its engines and stops it on shutdown;
+    an engine loaded without one (tests, `laas eval`) makes its own and stops it when closed. The thread
+    starts with the first scheduler; stop() ends the schedulers still in it and joins the thread.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()  # guards every scheduler's pending queue and closing flag
         self._schedulers: list[Scheduler] = []
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def add(self, scheduler: Scheduler) -> None:
         with self.cond:
+            if self._stopping:
+                raise ModelLoadError("the decode loop is stopped")
             self._schedulers.append(scheduler)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._main, name="llama-decode", daemon=True)
@@ -62,18 +69,29 @@ class DecodeLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stop(self) -> None:
+        """Closes the schedulers still in the loop (their streams end with an error), then joins the thread.
+        Blocks: call it off the event loop. Engines closed afterwards find their scheduler already gone."""
+        with self.cond:
+            self._stopping = True
+            for scheduler in self._schedulers:
+                scheduler.closing = True
+            self.cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
     def _main(self) -> None:
         while True:
             with self.cond:
                 while not (ready := [s for s in self._schedulers if s.has_work()]):
+                    if self._stopping:
+                        return
                     self.cond.wait()
                 for gone in (s for s in ready if s.closing):
                     self._schedulers.remove(gone)
             for scheduler in ready:
                 scheduler.run_once()
-
-
-_LOOP = DecodeLoop()
 
 
 @dataclass(eq=False)
@@ -130,7 +148,8 @@ class Scheduler:
     """Owns the llama.cpp context; the decode loop runs it until it is closed."""
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
-                 make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None]) -> None:
+                 make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
+                 loop: DecodeLoop) -> None:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
@@ -150,7 +169,8 @@ class Scheduler:
         self._on_token = on_token
         self.slots = [Slot(i) for i in range(parallel)]
         self._pending: deque[Sequence] = deque()
-        self._cond = _LOOP.cond
+        self._loop = loop
+        self._cond = loop.cond
         self.closing = False
         self._closed = threading.Event()
         self.stats = SchedulerStats()
@@ -160,8 +180,12 @@ class Scheduler:
         # scheduler goes straight on to its next decode (measured: 7% of its time went to that wait).
         self._outbox: queue.SimpleQueue[tuple[Emit, object] | None] = queue.SimpleQueue()
         self._relay = threading.Thread(target=self._relay_main, name="gguf-relay", daemon=True)
+        try:
+            loop.add(self)
+        except BaseException:
+            llama_cpp.llama_batch_free(self._batch)
+            raise
         self._relay.start()
-        _LOOP.add(self)
 
     # --- called from the event loop -------------------------------------------------------------
 
@@ -190,7 +214,7 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return _LOOP.alive and not self.closing
+        return self._loop.alive and not self.closing
 
     def close(self) -> None:
         """Leaves the decode loop (sequences still running end with an error) and frees the batch."""

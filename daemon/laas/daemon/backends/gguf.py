@@ -6,6 +6,10 @@ driven by a Scheduler thread (batching.py); this class is the Engine face of it:
 renders chat, submits a sequence per generate() call and relays what the scheduler emits to the
 event loop. Closing the iterator cancels the sequence; the scheduler drops it before its next step,
 and generate() waits for that, so no token is decoded for it afterwards.
+
+The decode thread (batching.DecodeLoop) is passed in by whoever owns it: the daemon shares one among its
+engines and stops it on shutdown. An engine given none (tests, `laas eval`) runs its own, which aclose()
+stops.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, cast
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
-from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
+from laas.daemon.backends.batching import END, DecodeLoop, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
@@ -52,7 +56,7 @@ class GgufEngine(Engine):
 
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
-                 specials: SpecialTexts | None = None) -> None:
+                 specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -63,8 +67,11 @@ class GgufEngine(Engine):
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
         self._native = NativeClaims()  # tokenizing outside the scheduler: aclose waits for it
         self._specials = specials or special_texts(model)  # what message contents may not turn into
+        self._own_loop: DecodeLoop | None = None  # the engine's own decode thread, stopped by aclose()
+        if decode_loop is None:
+            decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                                    make_sampler=self._make_sampler, on_token=self._count_token)
+                                    make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
             format=ModelFormat.GGUF, quantization=header.quantization,
             context_length=min(context_length, self._scheduler.n_ctx),
@@ -78,8 +85,10 @@ class GgufEngine(Engine):
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
-                   kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: bool = False) -> GgufEngine:
-        """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each)."""
+                   kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: bool = False,
+                   decode_loop: DecodeLoop | None = None) -> GgufEngine:
+        """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
+        `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
 
@@ -130,7 +139,7 @@ class GgufEngine(Engine):
             raise
         specials = await asyncio.to_thread(special_texts, model)
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                   template=template, specials=specials)
+                   template=template, specials=specials, decode_loop=decode_loop)
 
     @property
     def info(self) -> ModelInfo:
@@ -221,6 +230,8 @@ class GgufEngine(Engine):
     async def aclose(self) -> None:
         await asyncio.to_thread(self._native.close)  # no llama_tokenize runs on the model once it is freed
         await asyncio.to_thread(self._scheduler.close)
+        if self._own_loop is not None:
+            await asyncio.to_thread(self._own_loop.stop)
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             await asyncio.to_thread(ctx.close)

@@ -14,7 +14,7 @@ from pathlib import Path
 from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError
 from laas.core.types import ModelFormat, ModelInfo
-from laas.daemon.backends.backend import Backend, Described
+from laas.daemon.backends.backend import Backend, Described, Shared
 from laas.daemon.gguf_header import GgufHeader, read_gguf_header
 from laas.daemon.memory import COMPUTE_OVERHEAD
 from laas.daemon.settings import ModelConfig
@@ -63,7 +63,7 @@ def verify(path: Path, config: ModelConfig) -> None:
         raise ModelLoadError(f"{path.name} does not match its configured sha256")
 
 
-async def load(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
+async def load(path: Path, described: Described, config: ModelConfig, threads: int, shared: Shared) -> Engine:
     from laas.daemon.backends.gguf import GgufEngine  # deferred: llama.cpp loads only to serve GGUF
 
     header = described.metadata
@@ -73,7 +73,8 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
     # Flash attention "auto": on for one sequence only (in company it sums differently per batch shape).
     flash = config.flash_attn == "on" or (config.flash_attn in (None, "auto") and parallel == 1)
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
-                                 parallel=parallel, kv_tokens=config.kv_tokens, flash_attn=flash)
+                                 parallel=parallel, kv_tokens=config.kv_tokens, flash_attn=flash,
+                                 decode_loop=shared.decode_loop)
 
 
 def runtime(threads: int) -> str:

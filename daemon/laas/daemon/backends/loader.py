@@ -14,7 +14,7 @@ from typing import Protocol
 
 from laas.core.engine import Engine
 from laas.core.errors import NotFound
-from laas.daemon.backends.backend import Backend, Described, EngineLoader
+from laas.daemon.backends.backend import Backend, Described, EngineLoader, Shared
 from laas.daemon.backends.formats import FORMATS
 from laas.daemon.settings import ModelConfig
 
@@ -34,15 +34,17 @@ class NativeCheck(Protocol):
         """Returns when the native library runs on this machine; raises ModelLoadError if not."""
 
 
-def engine_loader(native: NativeCheck) -> EngineLoader:
-    """The model registry's loader: the model's format loads it, once `native` passed where it must."""
+def engine_loader(native: NativeCheck, shared: Shared | None = None) -> EngineLoader:
+    """The model registry's loader: the model's format loads it, once `native` passed where it must, with
+    the process's `shared` resources (the composition root's decode thread)."""
+    shared = shared or Shared()
     logged: set[str] = set()
 
     async def load_engine(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         backend = backend_for(config)
         if backend.native_check:
             await native.check(path)
-        engine = await backend.load(path, described, config, threads)
+        engine = await backend.load(path, described, config, threads, shared)
         if backend.runtime is not None and backend.name not in logged:
             logged.add(backend.name)
             log.info("%s", backend.runtime(threads))

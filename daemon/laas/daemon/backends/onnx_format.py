@@ -14,7 +14,7 @@ from pathlib import Path
 from laas.core.engine import Engine
 from laas.core.errors import NotFound
 from laas.core.types import ModelFormat, ModelInfo
-from laas.daemon.backends.backend import Backend, Described
+from laas.daemon.backends.backend import Backend, Described, Shared
 from laas.daemon.memory import COMPUTE_OVERHEAD
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
 from laas.daemon.settings import ModelConfig
@@ -45,7 +45,7 @@ def describe(path: Path, config: ModelConfig) -> Described:
     return Described(info, onnx_memory(manifest, n_ctx), manifest)
 
 
-async def load(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
+async def load(path: Path, described: Described, config: ModelConfig, threads: int, shared: Shared) -> Engine:
     from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
 
     return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
