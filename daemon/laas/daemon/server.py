@@ -37,7 +37,7 @@ from laas.core.errors import LaasError
 from laas.daemon.access import AccessInterceptor
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.backend import Shared
-from laas.daemon.backends.batching import DecodeLoop
+from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.loader import engine_loader
 from laas.daemon.lan_peers import LanDiscovery
 from laas.daemon.listeners import bind_all, remove_sockets

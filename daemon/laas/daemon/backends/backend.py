@@ -21,7 +21,7 @@ from laas.daemon.settings import ModelConfig
 from laas.daemon.store import ModelStore
 
 if TYPE_CHECKING:
-    from laas.daemon.backends.batching import DecodeLoop
+    from laas.daemon.backends.decode_loop import DecodeLoop
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ renders chat, submits a sequence per generate() call and relays what the schedul
 event loop. Closing the iterator cancels the sequence; the scheduler drops it before its next step,
 and generate() waits for that, so no token is decoded for it afterwards.
 
-The decode thread (batching.DecodeLoop) is passed in by whoever owns it: the daemon shares one among its
+The decode thread (decode_loop.DecodeLoop) is passed in by whoever owns it: the daemon shares one among its
 engines and stops it on shutdown. An engine given none (tests, `laas eval`) runs its own, which aclose()
 stops.
 """
@@ -24,8 +24,9 @@ from typing import Any, cast
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
-from laas.daemon.backends.batching import END, DecodeLoop, Scheduler, SchedulerStats, check_prompt
+from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
+from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation

@@ -1,0 +1,79 @@
+"""The one thread that runs llama_decode for every GGUF model of a process (why one: see DecodeLoop).
+
+Layer: infrastructure. Owned by the composition root (the Server), which stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from laas.core.errors import ModelLoadError
+
+
+class Steppable(Protocol):
+    """A scheduler as the loop sees it (batching.Scheduler)."""
+
+    closing: bool
+
+    def has_work(self) -> bool: ...
+
+    def run_once(self) -> None: ...
+
+
+class DecodeLoop:
+    """The one thread that runs every model's scheduler, a step each in turn.
+
+    llama.cpp computes with OpenMP, and OpenMP gives each thread that starts parallel work a team of its
+    own: with a thread per loaded model, two models that have decoded mean two teams, more threads than
+    cores, and libgomp then puts its workers to sleep between parallel regions instead of spinning: every
+    decode of every model got 30-45% slower (measured on 2 cores). One thread keeps one team; the steps
+    of different models take turns, and no step waits for a hand-over to another thread.
+
+    Whoever creates it owns it: the daemon's Server makes one for all its engines and stops it on shutdown;
+    an engine loaded without one (tests, `laas eval`) makes its own and stops it when closed. The thread
+    starts with the first scheduler; stop() ends the schedulers still in it and joins the thread.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()  # guards every scheduler's pending queue and closing flag
+        self._schedulers: list[Steppable] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def add(self, scheduler: Steppable) -> None:
+        with self.cond:
+            if self._stopping:
+                raise ModelLoadError("the decode loop is stopped")
+            self._schedulers.append(scheduler)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._main, name="llama-decode", daemon=True)
+                self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Closes the schedulers still in the loop (their streams end with an error), then joins the thread.
+        Blocks: call it off the event loop. Engines closed afterwards find their scheduler already gone."""
+        with self.cond:
+            self._stopping = True
+            for scheduler in self._schedulers:
+                scheduler.closing = True
+            self.cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _main(self) -> None:
+        while True:
+            with self.cond:
+                while not (ready := [s for s in self._schedulers if s.has_work()]):
+                    if self._stopping:
+                        return
+                    self.cond.wait()
+                for gone in (s for s in ready if s.closing):
+                    self._schedulers.remove(gone)
+            for scheduler in ready:
+                scheduler.run_once()
