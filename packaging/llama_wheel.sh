@@ -15,7 +15,8 @@ log() { printf '\033[1m[llama]\033[0m %s\n' "$*" >&2; }
 
 version=$("$python" -c '
 import re, sys, tomllib
-deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+deps = [*project["dependencies"], *(d for extra in project.get("optional-dependencies", {}).values() for d in extra)]
 print(next(re.fullmatch(r"llama-cpp-python==(\S+)", d).group(1) for d in deps if d.startswith("llama-cpp-python==")))
 ' "$repo/pyproject.toml")
 eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" "$kind" --version "$version")"
