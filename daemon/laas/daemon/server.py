@@ -32,6 +32,8 @@ from grpc_reflection.v1alpha import reflection
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, ModelLoadError
 from laas.daemon.access import AccessInterceptor
+from laas.daemon.app.calls import Lifecycle
+from laas.daemon.app.runtime import Runtime
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.backends.llama_lib import build_key, cpu_backend_in_use
@@ -45,7 +47,7 @@ from laas.daemon.privacy import privacy_rules
 from laas.daemon.registry import EngineLoader, ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.security import listen_refusal, metrics_refusal, server_credentials, tokens_path
-from laas.daemon.service import Lifecycle, RuntimeService
+from laas.daemon.service import RuntimeService
 from laas.daemon.settings import ModelConfig, Settings, SettingsError
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
@@ -135,8 +137,8 @@ class Server:
             ("grpc.so_reuseport", 0),
         ])
         runtime_pb2_grpc.add_RuntimeServicer_to_server(
-            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings), self.metrics,
-                           self.settings.keep_alive_s), server)
+            RuntimeService(Runtime(self.registry, self.router, self.lifecycle, privacy_rules(self.settings),
+                                   self.metrics, self.settings.keep_alive_s)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
