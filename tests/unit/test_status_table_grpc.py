@@ -2,7 +2,7 @@
 
 An in-process `grpc.aio` server on a loopback port 0 serves a fake Runtime servicer whose engine is
 tests/fakes.FakeEngine; the servicer answers errors with the daemon's own mapping
-(laas.daemon.service's `_status_on_error`, the code every RuntimeService method goes through). Every
+(laas.daemon.request_log's RequestLogInterceptor, which every method of the daemon goes through). Every
 LaasError subclass, raised by the engine in a unary call, before a stream's first message and in the
 middle of a stream, reaches a real grpc client with its status code, its message and the field at fault
 in the `laas-field` trailing metadata; the client SDK's error_from_rpc turns it back into a laas error.
@@ -21,7 +21,7 @@ from laas.client.types import error_from_rpc
 from laas.core import errors
 from laas.core.errors import FIELD_METADATA_KEY, LaasError, status_for
 from laas.core.types import Completion, GenerationRequest, SamplingParams, TextDelta
-from laas.daemon.service import _status_on_error as status_on_error  # the daemon's one error mapping
+from laas.daemon.request_log import RequestLogInterceptor  # the daemon's one error mapping
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 from tests.fakes import Fail, FakeEngine
@@ -67,34 +67,32 @@ def expected_code(cls: type[LaasError]) -> grpc.StatusCode:
 
 
 class FakeRuntime(pb_grpc.RuntimeServicer):
-    """Tokenize and Generate over a FakeEngine, errors answered as the daemon's servicer answers them."""
+    """Tokenize and Generate over a FakeEngine; errors raised as the daemon's servicer raises them, answered
+    by the daemon's interceptor."""
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> pb.TokenizeResponse:
-        async with status_on_error(context):
-            tokens = await self.engine.tokenize(request.text, add_special=request.add_special)
-            return pb.TokenizeResponse(tokens=list(tokens), count=len(tokens))
-        raise AssertionError("unreachable")  # status_on_error aborts the call
+        tokens = await self.engine.tokenize(request.text, add_special=request.add_special)
+        return pb.TokenizeResponse(tokens=list(tokens), count=len(tokens))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         sampling = SamplingParams(max_tokens=request.sampling.max_tokens, temperature=0.0, ignore_eos=True)
-        async with status_on_error(context):
-            async for chunk in self.engine.generate(GenerationRequest(request.prompt, sampling)):
-                if isinstance(chunk, TextDelta):
-                    yield pb.GenerateResponse(text=chunk.text)
-                elif isinstance(chunk, Completion):
-                    yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH,
-                                              usage=pb.Usage(completion_tokens=chunk.usage.completion_tokens))
+        async for chunk in self.engine.generate(GenerationRequest(request.prompt, sampling)):
+            if isinstance(chunk, TextDelta):
+                yield pb.GenerateResponse(text=chunk.text)
+            elif isinstance(chunk, Completion):
+                yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH,
+                                          usage=pb.Usage(completion_tokens=chunk.usage.completion_tokens))
 
 
 @asynccontextmanager
 async def serving(engine: FakeEngine) -> AsyncIterator[pb_grpc.RuntimeStub]:
     """A real grpc.aio server on 127.0.0.1:0 and a real client channel to it."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[RequestLogInterceptor()])
     # Only Tokenize and Generate: the other methods are the generated base's (UNIMPLEMENTED).
     pb_grpc.add_RuntimeServicer_to_server(FakeRuntime(engine), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")

@@ -11,10 +11,10 @@ import pytest
 from laas.core.errors import InvalidArgument
 from laas.core.types import SamplingParams
 from laas.daemon import tokens
+from laas.daemon.app.runtime import clamp_keep_alive
 from laas.daemon.audit import bounded
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.security import credential_defaults, is_loopback, listen_refusal, metrics_refusal, tokens_path
-from laas.daemon.service import clamp_keep_alive
 from laas.daemon.settings import Settings, SettingsError, load_settings
 from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
 

@@ -1,6 +1,7 @@
 """Access control of every call: authentication, scopes, streams per caller, and the audit line.
 
-Layer: edge. A gRPC server interceptor, so that no servicer method repeats it. For each call:
+Layer: edge. A gRPC server interceptor, inside the call frame (request_log.py), so that no servicer
+method repeats it. For each call:
 1. health checks need no token (load balancers and systemd probes carry none);
 2. the caller is identified: with a token file, by its `authorization: Bearer <token>` metadata
    (missing or unknown: UNAUTHENTICATED); without one, as `anonymous` (loopback, unix socket, or a
@@ -11,15 +12,15 @@ Layer: edge. A gRPC server interceptor, so that no servicer method repeats it. F
 5. streams in flight per token (or per client certificate's subject) are capped at
    `max_streams_per_token` (RESOURCE_EXHAUSTED); anonymous local callers share the models' queues
    (`max_queue`) instead;
-6. the principal is put in `current_principal` for the servicer (local-only per token, the offload
-   scope), and the audit log gets a line when an authorized call starts (status STARTED, so that a
-   call cut by a crash leaves a trace) and one when it ends.
+6. the principal and the call's audit record go in the current call (app/calls.py) for the use cases
+   (local-only per token, the offload scope; they fill the record and write its STARTED line as they
+   begin, so that a call cut by a crash leaves a trace), and the audit log gets the line of its end,
+   with the status the call settled on.
+A refusal is a LaasError like any other: the call frame answers it with its status.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import logging
 import time
 from collections import Counter
@@ -28,16 +29,23 @@ from typing import Any
 
 import grpc
 
-from laas.core.errors import LaasError
+from laas.core.errors import (
+    InvalidArgument,
+    LaasError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from laas.daemon.app.calls import Call, current_call
 from laas.daemon.audit import AuditLog, AuditRecord
 from laas.daemon.logs import request_id
+from laas.daemon.request_log import abort
 from laas.daemon.tokens import ANONYMOUS, Principal, TokenStore
 from laas.daemon.undecodable import MESSAGE as UNDECODABLE
 from laas.daemon.undecodable import RateLimitedWarning, Undecodable, decoding
 
 log = logging.getLogger(__name__)
-
-current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("laas_principal", default=ANONYMOUS)
 
 OPEN_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
@@ -55,11 +63,12 @@ def stream_key(principal: Principal) -> str:
     return f"cert:{principal.name}" if principal.id == "cert" else principal.id
 
 
-class Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def _current() -> Call:
+    call = current_call.get()
+    if call is None:  # no call frame outside (a server built without it)
+        call = Call()
+        current_call.set(call)
+    return call
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -82,48 +91,37 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             principal = self._tokens.authenticate(presented) if presented else None
         except LaasError as e:  # the token file went missing or unreadable: fail closed, say why in the log
             log.error("%s", e)
-            raise Denied(grpc.StatusCode.UNAVAILABLE, "tokens cannot be checked now; retry later") from e
+            raise Unavailable("tokens cannot be checked now; retry later") from e
         if principal is None:
-            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required: send the metadata "
-                         "`authorization: Bearer <token>` (see `laasd token create`)")
+            raise Unauthenticated("a valid token is required: send the metadata "
+                                  "`authorization: Bearer <token>` (see `laasd token create`)")
         return principal
 
     @staticmethod
     def _authorize(method: str, principal: Principal) -> None:
         scope = METHOD_SCOPES.get(method.removeprefix(_SERVICE)) if method.startswith(_SERVICE) else None
         if method.startswith(_SERVICE) and scope is None:
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to tokens")
+            raise PermissionDenied(f"{method} is not open to tokens")
         if scope is not None and scope not in principal.scopes:
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the scope {scope!r} that "
+            raise PermissionDenied(f"this token lacks the scope {scope!r} that "
                          f"{method.removeprefix(_SERVICE)} needs")
 
     def _check_decoded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, Undecodable):
             self._undecodable_log.warn("undecodable %s request from %s: %s", method, context.peer() or "?",
                                        request.reason)
-            raise Denied(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE)
+            raise InvalidArgument(UNDECODABLE)
 
-    def _record(self, method: str, principal: Principal, request: Any, context: grpc.aio.ServicerContext
-                ) -> AuditRecord:
+    def _record(self, method: str, principal: Principal, context: grpc.aio.ServicerContext) -> AuditRecord:
         who = principal.name if principal.id in ("-", "cert") else f"{principal.id} ({principal.name})"
-        record = AuditRecord(method.removeprefix(_SERVICE), who, context.peer() or "", request_id.get())
-        record.model = getattr(request, "model", "") or ""
-        if self._audit.with_prompts:
-            record.prompt = getattr(request, "prompt", None) or getattr(request, "text", None) or \
-                [[m.role, m.content] for m in getattr(request, "messages", ())] or None
-        return record
+        return AuditRecord(method.removeprefix(_SERVICE), who, context.peer() or "", request_id.get())
 
-    def _finish(self, record: AuditRecord, context: grpc.aio.ServicerContext, error: BaseException | None,
-                started: float) -> None:
-        if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            record.status = "CANCELLED"
-        elif isinstance(error, Denied):
-            record.status = error.code.name
-        elif error is not None and not isinstance(error, grpc.aio.AbortError):
-            record.status = "UNKNOWN"
-        else:
-            code = context.code()
-            record.status = code.name if isinstance(code, grpc.StatusCode) else "OK"
+    def _admit(self, call: Call, record: AuditRecord, principal: Principal) -> None:
+        """The caller may go on: the use case sees who calls and fills the record (and writes its STARTED line)."""
+        call.principal, call.audit, call.audit_log = principal, record, self._audit
+
+    def _finish(self, record: AuditRecord, call: Call, error: BaseException | None, started: float) -> None:
+        record.status = call.settle(error)
         record.ms = (time.perf_counter() - started) * 1000
         self._audit.write(record)
 
@@ -147,28 +145,26 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _guard_open(self, behavior: Callable[[Any, Any], Any], method: str) -> Callable[[Any, Any], Any]:
         """Health's Check (a coroutine) and Watch (a coroutine writing with context.write): both awaited."""
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                self._check_decoded(method, request, context)
-            except Denied as e:
-                await context.abort(e.code, e.message)
+            self._check_decoded(method, request, context)
             return await behavior(request, context)
 
         return run
 
     def _guard_reflection(self, behavior: Callable[[Any, Any], AsyncIterator[Any]], method: str
                           ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        """Reflection is client-streaming, outside the call frame: it answers its refusals itself."""
         async def run(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 self._identify(method, context)
-            except Denied as e:
-                await context.abort(e.code, e.message)
+            except LaasError as e:
+                await abort(context, e)
 
             async def decoded() -> AsyncIterator[Any]:
                 async for request in requests:
                     try:
                         self._check_decoded(method, request, context)
-                    except Denied as e:
-                        await context.abort(e.code, e.message)
+                    except LaasError as e:
+                        await abort(context, e)
                     yield request
 
             async for response in behavior(decoded(), context):
@@ -180,23 +176,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                      ) -> Callable[[Any, Any], Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            call = _current()
             record = AuditRecord(method.removeprefix(_SERVICE), "?", context.peer() or "", request_id.get())
             try:
                 principal = self._identify(method, context)
-                record = self._record(method, principal, request, context)
+                record = self._record(method, principal, context)
                 self._authorize(method, principal)
                 self._check_decoded(method, request, context)
-                current_principal.set(principal)
-                self._audit.start(record)
+                self._admit(call, record, principal)
                 response = await behavior(request, context)
-                record.observe(response)
-            except Denied as e:
-                self._finish(record, context, e, started)
-                await context.abort(e.code, e.message)
             except BaseException as e:
-                self._finish(record, context, e, started)
+                self._finish(record, call, e, started)
                 raise
-            self._finish(record, context, None, started)
+            self._finish(record, call, None, started)
             return response
 
         return run
@@ -205,35 +197,31 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                       ) -> Callable[[Any, Any], AsyncIterator[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            call = _current()
             record = AuditRecord(method.removeprefix(_SERVICE), "?", context.peer() or "", request_id.get())
             counted = ""
             try:
                 principal = self._identify(method, context)
-                record = self._record(method, principal, request, context)
+                record = self._record(method, principal, context)
                 self._authorize(method, principal)
                 self._check_decoded(method, request, context)
                 key = stream_key(principal)
                 if principal is not ANONYMOUS and self._streams[key] >= self._max_streams:
-                    raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{principal.name} already has "
-                                 f"{self._max_streams} streams in flight (max_streams_per_token)")
+                    raise ResourceExhausted(f"{principal.name} already has "
+                                            f"{self._max_streams} streams in flight (max_streams_per_token)")
                 counted = key
                 self._streams[counted] += 1
-                current_principal.set(principal)
-                self._audit.start(record)
+                self._admit(call, record, principal)
                 async for response in behavior(request, context):
-                    record.observe(response)
                     yield response
-            except Denied as e:
-                self._finish(record, context, e, started)
-                await context.abort(e.code, e.message)
             except BaseException as e:
-                self._finish(record, context, e, started)
+                self._finish(record, call, e, started)
                 raise
             finally:
                 if counted:
                     self._streams[counted] -= 1
                     if not self._streams[counted]:
                         del self._streams[counted]
-            self._finish(record, context, None, started)
+            self._finish(record, call, None, started)
 
         return run

@@ -1,6 +1,8 @@
 """The audit log: one JSON line per API call, in its own file, apart from the daemon's log.
 
-Layer: infrastructure. A line with status STARTED when an authorized call begins (so a call cut by a
+Layer: infrastructure. The record of a call is filled from domain values: who called by the access
+check (access.py), the rest by the application layer (app/runtime.py), which says when the use case
+begins. A line with status STARTED when an authorized call begins (so a call cut by a
 crash or SIGKILL leaves a trace; both lines carry its request_id), and one when it ends: who called
 (token id and name, or the client certificate's subject, and the peer address), which method, which
 model, where it was routed, whether it stayed local-only, how many items were redacted, how many tokens,
@@ -19,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
+
+from laas.core.types import ChatMessage, Usage
 
 MAX_FIELD_CHARS = 256  # a model name's limit (validation.MAX_MODEL_NAME)
 MAX_PROMPT_CHARS = 1 << 20  # the prompt's limit (validation.MAX_PROMPT_BYTES)
@@ -51,20 +55,21 @@ class AuditRecord:
     ms: float = 0.0
     prompt: Any = None
 
-    def observe(self, response: Any) -> None:
-        """Takes the model, route and usage from a laas.v1 response message as it goes by."""
-        if getattr(response, "model", ""):
-            self.model = response.model
-        if hasattr(response, "HasField") and "route" in type(response).DESCRIPTOR.fields_by_name \
-                and response.HasField("route"):
-            route = response.route
-            kind = {1: "local", 2: "peer", 3: "cloud"}.get(route.kind, "?")
-            self.routes.append(f"{route.target}:{kind}")
-            self.local_only = self.local_only or route.local_only
-            self.redacted += route.redacted
-        usage = getattr(response, "usage", None)
-        if usage is not None and hasattr(response, "HasField") and response.HasField("usage"):
-            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+    def saw_route(self, target: str, kind: str, local_only: bool, redacted: int) -> None:
+        """A route the call took (a failover adds another), as the application layer sends it on."""
+        self.routes.append(f"{target}:{kind}")
+        self.local_only = self.local_only or local_only
+        self.redacted += redacted
+
+    def saw_usage(self, usage: Usage) -> None:
+        self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+
+
+def _plain(prompt: Any) -> Any:
+    """A prompt as JSON: the text, or the chat messages as [role, content] pairs."""
+    if isinstance(prompt, tuple | list):
+        return [[m.role, m.content] if isinstance(m, ChatMessage) else m for m in prompt]
+    return prompt
 
 
 class AuditLog:
@@ -87,7 +92,7 @@ class AuditLog:
         line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
                 **fields}
         if self.with_prompts:
-            line["prompt"] = bounded(record.prompt, MAX_PROMPT_CHARS)
+            line["prompt"] = bounded(_plain(record.prompt), MAX_PROMPT_CHARS)
         line["ms"] = round(record.ms, 1)
         self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
 

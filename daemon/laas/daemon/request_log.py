@@ -1,15 +1,22 @@
-"""A gRPC server interceptor that gives every call a request id and writes one access-log line for it.
+"""The frame of every gRPC call: its request id, its status (every error mapped here, once) and its access line.
 
-Layer: edge. The id is the caller's `x-request-id` metadata when it is a short token, else a fresh
-random one; it is sent back as initial metadata `x-request-id` and set in logs.request_id for every
-log line written while the call runs. The access line names the method, the status code and the
-time taken; never the request's content. Health and reflection calls log at DEBUG (probes are
-frequent), the laas API at INFO.
+Layer: edge. A server interceptor, the outermost, so that every method of every service gets the same
+frame and no servicer method repeats it. The id is the caller's `x-request-id` metadata when it is a
+short token, else a fresh random one; it is sent back as initial metadata `x-request-id` and set in
+logs.request_id for every log line written while the call runs. The call (app/calls.py) is opened here
+and put in `current_call` for the access check and the use cases.
+
+Errors: a LaasError raised anywhere below (the access check, the servicer, the application layer, the
+router) becomes its status code through errors.STATUS_TABLE, with the field at fault in the
+`laas-field` trailing metadata; any other exception is a bug, logged and answered INTERNAL without
+internals. The call's status is settled once (app/calls.py) and read by the access line, the audit
+line and the metrics alike. The access line names the method, the status and the time taken; never
+the request's content. Health and reflection calls log at DEBUG (probes are frequent), the laas API
+at INFO.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import re
@@ -20,6 +27,8 @@ from typing import Any
 
 import grpc
 
+from laas.core.errors import FIELD_METADATA_KEY, LaasError, status_for
+from laas.daemon.app.calls import Call, current_call
 from laas.daemon.logs import request_id
 
 log = logging.getLogger(__name__)
@@ -35,38 +44,60 @@ def _request_id(details: grpc.HandlerCallDetails) -> str:
     return uuid.uuid4().hex[:16]
 
 
-class _Call:
-    """Runs one call under its request id and logs how it ended."""
+async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """Ends the call with the status of `error` (raises grpc's AbortError): a LaasError's own, with the
+    field at fault; anything else is a bug: INTERNAL, the details in the daemon's log only."""
+    if isinstance(error, LaasError):
+        metadata = ((FIELD_METADATA_KEY, error.field),) if error.field else ()
+        await context.abort(status_for(error), error.message, trailing_metadata=metadata)
+    log.error("internal error while serving a request", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the daemon's log has the details")
+
+
+class _Frame:
+    """One call under its request id: opens the call, logs how it ended, answers its error."""
 
     def __init__(self, method: str, rid: str) -> None:
         self.method = method
         self.rid = rid
         self.level = logging.INFO if method.startswith("/laas.") else logging.DEBUG
         self.started = time.perf_counter()
+        self.call = Call()
 
     async def begin(self, context: grpc.aio.ServicerContext) -> None:
         request_id.set(self.rid)
+        current_call.set(self.call)
         await context.send_initial_metadata(((REQUEST_ID_KEY, self.rid),))
 
     def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-        if isinstance(error, asyncio.CancelledError):
-            code = "CANCELLED"
-        elif error is not None and not isinstance(error, grpc.aio.AbortError):
-            code = "UNKNOWN"
-        else:
-            status = context.code()
-            code = status.name if isinstance(status, grpc.StatusCode) else "OK"
-        log.log(self.level, "%s %s %.1fms", self.method, code, (time.perf_counter() - self.started) * 1000)
+        if isinstance(error, grpc.aio.AbortError) and self.call.status is None:  # aborted by grpc's own code
+            code = context.code()
+            self.call.status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        status = self.call.settle(error)
+        log.log(self.level, "%s %s %.1fms", self.method, status, (time.perf_counter() - self.started) * 1000)
+
+    async def fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        self.call.settle(error)
+        try:
+            await abort(context, error)
+        finally:
+            self.end(context, error)  # the access line after the bug's traceback
 
 
-def _wrap_unary(behavior: Callable[[Any, Any], Awaitable[Any]], call: Callable[[], _Call]
+def _wrap_unary(behavior: Callable[[Any, Any], Awaitable[Any]], frame: Callable[[], _Frame]
                 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        this = call()
+        this = frame()
         await this.begin(context)
         try:
             response = await behavior(request, context)
-        except BaseException as e:
+        except grpc.aio.AbortError as e:
+            this.end(context, e)
+            raise
+        except Exception as e:
+            await this.fail(context, e)
+            raise
+        except BaseException as e:  # cancelled
             this.end(context, e)
             raise
         this.end(context, None)
@@ -75,19 +106,25 @@ def _wrap_unary(behavior: Callable[[Any, Any], Awaitable[Any]], call: Callable[[
     return run
 
 
-def _wrap_stream(behavior: Callable[[Any, Any], Any], call: Callable[[], _Call]) -> Callable[[Any, Any], Any]:
+def _wrap_stream(behavior: Callable[[Any, Any], Any], frame: Callable[[], _Frame]) -> Callable[[Any, Any], Any]:
     """Wraps a server-streaming behaviour of either kind gRPC accepts: an async generator, or a coroutine
     that writes with context.write (grpc_health's Watch)."""
     if inspect.iscoroutinefunction(behavior):
-        return _wrap_unary(behavior, call)
+        return _wrap_unary(behavior, frame)
 
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        this = call()
+        this = frame()
         await this.begin(context)
         try:
             async for response in behavior(request, context):
                 yield response
-        except BaseException as e:
+        except grpc.aio.AbortError as e:
+            this.end(context, e)
+            raise
+        except Exception as e:
+            await this.fail(context, e)
+            raise
+        except BaseException as e:  # cancelled, or closed by grpc
             this.end(context, e)
             raise
         this.end(context, None)
@@ -99,13 +136,13 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:  # laas has no client-streaming calls
+        if handler is None or handler.request_streaming:  # reflection: its own errors (access.py)
             return handler
         method = details.method
 
-        def call() -> _Call:
-            return _Call(method, _request_id(details))
+        def frame() -> _Frame:
+            return _Frame(method, _request_id(details))
 
         if handler.response_streaming:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, call))
-        return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, call))
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, frame))
+        return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, frame))

@@ -35,6 +35,8 @@ from grpc_reflection.v1alpha import reflection
 
 from laas.core.errors import LaasError
 from laas.daemon.access import AccessInterceptor
+from laas.daemon.app.calls import Lifecycle
+from laas.daemon.app.runtime import Runtime
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.backend import Shared
 from laas.daemon.backends.decode_loop import DecodeLoop
@@ -51,7 +53,7 @@ from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.request_log import RequestLogInterceptor
 from laas.daemon.routing import build_router, calibrate
 from laas.daemon.security import listen_refusal, metrics_refusal, server_credentials, tokens_path
-from laas.daemon.service import Lifecycle, RuntimeService
+from laas.daemon.service import RuntimeService
 from laas.daemon.settings import Settings, SettingsError, reloaded
 from laas.daemon.store import ModelStore
 from laas.daemon.systemd import Notifier, Watchdog
@@ -110,8 +112,8 @@ class Server:
             ("grpc.so_reuseport", 0),
         ])
         runtime_pb2_grpc.add_RuntimeServicer_to_server(
-            RuntimeService(self.registry, self.router, self.lifecycle, privacy_rules(self.settings), self.metrics,
-                           self.settings.keep_alive_s), server)
+            RuntimeService(Runtime(self.registry, self.router, self.lifecycle, privacy_rules(self.settings),
+                                   self.metrics, self.settings.keep_alive_s)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
