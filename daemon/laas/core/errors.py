@@ -1,7 +1,7 @@
 """The one error hierarchy of laas, and the one table that maps it to gRPC status codes.
 
-Layer: core. Engines, the store and the router raise these; the gRPC edge (service.py) turns them
-into status codes with :func:`status_for`, and the client turns status codes back into them with
+Layer: core. Engines, the store and the router raise these; the gRPC edge turns them into status
+codes with :func:`status_for`, in one place for every method (daemon/request_log.py), and the client turns status codes back into them with
 :func:`error_for_status`. Nothing matches on message text.
 
     LaasError                       (INTERNAL: a bug, never bad input)
