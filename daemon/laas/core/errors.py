@@ -1,8 +1,8 @@
 """The one error hierarchy of laas, and the one table that maps it to gRPC status codes.
 
 Layer: core. Engines, the store and the router raise these; the gRPC edge turns them into status
-codes with :func:`status_for`, in one place for every method (daemon/request_log.py), and the client turns status codes back into them with
-:func:`error_for_status`. Nothing matches on message text.
+codes with :func:`status_for`, in one place for every method (daemon/request_log.py), and the client
+turns status codes back into them with :func:`error_for_status`. Nothing matches on message text.
 
     LaasError                       (INTERNAL: a bug, never bad input)
     ├── InvalidArgument             (INVALID_ARGUMENT: a request field is wrong; `field` names it)

@@ -17,6 +17,7 @@ at INFO.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -76,6 +77,23 @@ class _Frame:
         status = self.call.settle(error)
         log.log(self.level, "%s %s %.1fms", self.method, status, (time.perf_counter() - self.started) * 1000)
 
+    @contextlib.asynccontextmanager
+    async def running(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """The call's body runs inside: how it ended is logged, and its error answered."""
+        await self.begin(context)
+        try:
+            yield
+        except grpc.aio.AbortError as e:
+            self.end(context, e)
+            raise
+        except Exception as e:
+            await self.fail(context, e)
+            raise
+        except BaseException as e:  # cancelled, or closed by grpc
+            self.end(context, e)
+            raise
+        self.end(context, None)
+
     async def fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         self.call.settle(error)
         try:
@@ -87,21 +105,8 @@ class _Frame:
 def _wrap_unary(behavior: Callable[[Any, Any], Awaitable[Any]], frame: Callable[[], _Frame]
                 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        this = frame()
-        await this.begin(context)
-        try:
-            response = await behavior(request, context)
-        except grpc.aio.AbortError as e:
-            this.end(context, e)
-            raise
-        except Exception as e:
-            await this.fail(context, e)
-            raise
-        except BaseException as e:  # cancelled
-            this.end(context, e)
-            raise
-        this.end(context, None)
-        return response
+        async with frame().running(context):
+            return await behavior(request, context)
 
     return run
 
@@ -113,21 +118,9 @@ def _wrap_stream(behavior: Callable[[Any, Any], Any], frame: Callable[[], _Frame
         return _wrap_unary(behavior, frame)
 
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        this = frame()
-        await this.begin(context)
-        try:
+        async with frame().running(context):
             async for response in behavior(request, context):
                 yield response
-        except grpc.aio.AbortError as e:
-            this.end(context, e)
-            raise
-        except Exception as e:
-            await this.fail(context, e)
-            raise
-        except BaseException as e:  # cancelled, or closed by grpc
-            this.end(context, e)
-            raise
-        this.end(context, None)
 
     return run
 
