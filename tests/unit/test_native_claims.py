@@ -190,7 +190,7 @@ async def _unloaded(entry: ModelEntry) -> None:
 async def test_the_router_holds_the_model_while_it_counts_a_prompt(tmp_path: Path, model_file: Path,
                                                                     step: str) -> None:
     reg, engine = await _registry(tmp_path, model_file)
-    device = LocalModels(reg, 16, time.monotonic)
+    device = LocalModels(reg, time.monotonic)
     router = Router(device, [], {}, {}, 16)
     request = RoutedRequest(SamplingParams(max_tokens=1), prompt="long text")
     if step == "plan":

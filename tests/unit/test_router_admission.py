@@ -84,7 +84,7 @@ async def _router(tmp_path: Path, model_file: Path, preload: bool) -> tuple[Rout
     registry = ModelRegistry(settings, ModelStore(store), load)
     await registry.preload()
     assert (registry.default.state is ModelState.READY) is preload
-    return Router(LocalModels(registry, 16, time.monotonic), [], {}, {}, 16), engine
+    return Router(LocalModels(registry, time.monotonic), [], {}, {}, 16), engine
 
 
 CHAT = RoutedRequest(SamplingParams(), messages=(ChatMessage("system", "be brief"), ChatMessage("user", "hi there")))

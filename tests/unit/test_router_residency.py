@@ -20,7 +20,7 @@ TEN = Admitted(RoutedRequest(SamplingParams(max_tokens=10), prompt="hi"), 10, 16
 def _target(tmp_path: Path) -> LocalTarget:
     settings = Settings(home=tmp_path)
     registry = ModelRegistry(settings, ModelStore(settings.store), None)  # type: ignore[arg-type]
-    return LocalModels(registry, 16, time.monotonic).targets()[settings.default_model]
+    return LocalModels(registry, time.monotonic).targets()[settings.default_model]
 
 
 def test_a_model_not_loaded_is_eligible_and_its_load_time_is_predicted(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def _peer(name: str, ttft_ms: float) -> RemoteTarget:
 async def test_a_peer_that_left_after_the_plan_is_skipped_and_the_next_takes_the_request(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     registry = ModelRegistry(settings, ModelStore(settings.store), None)  # type: ignore[arg-type]
-    router = Router(LocalModels(registry, 16, time.monotonic), [], {}, {}, 16)
+    router = Router(LocalModels(registry, time.monotonic), [], {}, {}, 16)
     model = settings.default_model
     router.add_remote(_peer("near", 10), (model,))
     router.add_remote(_peer("far", 500), (model,))

@@ -10,6 +10,7 @@ import pytest
 
 from laas.core.addresses import DEFAULT_LISTEN
 from laas.core.errors import InvalidArgument
+from laas.daemon.liveness import LivenessCheck
 from laas.daemon.server import Server
 from laas.daemon.settings import (
     DEFAULT_MODEL_NAME,
@@ -491,9 +492,11 @@ async def test_sighup_puts_the_applied_settings_in_force_and_warns_for_the_rest(
     new = Settings.model_validate(dict(current) | {"drain_grace_s": 1.5, "default_max_tokens": 9,
                                                    "watchdog_stall_s": 5.0, "default_model_source": "pkg==2"})
     server = Server(current, reload_settings=lambda: new)
+    server._liveness = LivenessCheck(server.registry, current.watchdog_stall_s)  # startup's, with a watchdog
     with caplog.at_level(logging.WARNING):
         await server._reload()
+    assert server._liveness.stall_s == 5.0
     assert server.settings.drain_grace_s == 1.5  # read at shutdown from server.settings
-    assert server.settings.default_max_tokens == 256
-    assert ("reload: default_max_tokens, watchdog_stall_s, default_model_source changed; a restart applies that"
-            in caplog.text)
+    assert server.settings.default_max_tokens == server.router.default_max_tokens == 9  # new requests' default
+    assert server.settings.default_model_source == current.default_model_source
+    assert "reload: default_model_source changed; a restart applies that" in caplog.text

@@ -33,7 +33,7 @@ class LivenessCheck:
     def __init__(self, registry: ModelRegistry, stall_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._registry = registry
-        self._stall_s = stall_s
+        self.stall_s = stall_s
         self._clock = clock
         self._progress: dict[str, _Progress] = {}
 
@@ -50,7 +50,7 @@ class LivenessCheck:
             if last is None or last.engine is not engine or last.tokens != engine.decoded_tokens \
                     or not model.active:
                 self._progress[model.name] = _Progress(engine, engine.decoded_tokens, now)
-            elif now - last.since > self._stall_s:
+            elif now - last.since > self.stall_s:
                 raise EngineStuck(f"model {model.name!r} has a stream running but decoded no token "
                                   f"for {now - last.since:.0f}s")
         for name in set(self._progress) - seen:

@@ -29,12 +29,11 @@ Clock = Callable[[], float]
 class LocalTarget:
     kind = TargetKind.LOCAL
 
-    def __init__(self, entry: ModelEntry, registry: ModelRegistry, default_max_tokens: int, clock: Clock) -> None:
+    def __init__(self, entry: ModelEntry, registry: ModelRegistry, clock: Clock) -> None:
         self.entry = entry
         self.name = entry.name
         self.estimator = LocalEstimator(parallel=entry.queue.parallel)
         self._registry = registry
-        self._default_max_tokens = default_max_tokens
         self._clock = clock
 
     @property
@@ -88,7 +87,7 @@ class LocalTarget:
         bound = await self._render(engine, admitted.request, admitted.resumed_from)
         sampling = admitted.request.sampling
         granted = admit(len(bound.prompt_tokens or ()), sampling.max_tokens, self.context_length,
-                        self._default_max_tokens)
+                        admitted.default_max_tokens)
         return replace(bound, sampling=replace(sampling, max_tokens=granted.max_tokens))
 
     async def stream(self, admitted: Admitted) -> AsyncGenerator[Streamed, None]:
@@ -126,9 +125,8 @@ class LocalModels:
     """The router's `Device`: a target per model in the registry; a model that stays over a reload keeps
     its target, and with it its learned estimates."""
 
-    def __init__(self, registry: ModelRegistry, default_max_tokens: int, clock: Clock) -> None:
+    def __init__(self, registry: ModelRegistry, clock: Clock) -> None:
         self._registry = registry
-        self._default_max_tokens = default_max_tokens
         self._clock = clock
         self._targets: dict[str, LocalTarget] = {}
 
@@ -142,7 +140,7 @@ class LocalModels:
             del self._targets[name]
         for name, entry in entries.items():
             if name not in self._targets:
-                self._targets[name] = LocalTarget(entry, self._registry, self._default_max_tokens, self._clock)
+                self._targets[name] = LocalTarget(entry, self._registry, self._clock)
         return self._targets
 
     def not_served(self, model: str) -> LaasError:

@@ -72,6 +72,7 @@ class Server:
         self.settings = settings
         self.notifier = notifier or Notifier(None)
         self._watchdog_s = watchdog_s
+        self._liveness: LivenessCheck | None = None  # with the watchdog on
         self._reload_settings = reload_settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
@@ -83,7 +84,7 @@ class Server:
         self._on_exit("the decode thread", lambda: asyncio.to_thread(self.decode_loop.stop))
         self.registry = ModelRegistry(settings, ModelStore(settings.store),
                                       engine_loader(self.native_gate, Shared(self.decode_loop)))
-        self.local_models = LocalModels(self.registry, settings.default_max_tokens, time.monotonic)
+        self.local_models = LocalModels(self.registry, time.monotonic)
         self.router = build_router(settings, self.registry, self.local_models)
         self._on_exit("the remote targets", self._close_remotes)
         self._on_exit("the models", self.registry.aclose)
@@ -130,8 +131,8 @@ class Server:
         self._on_exit("mDNS", self.discovery.aclose)  # first down: the goodbye, before the drain
         await self.discovery.browse()
         if self._watchdog_s:
-            check = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
-            self._spawn(Watchdog(self.notifier, self._watchdog_s, check).run(), "watchdog")
+            self._liveness = LivenessCheck(self.registry, self.settings.watchdog_stall_s)
+            self._spawn(Watchdog(self.notifier, self._watchdog_s, self._liveness).run(), "watchdog")
         return self.port or 0
 
     def _access(self) -> AccessInterceptor:
@@ -241,6 +242,9 @@ class Server:
                     log.warning("reload: %s changed; a restart applies that", ", ".join(unapplied))
                 changes = await self.registry.reload(in_force, self._on_loading)
                 self.settings = in_force  # e.g. drain_grace_s, read at shutdown
+                self.router.default_max_tokens = in_force.default_max_tokens
+                if self._liveness is not None:
+                    self._liveness.stall_s = in_force.watchdog_stall_s
             except LaasError as e:
                 log.error("reload failed, the model list is unchanged: %s", e)
                 self.notifier.ready(f"reload failed: {e}; {self._serving_status()}")

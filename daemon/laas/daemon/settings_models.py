@@ -215,7 +215,7 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
         "Memory the loaded models may take, in MiB; 0: 75% of the machine's memory (or its cgroup's limit)."))
     preload: Literal["default", "all", "none"] = Field(default="default", json_schema_extra=RESTART, description=(
         "Models loaded at start: default (the default model), all, or none (each loads on first use)."))
-    default_max_tokens: Int = Field(default=256, ge=1, json_schema_extra=RESTART, description=(
+    default_max_tokens: Int = Field(default=256, ge=1, json_schema_extra=APPLY, description=(
         "Tokens generated when a request leaves max_tokens unset."))
     drain_grace_s: Float = Field(default=10.0, ge=0, json_schema_extra=APPLY, description=(
         "Seconds SIGTERM/SIGINT wait for in-flight streams before cancelling them."))
@@ -225,7 +225,7 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
         "auto (journal format when stderr is the journal, else text), text, journal or json."))
     socket_mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$", json_schema_extra=RESTART, description=(
         "Permissions (octal, like 0660) of the unix sockets named in `listen`: who may connect."))
-    watchdog_stall_s: Float = Field(default=120.0, gt=0, json_schema_extra=RESTART, description=(
+    watchdog_stall_s: Float = Field(default=120.0, gt=0, json_schema_extra=APPLY, description=(
         "Seconds a model may hold a stream without decoding a token before the systemd watchdog calls it stuck."))
     metrics_listen: str = Field(default="", json_schema_extra=RESTART, description=(
         "host:port of the Prometheus metrics endpoint (HTTP, /metrics); empty serves none."))

@@ -50,7 +50,8 @@ class Router:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._device = device
         self._aliases = aliases
-        self._default_max_tokens = default_max_tokens
+        # max_tokens for requests that set none (settings.default_max_tokens; a SIGHUP reload sets it anew)
+        self.default_max_tokens = default_max_tokens
         self._clock = clock
         self.remote = {r.name: r for r in remotes}
         # Which remote targets answer for which requested model name ("" means the default model).
@@ -87,8 +88,8 @@ class Router:
         loaded; else provisional, its tokens estimated from the text (the device renders it in its turn)."""
         bound = await counter.render(request) if counter is not None else None
         if bound is None or counter is None:
-            return Admitted(request, request.text_tokens(), self._default_max_tokens)
-        return Admitted(request, len(bound.prompt_tokens or ()), self._default_max_tokens, bound, counter.name)
+            return Admitted(request, request.text_tokens(), self.default_max_tokens)
+        return Admitted(request, len(bound.prompt_tokens or ()), self.default_max_tokens, bound, counter.name)
 
     async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None) -> Plan:
         local, remotes = self.targets_for(model)
@@ -96,7 +97,7 @@ class Router:
             local.check_servable()  # the device alone: its own error (fetching, failed) is the answer
         # A model only remote targets serve is counted with the default model's tokenizer.
         admitted = await self.admit(request, local or self.local.get(self._device.default_model))
-        query = Query(admitted.prompt_tokens, request.sampling.max_tokens, self._default_max_tokens, policy,
+        query = Query(admitted.prompt_tokens, request.sampling.max_tokens, self.default_max_tokens, policy,
                       budget_ms)
         targets: list[Target] = [*([local] if local is not None else []), *remotes]
         decision = choose(query, [t.estimate(admitted) for t in targets])
