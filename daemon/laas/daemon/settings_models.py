@@ -185,7 +185,7 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
     """Everything laasd is configured with. Built by settings.load_settings from its sources; built
     directly (tests, tools), it takes only the values given and the defaults, never the environment."""
 
-    model_config = SettingsConfigDict(extra="forbid", allow_inf_nan=False, env_prefix=ENV_PREFIX)
+    model_config = SettingsConfigDict(extra="forbid", allow_inf_nan=False)  # sources: settings_customise_sources
 
     listen: str = Field(default=DEFAULT_LISTEN, json_schema_extra=RESTART, description=(
         "Addresses to listen on, comma-separated: host:port (TCP) and unix:/path (a Unix socket)."))
