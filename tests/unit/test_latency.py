@@ -44,17 +44,17 @@ def test_prediction_with_an_empty_queue_is_the_service_time() -> None:
 
 def test_admitted_tickets_count_whole_until_they_start() -> None:
     est = LocalEstimator()
-    est.admit(300.0)
-    est.admit(500.0)
+    est.in_flight.hold(300.0, now=0.0)
+    est.in_flight.hold(500.0, now=0.0)
     assert est.queue_ms(now=0.0) == pytest.approx(800)
     assert est.queue_ms(now=100.0) == pytest.approx(800)  # waiting work does not shrink with time
 
 
 def test_started_ticket_shrinks_as_time_passes_and_never_goes_negative() -> None:
     est = LocalEstimator()
-    running = est.admit(1000.0)
-    est.admit(400.0)
-    est.start(running, now=50.0)
+    running = est.in_flight.hold(1000.0, now=0.0)
+    est.in_flight.hold(400.0, now=0.0)
+    running.start(now=50.0)
     assert est.queue_ms(now=50.0) == pytest.approx(1400)
     assert est.queue_ms(now=50.25) == pytest.approx(1150)
     assert est.queue_ms(now=50.9) == pytest.approx(500)
@@ -63,9 +63,9 @@ def test_started_ticket_shrinks_as_time_passes_and_never_goes_negative() -> None
 
 def test_queue_decreases_monotonically_with_time() -> None:
     est = LocalEstimator()
-    first = est.admit(800.0)
-    est.start(first, now=0.0)
-    est.admit(200.0)
+    first = est.in_flight.hold(800.0, now=0.0)
+    first.start(now=0.0)
+    est.in_flight.hold(200.0, now=0.0)
     samples = [est.queue_ms(now=t / 10) for t in range(12)]
     assert samples == sorted(samples, reverse=True)
     assert samples[0] == pytest.approx(1000) and samples[-1] == pytest.approx(200)
@@ -73,31 +73,29 @@ def test_queue_decreases_monotonically_with_time() -> None:
 
 def test_finished_ticket_leaves_the_queue() -> None:
     est = LocalEstimator()
-    a = est.admit(300.0)
-    b = est.admit(500.0)
-    est.start(a, now=0.0)
-    est.finish(a)
+    a = est.in_flight.hold(300.0, now=0.0)
+    b = est.in_flight.hold(500.0, now=0.0)
+    a.start(now=0.0)
+    a.release()
     assert est.queue_ms(now=0.0) == pytest.approx(500)
-    est.start(b, now=1.0)
-    est.finish(b)
+    b.start(now=1.0)
+    b.release()
     assert est.queue_ms(now=1.0) == 0
 
 
-def test_tickets_are_distinct_and_unknown_tickets_are_ignored() -> None:
+def test_holds_are_distinct_and_release_is_idempotent() -> None:
     est = LocalEstimator()
-    tickets = {est.admit(1.0) for _ in range(5)}
-    assert len(tickets) == 5
-    est.start(999, now=0.0)
-    est.finish(999)
-    est.finish(next(iter(tickets)))
-    est.finish(next(iter(tickets)))  # twice: no error
-    assert est.queue_ms(now=0.0) == pytest.approx(4)
+    holds = [est.in_flight.hold(1.0, now=0.0) for _ in range(5)]
+    assert len({h.ticket for h in holds}) == 5
+    holds[0].release()
+    holds[0].release()  # twice (completion, then the router's finally): no error, counted once
+    holds[0].start(now=0.0)  # a released hold does not come back
+    assert est.queue_ms(now=0.0) == pytest.approx(4) and est.in_flight.count == 4
 
 
 def test_prediction_includes_the_queue() -> None:
     est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0)
-    t = est.admit(700.0)
-    est.start(t, now=0.0)
+    est.in_flight.hold(700.0, now=0.0).start(now=0.0)
     assert est.predict_ms(100, 10, now=0.2) == pytest.approx(500 + 100 + 200)
 
 
@@ -394,13 +392,13 @@ def test_queue_ahead_counts_each_request_once() -> None:
     predictions = []
     for _ in range(5):
         predictions.append(est.predict_ms(0, 10, now=0.0))
-        est.admit(est.service_ms(0, 10))  # as LocalTarget admits: its own service time
+        est.hold(0, 10, now=0.0)  # as LocalTarget reserves: its own service time
     assert predictions == pytest.approx([1000, 2000, 3000, 4000, 5000])
 
 
 def test_a_batching_model_queues_only_when_every_slot_is_taken() -> None:
     est = LocalEstimator(prefill_tps=1000.0, decode_tps=10.0, overhead_ms=0.0, parallel=2)
-    est.start(est.admit(1000.0), now=0.0)
+    est.in_flight.hold(1000.0, now=0.0).start(now=0.0)
     assert est.queue_ms(now=0.0) == 0.0  # a slot is free
-    est.start(est.admit(2000.0), now=0.0)
+    est.in_flight.hold(2000.0, now=0.0).start(now=0.0)
     assert est.queue_ms(now=0.5) == pytest.approx((500.0 + 1500.0) / 2)

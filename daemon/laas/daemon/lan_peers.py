@@ -6,7 +6,8 @@ it: an instance name or glob from the list, or "same-token" (it advertises the t
 discovery.token_id, a digest of the token file). Its latency
 prediction is the same as a configured peer's, seeded from what it advertises (its prefill and
 decode rates, the work queued on it) plus the round trip measured when it appears; then learned
-from every request sent there. The requests go LOCAL_ONLY (PeerEngine), so a peer never forwards one.
+from every request sent there. Its load is the wait it advertises plus the work this daemon has sent
+it since (router/load.py). The requests go LOCAL_ONLY (PeerEngine), so a peer never forwards one.
 """
 
 from __future__ import annotations
@@ -101,14 +102,16 @@ class DiscoveredPeers:
             target = self._add(name, record)
             log.info("peer %r at %s serves %s", name, record.target, ", ".join(record.models) or "?")
             self._spawn(self._measure(target, record))
-        target.estimator.queue_ms = record.wait_ms
+        target.estimator.advertise(record.wait_ms, time.monotonic())  # + what this daemon sends it from now
 
     def _add(self, name: str, record: DaemonRecord) -> RemoteTarget:
         engine = self._engines.get(record.target + "|" + name)
         if engine is None:
             engine = PeerEngine(name, record.target, record.models[0] if record.models else "", PEER_CONTEXT_LENGTH)
             self._engines[record.target + "|" + name] = engine
-        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0)
+        # A laasd queues its requests (one at a time unless it batches): what this daemon sends it waits
+        # behind what it already sent, until answers under load say otherwise.
+        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0, queue_factor=1.0)
         if record.prefill_tps:
             estimator.prefill_ms_per_token = 1000 / record.prefill_tps
         if record.decode_tps:

@@ -20,6 +20,7 @@ from laas.daemon.backends.literal_text import literal
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
 from laas.router.latency import LocalEstimator
+from laas.router.load import Hold
 from laas.router.policy import Estimate, TargetKind, admit
 from laas.router.targets import Admitted, RoutedRequest, Streamed
 
@@ -59,6 +60,11 @@ class LocalTarget:
         predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, self._clock()) + self.load_ms()
         return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason)
 
+    def reserve(self, admitted: Admitted) -> Hold:
+        """A place in the queue estimate: this request's own service time, not the queue ahead of it."""
+        return self.estimator.hold(admitted.prompt_tokens, admitted.max_tokens(self.context_length, self.kind),
+                                   self._clock())
+
     async def render(self, request: RoutedRequest) -> GenerationRequest | None:
         async with self._registry.holding(self.entry) as engine:  # not unloaded while it tokenizes
             if engine is None:
@@ -90,12 +96,12 @@ class LocalTarget:
                         admitted.default_max_tokens)
         return replace(bound, sampling=replace(sampling, max_tokens=granted.max_tokens))
 
-    async def stream(self, admitted: Admitted) -> AsyncGenerator[Streamed, None]:
-        # Take a place in the queue estimate before the first await, so that requests planned at the same
-        # moment see each other; the place holds this request's own service time, not the queue ahead.
+    async def stream(self, admitted: Admitted, hold: Hold | None = None) -> AsyncGenerator[Streamed, None]:
+        # Without the router's hold, take one before the first await, so that requests started at the same
+        # moment see each other.
+        own = hold is None
+        hold = self.reserve(admitted) if hold is None else hold
         max_tokens = admitted.max_tokens(self.context_length, self.kind)
-        ticket = self.estimator.admit(self.estimator.service_ms(admitted.prompt_tokens, max_tokens))
-        started = False
         try:
             exact = admitted.bound_for(self.name)
             if exact is not None:  # the policy judged its fit with these very tokens
@@ -109,16 +115,15 @@ class LocalTarget:
                 return early if early is not None else await self._complete(admitted, engine)
 
             async for chunk in self._registry.run(self.entry, bind, admitted.request.keep_alive_s):
-                if not started:
-                    self.estimator.start(ticket, self._clock() - 1e-3)
-                    started = True
+                hold.start(self._clock() - 1e-3)  # the first chunk: it has the model (a no-op after)
                 if isinstance(chunk, Completion):
                     t, u = chunk.timings, chunk.usage
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
-                                           u.completion_tokens, t.decode_ms)
+                                           u.completion_tokens, t.decode_ms, batch=hold.started_with)
                 yield chunk
         finally:
-            self.estimator.finish(ticket)
+            if own:
+                hold.release()
 
 
 class LocalModels:
