@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy on loopback, between laasd and a real OpenAI-compatible server.
 
 Modes: "pass" (forward), "status" (answer 503), "garbage" (an event stream of junk), "cut" (forward
-`cut_after` events, then drop the connection mid-stream); `delay_s` adds latency before the answer.
+`cut_after` events, then drop the connection mid-stream); `delay_s` adds latency before the answer,
+`jitter_s` a uniform +/- spread around it (a network's round trip: bench/routing_mixed.py's WAN cloud).
 Hostile endpoints (issue 13): "ping" (`: ping` comments and never a token), "empty" (events with
 empty deltas, never text), "stall" (forward `cut_after` events, then only pings), "trickle" (a token
 every `tick_s`, never a finish), "huge" (one `data:` line of `huge_bytes` without a newline), "echo"
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.mode = "pass"
         self.delay_s = 0.0
+        self.jitter_s = 0.0
         self.cut_after = 3
         self.tick_s = 0.05
         self.max_ticks = 6000
@@ -76,6 +79,8 @@ class FaultProxy:
         self.bodies.append(body)
         self.authorization.append(request.headers.get("authorization", ""))
         mode, delay = self.mode, self.delay_s
+        if self.jitter_s:
+            delay = max(random.uniform(delay - self.jitter_s, delay + self.jitter_s), 0.0)
         if delay:
             await asyncio.sleep(delay)
         if mode == "status":

@@ -402,3 +402,92 @@ def test_a_batching_model_queues_only_when_every_slot_is_taken() -> None:
     assert est.queue_ms(now=0.0) == 0.0  # a slot is free
     est.in_flight.hold(2000.0, now=0.0).start(now=0.0)
     assert est.queue_ms(now=0.5) == pytest.approx((500.0 + 1500.0) / 2)
+
+
+# --- load: in-flight counts in, predictions out (load.py and the estimators' load terms) -------------
+
+
+def test_a_fifo_endpoint_learns_that_work_ahead_delays_the_first_token() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)  # alone: the line
+    # sent behind 400 ms of laasd's work, it waited for all of it (a server that runs one at a time)
+    est.observe(ttft_ms=500.0, tokens=11, decode_ms=100.0, ahead_ms=400.0, others=1)
+    assert est.queue_factor == pytest.approx(1.0)
+    assert est.itl_per_request == pytest.approx(0.0)  # its tokens came as fast as alone
+    predictions = []
+    for _ in range(3):
+        predictions.append(est.predict_ms(0, 10, now=0.0))
+        est.hold(0, 10, now=0.0)
+    assert predictions == pytest.approx([200.0, 400.0, 600.0])  # each waits for those reserved before it
+
+
+def test_a_batching_endpoint_learns_that_inter_token_time_grows_with_the_requests_in_flight() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=150.0, ahead_ms=300.0, others=1)  # beside one other
+    assert est.queue_factor == pytest.approx(0.0)  # no wait: it batches
+    assert est.itl_per_request == pytest.approx(5.0)  # 15 ms a token beside one: +5 ms per request
+    est.hold(0, 10, now=0.0)
+    est.hold(0, 10, now=0.0)
+    assert est.predict_ms(0, 10, now=0.0) == pytest.approx(100 + 10 * (10 + 2 * 5))
+
+
+def test_a_loaded_observation_never_moves_the_unloaded_line() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)
+    est.observe(ttft_ms=2000.0, tokens=11, decode_ms=100.0, ahead_ms=1900.0, others=3)
+    assert est.ttft_ms == pytest.approx(100.0) and est.inter_token_ms == pytest.approx(10.0)
+
+
+def test_released_holds_leave_the_prediction_and_started_ones_shrink() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0, queue_factor=1.0)
+    alone = est.predict_ms(0, 10, now=0.0)
+    a = est.hold(0, 10, now=0.0)  # 200 ms of service
+    b = est.hold(0, 10, now=0.0)
+    assert est.in_flight.count == 2 and est.predict_ms(0, 10, now=0.0) == pytest.approx(alone + 400)
+    a.start(now=0.0)
+    assert est.predict_ms(0, 10, now=0.1) == pytest.approx(alone + 100 + 200)
+    a.release()
+    b.release()
+    assert est.in_flight.count == 0 and est.predict_ms(0, 10, now=0.1) == pytest.approx(alone)
+
+
+def test_a_peer_counts_its_advertised_wait_and_what_was_sent_since() -> None:
+    est = RemoteEstimator(ttft_ms=50.0, inter_token_ms=10.0, queue_factor=1.0)
+    sent_before = est.hold(0, 10, now=0.0)  # 150 ms, in the peer's queue when it advertises
+    est.advertise(wait_ms=600.0, now=1.0)  # its own wait (ours included)
+    assert est.wait_ms(now=1.0) == pytest.approx(600.0)  # ours is not counted twice
+    est.hold(0, 10, now=1.1)
+    assert est.wait_ms(now=1.2) == pytest.approx(600.0 - 200.0 + 150.0)  # the wait runs down; ours adds
+    sent_before.release()
+
+
+def test_a_batched_decode_step_is_learned_and_predicted_with_the_batch() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, parallel=4)
+    est.observe(prompt_tokens=0, prompt_ms=0.0, decoded_tokens=11, decode_ms=300.0, batch=2)  # 33 tok/s: 1.5x
+    assert est.decode_tps == pytest.approx(50.0)  # the lone rate stays
+    assert est.batch_cost == pytest.approx(ALPHA * 0.5)
+    est.batch_cost = 0.5
+    assert est.step_ms(1) == pytest.approx(20.0) and est.step_ms(3) == pytest.approx(40.0)
+    assert est.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)  # alone
+    est.hold(0, 10, now=0.0).start(now=0.0)
+    est.hold(0, 10, now=0.0).start(now=0.0)
+    assert est.predict_ms(0, 10, now=0.0) == pytest.approx(10 * 40.0)  # the third of a batch: no wait, slower steps
+
+
+def test_a_burst_spreads_over_two_fifo_targets_as_predicted() -> None:
+    """Six requests decided at once, each after the others' holds: they alternate, and the predictions are
+    the times a FIFO pair of servers gives them."""
+    device = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0)  # 200 ms for 10 tokens
+    cloud = RemoteEstimator(ttft_ms=60.0, inter_token_ms=20.0, queue_factor=1.0)  # 260 ms for 10 tokens
+    chosen = []
+    for _ in range(6):
+        local, remote = device.predict_ms(0, 10, now=0.0), cloud.predict_ms(0, 10, now=0.0)
+        if local <= remote:
+            chosen.append(("device", local))
+            device.hold(0, 10, now=0.0)
+        else:
+            chosen.append(("cloud", remote))
+            cloud.hold(0, 10, now=0.0)
+    assert [name for name, _ in chosen] == ["device", "cloud"] * 3
+    assert [ms for _, ms in chosen] == pytest.approx([200.0, 260.0, 400.0, 520.0, 600.0, 780.0])
