@@ -5,9 +5,10 @@ device; the daemon's local model has a 512-token window and 1 thread. Two cloud 
 its own cloud server and daemon:
 
   same   the cloud has 1 thread too (N_THREADS_BATCH=1): device and cloud are alike, like two machines
-  wan    the cloud has 2 threads (faster than the device when the cores are free) behind a loopback
-         delay proxy (tests/fault_proxy.py) adding 80 ms +/- 40 ms before each answer: a real cloud
-         next to an edge box
+  wan    the cloud behind a loopback delay proxy (tests/fault_proxy.py) adding 80 ms +/- 40 ms before
+         each answer, a real cloud's network next to an edge box; with --wan-cloud-threads 2 it is also
+         faster than the device where two cores are free (on a shared 2-core machine a 2-thread
+         llama_cpp.server was measured 5-15x slower a token than the 1-thread device, so 1 is the default)
 
 Per profile, the same seeded workloads (one per --seeds) go through four strategies (their order
 rotates with the seed, so that a drift of the machine's load favours none):
@@ -25,8 +26,9 @@ Workload: short prompts, oversized prompts (beyond 512 tokens), tight and loose 
 latency measured in the warm-up on the target that is faster when idle (tight 1.5x, loose 4x), so the
 workload means the same on a fast and a slow machine: the benchmark measures, it assumes no speed.
 The warm-up also sends two requests at once to each target, as any live burst would, so that the
-router has seen each target under load. Every request asks for exactly max_tokens (ignore_eos on the
-device; the cloud API has no such switch and may stop earlier), since predictions are for max_tokens.
+router has seen each target under load. Every request asks for exactly max_tokens (ignore_eos; the proxy in front
+of the cloud turns it into a logit bias against the end-of-text token), since predictions are for
+max_tokens.
 
 Printed per profile: deadline attainment per seed and overall for each strategy and the oracle; p50/p95
 latency and cloud share; AUTO's prediction error (predicted_ms of the first route against the measured
@@ -63,14 +65,15 @@ from tests.daemon_process import DaemonProcess  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 
 LOCAL = "smollm2-135m-instruct"
-LOCAL_CONTEXT = 512
+LOCAL_CONTEXT = 128  # small, so that an oversized prompt costs the cloud a short prefill on these cores
 TIGHT, LOOSE = 1.5, 4.0
 OVERSIZED_OUT = 8
 OUTPUTS = (8, 16, 24)
+EOS_TOKEN = 2  # SmolLM2's end of text
 STRATEGIES = ("auto", "local_only", "cloud_only", "by_length")
 STATIC = STRATEGIES[1:]
-# profile -> (cloud threads, delay proxy's mean and jitter in seconds, or None)
-PROFILES: dict[str, tuple[int, tuple[float, float] | None]] = {"same": (1, None), "wan": (2, (0.080, 0.040))}
+# profile -> (cloud threads, delay proxy's mean and jitter in seconds, or None); --wan-cloud-threads
+PROFILES: dict[str, tuple[int, tuple[float, float] | None]] = {"same": (1, None), "wan": (1, (0.080, 0.040))}
 TOPICS = ("a lighthouse keeper", "the first snow of winter", "a robot learning to paint", "an old map",
           "a train crossing the desert", "a cat who runs a bakery", "the last library on earth",
           "a storm at sea", "a garden on the moon", "a clockmaker's apprentice", "a market at dawn",
@@ -125,7 +128,7 @@ def workload(requests: int, seed: int) -> list[Job]:
             n = len(jobs)
             topic = rng.choice(TOPICS)
             if kind == "oversized":
-                prompt = f"#{seed}.{n} Notes on {topic}. " + FILLER * rng.randint(19, 22) + "Summarize the notes."
+                prompt = f"#{seed}.{n} Notes on {topic}. " + FILLER * rng.randint(5, 7) + "Summarize the notes."
                 max_tokens = OVERSIZED_OUT
             else:
                 prompt = f"#{seed}.{n} {rng.choice(OPENINGS)} {topic}."
@@ -157,7 +160,7 @@ class Bench:
             return f"#w{next(salt)} Describe a quiet harbour at night."
 
         def oversized() -> str:
-            return f"#w{next(salt)} Notes. " + FILLER * 22 + "Summarize the notes."
+            return f"#w{next(salt)} Notes. " + FILLER * 6 + "Summarize the notes."
 
         self.calibration_tokens = len(self.client.tokenize(oversized(), model=LOCAL))
         for policy in ("local_only", "cloud_only", "local_only", "cloud_only"):
@@ -314,7 +317,7 @@ def report(profile: str, seeds: list[int], results: dict[int, dict[str, list[Out
     burst_err = statistics.median(bursts) if bursts else float("nan")
     print(f"  {'bursts, all':18} n={len(bursts):3}  median |err| {burst_err:6.1%}")
     early = sum(o.finish == "stop" for seed in seeds for s in STRATEGIES for o in results[seed][s])
-    print(f"answers that stopped before max_tokens (cloud ignores ignore_eos): {early}")
+    print(f"answers that stopped before max_tokens: {early}")
     if details:
         print("\nAUTO, request by request (seed, group, kind, budget, first route, predicted, actual):")
         for seed in seeds:
@@ -369,11 +372,13 @@ def profile_daemon(profile: str, model: Path) -> Iterator[Client]:
     proxy: FaultProxy | None = None
     try:
         cloud.wait_ready()
-        url = cloud.url
+        # Always through the proxy: it turns ignore_eos into a logit bias against the end-of-text token
+        # (llama_cpp.server has no ignore_eos), and in the WAN profile it adds the network's delay.
+        proxy = FaultProxy(cloud.url).start()
+        proxy.suppress_token = EOS_TOKEN
         if delay is not None:
-            proxy = FaultProxy(cloud.url).start()
             proxy.delay_s, proxy.jitter_s = delay
-            url = proxy.url
+        url = proxy.url
         with tempfile.TemporaryDirectory(prefix="laas-bench-") as home:
             store = Path(home) / "models"
             store.mkdir()
@@ -401,11 +406,14 @@ def main() -> int:
     parser.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated workload seeds")
     parser.add_argument("--profiles", default="same,wan", help=f"comma-separated, of {', '.join(PROFILES)}")
     parser.add_argument("--details", action="store_true", help="print every AUTO request")
+    parser.add_argument("--wan-cloud-threads", type=int, default=PROFILES["wan"][0],
+                        help="threads of the wan profile's cloud (2: faster than the device on free cores)")
     parser.add_argument("--length-threshold", type=int, default=LOCAL_CONTEXT - 64,
                         help="by_length: prompts over this many tokens go to the cloud")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    PROFILES["wan"] = (args.wan_cloud_threads, PROFILES["wan"][1])
     model = model_file()
     began = time.perf_counter()
     verdicts: dict[str, dict[str, bool]] = {}

@@ -2,7 +2,9 @@
 
 Modes: "pass" (forward), "status" (answer 503), "garbage" (an event stream of junk), "cut" (forward
 `cut_after` events, then drop the connection mid-stream); `delay_s` adds latency before the answer,
-`jitter_s` a uniform +/- spread around it (a network's round trip: bench/routing_mixed.py's WAN cloud).
+`jitter_s` a uniform +/- spread around it (a network's round trip: bench/routing_mixed.py's WAN cloud);
+`suppress_token` (a token id) is added to each request's logit_bias at -100, so that a server without
+`ignore_eos` (llama_cpp.server) decodes every token asked for when the request asks for ignore_eos.
 Hostile endpoints (issue 13): "ping" (`: ping` comments and never a token), "empty" (events with
 empty deltas, never text), "stall" (forward `cut_after` events, then only pings), "trickle" (a token
 every `tick_s`, never a finish), "huge" (one `data:` line of `huge_bytes` without a newline), "echo"
@@ -35,6 +37,7 @@ class FaultProxy:
         self.mode = "pass"
         self.delay_s = 0.0
         self.jitter_s = 0.0
+        self.suppress_token: int | None = None
         self.cut_after = 3
         self.tick_s = 0.05
         self.max_ticks = 6000
@@ -76,6 +79,11 @@ class FaultProxy:
     async def _handle(self, request: Request) -> Response:
         self.requests += 1
         body = await request.body()
+        if self.suppress_token is not None and body:
+            asked = json.loads(body)
+            if asked.pop("ignore_eos", False):
+                asked["logit_bias"] = {**asked.get("logit_bias", {}), str(self.suppress_token): -100}
+                body = json.dumps(asked).encode()
         self.bodies.append(body)
         self.authorization.append(request.headers.get("authorization", ""))
         mode, delay = self.mode, self.delay_s

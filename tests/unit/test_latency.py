@@ -18,6 +18,7 @@ from laas.router.latency import (
     calibrate_rates,
     decode_floor_tps,
 )
+from laas.router.load import HostLoad, InFlight
 
 # --- LocalEstimator ----------------------------------------------------------------------------------
 
@@ -491,3 +492,24 @@ def test_a_burst_spreads_over_two_fifo_targets_as_predicted() -> None:
             cloud.hold(0, 10, now=0.0)
     assert [name for name, _ in chosen] == ["device", "cloud"] * 3
     assert [ms for _, ms in chosen] == pytest.approx([200.0, 260.0, 400.0, 520.0, 600.0, 780.0])
+
+
+def test_the_device_learns_how_much_work_in_flight_elsewhere_slows_it() -> None:
+    host = HostLoad()
+    device = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, in_flight=InFlight(host))
+    cloud = RemoteEstimator(ttft_ms=50.0, inter_token_ms=10.0, in_flight=InFlight(host))
+    assert device.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)
+    remote = [cloud.hold(0, 10, now=0.0) for _ in range(2)]
+    assert host.count == 2 and device.in_flight.elsewhere == 2 and cloud.in_flight.elsewhere == 0
+    mine = device.hold(0, 10, now=0.0)
+    mine.start(now=0.0)
+    assert mine.elsewhere_during() == pytest.approx(2.0)
+    # decoded at 25 tok/s beside two cloud streams: each one there costs half a step more
+    device.observe(0, 0.0, 11, 400.0, batch=1, elsewhere=mine.elsewhere_during())
+    assert device.decode_tps == pytest.approx(50.0) and device.host_cost == pytest.approx(ALPHA * 0.5)
+    device.host_cost = 0.5
+    mine.release()
+    assert device.predict_ms(0, 10, now=0.0) == pytest.approx(400.0)  # two still in flight there
+    for hold in remote:
+        hold.release()
+    assert host.count == 0 and device.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)

@@ -37,6 +37,7 @@ from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
 from laas.router.dispatch import Router
 from laas.router.latency import CircuitBreaker, RemoteEstimator
+from laas.router.load import HostLoad, InFlight
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
 from laas.router.remote import RemoteTarget
@@ -77,7 +78,8 @@ def allowed(settings: Settings, record: DaemonRecord) -> bool:
 class DiscoveredPeers:
     """Adds allowed peers to the router as they appear, updates them as their TXT changes, drops them as they go."""
 
-    def __init__(self, settings: Settings, router: Router, node: str) -> None:
+    def __init__(self, settings: Settings, router: Router, node: str, host: HostLoad | None = None) -> None:
+        self._host = host or HostLoad()  # the device's: what is in flight on every target
         self._settings = settings
         self._router = router
         self._node = node
@@ -111,7 +113,8 @@ class DiscoveredPeers:
             self._engines[record.target + "|" + name] = engine
         # A laasd queues its requests (one at a time unless it batches): what this daemon sends it waits
         # behind what it already sent, until answers under load say otherwise.
-        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0, queue_factor=1.0)
+        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0, queue_factor=1.0,
+                                    in_flight=InFlight(self._host))
         if record.prefill_tps:
             estimator.prefill_ms_per_token = 1000 / record.prefill_tps
         if record.decode_tps:
@@ -183,7 +186,7 @@ class LanDiscovery:
     async def browse(self) -> None:
         if self._browse and self._browser is None:
             try:
-                self._peers = DiscoveredPeers(self._settings, self._router, self._node)
+                self._peers = DiscoveredPeers(self._settings, self._router, self._node, self._device.host)
                 self._browser = Browser(self._zeroconf(), self._peers.on_change)
                 self._browser.start()
             except Exception:

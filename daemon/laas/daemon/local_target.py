@@ -20,7 +20,7 @@ from laas.daemon.backends.literal_text import literal
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
 from laas.router.latency import LocalEstimator
-from laas.router.load import Hold
+from laas.router.load import Hold, HostLoad, InFlight
 from laas.router.policy import Estimate, TargetKind, admit
 from laas.router.targets import Admitted, RoutedRequest, Streamed
 
@@ -30,10 +30,11 @@ Clock = Callable[[], float]
 class LocalTarget:
     kind = TargetKind.LOCAL
 
-    def __init__(self, entry: ModelEntry, registry: ModelRegistry, clock: Clock) -> None:
+    def __init__(self, entry: ModelEntry, registry: ModelRegistry, clock: Clock, host: HostLoad | None = None
+                 ) -> None:
         self.entry = entry
         self.name = entry.name
-        self.estimator = LocalEstimator(parallel=entry.queue.parallel)
+        self.estimator = LocalEstimator(parallel=entry.queue.parallel, in_flight=InFlight(host or HostLoad()))
         self._registry = registry
         self._clock = clock
 
@@ -119,7 +120,8 @@ class LocalTarget:
                 if isinstance(chunk, Completion):
                     t, u = chunk.timings, chunk.usage
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
-                                           u.completion_tokens, t.decode_ms, batch=hold.started_with)
+                                           u.completion_tokens, t.decode_ms, batch=hold.started_with,
+                                           elsewhere=hold.elsewhere_during())
                 yield chunk
         finally:
             if own:
@@ -134,6 +136,7 @@ class LocalModels:
         self._registry = registry
         self._clock = clock
         self._targets: dict[str, LocalTarget] = {}
+        self.host = HostLoad()  # the requests in flight on every target: the remote ones share it (routing.py)
 
     @property
     def default_model(self) -> str:
@@ -145,7 +148,7 @@ class LocalModels:
             del self._targets[name]
         for name, entry in entries.items():
             if name not in self._targets:
-                self._targets[name] = LocalTarget(entry, self._registry, self._clock)
+                self._targets[name] = LocalTarget(entry, self._registry, self._clock, self.host)
         return self._targets
 
     def not_served(self, model: str) -> LaasError:

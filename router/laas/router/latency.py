@@ -81,6 +81,9 @@ class LocalEstimator:
     # With batching, N streams share each decode step: a step takes (1 + batch_cost * (N - 1)) times a
     # lone stream's. Learned from requests that ran in a batch (0 until one has).
     batch_cost: float = 0.0
+    # The cores are shared with what laasd runs for its other targets at the same time: a step takes
+    # (1 + host_cost * requests in flight elsewhere) times an undisturbed one's. Learned (0 until seen).
+    host_cost: float = 0.0
     # A rate that is a calibration's seed: the first live observation replaces it.
     seeded_prefill: bool = False
     seeded_decode: bool = False
@@ -90,14 +93,16 @@ class LocalEstimator:
     def calibrated(self) -> bool:
         return self.prefill_tps is not None and self.decode_tps is not None
 
-    def step_ms(self, batch: int = 1) -> float:
-        """One decode step of a stream among `batch` streams."""
-        return 1000 / (self.decode_tps or 20.0) * (1 + self.batch_cost * (max(batch, 1) - 1))
+    def step_ms(self, batch: int = 1, elsewhere: float = 0.0) -> float:
+        """One decode step of a stream among `batch` streams, with `elsewhere` requests on other targets."""
+        return (1000 / (self.decode_tps or 20.0) * (1 + self.batch_cost * (max(batch, 1) - 1))
+                * (1 + self.host_cost * elsewhere))
 
-    def service_ms(self, prompt_tokens: int, max_tokens: int, batch: int = 1) -> float:
+    def service_ms(self, prompt_tokens: int, max_tokens: int, batch: int = 1, elsewhere: float = 0.0) -> float:
         """Time to run the request once it has the model, sharing each step with `batch - 1` others."""
         prefill = self.prefill_tps or 500.0
-        return self.overhead_ms + prompt_tokens * 1000 / prefill + max_tokens * self.step_ms(batch)
+        return (self.overhead_ms + prompt_tokens * 1000 / prefill
+                + max_tokens * self.step_ms(batch, elsewhere))
 
     def batch_for_next(self) -> int:
         """The batch a request decided now would decode in: the requests in flight, itself included, up
@@ -114,11 +119,13 @@ class LocalEstimator:
         return self.in_flight.work_ms(now) / self.parallel
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float) -> float:
-        return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.batch_for_next())
+        return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
+                                                    self.in_flight.elsewhere)
 
     def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
         """Reserves the request's own service time (not the queue ahead of it) until released."""
-        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.batch_for_next()), now)
+        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
+                                                   self.in_flight.elsewhere), now)
 
     def seed(self, rates: Rates, floor_tps: float = 0.0) -> None:
         """Sets the rates a calibration measured, never below `floor_tps`; the first live request that
@@ -129,9 +136,9 @@ class LocalEstimator:
             self.decode_tps, self.seeded_decode = max(rates.decode_tps, floor_tps), True
 
     def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float,
-                batch: int = 1) -> None:
-        """Learns from a finished request that decoded among `batch` streams (prefill of fewer than 8
-        tokens says little about the rate)."""
+                batch: int = 1, elsewhere: float = 0.0) -> None:
+        """Learns from a finished request that decoded among `batch` streams while `elsewhere` requests ran
+        on other targets (prefill of fewer than 8 tokens says little about the rate)."""
         if prompt_tokens >= 8 and prompt_ms > 0:
             rate = prompt_tokens * 1000 / prompt_ms
             self.prefill_tps = rate if self.seeded_prefill else _ewma(self.prefill_tps, rate)
@@ -140,11 +147,15 @@ class LocalEstimator:
             return
         rate = (decoded_tokens - 1) * 1000 / decode_ms
         batch = min(max(batch, 1), self.parallel)
-        if batch == 1 or self.decode_tps is None:
+        if self.decode_tps is None or (batch == 1 and elsewhere < 0.5):
             self.decode_tps = rate if self.seeded_decode else _ewma(self.decode_tps, rate)
             self.seeded_decode = False
+        elif batch == 1:  # alone on the model, beside laasd's other work: how much slower, per request there
+            cost = (self.decode_tps / rate - 1) / elsewhere
+            self.host_cost = _ewma(self.host_cost, min(max(cost, 0.0), 2.0))
         else:  # a batched step: how much slower than a lone stream's, per extra stream
-            cost = (self.decode_tps / rate - 1) / (batch - 1)
+            slower = self.decode_tps / rate / (1 + self.host_cost * elsewhere)
+            cost = (slower - 1) / (batch - 1)
             self.batch_cost = _ewma(self.batch_cost, min(max(cost, 0.0), 2.0))
 
 

@@ -13,6 +13,10 @@ What the estimators (latency.py) read from here, per target:
   request's turn (a started request's remaining part shrinks with the time it has run).
 A `Hold` remembers what it saw when it was made (work ahead, others in flight), so that its request's
 measured latency can teach the estimator how much of that load delayed it.
+
+A `HostLoad` counts the requests in flight on every target of one daemon: the device's cores also run
+what laasd does for the others (streaming them, and any model server on the same machine), so the
+device's estimator learns how much the requests in flight elsewhere slow it (latency.LocalEstimator).
 """
 
 from __future__ import annotations
@@ -29,11 +33,24 @@ class _Reserved:
 
 
 @dataclass
+class HostLoad:
+    """The requests in flight on all the targets of one daemon."""
+
+    count: int = 0
+
+
+@dataclass
 class InFlight:
     """The reservations on one target."""
 
+    host: HostLoad = field(default_factory=HostLoad)
     _held: dict[int, _Reserved] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def elsewhere(self) -> int:
+        """Requests in flight on the host's other targets."""
+        return self.host.count - self.count
 
     @property
     def count(self) -> int:
@@ -56,6 +73,7 @@ class InFlight:
         ticket = next(self._ids)
         hold = Hold(self, ticket, service_ms, ahead_ms=self.work_ms(now), others=self.count)
         self._held[ticket] = _Reserved(service_ms, now)
+        self.host.count += 1
         return hold
 
     def _start(self, ticket: int, now: float) -> None:
@@ -64,7 +82,8 @@ class InFlight:
             reserved.started_at = now
 
     def _release(self, ticket: int) -> None:
-        self._held.pop(ticket, None)
+        if self._held.pop(ticket, None) is not None:
+            self.host.count -= 1
 
 
 @dataclass(eq=False)
@@ -78,6 +97,7 @@ class Hold:
     ahead_ms: float  # the work in flight there when it was reserved
     others: int  # requests in flight there when it was reserved
     started_with: int = 0  # requests that had started there (itself included) when it started
+    elsewhere_at_start: int = 0  # requests in flight on the host's other targets when it started
 
     @property
     def held(self) -> bool:
@@ -88,6 +108,11 @@ class Hold:
         if self.held and self.in_flight._held[self.ticket].started_at is None:
             self.in_flight._start(self.ticket, now)
             self.started_with = self.in_flight.started
+            self.elsewhere_at_start = self.in_flight.elsewhere
+
+    def elsewhere_during(self) -> float:
+        """Requests in flight on the host's other targets while it ran: the mean of its start and now."""
+        return (self.elsewhere_at_start + self.in_flight.elsewhere) / 2
 
     def release(self) -> None:
         self.in_flight._release(self.ticket)
