@@ -112,9 +112,8 @@ class DiscoveredPeers:
             engine = PeerEngine(name, record.target, record.models[0] if record.models else "", PEER_CONTEXT_LENGTH)
             self._engines[record.target + "|" + name] = engine
         # A laasd queues its requests (one at a time unless it batches): what this daemon sends it waits
-        # behind what it already sent, until answers under load say otherwise.
-        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0, queue_factor=1.0,
-                                    in_flight=InFlight(self._host))
+        # behind what it already sent (the estimator's first guess), until answers under load say otherwise.
+        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0, in_flight=InFlight(self._host))
         if record.prefill_tps:
             estimator.prefill_ms_per_token = 1000 / record.prefill_tps
         if record.decode_tps:

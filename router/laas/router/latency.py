@@ -182,7 +182,10 @@ class RemoteEstimator:
     prefill_ms_per_token: float = 0.0  # the line's slope
     error_rate: float = 0.0
     observed: int = 0
-    queue_factor: float = 0.0
+    # Until answers under load say otherwise, laasd's requests are assumed to run one after another there,
+    # as on a llama.cpp server or a laasd peer: a burst is not all sent to one endpoint on a guess that it
+    # batches. The first answer under load replaces the guess.
+    queue_factor: float = 1.0
     itl_per_request: float = 0.0
     loaded_observed: int = 0  # observations made under load (the first replaces the 0 priors)
     advertised_ms: float = 0.0  # the wait the endpoint advertised (a discovered LAN peer)
