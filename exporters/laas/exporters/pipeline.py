@@ -1,5 +1,7 @@
 """`laas export`: source -> optimum export -> fp32 package -> quantized packages -> evaluation -> store.
 
+A sentence-transformers folder (modules.json) takes the encoder's path instead (encoder_pipeline.py).
+
 Layer: exporters (the application service behind the command). The fp32 package is always built and
 installed: it is the reference every quantized package is measured against (perplexity, top-1
 agreement), and stays servable. Each quantized package passes the quality gate or is left out (its
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from laas.daemon.store import ModelStore
+from laas.exporters.encoder import is_sentence_encoder
+from laas.exporters.encoder_eval import EmbeddingEvaluation
+from laas.exporters.encoder_pipeline import export_encoder
 from laas.exporters.errors import ExportError, QualityGateFailed
 from laas.exporters.evaluate import Evaluation, evaluate_onnx
 from laas.exporters.export import build_fp32, optimum_export
@@ -42,7 +47,7 @@ class ExportOptions:
 class PackageResult:
     name: str
     quantization: str
-    evaluation: Evaluation
+    evaluation: Evaluation | EmbeddingEvaluation  # the second for a sentence encoder's packages
     path: Path | None  # None: refused by the gate
     refusal: str = ""
 
@@ -65,6 +70,8 @@ def export(source_location: str | Path, store: ModelStore, cache: Path, options:
         raise ExportError(f"unknown quantization(s) {sorted(unknown)}; choose from {', '.join(QUANTIZATIONS)}")
     step = Steps(progress)
     source = describe_source(source_location)
+    if is_sentence_encoder(source):  # a sentence-transformers folder: embedding packages (encoder_pipeline.py)
+        return export_encoder(source, store, cache, options, step)
     base = options.name or source.name
     exported = optimum_export(source, cache, step)
     store.ensure()
