@@ -121,6 +121,12 @@ class Client:
                                    truncate, policy, keep_alive_s)
         return embeddings_from_pb(self._call(self._stub.Embed, request, timeout))
 
+    def explain_embed(self, inputs: str | Sequence[str | Sequence[int]], *, model: str = "",
+                      policy: str | None = None, timeout: float | None = None) -> Explanation:
+        """Where an Embed call would run, and why the other targets are not eligible (nothing is embedded)."""
+        request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, policy=policy)
+        return explanation_from_pb(self._call(self._stub.ExplainRoute, pb.ExplainRouteRequest(embed=request), timeout))
+
     def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
                  timeout: float | None = None) -> list[int]:
         request = pb.TokenizeRequest(model=model, text=text, add_special=add_special)
@@ -214,6 +220,12 @@ class AsyncClient:
         request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, dimensions, normalize,
                                    truncate, policy, keep_alive_s)
         return embeddings_from_pb(await self._call(self._stub.Embed, request, timeout))
+
+    async def explain_embed(self, inputs: str | Sequence[str | Sequence[int]], *, model: str = "",
+                            policy: str | None = None, timeout: float | None = None) -> Explanation:
+        request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, policy=policy)
+        return explanation_from_pb(await self._call(self._stub.ExplainRoute, pb.ExplainRouteRequest(embed=request),
+                                                    timeout))
 
     async def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
                        timeout: float | None = None) -> list[int]:

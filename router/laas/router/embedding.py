@@ -44,7 +44,8 @@ def choose_embedding(model: str, candidates: Sequence[EmbedCandidate], policy: P
     if not eligible:
         notes = "; ".join(f"{j.estimate.target}: {j.note}" for j in judged) or "nothing serves it"
         message = f"no target can embed with model {model!r} ({notes})"
-        if judged and all(j.why == "policy" for j in judged):
+        serving = [j for j in judged if j.why != "model"]
+        if serving and all(j.why == "policy" for j in serving):
             raise InvalidArgument(message, field="routing.policy")
         if any(j.why == "unavailable" for j in judged):
             raise Unavailable(message)
