@@ -30,7 +30,7 @@ def reference(folder: Path, texts: list[str]) -> npt.NDArray[np.float64]:
     import torch
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
     model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
     batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.inference_mode():
