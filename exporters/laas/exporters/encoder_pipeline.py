@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from laas.daemon.onnx_package import EmbeddingSpec, Manifest, describe_files, write_manifest
 from laas.daemon.store import ModelStore
@@ -21,10 +21,8 @@ from laas.exporters.encoder_eval import EmbeddingEvaluation, check_encoder_gate,
 from laas.exporters.errors import QualityGateFailed
 from laas.exporters.export import EXPORT_META, read_meta
 from laas.exporters.package import install
+from laas.exporters.results import ExportOptions, PackageResult
 from laas.exporters.source import Source
-
-if TYPE_CHECKING:
-    from laas.exporters.pipeline import ExportOptions, PackageResult
 
 ENCODER_QUANTIZATIONS = ("fp32", "int8")
 
@@ -66,8 +64,6 @@ def export_encoder(source: Source, store: ModelStore, cache: Path, options: Expo
 
 def _register(folder: Path, store: ModelStore, name: str, quantization: str, reference: str | None,
               evaluation: EmbeddingEvaluation, options: ExportOptions, *, gate: bool) -> PackageResult:
-    from laas.exporters.pipeline import PackageResult
-
     try:
         if gate:
             check_encoder_gate(name, evaluation, force=options.force)

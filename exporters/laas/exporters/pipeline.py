@@ -10,46 +10,26 @@ result then has no path and says why); the others are installed regardless.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from laas.daemon.store import ModelStore
 from laas.exporters.encoder import is_sentence_encoder
-from laas.exporters.encoder_eval import EmbeddingEvaluation
 from laas.exporters.encoder_pipeline import export_encoder
 from laas.exporters.errors import ExportError, QualityGateFailed
 from laas.exporters.evaluate import Evaluation, evaluate_onnx
 from laas.exporters.export import build_fp32, optimum_export
-from laas.exporters.package import DEFAULT_THRESHOLD, check_gate, install, write_package_manifest
+from laas.exporters.package import check_gate, install, write_package_manifest
 from laas.exporters.quantize import quantization_label, quantize_int4, quantize_int8
+from laas.exporters.results import ExportOptions, PackageResult
 from laas.exporters.source import describe_source
 
+__all__ = ["QUANTIZATIONS", "ExportOptions", "PackageResult", "export", "register"]
+
 QUANTIZATIONS = ("fp32", "int8", "int4")
-
-
-@dataclass(frozen=True, slots=True)
-class ExportOptions:
-    quantizations: Sequence[str] = ("fp32", "int8", "int4")
-    name: str | None = None
-    block_size: int = 32
-    threshold: float = DEFAULT_THRESHOLD
-    force: bool = False
-    threads: int = os.cpu_count() or 1
-    eval_tokens: int | None = None  # None: the whole held-out text
-
-
-@dataclass(frozen=True, slots=True)
-class PackageResult:
-    name: str
-    quantization: str
-    evaluation: Evaluation | EmbeddingEvaluation  # the second for a sentence encoder's packages
-    path: Path | None  # None: refused by the gate
-    refusal: str = ""
 
 
 class Steps:
@@ -63,7 +43,10 @@ class Steps:
         self._out(f"[{time.perf_counter() - self._started:6.1f}s] {message}")
 
 
-def export(source_location: str | Path, store: ModelStore, cache: Path, options: ExportOptions = ExportOptions(),
+DEFAULT_OPTIONS = ExportOptions()
+
+
+def export(source_location: str | Path, store: ModelStore, cache: Path, options: ExportOptions = DEFAULT_OPTIONS,
            progress: Callable[[str], None] = print) -> list[PackageResult]:
     unknown = set(options.quantizations) - set(QUANTIZATIONS)
     if unknown:
