@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, NotFound, Unavailable
-from laas.core.types import Completion, GenerationRequest
+from laas.core.types import Completion, EmbeddingRequest, EmbeddingResult, GenerationRequest
 from laas.daemon.backends.literal_text import literal
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
@@ -65,6 +65,15 @@ class LocalTarget:
         """A place in the queue estimate: this request's own service time, not the queue ahead of it."""
         return self.estimator.hold(admitted.prompt_tokens, admitted.max_tokens(self.context_length, self.kind),
                                    self._clock())
+
+    def embed_estimate(self) -> Estimate:
+        entry = self.entry
+        reason = "" if entry.servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
+        return Estimate(self.name, self.kind, self.context_length, entry.servable, self.load_ms(), reason)
+
+    async def embed(self, request: EmbeddingRequest, keep_alive_s: float | None) -> EmbeddingResult:
+        async with self._registry.queued(self.entry, keep_alive_s) as engine:
+            return await engine.embed(request)
 
     async def render(self, request: RoutedRequest) -> GenerationRequest | None:
         async with self._registry.holding(self.entry) as engine:  # not unloaded while it tokenizes

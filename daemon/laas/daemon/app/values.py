@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from laas.core.types import ChatMessage, GenerationChunk, ModelInfo
+from laas.core.types import ChatMessage, EmbeddingInput, EmbeddingResult, GenerationChunk, ModelInfo
 from laas.daemon.registry import ModelState
 from laas.router.policy import Policy, TargetKind
 
@@ -61,6 +61,19 @@ class TextRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """An Embed request as the client sent it (None: a field it left out)."""
+
+    model: str = ""
+    inputs: tuple[EmbeddingInput, ...] = ()
+    dimensions: int | None = None
+    normalize: bool | None = None  # None: True
+    truncate: bool = False
+    keep_alive_s: float | None = None
+    routing: Routing = Routing()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteInfo:
     """Where the chunks that follow come from, and why."""
 
@@ -81,6 +94,19 @@ class StreamChunk:
     chunk: GenerationChunk
     model: str = ""  # on the first chunk: the model the request resolved to
     route: RouteInfo | None = None  # on the first chunk of every route taken
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedReply:
+    """An Embed call's vectors, the model that made them and where they were computed."""
+
+    model: str
+    result: EmbeddingResult
+    route: RouteInfo
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.result.embeddings[0].vector) if self.result.embeddings else 0
 
 
 @dataclass(frozen=True, slots=True)
