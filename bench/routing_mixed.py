@@ -25,10 +25,10 @@ Workload: short prompts, oversized prompts (beyond 512 tokens), tight and loose 
 (`latency_budget_ms`), and bursts of concurrent short requests. Budgets are multiples of the solo
 latency measured in the warm-up on the target that is faster when idle (tight 1.5x, loose 4x), so the
 workload means the same on a fast and a slow machine: the benchmark measures, it assumes no speed.
-The warm-up also sends two requests at once to each target, as any live burst would, so that the
-router has seen each target under load. Every request asks for exactly max_tokens (ignore_eos; the proxy in front
-of the cloud turns it into a logit bias against the end-of-text token), since predictions are for
-max_tokens.
+The warm-up also sends two requests at once to each target, and one to each at the same time, as
+any live burst would, so that the router has seen each target under load. Every request asks for
+exactly max_tokens (ignore_eos; the proxy in front of the cloud turns it into a logit bias against the
+end-of-text token), since predictions are for max_tokens.
 
 Printed per profile: deadline attainment per seed and overall for each strategy and the oracle; p50/p95
 latency and cloud share; AUTO's prediction error (predicted_ms of the first route against the measured
@@ -151,8 +151,9 @@ class Bench:
 
     def calibrate(self) -> None:
         """Warms both targets, teaching the router their speed alone and under load (two requests at once on
-        each), and measures solo latency: short prompts on the target faster when idle, oversized ones on
-        the cloud (the only target that takes them). Every prompt is new, so neither side's prompt cache
+        each, and one on each at the same time: on this machine they share the cores), and measures solo
+        latency: short prompts on the target faster when idle, oversized ones on the cloud (the only
+        target that takes them). Every prompt is new, so neither side's prompt cache
         makes prefill look free."""
         salt = iter(range(1000))
 
@@ -166,9 +167,10 @@ class Bench:
         for policy in ("local_only", "cloud_only", "local_only", "cloud_only"):
             self._complete(short(), 16, policy)
         self._complete(oversized(), OVERSIZED_OUT, "cloud_only")
-        for policy in ("local_only", "cloud_only"):
+        pairs = (["local_only"] * 2, ["cloud_only"] * 2, ["local_only", "cloud_only"], ["local_only", "cloud_only"])
+        for policies in pairs:  # two at once on each target, then one on each at the same time
             with ThreadPoolExecutor(max_workers=2) as pool:
-                list(pool.map(self._complete, [short(), short()], [16, 16], [policy, policy]))
+                list(pool.map(self._complete, [short(), short()], [16, 16], policies))
         lines = {}
         for policy in ("local_only", "cloud_only"):
             lo = statistics.median(self._solo(short(), 8, policy) for _ in range(3))

@@ -467,7 +467,7 @@ def test_a_batched_decode_step_is_learned_and_predicted_with_the_batch() -> None
     est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, parallel=4)
     est.observe(prompt_tokens=0, prompt_ms=0.0, decoded_tokens=11, decode_ms=300.0, batch=2)  # 33 tok/s: 1.5x
     assert est.decode_tps == pytest.approx(50.0)  # the lone rate stays
-    assert est.batch_cost == pytest.approx(ALPHA * 0.5)
+    assert est.batch_cost == pytest.approx(0.5)  # the first batched answer replaces the 0 guess
     est.batch_cost = 0.5
     assert est.step_ms(1) == pytest.approx(20.0) and est.step_ms(3) == pytest.approx(40.0)
     assert est.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)  # alone
@@ -506,10 +506,24 @@ def test_the_device_learns_how_much_work_in_flight_elsewhere_slows_it() -> None:
     assert mine.elsewhere_during() == pytest.approx(2.0)
     # decoded at 25 tok/s beside two cloud streams: each one there costs half a step more
     device.observe(0, 0.0, 11, 400.0, batch=1, elsewhere=mine.elsewhere_during())
-    assert device.decode_tps == pytest.approx(50.0) and device.host_cost == pytest.approx(ALPHA * 0.5)
-    device.host_cost = 0.5
+    assert device.decode_tps == pytest.approx(50.0) and device.host_cost == pytest.approx(0.5)
     mine.release()
     assert device.predict_ms(0, 10, now=0.0) == pytest.approx(400.0)  # two still in flight there
     for hold in remote:
         hold.release()
     assert host.count == 0 and device.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)
+
+
+def test_a_remote_endpoint_learns_how_laasd_s_work_elsewhere_slows_its_tokens() -> None:
+    host = HostLoad()
+    cloud = RemoteEstimator(ttft_ms=50.0, inter_token_ms=10.0, in_flight=InFlight(host))
+    device = LocalEstimator(in_flight=InFlight(host))
+    cloud.observe(ttft_ms=50.0, tokens=11, decode_ms=100.0)
+    cloud.observe(ttft_ms=50.0, tokens=11, decode_ms=200.0, elsewhere=2.0)  # 20 ms a token beside 2 there
+    assert cloud.inter_token_ms == pytest.approx(10.0) and cloud.itl_per_elsewhere == pytest.approx(5.0)
+    alone = cloud.predict_ms(0, 10, now=0.0)
+    held = [device.hold(0, 10, now=0.0) for _ in range(2)]
+    assert cloud.predict_ms(0, 10, now=0.0) == pytest.approx(alone + 10 * 2 * 5.0)
+    for hold in held:
+        hold.release()
+    assert cloud.predict_ms(0, 10, now=0.0) == pytest.approx(alone)

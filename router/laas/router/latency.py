@@ -84,6 +84,8 @@ class LocalEstimator:
     # The cores are shared with what laasd runs for its other targets at the same time: a step takes
     # (1 + host_cost * requests in flight elsewhere) times an undisturbed one's. Learned (0 until seen).
     host_cost: float = 0.0
+    host_observed: int = 0
+    batch_observed: int = 0
     # A rate that is a calibration's seed: the first live observation replaces it.
     seeded_prefill: bool = False
     seeded_decode: bool = False
@@ -151,12 +153,14 @@ class LocalEstimator:
             self.decode_tps = rate if self.seeded_decode else _ewma(self.decode_tps, rate)
             self.seeded_decode = False
         elif batch == 1:  # alone on the model, beside laasd's other work: how much slower, per request there
-            cost = (self.decode_tps / rate - 1) / elsewhere
-            self.host_cost = _ewma(self.host_cost, min(max(cost, 0.0), 2.0))
+            cost = min(max((self.decode_tps / rate - 1) / elsewhere, 0.0), 2.0)
+            self.host_cost = cost if not self.host_observed else _ewma(self.host_cost, cost)
+            self.host_observed += 1
         else:  # a batched step: how much slower than a lone stream's, per extra stream
             slower = self.decode_tps / rate / (1 + self.host_cost * elsewhere)
-            cost = (slower - 1) / (batch - 1)
-            self.batch_cost = _ewma(self.batch_cost, min(max(cost, 0.0), 2.0))
+            cost = min(max((slower - 1) / (batch - 1), 0.0), 2.0)
+            self.batch_cost = cost if not self.batch_observed else _ewma(self.batch_cost, cost)
+            self.batch_observed += 1
 
 
 @dataclass
@@ -169,10 +173,13 @@ class RemoteEstimator:
     longer, so one average would mislead short requests. The load terms are learned from the others:
 
         ttft(prompt, load) = line(prompt) + queue_factor * laasd's work in flight ahead (ms)
-        inter-token(load)  = inter_token_ms + itl_per_request * laasd's requests in flight
+        inter-token(load)  = inter_token_ms + itl_per_request * laasd's requests in flight there
+                             + itl_per_elsewhere * laasd's requests in flight on its other targets
 
     A server that runs one request at a time (FIFO) shows queue_factor ~1 and no inter-token growth; one
-    that batches shows queue_factor ~0 and an inter-token time growing with the batch. A LAN peer also
+    that batches shows queue_factor ~0 and an inter-token time growing with the batch. The last term is
+    laasd's own machine, which streams every target's answers (and, in the benchmark, is the cloud's
+    machine too): ~0 for an endpoint elsewhere. A LAN peer also
     advertises the wait queued on it (`advertise`), which counts what laasd sent it before the
     advertisement; the work laasd reserved there since is added to it.
     """
@@ -187,6 +194,8 @@ class RemoteEstimator:
     # batches. The first answer under load replaces the guess.
     queue_factor: float = 1.0
     itl_per_request: float = 0.0
+    itl_per_elsewhere: float = 0.0
+    elsewhere_observed: int = 0
     loaded_observed: int = 0  # observations made under load (the first replaces the 0 priors)
     advertised_ms: float = 0.0  # the wait the endpoint advertised (a discovered LAN peer)
     advertised_at: float | None = None
@@ -204,26 +213,30 @@ class RemoteEstimator:
             advertised = max(self.advertised_ms - (now - self.advertised_at) * 1000, 0.0)
         return advertised + self.queue_factor * self.in_flight.work_ms(now, since=self.advertised_at)
 
-    def service_ms(self, prompt_tokens: int, max_tokens: int, others: int = 0) -> float:
-        """The request's own time once the endpoint takes it, with `others` of laasd's requests beside it."""
-        return self.ttft_for(prompt_tokens) + max_tokens * (self.inter_token_ms + self.itl_per_request * others)
+    def service_ms(self, prompt_tokens: int, max_tokens: int, others: int = 0, elsewhere: float = 0.0) -> float:
+        """The request's own time once the endpoint takes it, with `others` of laasd's requests beside it
+        and `elsewhere` on its other targets."""
+        itl = self.inter_token_ms + self.itl_per_request * others + self.itl_per_elsewhere * elsewhere
+        return self.ttft_for(prompt_tokens) + max_tokens * itl
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float = 0.0) -> float:
-        expected = self.wait_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.in_flight.count)
+        expected = self.wait_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.in_flight.count,
+                                                       self.in_flight.elsewhere)
         # A failing endpoint costs a timeout and a retry elsewhere: weigh it by its error rate.
         return expected * (1 + 2 * self.error_rate)
 
     def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
         """Reserves the request's own service time until released."""
-        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.in_flight.count), now)
+        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.in_flight.count,
+                                                   self.in_flight.elsewhere), now)
 
     def advertise(self, wait_ms: float, now: float) -> None:
         self.advertised_ms, self.advertised_at = wait_ms, now
 
     def observe(self, ttft_ms: float, tokens: int, decode_ms: float, prompt_tokens: int = 0,
-                ahead_ms: float = 0.0, others: int = 0) -> None:
+                ahead_ms: float = 0.0, others: int = 0, elsewhere: float = 0.0) -> None:
         """Learns from a finished request, sent with `ahead_ms` of laasd's work in flight there and
-        `others` of its requests beside it."""
+        `others` of its requests beside it, while `elsewhere` ran on laasd's other targets."""
         loaded = others > 0
         if not loaded or not self.observed:
             self._fit_line(float(prompt_tokens), ttft_ms)
@@ -232,10 +245,15 @@ class RemoteEstimator:
             self.queue_factor = factor if not self.loaded_observed else _ewma(self.queue_factor, factor)
         if tokens >= 2 and decode_ms > 0:
             itl = decode_ms / (tokens - 1)
-            if not loaded or not self.observed:
+            if not self.observed or (not loaded and elsewhere < 0.5):
                 self.inter_token_ms = itl if not self.observed else _ewma(self.inter_token_ms, itl)
+            elif not loaded:
+                cost = max((itl - self.inter_token_ms) / elsewhere, 0.0)
+                self.itl_per_elsewhere = cost if not self.elsewhere_observed else _ewma(self.itl_per_elsewhere, cost)
+                self.elsewhere_observed += 1
             else:
-                growth = max((itl - self.inter_token_ms) / others, 0.0)
+                shared = self.itl_per_elsewhere * elsewhere
+                growth = max((itl - self.inter_token_ms - shared) / others, 0.0)
                 self.itl_per_request = growth if not self.loaded_observed else _ewma(self.itl_per_request, growth)
         self.loaded_observed += loaded
         self.error_rate = _ewma(self.error_rate, 0.0)

@@ -145,7 +145,8 @@ class RemoteTarget:
                     end = time.perf_counter()
                     first = first or end
                     self.estimator.observe((first - start) * 1000, tokens, (end - first) * 1000,
-                                           admitted.prompt_tokens, hold.ahead_ms, hold.others)
+                                           admitted.prompt_tokens, hold.ahead_ms, hold.others,
+                                           hold.elsewhere_during())
                     self.breaker.on_success()
                     settled = True
                     if restorer is not None and (tail := restorer.flush()):
