@@ -131,6 +131,8 @@ class LocalTarget:
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
                                            u.completion_tokens, t.decode_ms, batch=hold.started_with,
                                            elsewhere=hold.elsewhere_during())
+                    if own:
+                        hold.release()  # a caller may stop reading at the completion
                 yield chunk
         finally:
             if own:

@@ -202,8 +202,10 @@ class Router:
                     if isinstance(chunk, TextDelta):
                         delivered.append(chunk.text)
                         completion_tokens += 1
-                    elif isinstance(chunk, Completion) and resumed:
-                        chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
+                    elif isinstance(chunk, Completion):
+                        hold.release()  # now: a caller may stop reading at the completion, never closing us
+                        if resumed:
+                            chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
                     yield chunk
                 return
             except TargetFailed as e:

@@ -115,6 +115,8 @@ class RemoteTarget:
         hold = self.reserve(admitted) if hold is None else hold
         try:
             async for item in self._stream(admitted, hold):
+                if own and isinstance(item, Completion):
+                    hold.release()  # a caller may stop reading at the completion
                 yield item
         finally:
             if own:
