@@ -30,6 +30,10 @@ from laas.core.types import Constraint, ConstraintKind
 CACHE_SIZE = 64  # compiled constraints kept per model
 MAX_CONSTRAINT_BYTES = 256 << 10
 
+# JSON without free whitespace: what a model writes between tokens is then content, never an endless run of
+# newlines (a schema may say otherwise in its own "x-guidance").
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 _FORMAT = {ConstraintKind.JSON_SCHEMA: "json_schema", ConstraintKind.JSON_OBJECT: "json_schema",
            ConstraintKind.REGEX: "regex", ConstraintKind.LARK: "lark", ConstraintKind.GBNF: "gbnf"}
 
@@ -49,6 +53,8 @@ def grammar_of(constraint: Constraint, field: str) -> str:
     if not text.strip():
         raise InvalidArgument(f"{field} is empty", field=field)
     try:
+        if constraint.kind in (ConstraintKind.JSON_SCHEMA, ConstraintKind.JSON_OBJECT):
+            return str(llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS))  # type: ignore[arg-type]
         return str(llguidance.grammar_from(_FORMAT[constraint.kind], text))  # type: ignore[arg-type]
     except ValueError as e:
         raise InvalidArgument(f"{field} does not compile: {e}", field=field) from e

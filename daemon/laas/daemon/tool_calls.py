@@ -128,7 +128,8 @@ def forced_call(tools: Sequence[Tool], choice: ToolChoice) -> Constraint | None:
     schemas = [{"type": "object", "properties": {"name": {"const": t.name},
                                                   "arguments": json.loads(t.parameters or "{}")},
                 "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
     lark = f'start: "{OPEN}\\n" body "\\n{CLOSE}"\nbody: %json {json.dumps(schema)}\n'
     return Constraint(ConstraintKind.LARK, lark)
 
