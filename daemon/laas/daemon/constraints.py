@@ -190,10 +190,35 @@ class ConstraintCompiler:
 
 
 def llama_tokenizer(vocab: Any, n_vocab: int) -> Any:
-    """llguidance's tokenizer over the vocabulary llama.cpp loaded from the GGUF file."""
-    from llguidance.llamacpp import lltokenizer_from_vocab
+    """llguidance's tokenizer over the vocabulary llama.cpp loaded from the GGUF file (as llguidance's own
+    llamacpp helper builds it, with llama.cpp's current names); every end-of-generation token ends it."""
+    import ctypes
 
-    return lltokenizer_from_vocab(vocab, n_vocab=n_vocab)
+    import llama_cpp
+    import llguidance
+
+    buffer = ctypes.create_string_buffer(16 * 1024 + 1)
+    tokens: list[bytes] = []
+    eog: list[int] = []
+    control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 16 * 1024, 0, True)
+        if n < 0:
+            raise ValueError(f"token {token} does not fit a 16 KiB buffer")
+        piece = buffer.raw[:n]
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        # Control tokens (and user-defined ones that look like them) are special: 0xff marks them.
+        if attr & control or (attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and piece.startswith(b"<")
+                              and piece.endswith(b">")):
+            piece = b"\xff" + piece
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            eog.append(token)
+        tokens.append(piece)
+    tokens += [b""] * (n_vocab - len(tokens))
+    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return llguidance.LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+        tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
+        eos_token=eog or int(llama_cpp.llama_vocab_eos(vocab)), slices=None)
 
 
 def json_tokenizer(tokenizer_json: str, n_vocab: int, eos: Sequence[int]) -> Any:
