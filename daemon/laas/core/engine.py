@@ -16,6 +16,7 @@ from laas.core.types import (
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
+    Tool,
 )
 
 
@@ -34,12 +35,15 @@ class Engine(ABC):
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]: ...
 
     @abstractmethod
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        """Applies the model's chat template; the result carries the stops the template implies."""
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
+        """Applies the model's chat template (with the functions the model may call); the result carries
+        the stops the template implies."""
 
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        """Streams TextDelta items, then exactly one Completion."""
+        """Streams TextDelta items, then exactly one Completion. A request's sampling.constraint limits
+        every token to what it allows (InvalidArgument before anything runs when it cannot compile);
+        sampling.logprobs adds each token's log-probability to the deltas."""
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """The inputs' vectors, in one padding-aware batch pass (embedding models; `info.embedding_dimensions`

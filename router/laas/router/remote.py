@@ -108,7 +108,8 @@ class RemoteTarget:
         request, restorer, redacted = self._redacted(admitted.request)
         if redacted:
             yield Redaction(redacted)
-        bound = GenerationRequest(prompt=request.prompt, sampling=request.sampling, messages=request.messages)
+        bound = GenerationRequest(prompt=request.prompt, sampling=request.sampling, messages=request.messages,
+                                  tools=request.tools, tool_choice=request.tool_choice)
         self.breaker.on_attempt(self._clock())
         start = time.perf_counter()
         first = 0.0

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from laas.core.errors import InvalidArgument, NotFound
 from laas.core.types import (
@@ -38,9 +38,13 @@ from laas.core.types import (
     GenerationChunk,
     SamplingParams,
     TextDelta,
+    Tool,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
     Usage,
 )
-from laas.daemon import validation
+from laas.daemon import constraints, validation
 from laas.daemon.app.calls import Call, Lifecycle
 from laas.daemon.app.values import (
     Candidate,
@@ -56,6 +60,7 @@ from laas.daemon.metrics import Metrics, Sample
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.tokens import Principal
+from laas.daemon.tool_calls import forced_call
 from laas.router.dispatch import EmbedPlan, Plan, RouteChange, Router
 from laas.router.policy import Decision, Policy
 from laas.router.redact import Redaction
@@ -77,6 +82,8 @@ class Admitted:
     keep_alive_s: float | None
     policy: Policy
     budget_ms: float | None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
 
 def clamp_keep_alive(requested: float | None, default: float, admin: bool) -> float | None:
@@ -167,7 +174,7 @@ class Runtime:
                 if isinstance(item, Redaction):  # the route's target got placeholders for personal data
                     redacted = item.count
                     continue
-                if isinstance(item, TextDelta):
+                if isinstance(item, TextDelta | ToolCallDelta):
                     recorder.on_delta()
                 first = ttft_ms is None
                 if ttft_ms is None:
@@ -252,15 +259,25 @@ class Runtime:
         """Validates a text request and applies the operator's rules: limits, keep-alive, local-only."""
         model = validation.model_name(request.model)
         s = request.sampling
-        sampling = validation.sampling_from(s.given(), list(s.stop), s.ignore_eos)
+        sampling = validation.sampling_from(s.given(), list(s.stop), s.ignore_eos, s.logprobs)
         self._privacy.check(sampling)
         keep_alive = self._request_keep_alive(model, validation.keep_alive(request.keep_alive_s), principal)
         prompt: str = ""
         messages: tuple[ChatMessage, ...] = ()
         if request.messages is not None:
-            messages = validation.chat_messages([(m.role, m.content) for m in request.messages])
+            messages = validation.chat_messages(request.messages)
         else:
             prompt = validation.prompt(request.prompt)
+        tools = validation.tools(request.tools, request.tool_choice, request.messages is not None)
+        forced = forced_call(tools, request.tool_choice)
+        if forced is not None:  # the call's grammar compiles (each tool's parameters are a usable schema)
+            constraints.check(forced, "tools")
+        if request.constraint is not None:
+            if forced is not None:
+                raise InvalidArgument("constraint: not with tool_choice required or a function (that is a "
+                                      "constraint already)", field="constraint")
+            constraints.check(request.constraint)
+            sampling = replace(sampling, constraint=request.constraint)
         policy = request.routing.policy
         if self._privacy.local_only_reason(model or self._registry.default.name, principal,
                                            policy is Policy.LOCAL_ONLY):
@@ -271,14 +288,16 @@ class Runtime:
                                   field="routing.latency_budget_ms")
         if budget is None:
             budget = request.routing.deadline_ms
-        return Admitted(model, sampling, prompt, messages, keep_alive, policy, budget)
+        choice = request.tool_choice if tools else ToolChoice(ToolChoiceMode.NONE)
+        return Admitted(model, sampling, prompt, messages, keep_alive, policy, budget, tools, choice)
 
     async def _route(self, admitted: Admitted, principal: Principal
                      ) -> tuple[Plan, Callable[[], AsyncGenerator[RouterItem, None]]]:
         """The one place the application layer calls the router: the plan (the prompt counted, every
         target's estimate, the policy's decision) and the run it starts on demand (the route, failover)."""
         routed = RoutedRequest(admitted.sampling, prompt=admitted.prompt, messages=admitted.messages,
-                               keep_alive_s=admitted.keep_alive_s)
+                               keep_alive_s=admitted.keep_alive_s, tools=admitted.tools,
+                               tool_choice=admitted.tool_choice)
         with _names_hidden(admitted.model, "model", principal):
             plan = await self._router.plan(admitted.model, routed, admitted.policy, admitted.budget_ms)
         return plan, lambda: self._router.run(plan)

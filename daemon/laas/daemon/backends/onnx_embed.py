@@ -29,6 +29,7 @@ from laas.core.types import (
     GenerationRequest,
     ModelFormat,
     ModelInfo,
+    Tool,
 )
 from laas.daemon.backends.onnx_decoder import session_options
 from laas.daemon.backends.pooling import check_dimensions, finish, pool
@@ -102,7 +103,7 @@ class OnnxEmbeddingEngine(Engine):
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special).ids
         return ids
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         raise self._cannot_generate()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
