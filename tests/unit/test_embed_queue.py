@@ -20,6 +20,7 @@ from laas.core.types import (
     GenerationRequest,
     ModelFormat,
     ModelInfo,
+    Tool,
 )
 from laas.daemon.backends.backend import Described
 from laas.daemon.local_target import LocalModels
@@ -44,7 +45,7 @@ class HeldEmbedder(Engine):
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         return [1]
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         raise NotImplementedError
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

@@ -32,6 +32,7 @@ from laas.core.types import (
     GenerationRequest,
     ModelFormat,
     ModelInfo,
+    Tool,
 )
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.pooling import check_dimensions, finish
@@ -102,7 +103,7 @@ class GgufEmbeddingEngine(Engine):
         ids: list[int] = llm.tokenize(text.encode(), add_bos=add_special, special=False)
         return ids
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         raise self._cannot_generate()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
