@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from laas.core.errors import InvalidArgument
+from laas.core.errors import InvalidArgument, RequestTooLarge
 from laas.core.types import ChatMessage, SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -21,9 +21,9 @@ MAX_MODEL_NAME = 256
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def _check(ok: bool, field: str, rule: str, value: Any) -> None:
+def _check(ok: bool, field: str, rule: str, value: Any, error: type[InvalidArgument] = InvalidArgument) -> None:
     if not ok:
-        raise InvalidArgument(f"{field} {rule}; got {value!r}", field=field)
+        raise error(f"{field} {rule}; got {value!r}", field=field)
 
 
 def _finite(field: str, value: float) -> None:
@@ -65,7 +65,8 @@ def sampling_from(fields: Mapping[str, Any], stop: Sequence[str], ignore_eos: bo
 
 def prompt(text: str, field: str = "prompt") -> str:
     size = len(text.encode())
-    _check(size <= MAX_PROMPT_BYTES, field, f"must be at most {MAX_PROMPT_BYTES} bytes", f"{size} bytes")
+    _check(size <= MAX_PROMPT_BYTES, field, f"must be at most {MAX_PROMPT_BYTES} bytes", f"{size} bytes",
+           RequestTooLarge)
     return text
 
 
@@ -82,7 +83,8 @@ def chat_messages(messages: Sequence[tuple[str, str]]) -> tuple[ChatMessage, ...
         _check(role in CHAT_ROLES, f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}", role)
         total += len(content.encode())
         out.append(ChatMessage(role=role, content=content))
-    _check(total <= MAX_PROMPT_BYTES, "messages", f"must total at most {MAX_PROMPT_BYTES} bytes", total)
+    _check(total <= MAX_PROMPT_BYTES, "messages", f"must total at most {MAX_PROMPT_BYTES} bytes", total,
+           RequestTooLarge)
     return tuple(out)
 
 
