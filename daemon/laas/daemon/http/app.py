@@ -10,7 +10,8 @@ is read whole. The route taken is on the first chunk (`laas.route`) and in the `
     GET  /v1/models, GET /v1/models/{id}               (scope models:read)
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at run time, and the
+# dependencies in them (opening(...)) are local to create_app.
 
 import time
 from collections.abc import AsyncGenerator
