@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,8 +20,9 @@ import pytest
 from openai import Stream
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from laas.client import Client
+from laas.client import Client, Tls
 from laas.daemon import tokens
+from tests.certs import CertificateAuthority
 from tests.daemon_process import DaemonProcess
 
 MODEL = "smollm2-135m-instruct"
@@ -268,3 +270,24 @@ def test_tokens_scopes_and_streams_per_token(start_daemon: Callable[..., DaemonP
 def test_http_listen_empty_serves_no_http(start_daemon: Callable[..., DaemonProcess]) -> None:
     daemon = start_daemon(http_listen="")
     assert daemon.http_port == 0 and "HTTP API on" not in daemon.log
+
+
+def test_https_and_mutual_tls_name_the_caller(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    ca = CertificateAuthority()
+    server_cert, server_key = ca.issue("laasd", server=True).write(tmp_path, "server")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.pem.cert)
+    alice_cert, alice_key = ca.issue("alice", server=False).write(tmp_path, "alice")
+    daemon = start_daemon(f'tls_cert = "{server_cert}"\ntls_key = "{server_key}"\ntls_client_ca = "{ca_file}"\n',
+                          tls=Tls(ca=ca.pem.cert, cert=alice_cert.read_bytes(), key=alice_key.read_bytes()))
+    assert "HTTP API on https://" in daemon.log
+    url = f"https://127.0.0.1:{daemon.http_port}/v1/models"
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with pytest.raises(httpx.TransportError):  # no client certificate: no TLS session
+        httpx.get(url, verify=context, timeout=10)
+    context.load_cert_chain(str(alice_cert), str(alice_key))
+    with httpx.Client(verify=context, timeout=30) as https:
+        assert https.get(url).json()["data"][0]["id"] == MODEL
+        assert "/v1/chat/completions" in https.get(f"https://127.0.0.1:{daemon.http_port}/openapi.json").json()["paths"]
+    lines = [json.loads(x) for x in (daemon.home / "audit.log").read_text().splitlines()]
+    assert any(x["method"] == "ListModels" and x["who"] == "alice" and x["status"] == "OK" for x in lines)
