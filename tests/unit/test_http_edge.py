@@ -3,6 +3,9 @@ errors, the OpenAI -> domain conversion (what is refused, naming the param), and
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -28,23 +31,36 @@ from laas.core.errors import (
     Unauthenticated,
     Unavailable,
     Unprocessable,
+    Unsupported,
     error_for_status,
     http_status_for,
     status_for,
 )
-from laas.core.types import ChatMessage
-from laas.daemon.http.convert import chat_request, completion_request
+from laas.core.types import (
+    ChatMessage,
+    Constraint,
+    ConstraintKind,
+    Embedding,
+    EmbeddingResult,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+)
+from laas.daemon.app.values import EmbedReply, RouteInfo
+from laas.daemon.http.convert import chat_request, completion_request, embed_request, embeddings_json
 from laas.daemon.http.errors import error_body, error_response, validation_error
-from laas.daemon.http.schemas import ChatCompletionRequest, CompletionRequest
+from laas.daemon.http.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from laas.daemon.security import listen_refusal
 from laas.daemon.settings import Settings, SettingsError, load_settings
-from laas.router.policy import Policy
+from laas.router.policy import Policy, TargetKind
 
 # The documented statuses (errors.py's docstring), written out rather than read from the table.
 HTTP = [
     (RequestTooLarge, 413), (Unprocessable, 422), (InvalidArgument, 400), (NotFound, 404), (OutOfRange, 400),
     (MemoryBudgetExceeded, 429), (ResourceExhausted, 429), (ModelLoading, 503), (ShuttingDown, 503),
-    (TargetFailed, 503), (Unavailable, 503), (ModelLoadError, 409), (Unauthenticated, 401), (PermissionDenied, 403),
+    (TargetFailed, 503), (Unavailable, 503), (Unsupported, 400), (ModelLoadError, 409), (Unauthenticated, 401),
+    (PermissionDenied, 403),
     (Cancelled, 499), (DeadlineExceeded, 504), (LaasError, 500),
 ]
 
@@ -118,7 +134,7 @@ def test_chat_request_in_domain_values() -> None:
         repeat_penalty=1.2, ignore_eos=True, routing_policy="local_only", latency_budget_ms=500.0, keep_alive=-1,
         n=1, response_format={"type": "text"}, tool_choice="none", user="u", service_tier="auto"))
     assert text.model == "m" and text.messages == (ChatMessage("system", "be brief"), ChatMessage("user", "ab"),
-                                                   ChatMessage("assistant", "c"))
+                                                   ChatMessage("assistant", "c", name="bot"))
     s = text.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.stop, s.seed, s.top_k, s.min_p, s.repeat_penalty,
             s.ignore_eos) == (9, 0.5, 0.9, ("\n",), 3, 7, 0.2, 1.2, True)
@@ -127,16 +143,21 @@ def test_chat_request_in_domain_values() -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"), ({"tools": [{"type": "function"}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"), ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"n": 3}, "n"), ({"logprobs": 3}, "logprobs"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"), ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tool_choice": "sometimes"}, "tool_choice"), ({"tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+     "response_format.json_schema.schema"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
     ({"audio": {"voice": "x"}}, "audio"), ({"modalities": ["audio"]}, "modalities"),
     ({"functions": [{}]}, "functions"), ({"prediction": {"type": "content"}}, "prediction"),
     ({"service_tier": "flex"}, "service_tier"),
     ({"max_tokens": 1, "max_completion_tokens": 2}, "max_completion_tokens"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "code"}]}]},
+     "messages[0].tool_calls[0].type"),
     ({"messages": [{"role": "assistant"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
@@ -150,7 +171,7 @@ def test_what_laas_does_not_serve_is_refused_naming_the_param(body: dict[str, ob
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "a", "echo": True}, "echo"),
     ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "best_of": 2}, "best_of"),
-    ({"prompt": "a", "logprobs": 3}, "logprobs"),
+    ({"prompt": "a", "logprobs": True}, "logprobs"),
 ])
 def test_text_completion_refusals(body: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidArgument) as e:
@@ -175,3 +196,43 @@ def test_http_listen_setting_and_the_bind_refusal(tmp_path: Path) -> None:
     assert listen_refusal(Settings(home=tmp_path, http_listen=("0.0.0.0:7735",), tls_cert="c", tls_key="k"),
                           tokens=True) is None
     assert listen_refusal(Settings(home=tmp_path, http_listen=("unix:/run/x.sock", "[::1]:1")), tokens=False) is None
+
+
+def test_structured_output_tools_and_logprobs_in_domain_values() -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    text = chat_request(_chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+        logprobs=True, top_logprobs=3, parallel_tool_calls=True,
+        tools=[{"type": "function", "function": {"name": "weather", "description": "the weather",
+                                                 "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+        messages=[{"role": "user", "content": "weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]))
+    assert text.constraint == Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
+    assert text.sampling.logprobs and text.sampling.top_logprobs == 3
+    assert text.tools == (Tool("weather", "the weather", '{"type": "object"}'),)
+    assert text.tool_choice == ToolChoice(ToolChoiceMode.FUNCTION, "weather")
+    assert text.messages is not None
+    assert text.messages[1] == ChatMessage("assistant", "", (ToolCall("call_1", "weather", "{}"),))
+    assert text.messages[2] == ChatMessage("tool", "sunny", tool_call_id="call_1")
+    assert chat_request(_chat(response_format={"type": "json_object"})).constraint == Constraint(
+        ConstraintKind.JSON_OBJECT)
+    assert chat_request(_chat()).tool_choice.mode is ToolChoiceMode.NONE
+    assert chat_request(_chat(tools=[{"type": "function", "function": {"name": "f"}}])).tool_choice.mode is \
+        ToolChoiceMode.AUTO
+    legacy = completion_request(CompletionRequest.model_validate({"prompt": "a", "logprobs": 2}))
+    assert legacy.sampling.logprobs and legacy.sampling.top_logprobs == 2
+
+
+def test_embeddings_request_and_base64() -> None:
+    assert embed_request(EmbeddingsRequest.model_validate({"input": "a"})).inputs == ("a",)
+    assert embed_request(EmbeddingsRequest.model_validate({"input": [1, 2]})).inputs == ((1, 2),)
+    many = embed_request(EmbeddingsRequest.model_validate({"input": [[1], [2, 3]], "dimensions": 8}))
+    assert many.inputs == ((1,), (2, 3)) and many.dimensions == 8
+    reply = EmbedReply("m", EmbeddingResult((Embedding((1.0, -0.5), 3),)), RouteInfo("m", TargetKind.LOCAL))
+    out = embeddings_json(reply, "base64")
+    assert struct.unpack("<2f", base64.b64decode(out["data"][0]["embedding"])) == (1.0, -0.5)
+    assert embeddings_json(reply, "float")["data"][0]["embedding"] == [1.0, -0.5]
+    assert out["usage"] == {"prompt_tokens": 3, "total_tokens": 3}

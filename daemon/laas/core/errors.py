@@ -17,6 +17,8 @@ codes back into them with :func:`error_for_status`. Nothing matches on message t
     │   ├── ModelLoading            (the model is being fetched or loaded)
     │   ├── ShuttingDown            (the daemon is draining)
     │   └── TargetFailed            (a remote target failed; the router fails over to the next)
+    ├── Unsupported                 (FAILED_PRECONDITION, 400: the model cannot do this, e.g. a generative
+    │                                    model asked for embeddings; `field` names the request field)
     ├── ModelLoadError              (FAILED_PRECONDITION, 409: the model failed to load or validate)
     ├── Unauthenticated             (UNAUTHENTICATED, 401: no valid token)
     ├── PermissionDenied            (PERMISSION_DENIED, 403: the token lacks the method's scope)
@@ -98,6 +100,11 @@ class TargetFailed(Unavailable):
     """A remote target (cloud endpoint, LAN peer) refused, timed out, broke its stream or sent garbage."""
 
 
+class Unsupported(LaasError):
+    """The model is of the wrong kind for the call: embeddings from a generative model, text from an
+    embedding model. Another model would serve it; retrying this one will not."""
+
+
 class ModelLoadError(LaasError):
     """A model file is missing, invalid or failed to load; retrying will not help until it is fixed."""
 
@@ -132,6 +139,7 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode, int], ...] = (
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, 503),
     (TargetFailed, grpc.StatusCode.UNAVAILABLE, 503),
     (Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
+    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION, 400),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION, 409),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403),

@@ -7,6 +7,7 @@ its status from the one error table (errors.py); a body over MAX_BODY_BYTES is r
 is read whole. The route taken is on the first chunk (`laas.route`) and in the `x-laas-route` header.
 
     POST /v1/chat/completions, POST /v1/completions   (scope generate)
+    POST /v1/embeddings                                (scope generate, as gRPC's Embed)
     GET  /v1/models, GET /v1/models/{id}               (scope models:read)
 """
 
@@ -31,7 +32,14 @@ from laas.daemon.app.values import StreamChunk, TextRequest
 from laas.daemon.http import convert
 from laas.daemon.http.auth import REQUEST_ID_HEADER, Gate, HttpCall
 from laas.daemon.http.errors import error_response, validation_error
-from laas.daemon.http.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList, ModelOut
+from laas.daemon.http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    ErrorResponse,
+    ModelList,
+    ModelOut,
+)
 from laas.daemon.http.sse import events, unless_disconnected
 
 MAX_BODY_BYTES = 4 << 20  # as a gRPC message (server.MAX_MESSAGE_BYTES)
@@ -169,6 +177,25 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
             raise
         usage = body.stream_options is not None and body.stream_options.include_usage
         return await generate(request, http_call, text, False, body.stream, usage)
+
+    @app.post("/v1/embeddings", responses=_ERRORS)
+    async def embeddings(request: Request, body: EmbeddingsRequest,
+                         http_call: Annotated[HttpCall, opening("Embeddings", "generate", True)]) -> Response:
+        """The vectors of `input` (float lists, or base64 of little-endian float32 with encoding_format)."""
+        try:
+            embed = convert.embed_request(body)
+        except LaasError as e:
+            http_call.call.begin(body.model)
+            http_call.end(e)
+            raise
+        try:
+            reply = await unless_disconnected(request, runtime.embed(embed, http_call.call))
+        except BaseException as e:
+            http_call.end(e)
+            raise
+        http_call.end(None)
+        headers = {REQUEST_ID_HEADER: http_call.rid, "x-laas-route": convert.route_header(reply.route)}
+        return JSONResponse(convert.embeddings_json(reply, body.encoding_format), headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models(request: Request,

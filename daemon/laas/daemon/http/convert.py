@@ -6,19 +6,53 @@ OpenAI's chat.completion(.chunk) and text_completion objects, with laas' extra f
 on the first chunk of every route taken; the timings on the last). What laas does not serve is refused
 here with InvalidArgument naming the param (400), never ignored: `n` > 1, audio and other modalities,
 logit_bias, functions, predicted outputs, web search, echo/best_of/suffix, token-id prompts, images.
-The structured-output and tool fields (response_format, tools, tool_choice, logprobs, top_logprobs) are
-refused the same way until the application layer serves them.
+response_format becomes the domain's Constraint (json_object, json_schema), tools and tool_choice its
+Tool and ToolChoice, logprobs/top_logprobs the sampling's; tool calls stream as OpenAI's `tool_calls`
+deltas, log-probabilities as `logprobs.content` (chat) or the legacy lists (completions).
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 import time
 from typing import Any
 
 from laas.core.errors import InvalidArgument
-from laas.core.types import ChatMessage, Completion, Timings
-from laas.daemon.app.values import ModelStatus, RouteInfo, Routing, SamplingFields, StreamChunk, TextRequest
-from laas.daemon.http.schemas import ChatCompletionRequest, CompletionRequest, ContentPart, ModelOut, _Sampling
+from laas.core.types import (
+    ChatMessage,
+    Completion,
+    Constraint,
+    ConstraintKind,
+    TextDelta,
+    Timings,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
+)
+from laas.daemon.app.values import (
+    EmbedReply,
+    EmbedRequest,
+    ModelStatus,
+    RouteInfo,
+    Routing,
+    SamplingFields,
+    StreamChunk,
+    TextRequest,
+)
+from laas.daemon.http.schemas import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    ContentPart,
+    EmbeddingsRequest,
+    ModelOut,
+    _Sampling,
+)
 from laas.router.policy import Policy
 
 Json = dict[str, Any]
@@ -32,8 +66,6 @@ def _refuse(param: str, what: str) -> InvalidArgument:
 def _unsupported_common(body: _Sampling) -> None:
     if body.n is not None and body.n != 1:
         raise _refuse("n", f"n = {body.n} (more than one choice)")
-    if body.logprobs not in (None, False, 0):
-        raise _refuse("logprobs", "logprobs")
     if body.logit_bias:
         raise _refuse("logit_bias", "logit_bias")
     if body.service_tier not in (None, "auto", "default"):
@@ -42,23 +74,81 @@ def _unsupported_common(body: _Sampling) -> None:
 
 def _unsupported_chat(body: ChatCompletionRequest) -> None:
     _unsupported_common(body)
-    for param in ("top_logprobs", "tools", "functions", "function_call", "audio", "prediction", "web_search_options"):
+    for param in ("functions", "function_call", "audio", "prediction", "web_search_options"):
         if getattr(body, param) is not None:
             raise _refuse(param, param)
-    if body.tool_choice not in (None, "none"):
-        raise _refuse("tool_choice", "tool_choice")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise _refuse("response_format", f"response_format {body.response_format.get('type')!r}")
+    if body.parallel_tool_calls is False:
+        raise _refuse("parallel_tool_calls", "parallel_tool_calls = false")
     if body.modalities is not None and body.modalities != ["text"]:
         raise _refuse("modalities", f"modalities {body.modalities}")
 
 
-def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingFields:
+def _sampling(body: _Sampling, max_tokens: int | None, logprobs: bool = False,
+              top_logprobs: int | None = None) -> SamplingFields:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingFields(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                           min_p=body.min_p, seed=body.seed, repeat_penalty=body.repeat_penalty,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          stop=stop, ignore_eos=body.ignore_eos)
+                          top_logprobs=top_logprobs, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
+
+
+def _json_text(value: Any, param: str) -> str:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{param} must be a JSON object", field=param)
+    return json.dumps(value)
+
+
+def _constraint(response_format: dict[str, Any] | None) -> Constraint | None:
+    kind = None if response_format is None else response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if kind == "json_schema":
+        assert response_format is not None
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise InvalidArgument("response_format.json_schema.schema is required", field="response_format.json_schema")
+        return Constraint(ConstraintKind.JSON_SCHEMA, _json_text(spec["schema"], "response_format.json_schema.schema"))
+    raise InvalidArgument(f"response_format.type must be text, json_object or json_schema; got {kind!r}",
+                          field="response_format.type")
+
+
+def _tools(given: list[dict[str, Any]] | None) -> tuple[Tool, ...]:
+    out = []
+    for i, tool in enumerate(given or ()):
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, dict):
+            raise _refuse(f"tools[{i}].type", f"a tool of type {tool.get('type')!r}")
+        parameters = function.get("parameters")
+        out.append(Tool(str(function.get("name", "")), str(function.get("description") or ""),
+                        "" if parameters is None else _json_text(parameters, f"tools[{i}].function.parameters")))
+    return tuple(out)
+
+
+def _tool_choice(choice: str | dict[str, Any] | None, tools: bool) -> ToolChoice:
+    if choice is None:
+        return ToolChoice(ToolChoiceMode.AUTO if tools else ToolChoiceMode.NONE)
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise InvalidArgument(f"tool_choice must be none, auto, required or a function; got {choice!r}",
+                                  field="tool_choice")
+        return ToolChoice(ToolChoiceMode(choice))
+    function = choice.get("function")
+    if choice.get("type") != "function" or not isinstance(function, dict) or not function.get("name"):
+        raise InvalidArgument("tool_choice must be {type: function, function: {name}}", field="tool_choice")
+    return ToolChoice(ToolChoiceMode.FUNCTION, str(function["name"]))
+
+
+def _calls(m: ChatMessageIn, i: int) -> tuple[ToolCall, ...]:
+    out = []
+    for j, call in enumerate(m.tool_calls or ()):
+        function = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(function, dict):
+            raise _refuse(f"messages[{i}].tool_calls[{j}].type", f"a tool call of type {call.get('type')!r}")
+        out.append(ToolCall(str(call.get("id", "")), str(function.get("name", "")),
+                            str(function.get("arguments", "{}"))))
+    return tuple(out)
 
 
 def _routing(body: _Sampling) -> Routing:
@@ -84,18 +174,22 @@ def chat_request(body: ChatCompletionRequest) -> TextRequest:
         raise InvalidArgument("set max_tokens or max_completion_tokens, not both", field="max_completion_tokens")
     messages = []
     for i, m in enumerate(body.messages):
-        role = _ROLES.get(m.role)
-        if role is None:
-            if m.role in ("tool", "function"):
-                raise _refuse(f"messages[{i}].role", f"role {m.role!r} (tool calls)")
-            raise InvalidArgument(f"messages[{i}].role must be one of system, developer, user, assistant; "
+        role = _ROLES.get(m.role, m.role)
+        if role not in (*_ROLES.values(), "tool"):
+            raise InvalidArgument(f"messages[{i}].role must be one of system, developer, user, assistant, tool; "
                                   f"got {m.role!r}", field=f"messages[{i}].role")
-        if m.tool_calls:
-            raise _refuse(f"messages[{i}].tool_calls", "tool_calls")
-        messages.append(ChatMessage(role, _text_of(m.content, f"messages[{i}]")))
+        calls = _calls(m, i)
+        content = "" if calls and m.content is None else _text_of(m.content, f"messages[{i}]")
+        messages.append(ChatMessage(role, content, calls, m.tool_call_id or "", m.name or ""))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return TextRequest(body.model, messages=tuple(messages), sampling=_sampling(body, max_tokens),
-                       keep_alive_s=body.keep_alive, routing=_routing(body))
+    if body.logprobs not in (None, True, False):
+        raise InvalidArgument("logprobs must be true or false", field="logprobs")
+    tools = _tools(body.tools)
+    return TextRequest(body.model, messages=tuple(messages),
+                       sampling=_sampling(body, max_tokens, bool(body.logprobs), body.top_logprobs),
+                       keep_alive_s=body.keep_alive, routing=_routing(body),
+                       constraint=_constraint(body.response_format), tools=tools,
+                       tool_choice=_tool_choice(body.tool_choice, bool(tools)))
 
 
 def completion_request(body: CompletionRequest) -> TextRequest:
@@ -111,8 +205,39 @@ def completion_request(body: CompletionRequest) -> TextRequest:
             raise _refuse("prompt", "a prompt of token ids or several prompts")
         prompt = prompt[0]
     assert isinstance(prompt, str)  # narrowed above: the schema allows str or lists only
-    return TextRequest(body.model, prompt=prompt, sampling=_sampling(body, body.max_tokens),
-                       keep_alive_s=body.keep_alive, routing=_routing(body))
+    top = body.logprobs if isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool) else None
+    if isinstance(body.logprobs, bool):
+        raise InvalidArgument("logprobs of a completion is a number of alternatives (0..20)", field="logprobs")
+    sampling = _sampling(body, body.max_tokens, top is not None, top)
+    return TextRequest(body.model, prompt=prompt, sampling=sampling, keep_alive_s=body.keep_alive,
+                       routing=_routing(body))
+
+
+def embed_request(body: EmbeddingsRequest) -> EmbedRequest:
+    given = body.input
+    inputs: tuple[str | tuple[int, ...], ...]
+    if isinstance(given, str):
+        inputs = (given,)
+    elif given and all(isinstance(x, int) for x in given):
+        inputs = (tuple(int(x) for x in given if isinstance(x, int)),)
+    else:
+        inputs = tuple(x if isinstance(x, str) else tuple(x) for x in given if not isinstance(x, int))
+    return EmbedRequest(body.model, inputs, body.dimensions, body.normalize, body.truncate, body.keep_alive,
+                        Routing(policy=Policy(body.routing_policy)))
+
+
+def embeddings_json(reply: EmbedReply, encoding: str) -> Json:
+    def encoded(vector: tuple[float, ...]) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return list(vector)
+
+    tokens = reply.result.tokens
+    return {"object": "list", "model": reply.model,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(e.vector)}
+                     for i, e in enumerate(reply.result.embeddings)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "laas": {"route": route_json(reply.route)}}
 
 
 # -- domain -> OpenAI JSON ----------------------------------------------------------------------------
@@ -148,6 +273,24 @@ def timings_json(chunk: Completion) -> Json:
             "decode_tokens_per_second": Timings.rate(max(u.completion_tokens - 1, 0), t.decode_ms)}
 
 
+def _logprob(t: TokenLogprob) -> Json:
+    return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+
+
+def chat_logprobs(tokens: tuple[TokenLogprob, ...]) -> Json:
+    return {"content": [_logprob(t) | {"top_logprobs": [_logprob(a) for a in t.top]} for t in tokens],
+            "refusal": None}
+
+
+def text_logprobs(tokens: tuple[TokenLogprob, ...], offset: int) -> Json:
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens], "text_offset": offsets}
+
+
 def model_json(status: ModelStatus, created: int) -> Json:
     return ModelOut(id=status.name, created=created).model_dump()
 
@@ -164,7 +307,10 @@ class Reply:
         self.route: RouteInfo | None = None  # the last route taken
         self.text: list[str] = []
         self.final: Completion | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.calls: list[Json] = []  # whole answer: the tool calls, their arguments joined
         self._role_sent = False
+        self._offset = 0  # characters of text sent so far (legacy logprobs' text_offset)
 
     def _envelope(self, choices: list[Json]) -> Json:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -176,15 +322,21 @@ class Reply:
             self.model = item.model
         chunk = item.chunk
         finish = chunk.finish_reason.value if isinstance(chunk, Completion) else None
-        text = "" if isinstance(chunk, Completion) else chunk.text
+        text = chunk.text if isinstance(chunk, TextDelta) else ""
+        tokens = chunk.logprobs if isinstance(chunk, TextDelta) else ()
         if self.chat:
             delta: Json = {"content": text} if text or not self._role_sent else {}
+            if isinstance(chunk, ToolCallDelta):
+                delta["tool_calls"] = [_call_delta(chunk)]
             if not self._role_sent:
                 delta["role"] = "assistant"
                 self._role_sent = True
-            choice: Json = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: Json = {"index": 0, "delta": delta, "logprobs": chat_logprobs(tokens) if tokens else None,
+                            "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": text_logprobs(tokens, self._offset) if tokens else None,
+                      "finish_reason": finish}
+            self._offset += len(text)
         out = self._envelope([choice])
         if include_usage:
             out["usage"] = None
@@ -209,21 +361,47 @@ class Reply:
         if item.route is not None:
             self.routes.append(route_json(item.route))
             self.route = item.route
-        if isinstance(item.chunk, Completion):
-            self.final = item.chunk
+        chunk = item.chunk
+        if isinstance(chunk, Completion):
+            self.final = chunk
+        elif isinstance(chunk, ToolCallDelta):
+            while len(self.calls) <= chunk.index:
+                self.calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call = self.calls[chunk.index]
+            call["id"] = chunk.id or call["id"]
+            call["function"]["name"] = chunk.name or call["function"]["name"]
+            call["function"]["arguments"] += chunk.arguments
         else:
-            self.text.append(item.chunk.text)
+            self.text.append(chunk.text)
+            self.logprobs.extend(chunk.logprobs)
 
     def whole(self) -> Json:
         assert self.final is not None
         text = "".join(self.text)
         finish = self.final.finish_reason.value
+        tokens = tuple(self.logprobs)
         if self.chat:
-            choice: Json = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": None, "finish_reason": finish}
+            message: Json = {"role": "assistant", "content": text if text or not self.calls else None,
+                             "refusal": None}
+            if self.calls:
+                message["tool_calls"] = self.calls
+            choice: Json = {"index": 0, "message": message, "logprobs": chat_logprobs(tokens) if tokens else None,
+                            "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": text_logprobs(tokens, 0) if tokens else None,
+                      "finish_reason": finish}
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice],
                 "usage": usage_json(self.final),
                 "laas": {"routes": self.routes, "timings": timings_json(self.final)}}
+
+
+def _call_delta(chunk: ToolCallDelta) -> Json:
+    """A tool call's piece as OpenAI streams it: the first with id, type and name, then argument fragments."""
+    out: Json = {"index": chunk.index, "function": {"arguments": chunk.arguments}}
+    if chunk.id:
+        out["id"] = chunk.id
+        out["type"] = "function"
+    if chunk.name:
+        out["function"]["name"] = chunk.name
+    return out

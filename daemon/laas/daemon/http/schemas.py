@@ -7,8 +7,8 @@ shape a body has; the values are checked by the application layer (validation.py
 edge, and convert.py says which OpenAI features laas does not serve (a clear 400 naming the param,
 never silently ignored). An unknown field is refused too (OpenAI: "Unrecognized request argument").
 
-Fields that other features fill in (response_format, tools, tool_choice, logprobs, top_logprobs) are
-typed loosely here (JSON) so that wiring them is a change to convert.py, not to the schema.
+The structured-output and tool fields (response_format, tools, tool_choice) are typed loosely here
+(JSON objects): convert.py reads them and names the param at fault when one is not of OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class _Sampling(LaasExtras):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     n: int | None = Field(default=None, description="Choices to generate: only 1.")
-    logprobs: Any = Field(default=None, description="Not supported yet: 400.")
+    logprobs: bool | int | None = Field(default=None, description=(
+        "Chat: true for each token's log-probability; completions: the number of alternatives (0..20)."))
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: 400 unless empty.")
     user: str | None = Field(default=None, description="The end user's id; accepted, not used.")
     service_tier: str | None = Field(default=None, description="Accepted: auto or default.")
@@ -70,10 +71,23 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class EmbeddingsRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]] = Field(description="Texts (or token ids) to embed.")
+    model: str = Field(default="", description="An embedding model; empty: the default model.")
+    encoding_format: Literal["float", "base64"] = Field(default="float", description=(
+        "float: lists of numbers; base64: little-endian float32 bytes, base64-encoded."))
+    dimensions: int | None = Field(default=None, description="Cut to this size (Matryoshka models only).")
+    user: str | None = Field(default=None, description="The end user's id; accepted, not used.")
+    normalize: bool | None = Field(default=None, description="laas: unit length (default true).")
+    truncate: bool = Field(default=False, description="laas: cut an input longer than the model's window.")
+    routing_policy: Literal["auto", "prefer_local", "local_only", "cloud_only"] = "auto"
+    keep_alive: float | None = None
+
+
 class ChatMessageIn(_Body):
     role: str
     content: str | list[ContentPart] | None = None
-    name: str | None = Field(default=None, description="Accepted; not shown to the model.")
+    name: str | None = Field(default=None, description="The speaker's (or a tool turn's function's) name.")
     tool_calls: list[Json] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
@@ -82,10 +96,13 @@ class ChatMessageIn(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn] = Field(description="The conversation: system/developer, user, assistant turns.")
     max_completion_tokens: int | None = Field(default=None, description="max_tokens' newer name.")
-    top_logprobs: int | None = None
-    response_format: Json | None = None
-    tools: list[Json] | None = None
-    tool_choice: str | Json | None = None
+    top_logprobs: int | None = Field(default=None, description="Alternatives per token (0..20), with logprobs.")
+    response_format: Json | None = Field(default=None, description=(
+        "text, json_object or json_schema ({name, schema, strict}): the output takes that shape "
+        "(constrained decoding)."))
+    tools: list[Json] | None = Field(default=None, description="Functions the model may call.")
+    tool_choice: str | Json | None = Field(default=None, description=(
+        "none, auto, required or {type: function, function: {name}}."))
     parallel_tool_calls: bool | None = None
     functions: list[Json] | None = None
     function_call: str | Json | None = None
