@@ -48,8 +48,9 @@ from laas.core.types import (
     ToolChoiceMode,
 )
 from laas.daemon.app.values import EmbedReply, RouteInfo
-from laas.daemon.http.convert import chat_request, completion_request, embed_request, embeddings_json
+from laas.daemon.http.convert import chat_request, completion_request, embed_request
 from laas.daemon.http.errors import error_body, error_response, validation_error
+from laas.daemon.http.replies import embeddings_json
 from laas.daemon.http.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from laas.daemon.security import listen_refusal
 from laas.daemon.settings import Settings, SettingsError, load_settings

@@ -2,7 +2,7 @@
 
 Layer: edge (HTTP). Each route opens the call (auth.py: request id, token, scope, stream slot), converts
 the OpenAI body to domain values (convert.py), calls the use case (app/runtime.py, as the gRPC servicer
-does) and converts the result back: JSON, or server-sent events (sse.py). A LaasError anywhere becomes
+does) and converts the result back (replies.py): JSON, or server-sent events (sse.py). A LaasError becomes
 its status from the one error table (errors.py); a body over MAX_BODY_BYTES is refused (413) before it
 is read whole. The route taken is on the first chunk (`laas.route`) and in the `x-laas-route` header.
 
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from laas.core.errors import InvalidArgument, LaasError, NotFound, RequestTooLarge
 from laas.daemon.app.runtime import Runtime
 from laas.daemon.app.values import StreamChunk, TextRequest
-from laas.daemon.http import convert
+from laas.daemon.http import convert, replies
 from laas.daemon.http.auth import REQUEST_ID_HEADER, Gate, HttpCall
 from laas.daemon.http.errors import error_response, validation_error
 from laas.daemon.http.schemas import (
@@ -127,7 +127,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
 
     async def generate(request: Request, http_call: HttpCall, text: TextRequest, chat: bool, stream: bool,
                        include_usage: bool) -> Response:
-        reply = convert.Reply(chat, http_call.rid)
+        reply = replies.Reply(chat, http_call.rid)
         headers = {REQUEST_ID_HEADER: http_call.rid}
         try:
             chunks = runtime.generate(text, http_call.call)
@@ -139,7 +139,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
 
                 await unless_disconnected(request, collect())
                 if reply.route is not None:
-                    headers["x-laas-route"] = convert.route_header(reply.route)
+                    headers["x-laas-route"] = replies.route_header(reply.route)
                 http_call.end(None)
                 return JSONResponse(reply.whole(), headers=headers)
             first: StreamChunk = await unless_disconnected(request, _first(chunks))
@@ -147,7 +147,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
             http_call.end(e)
             raise
         if first.route is not None:
-            headers["x-laas-route"] = convert.route_header(first.route)
+            headers["x-laas-route"] = replies.route_header(first.route)
         return StreamingResponse(events(first, chunks, reply, http_call, include_usage), headers=headers,
                                  media_type="text/event-stream")
 
@@ -194,8 +194,8 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
             http_call.end(e)
             raise
         http_call.end(None)
-        headers = {REQUEST_ID_HEADER: http_call.rid, "x-laas-route": convert.route_header(reply.route)}
-        return JSONResponse(convert.embeddings_json(reply, body.encoding_format), headers=headers)
+        headers = {REQUEST_ID_HEADER: http_call.rid, "x-laas-route": replies.route_header(reply.route)}
+        return JSONResponse(replies.embeddings_json(reply, body.encoding_format), headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models(request: Request,
@@ -207,7 +207,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
             http_call.end(e)
             raise
         http_call.end(None)
-        return JSONResponse({"object": "list", "data": [convert.model_json(m, started) for m in models]},
+        return JSONResponse({"object": "list", "data": [replies.model_json(m, started) for m in models]},
                             headers={REQUEST_ID_HEADER: http_call.rid})
 
     @app.get("/v1/models/{model:path}", response_model=ModelOut, responses=_ERRORS)
@@ -220,7 +220,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
             http_call.end(e)
             raise
         http_call.end(None)
-        return JSONResponse(convert.model_json(status, started), headers={REQUEST_ID_HEADER: http_call.rid})
+        return JSONResponse(replies.model_json(status, started), headers={REQUEST_ID_HEADER: http_call.rid})
 
     return BodyLimit(app, MAX_BODY_BYTES)
 

@@ -24,8 +24,8 @@ from laas.core.errors import Cancelled
 from laas.core.types import Completion
 from laas.daemon.app.values import StreamChunk
 from laas.daemon.http.auth import HttpCall
-from laas.daemon.http.convert import Reply
 from laas.daemon.http.errors import sse_error
+from laas.daemon.http.replies import Reply
 
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
