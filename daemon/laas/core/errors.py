@@ -12,6 +12,7 @@ turns status codes back into them with :func:`error_for_status`. Nothing matches
     ├── Unavailable                 (UNAVAILABLE: retry later)
     │   ├── ModelLoading            (the model is being fetched or loaded)
     │   ├── ShuttingDown            (the daemon is draining)
+    │   ├── EngineCrashed           (the model's runner process died; the next request restarts it)
     │   └── TargetFailed            (a remote target failed; the router fails over to the next)
     ├── ModelLoadError              (FAILED_PRECONDITION: the model failed to load or validate)
     ├── Unauthenticated             (UNAUTHENTICATED: no valid token)
@@ -79,6 +80,11 @@ class ShuttingDown(Unavailable):
     """The daemon is draining and takes no new requests."""
 
 
+class EngineCrashed(Unavailable):
+    """The process that ran the model (its runner) died: a native crash, a kill. Streams on it end with this;
+    the model is FAILED with the cause until the next request restarts it."""
+
+
 class TargetFailed(Unavailable):
     """A remote target (cloud endpoint, LAN peer) refused, timed out, broke its stream or sent garbage."""
 
@@ -112,6 +118,7 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelLoading, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (EngineCrashed, grpc.StatusCode.UNAVAILABLE),
     (TargetFailed, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
