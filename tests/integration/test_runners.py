@@ -38,7 +38,8 @@ context_length = 512
 """
 # 192 heads of 3 dimensions (576 = 192 x 3; 64 KV heads of 3 match the real K/V weights) and 3 rotary dimensions:
 # the checks pass and llama.cpp loads it, then its CPU rope kernel asserts an even dimension count and aborts.
-ODD_ROPE = {"llama.attention.head_count": 192, "llama.attention.head_count_kv": 64, "llama.rope.dimension_count": 3}
+ODD_ROPE: dict[str, str | bool | int | float] = {
+    "llama.attention.head_count": 192, "llama.attention.head_count_kv": 64, "llama.rope.dimension_count": 3}
 _PID = re.compile(r"runs in runner pid (\d+)")
 
 
