@@ -58,7 +58,8 @@ def test_a_model_loads_on_first_use_and_evicts_the_idle_one(start_daemon: Callab
         models = {m.name: m for m in client.models()}
         a, b = models["a"], models["b"]
         assert (a.state, b.state) == ("ready", "not_loaded")
-        assert a.memory_bytes == need and b.memory_bytes == 0
+        # The estimate, or the runner's resident memory when that is more (runners/, the default)
+        assert need <= a.memory_bytes < need + (100 << 20) and b.memory_bytes == 0
         assert b.context_length == CTX and b.size_bytes == a.size_bytes  # from the header, before loading
         assert 290 < a.unloads_in_s <= 300 and a.keep_alive_s == 300
         first = client.complete(PROMPT, model="b", max_tokens=8, temperature=0, ignore_eos=True)
@@ -75,7 +76,7 @@ def test_a_model_loads_on_first_use_and_evicts_the_idle_one(start_daemon: Callab
     assert stats[("laas_model_loads_total", (("model", "b"),))] == 1
     assert stats[("laas_model_unloads_total", (("model", "a"), ("reason", "evicted")))] == 1
     assert stats[("laas_model_unloads_total", (("model", "b"), ("reason", "evicted")))] == 1
-    assert stats[("laas_model_memory_bytes", (("model", "a"),))] == need
+    assert stats[("laas_model_memory_bytes", (("model", "a"),))] >= need
     assert stats[("laas_memory_budget_bytes", ())] == int(need * 1.5 / MiB) * MiB
     assert "model b ready" in daemon.log and "model a unloaded (evicted)" in daemon.log
 
@@ -119,7 +120,7 @@ def test_load_and_unload_model_rpcs(start_daemon: Callable[..., DaemonProcess], 
     daemon = start_daemon(_config(need, 3))
     with Client(daemon.target) as client:
         loaded = client.load_model("b", keep_alive_s=-1)
-        assert loaded.state == "ready" and loaded.loaded and loaded.memory_bytes == need and loaded.keep_alive_s == -1
+        assert loaded.state == "ready" and loaded.loaded and loaded.memory_bytes >= need and loaded.keep_alive_s == -1
         idle = client.unload_model("b")
         assert idle.state == "not_loaded" and idle.memory_bytes == 0
         stream = client.generate(PROMPT, model="a", max_tokens=60, temperature=0, ignore_eos=True)
