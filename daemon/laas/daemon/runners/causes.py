@@ -30,7 +30,9 @@ def death_cause(returncode: int | None, stderr: Sequence[str], native: str) -> s
         except ValueError:
             return f"the runner was killed by signal {-returncode}{detail}"
         if sig == signal.SIGILL:
-            return f"illegal instruction (SIGILL) in {native}: {REBUILD}"
+            fix = REBUILD if native == "llama.cpp" else f"this {native} build needs instructions this CPU lacks; " \
+                "see `laasd doctor`"
+            return f"illegal instruction (SIGILL) in {native}: {fix}"
         if sig == signal.SIGSEGV:
             return f"segmentation fault (SIGSEGV) in {native}{detail}"
         if sig == signal.SIGBUS:
