@@ -34,6 +34,7 @@ from laas.core.types import (
     ModelInfo,
     TextDelta,
     Timings,
+    Tool,
     Usage,
 )
 
@@ -143,7 +144,7 @@ class FakeEngine(Engine):
             raise self.fail.error
         return tokenize(text, add_special)
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         prompt = "".join(f"{IM_START}{m.role}\n{_mark(m.content)}{IM_END}\n" for m in messages)
         return GenerationRequest(prompt=prompt + f"{IM_START}assistant\n", template_stops=(IM_END,),
                                  add_special=False, messages=tuple(messages))

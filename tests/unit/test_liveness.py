@@ -10,7 +10,7 @@ import pytest
 
 from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
 from laas.daemon.liveness import EngineStuck, LivenessCheck
 from laas.daemon.model_entry import ModelEntry
 from laas.daemon.registry import ModelRegistry
@@ -29,7 +29,7 @@ class StubEngine(Engine):
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         raise NotImplementedError
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         raise NotImplementedError
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

@@ -25,6 +25,7 @@ from laas.core.types import (
     SamplingParams,
     TextDelta,
     Timings,
+    Tool,
     Usage,
 )
 from laas.daemon.backends.backend import Described
@@ -125,7 +126,7 @@ class GatedEngine(Engine):
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         return await self.claims.run(self.gate.work)
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         return GenerationRequest(prompt="x")
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

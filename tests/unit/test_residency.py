@@ -26,6 +26,7 @@ from laas.core.types import (
     ModelInfo,
     TextDelta,
     Timings,
+    Tool,
     Usage,
 )
 from laas.daemon.backends.backend import Described
@@ -52,7 +53,7 @@ class StandIn(Engine):
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         return [1, 2]
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         return GenerationRequest(prompt="x")
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

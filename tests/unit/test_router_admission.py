@@ -23,6 +23,7 @@ from laas.core.types import (
     SamplingParams,
     TextDelta,
     Timings,
+    Tool,
     Usage,
 )
 from laas.daemon.backends.backend import Described
@@ -53,7 +54,7 @@ class CountingEngine(Engine):
         self.tokenizations += 1
         return list(range(len(text.split())))
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         self.renders += 1
         return GenerationRequest(prompt=" ".join(m.content for m in messages), template_stops=("<end>",),
                                  add_special=False)

@@ -158,7 +158,7 @@ def test_chat_messages_count_limit() -> None:
     assert field_of(chat_messages, [("user", "x")] * (MAX_MESSAGES + 1)).field == "messages"
 
 
-@pytest.mark.parametrize("role", ["tool", "User", "", "function", "system "])
+@pytest.mark.parametrize("role", ["developer", "User", "", "function", "system "])
 def test_chat_messages_bad_role_names_its_index(role: str) -> None:
     err = field_of(chat_messages, [("system", "s"), ("user", "u"), (role, "x")])
     assert err.field == "messages[2].role"

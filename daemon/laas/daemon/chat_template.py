@@ -18,9 +18,10 @@ import asyncio
 from collections.abc import Sequence
 
 from laas.core.errors import InvalidArgument, ModelLoadError
-from laas.core.types import ChatMessage, GenerationRequest
+from laas.core.types import ChatMessage, GenerationRequest, Tool
 from laas.daemon.backends.literal_text import SpecialTexts
 from laas.daemon.template_process import TemplateFailed, TemplateProcess, TemplateRefused
+from laas.daemon.tool_calls import generic_messages, openai_tools, template_messages, template_uses_tools
 from laas.daemon.validation import MAX_PROMPT_BYTES
 
 MAX_TEMPLATE_BYTES = 1 << 20  # real templates are a few KiB (tool-calling ones ~20 KiB)
@@ -39,6 +40,7 @@ class ChatTemplate:
         if size > MAX_TEMPLATE_BYTES:
             raise ModelLoadError(f"{self._what} is {size} bytes, more than {MAX_TEMPLATE_BYTES}")
         self.source = source
+        self.uses_tools = template_uses_tools(source)  # else tools take the generic format (tool_calls.py)
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._timeout_s = timeout_s
@@ -53,11 +55,17 @@ class ChatTemplate:
         """Names the BOS/EOS texts once the model's vocabulary is known (a GGUF model's, after llama.cpp loads)."""
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    def render(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         """The prompt (special tokens written by the template itself) and the template's stop string.
-        Blocks up to the time budget: call off the event loop (or use :meth:`arender`)."""
-        context = {"messages": [{"role": m.role, "content": m.content} for m in messages],
-                   "bos_token": self.bos_token, "eos_token": self.eos_token}
+        Tools (and the history's calls and results) go to a template that reads `tools`, else they take
+        the generic format. Blocks up to the time budget: call off the event loop (or use :meth:`arender`)."""
+        context: dict[str, object] = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        if self.uses_tools:
+            context["messages"] = template_messages(messages)
+            if tools:
+                context["tools"] = openai_tools(tools)
+        else:
+            context["messages"] = template_messages(generic_messages(messages, tools))
         try:
             prompt = self._process.render(context, limit=MAX_RENDERED_BYTES, timeout_s=self._timeout_s)
         except TemplateRefused as e:
@@ -67,10 +75,10 @@ class ChatTemplate:
         stops = (self.eos_token,) if self.eos_token else ()
         return GenerationRequest(prompt=prompt, template_stops=stops, add_special=False)
 
-    async def arender(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def arender(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         """:meth:`render` in a thread; callers wait here, not in threads, so a slow template holds one thread."""
         async with self._waiting:
-            return await asyncio.to_thread(self.render, messages)
+            return await asyncio.to_thread(self.render, messages, tools)
 
     def close(self) -> None:
         """Stops the worker process (a later render starts another)."""
@@ -85,9 +93,9 @@ def compile_template(source: str | None, *, model: str, bos_token: str = "", eos
 
 
 async def render_chat(template: ChatTemplate | None, messages: Sequence[ChatMessage], specials: SpecialTexts,
-                      model: str) -> GenerationRequest:
+                      model: str, tools: Sequence[Tool] = ()) -> GenerationRequest:
     """An engine's render_chat: message contents' special-token texts stay text (literal_text.py), the
     template renders off the event loop within its time budget."""
     if template is None:
         raise ModelLoadError(f"model {model!r} has no chat template")
-    return await template.arender(specials.mark_messages(messages))
+    return await template.arender(specials.mark_messages(messages), tools)

@@ -15,10 +15,11 @@ from dataclasses import replace
 
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, NotFound, Unavailable
-from laas.core.types import Completion, GenerationRequest
+from laas.core.types import Completion, EmbeddingRequest, EmbeddingResult, GenerationRequest, ToolChoiceMode
 from laas.daemon.backends.literal_text import literal
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
+from laas.daemon.tool_calls import ToolCallParser, forced_call
 from laas.router.latency import LocalEstimator
 from laas.router.policy import Estimate, TargetKind, admit
 from laas.router.targets import Admitted, RoutedRequest, Streamed
@@ -59,6 +60,15 @@ class LocalTarget:
         predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, self._clock()) + self.load_ms()
         return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason)
 
+    def embed_estimate(self) -> Estimate:
+        entry = self.entry
+        reason = "" if entry.servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
+        return Estimate(self.name, self.kind, self.context_length, entry.servable, self.load_ms(), reason)
+
+    async def embed(self, request: EmbeddingRequest, keep_alive_s: float | None) -> EmbeddingResult:
+        async with self._registry.queued(self.entry, keep_alive_s) as engine:
+            return await engine.embed(request)
+
     async def render(self, request: RoutedRequest) -> GenerationRequest | None:
         async with self._registry.holding(self.entry) as engine:  # not unloaded while it tokenizes
             if engine is None:
@@ -69,23 +79,30 @@ class LocalTarget:
                 return None
 
     async def _render(self, engine: Engine, request: RoutedRequest, resumed_from: str = "") -> GenerationRequest:
-        """The engine-level request: chat rendered with the model's template, prompt tokens counted."""
+        """The engine-level request: chat rendered with the model's template (and tools), prompt tokens
+        counted; tool_choice required or a named function becomes the constraint that forces the call."""
+        tools = request.tools if request.tool_choice.mode is not ToolChoiceMode.NONE else ()
         if request.messages and not resumed_from:
-            bound = await engine.render_chat(request.messages)
+            bound = await engine.render_chat(request.messages, tools)
         elif request.messages:  # resume inside the assistant's turn, not as a new message
-            bound = await engine.render_chat(request.messages[:-1])
+            bound = await engine.render_chat(request.messages[:-1], tools)
             bound = replace(bound, prompt=bound.prompt + literal(request.messages[-1].content))
         elif resumed_from and request.prompt.endswith(resumed_from):  # text already streamed: never control tokens
             bound = GenerationRequest(prompt=request.prompt[:-len(resumed_from)] + literal(resumed_from))
         else:
             bound = GenerationRequest(prompt=request.prompt)
         tokens = await engine.tokenize(bound.prompt, add_special=bound.add_special)
-        return replace(bound, sampling=request.sampling, prompt_tokens=tuple(tokens), messages=request.messages)
+        sampling = request.sampling
+        forced = forced_call(tools, request.tool_choice)
+        if forced is not None and not resumed_from:
+            sampling = replace(sampling, constraint=forced)
+        return replace(bound, sampling=sampling, prompt_tokens=tuple(tokens), messages=request.messages,
+                       tools=tools, tool_choice=request.tool_choice)
 
     async def _complete(self, admitted: Admitted, engine: Engine) -> GenerationRequest:
         """A provisional admission completed: rendered, counted and its fit checked (OutOfRange if none)."""
         bound = await self._render(engine, admitted.request, admitted.resumed_from)
-        sampling = admitted.request.sampling
+        sampling = bound.sampling
         granted = admit(len(bound.prompt_tokens or ()), sampling.max_tokens, self.context_length,
                         admitted.default_max_tokens)
         return replace(bound, sampling=replace(sampling, max_tokens=granted.max_tokens))
@@ -108,7 +125,10 @@ class LocalTarget:
             async def bind(engine: Engine) -> GenerationRequest:
                 return early if early is not None else await self._complete(admitted, engine)
 
-            async for chunk in self._registry.run(self.entry, bind, admitted.request.keep_alive_s):
+            # The model's output, its tool calls made structured (a call is never returned as raw text).
+            request = admitted.request
+            parser = ToolCallParser() if request.tools and request.tool_choice.mode is not ToolChoiceMode.NONE else None
+            async for chunk in self._registry.run(self.entry, bind, request.keep_alive_s):
                 if not started:
                     self.estimator.start(ticket, self._clock() - 1e-3)
                     started = True
@@ -116,7 +136,8 @@ class LocalTarget:
                     t, u = chunk.timings, chunk.usage
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
                                            u.completion_tokens, t.decode_ms)
-                yield chunk
+                for item in parser.feed(chunk) if parser is not None else (chunk,):
+                    yield item
         finally:
             self.estimator.finish(ticket)
 

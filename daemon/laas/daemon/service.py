@@ -16,10 +16,26 @@ from contextlib import aclosing
 import grpc
 
 from laas.core.errors import InvalidArgument
-from laas.core.types import ChatMessage, Completion, FinishReason, ModelFormat, Timings
+from laas.core.types import (
+    ChatMessage,
+    Completion,
+    Constraint,
+    ConstraintKind,
+    FinishReason,
+    ModelFormat,
+    Timings,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
+)
 from laas.daemon.app.calls import Call, current_call
 from laas.daemon.app.runtime import Runtime
 from laas.daemon.app.values import (
+    EmbedReply,
+    EmbedRequest,
     Explanation,
     ModelStatus,
     RouteInfo,
@@ -33,7 +49,13 @@ from laas.router.policy import Policy, TargetKind
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 
-_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+           FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS}
+_CONSTRAINT = {"json_schema": ConstraintKind.JSON_SCHEMA, "json_object": ConstraintKind.JSON_OBJECT,
+               "regex": ConstraintKind.REGEX, "lark": ConstraintKind.LARK, "gbnf": ConstraintKind.GBNF}
+_TOOL_CHOICE = {pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO, pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+                pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+                pb.TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.FUNCTION}
 _FORMAT = {ModelFormat.GGUF: pb.MODEL_FORMAT_GGUF, ModelFormat.ONNX: pb.MODEL_FORMAT_ONNX,
            ModelFormat.REMOTE: pb.MODEL_FORMAT_UNSPECIFIED}
 _POLICY = {pb.ROUTING_POLICY_AUTO: Policy.AUTO, pb.ROUTING_POLICY_LOCAL_ONLY: Policy.LOCAL_ONLY,
@@ -63,7 +85,30 @@ def _call() -> Call:
 
 def _sampling(msg: pb.SamplingParams) -> SamplingFields:
     given = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}  # type: ignore[arg-type]
-    return SamplingFields(**given, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+    if msg.top_logprobs:
+        given["top_logprobs"] = msg.top_logprobs
+    return SamplingFields(**given, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos, logprobs=msg.logprobs)
+
+
+def _constraint(msg: pb.Constraint) -> Constraint | None:
+    which = msg.WhichOneof("kind")
+    if which is None:
+        return None
+    if which == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT) if msg.json_object else None
+    return Constraint(_CONSTRAINT[which], getattr(msg, which))
+
+
+def _message(m: pb.ChatMessage) -> ChatMessage:
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls)
+    return ChatMessage(m.role, m.content, calls, m.tool_call_id, m.name)
+
+
+def _tool_choice(msg: pb.ToolChoice) -> ToolChoice:
+    mode = _TOOL_CHOICE.get(msg.mode)
+    if mode is None:
+        raise InvalidArgument(f"tool_choice.mode {msg.mode} is not a known mode", field="tool_choice.mode")
+    return ToolChoice(mode, msg.function)
 
 
 def _text(request: pb.GenerateRequest | pb.ChatRequest, context: grpc.aio.ServicerContext) -> TextRequest:
@@ -78,12 +123,36 @@ def _text(request: pb.GenerateRequest | pb.ChatRequest, context: grpc.aio.Servic
         deadline_ms=remaining * 1000 if remaining is not None else None,
     )
     keep_alive = request.keep_alive_s if request.HasField("keep_alive_s") else None
+    constraint = _constraint(request.constraint)
     if isinstance(request, pb.ChatRequest):
-        messages = tuple(ChatMessage(m.role, m.content) for m in request.messages)
+        messages = tuple(_message(m) for m in request.messages)
+        tools = tuple(Tool(t.name, t.description, t.parameters) for t in request.tools)
         return TextRequest(request.model, messages=messages, sampling=_sampling(request.sampling),
-                           keep_alive_s=keep_alive, routing=routing)
+                           keep_alive_s=keep_alive, routing=routing, constraint=constraint, tools=tools,
+                           tool_choice=_tool_choice(request.tool_choice))
     return TextRequest(request.model, prompt=request.prompt, sampling=_sampling(request.sampling),
-                       keep_alive_s=keep_alive, routing=routing)
+                       keep_alive_s=keep_alive, routing=routing, constraint=constraint)
+
+
+def _embed(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> EmbedRequest:
+    policy = _POLICY.get(request.routing.policy)
+    if policy is None:
+        raise InvalidArgument(f"routing.policy {request.routing.policy} is not a known policy",
+                              field="routing.policy")
+    inputs: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(request.inputs):
+        which = item.WhichOneof("input")
+        if which is None:
+            raise InvalidArgument(f"inputs[{i}]: set text or tokens", field=f"inputs[{i}]")
+        inputs.append(item.text if which == "text" else tuple(item.tokens.ids))
+    return EmbedRequest(
+        request.model, tuple(inputs),
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+        normalize=request.normalize if request.HasField("normalize") else None,
+        truncate=request.truncate,
+        keep_alive_s=request.keep_alive_s if request.HasField("keep_alive_s") else None,
+        routing=Routing(policy=policy),
+    )
 
 
 # -- domain -> protobuf ---------------------------------------------------------------------------------
@@ -106,7 +175,17 @@ def model_to_pb(status: ModelStatus) -> pb.Model:
         out.trained_context_length = info.trained_context_length
         out.size_bytes = info.size_bytes
         out.architecture = info.architecture
+        out.embedding_dimensions = info.embedding_dimensions
+        out.matryoshka_dimensions.extend(info.matryoshka_dimensions)
     return out
+
+
+def _embed_reply_pb(reply: EmbedReply) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=e.vector, tokens=e.tokens, truncated=e.truncated)
+                    for e in reply.result.embeddings],
+        model=reply.model, dimensions=reply.dimensions, prompt_tokens=reply.result.tokens,
+        route=_route_pb(reply.route))
 
 
 def _route_pb(route: RouteInfo) -> pb.RouteInfo:
@@ -130,9 +209,20 @@ def _final(chunk: Completion) -> pb.GenerateResponse:
     )
 
 
+def _logprob_pb(entry: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=entry.token_id, token=entry.text, logprob=entry.logprob,
+                           top_logprobs=[_logprob_pb(t) for t in entry.top])
+
+
 def _chunk_pb(item: StreamChunk) -> pb.GenerateResponse:
     chunk = item.chunk
-    out = _final(chunk) if isinstance(chunk, Completion) else pb.GenerateResponse(text=chunk.text)
+    if isinstance(chunk, Completion):
+        out = _final(chunk)
+    elif isinstance(chunk, ToolCallDelta):
+        out = pb.GenerateResponse(tool_calls=[pb.ToolCallDelta(index=chunk.index, id=chunk.id, name=chunk.name,
+                                                               arguments=chunk.arguments)])
+    else:
+        out = pb.GenerateResponse(text=chunk.text, logprobs=[_logprob_pb(e) for e in chunk.logprobs])
     if item.model:
         out.model = item.model
     if item.route is not None:
@@ -175,8 +265,13 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                            ) -> pb.RouteExplanation:
         which = request.WhichOneof("request")
         if which is None:
-            raise InvalidArgument("set generate or chat", field="request")
+            raise InvalidArgument("set generate, chat or embed", field="request")
+        if which == "embed":
+            return _explanation_pb(await self._runtime.explain_embed(_embed(request.embed, context), _call()))
         return _explanation_pb(await self._runtime.explain_route(_text(getattr(request, which), context), _call()))
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return _embed_reply_pb(await self._runtime.embed(_embed(request, context), _call()))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> pb.TokenizeResponse:

@@ -164,6 +164,9 @@ class RemoteConfig(_Table, frozen=True):
     inter_token_ms: Float = Field(default=25.0, description="First guess of the time between tokens, until measured.")
     tls_ca: str = Field(default="", description="peer: connect with TLS, trusting this CA (PEM file); the API key is "
                                         "the peer's token.")
+    embedding_models: dict[str, str] = Field(default_factory=dict, description=(
+        "Embed: the embedding models it serves, as {requested name = its own name for that very model}; Embed "
+        "goes only to targets declared for the requested model (cloud: POST /embeddings; peer: Embed)."))
 
     @model_validator(mode="after")
     def _cloud_needs_a_model(self) -> Self:

@@ -19,11 +19,20 @@ registry; the remote ones (remote.py) by the router itself over a cloud endpoint
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from laas.core.errors import LaasError
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
+from laas.core.types import (
+    ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    Tool,
+    ToolChoice,
+)
 from laas.router.policy import Estimate, TargetKind, granted
 from laas.router.redact import Redaction
 
@@ -38,10 +47,16 @@ class RoutedRequest:
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
     keep_alive_s: float | None = None  # how long a local model stays loaded after this request
+    tools: tuple[Tool, ...] = ()  # functions the model may call (chat), and how
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
     def continued(self, delivered: str, max_tokens: int) -> RoutedRequest:
-        """The same request, resumed after `delivered` was already streamed to the client."""
+        """The same request, resumed after `delivered` was already streamed to the client (a constraint
+        goes on from where that text left it, so the whole answer still fits it)."""
         sampling = replace(self.sampling, max_tokens=max_tokens)
+        if sampling.constraint is not None:
+            sampling = replace(sampling, constraint=replace(sampling.constraint,
+                                                            prefix=sampling.constraint.prefix + delivered))
         if self.messages:
             return replace(self, sampling=sampling,
                            messages=(*self.messages, ChatMessage("assistant", delivered)))
@@ -50,7 +65,19 @@ class RoutedRequest:
     def text_tokens(self) -> int:
         """A count estimated from the text (about 4 bytes a token), for a model not loaded to count it."""
         text = self.prompt or "".join(m.content for m in self.messages)
+        text += "".join(t.description + t.parameters for t in self.tools)
         return len(text.encode()) // 4 + 1
+
+    def needs(self) -> frozenset[str]:
+        """The capabilities a target must have to run it (see policy.CAPABILITIES)."""
+        out: set[str] = set()
+        if self.sampling.constraint is not None:
+            out.add(self.sampling.constraint.kind.value)
+        if self.tools:
+            out.add("tools")
+        if self.sampling.logprobs:
+            out.add("logprobs")
+        return frozenset(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +144,14 @@ class DeviceTarget(Target, Protocol):
 
     def check_servable(self) -> None:
         """Raises the model's own error (fetching, failed) when it cannot serve."""
+        ...
+
+    def embed_estimate(self) -> Estimate:
+        """Whether the model can take an Embed call now (no I/O)."""
+        ...
+
+    async def embed(self, request: EmbeddingRequest, keep_alive_s: float | None) -> EmbeddingResult:
+        """The vectors, computed in the model's queue (the one generation waits in)."""
         ...
 
 

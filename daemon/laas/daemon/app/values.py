@@ -7,9 +7,18 @@ gets the same checks and the same errors. The results are frozen snapshots the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
-from laas.core.types import ChatMessage, GenerationChunk, ModelInfo
+from laas.core.types import (
+    ChatMessage,
+    Constraint,
+    EmbeddingInput,
+    EmbeddingResult,
+    GenerationChunk,
+    ModelInfo,
+    Tool,
+    ToolChoice,
+)
 from laas.daemon.registry import ModelState
 from laas.router.policy import Policy, TargetKind
 
@@ -27,15 +36,17 @@ class SamplingFields:
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    top_logprobs: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False
 
     def given(self) -> dict[str, int | float]:
         """The numeric fields the client set."""
         out: dict[str, int | float] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("stop", "ignore_eos") and value is not None:
+            if f.name not in ("stop", "ignore_eos", "logprobs") and value is not None:
                 out[f.name] = value
         return out
 
@@ -50,12 +61,28 @@ class Routing:
 
 @dataclass(frozen=True, slots=True)
 class TextRequest:
-    """A Generate (`prompt`) or Chat (`messages`, not None) request."""
+    """A Generate (`prompt`) or Chat (`messages`, not None) request; `tools` and `tool_choice` are Chat's."""
 
     model: str = ""
     prompt: str = ""
     messages: tuple[ChatMessage, ...] | None = None
     sampling: SamplingFields = SamplingFields()
+    keep_alive_s: float | None = None
+    routing: Routing = Routing()
+    constraint: Constraint | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """An Embed request as the client sent it (None: a field it left out)."""
+
+    model: str = ""
+    inputs: tuple[EmbeddingInput, ...] = ()
+    dimensions: int | None = None
+    normalize: bool | None = None  # None: True
+    truncate: bool = False
     keep_alive_s: float | None = None
     routing: Routing = Routing()
 
@@ -81,6 +108,19 @@ class StreamChunk:
     chunk: GenerationChunk
     model: str = ""  # on the first chunk: the model the request resolved to
     route: RouteInfo | None = None  # on the first chunk of every route taken
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedReply:
+    """An Embed call's vectors, the model that made them and where they were computed."""
+
+    model: str
+    result: EmbeddingResult
+    route: RouteInfo
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.result.embeddings[0].vector) if self.result.embeddings else 0
 
 
 @dataclass(frozen=True, slots=True)

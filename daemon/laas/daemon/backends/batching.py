@@ -11,6 +11,12 @@ KV cache: each sequence id has a KV stream of its own (`kv_tokens` split evenly)
 numbers do not depend on which others share the step: a greedy stream says the same in company as
 alone. A finished sequence's tokens stay in its slot as a prefix cache: the next request whose prompt
 starts the same way (a follow-up chat turn) takes that slot and prefills only the rest.
+
+Constrained sequences (a JSON schema, a regex, a grammar: constraints.py) carry a Matcher: before their
+token is sampled, the logits of the tokens the constraint does not allow are set to -inf in llama.cpp's
+own buffer (the sampler chain then draws among the rest); unconstrained sequences in the same step are
+not touched. A sequence that asked for logprobs gets each token's log-probability (logprobs.py) with the
+text it produced.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from laas.core.errors import InvalidArgument, LaasError, ModelLoadError
-from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, Usage
+from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, TokenLogprob, Usage
 from laas.daemon.backends.decode_loop import DecodeLoop
+from laas.daemon.constraints import Matcher
+from laas.daemon.logprobs import token_logprob
 from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,8 @@ class Sequence:
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    matcher: Matcher | None = None  # the request's constraint, at this sequence's point in it
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
 
 
 @dataclass(eq=False)
@@ -321,9 +331,15 @@ class Scheduler:
         b.logits[i] = logits
 
     def _sample(self, seq: Sequence, index: int) -> None:
-        if seq.sampler is None:  # greedy: the first of the largest logits, as llama.cpp's greedy sampler picks
-            logits = self._lib.llama_get_logits_ith(self._ctx.ctx, index)
-            token = int(self._numpy.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+        s = seq.request.sampling
+        logits = None
+        if seq.sampler is None or seq.matcher is not None or s.logprobs:
+            pointer = self._lib.llama_get_logits_ith(self._ctx.ctx, index)
+            logits = self._numpy.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+            if seq.matcher is not None:  # in llama.cpp's buffer: the sampler chain draws from what is left
+                seq.matcher.mask(logits)
+        if logits is not None and seq.sampler is None:  # greedy: the first of the largest logits (llama.cpp's pick)
+            token = int(logits.argmax())
         else:
             token = int(seq.sampler.sample(self._ctx, index))
         now = time.perf_counter()
@@ -333,27 +349,42 @@ class Scheduler:
         seq.next_token = token
         self.stats.decoded_tokens += 1
         self._on_token()
-        s = seq.request.sampling
         assert seq.slot is not None
         if not s.ignore_eos and self._lib.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, FinishReason.STOP)
             return
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = self._model.detokenize([token], special=False)
+        if logits is not None and s.logprobs:
+            seq.logprobs.append(token_logprob(logits, token, s, self._text_of))
+        complete = False
+        if seq.matcher is not None:
+            # A token the constraint refuses cannot be drawn (its logit is -inf); refusing one anyway
+            # ends the output where it still is.
+            complete = not seq.matcher.accept(token) or seq.matcher.done
+        piece = self._piece(token)
         text = seq.stops.feed(seq.decoder.decode(piece))
         if text:
-            self._emit(seq, TextDelta(text))
-        if seq.stops.stopped:
+            self._emit(seq, TextDelta(text, tuple(seq.logprobs)))
+            seq.logprobs.clear()
+        if seq.stops.stopped or complete:
             self._finish(seq, FinishReason.STOP)
         elif seq.completion >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.n_ctx:
             self._finish(seq, FinishReason.LENGTH)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._model.detokenize([token], special=False)
+        return piece
+
+    def _text_of(self, token: int) -> str:
+        return self._piece(token).decode("utf-8", errors="replace")
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         # Bytes of a character cut off by max_tokens are dropped, not sent as U+FFFD.
         tail = seq.stops.flush()
         if tail:
-            self._emit(seq, TextDelta(tail))
+            self._emit(seq, TextDelta(tail, tuple(seq.logprobs)))
+        seq.logprobs.clear()
         end = time.perf_counter()
         first = seq.first_token_at or end
         self._release(seq)

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, ModelLoadError, OutOfRange
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.decode_loop import DecodeLoop
@@ -31,6 +31,7 @@ from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
+from laas.daemon.constraints import ConstraintCompiler, Matcher, llama_tokenizer
 from laas.daemon.gguf_header import GgufHeader
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
@@ -83,6 +84,8 @@ class GgufEngine(Engine):
             template.bind(bos_token=_token_text(model, model.token_bos()),
                           eos_token=_token_text(model, model.token_eos()))
         self._template = template
+        # The constraint compiler over the vocabulary llama.cpp loaded (built at the first constraint).
+        self.constraints = ConstraintCompiler(lambda: llama_tokenizer(model.vocab, self._n_vocab), self._n_vocab)
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
@@ -168,9 +171,9 @@ class GgufEngine(Engine):
             ids += self._model.tokenize(piece.encode("utf-8"), add_bos=add_special and i == 0, special=not literal)
         return ids
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         return await render_chat(self._template, messages, self._specials,
-                                 str(self._header.metadata.get("general.name", "")))
+                                 str(self._header.metadata.get("general.name", "")), tools)
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
         """The request's own sampler chain, as llama-cpp-python's Llama builds it (same results); None for
@@ -201,6 +204,10 @@ class GgufEngine(Engine):
         if len(prompt) >= self._info.context_length:
             raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of "
                              f"{self._info.context_length}", field="prompt")
+        matcher: Matcher | None = None
+        if request.sampling.constraint is not None:  # compiled (or taken from the cache) before it queues
+            constraint = request.sampling.constraint
+            matcher = await self._native.run(lambda: self.constraints.matcher(constraint))
         queue: asyncio.Queue[object] = asyncio.Queue()
         left = loop.create_future()
 
@@ -209,7 +216,8 @@ class GgufEngine(Engine):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, queue, left, item)
 
-        seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit)
+        seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit,
+                            matcher=matcher)
         self._scheduler.submit(seq)
         try:
             while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from laas.core.types import ChatMessage
 
@@ -51,7 +52,7 @@ class SpecialTexts:
         return self._pattern.sub(lambda m: f"{OPEN}{m.group(0)}{CLOSE}", content)
 
     def mark_messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-        return [ChatMessage(m.role, self.mark(m.content)) for m in messages]
+        return [replace(m, content=self.mark(m.content)) for m in messages]
 
 
 def segments(text: str) -> list[tuple[str, bool]]:

@@ -32,6 +32,8 @@ from laas.core.types import (
     ModelInfo,
     TextDelta,
     Timings,
+    TokenLogprob,
+    Tool,
     Usage,
 )
 from laas.daemon.backends.detokenize import IncrementalDetokenizer
@@ -39,6 +41,8 @@ from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
 from laas.daemon.backends.worker import NativeClaims, stream_from_worker
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
+from laas.daemon.constraints import ConstraintCompiler, json_tokenizer
+from laas.daemon.logprobs import token_logprob
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
 from laas.daemon.sampling import Sampler
 from laas.daemon.stops import StopMatcher
@@ -64,6 +68,9 @@ class OnnxEngine(Engine):
         self._template = template
         self._eos = frozenset(manifest.eos_token_ids)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        vocab = decoder.shape.vocab_size  # the logits' width (may exceed the tokenizer's ids)
+        self.constraints = ConstraintCompiler(lambda: json_tokenizer(tokenizer.to_str(), vocab, manifest.eos_token_ids),
+                                              vocab, lambda text: self._tokenize(text, False))
         self._native = NativeClaims()  # tokenizing and evaluation outside the worker: aclose waits for them
         self._info = ModelInfo(
             format=ModelFormat.ONNX,
@@ -84,6 +91,8 @@ class OnnxEngine(Engine):
         from tokenizers import Tokenizer
 
         manifest = read_manifest(folder)
+        if manifest.decoder is None:
+            raise ModelLoadError(f"{folder.name} is an embedding package, not a decoder")
         verify_files(folder, manifest)
         try:
             tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer))
@@ -139,10 +148,13 @@ class OnnxEngine(Engine):
 
         return self._native.call(logits)
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return await render_chat(self._template, messages, self._specials, self._manifest.name)
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
+        return await render_chat(self._template, messages, self._specials, self._manifest.name, tools)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        constraint = request.sampling.constraint
+        if constraint is not None:  # compiled (or taken from the cache) before the generation starts
+            await self._native.run(lambda: self.constraints.matcher(constraint))  # warms the cache, checks
         blocking = functools.partial(self._generate_blocking, request)
         async for chunk in stream_from_worker(self._executor, blocking, "onnxruntime"):
             yield chunk
@@ -160,6 +172,8 @@ class OnnxEngine(Engine):
             raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of {decoder.max_length}",
                              field="prompt")
         max_tokens = min(s.max_tokens or 1, decoder.max_length - len(prompt))
+        matcher = self.constraints.matcher(s.constraint) if s.constraint is not None else None
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
         sampler = Sampler(s, prompt)
         detok = IncrementalDetokenizer(self._tokenizer, prompt)
         stops = StopMatcher(s.stop + request.template_stops)
@@ -170,6 +184,9 @@ class OnnxEngine(Engine):
         position = len(prompt)
         logits = decoder.prefill(prompt)
         while completion < max_tokens and not stop_flag.is_set():
+            if matcher is not None:
+                logits = logits.copy()
+                matcher.mask(logits)
             token = sampler.sample(logits)
             sampler.accept(token)
             if completion == 0:
@@ -179,10 +196,14 @@ class OnnxEngine(Engine):
             if not s.ignore_eos and token in self._eos:
                 finish = FinishReason.STOP
                 break
+            if s.logprobs:
+                pending.append(token_logprob(logits, token, s, self._token_text))
+            complete = matcher is not None and (not matcher.accept(token) or matcher.done)
             text = stops.feed(detok.add(token))
             if text:
-                emit(TextDelta(text))
-            if stops.stopped:
+                emit(TextDelta(text, tuple(pending)))
+                pending.clear()
+            if stops.stopped or complete:
                 finish = FinishReason.STOP
                 break
             if completion < max_tokens and not stop_flag.is_set():
@@ -191,7 +212,7 @@ class OnnxEngine(Engine):
         # Bytes of a character cut off by max_tokens never left the detokenizer: nothing to drop here.
         tail = stops.flush()
         if tail:
-            emit(TextDelta(tail))
+            emit(TextDelta(tail, tuple(pending)))
         end = time.perf_counter()
         first_token_at = first_token_at or end
         emit(Completion(
@@ -199,6 +220,9 @@ class OnnxEngine(Engine):
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion),
             timings=Timings(prompt_ms=(first_token_at - start) * 1000, decode_ms=(end - first_token_at) * 1000),
         ))
+
+    def _token_text(self, token: int) -> str:
+        return str(self._tokenizer.decode([token], skip_special_tokens=False))
 
     async def check_health(self) -> None:
         if self._decoder is None or self._executor._shutdown:
