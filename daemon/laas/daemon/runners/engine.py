@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 import itertools
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any, cast
 
 from laas.core.engine import Engine
 from laas.core.errors import EngineCrashed, LaasError, ModelLoadError
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo, Tool
 from laas.daemon.backends.backend import Described
 from laas.daemon.memory import resident_bytes
 from laas.daemon.runners.causes import death_cause
@@ -141,8 +142,8 @@ class RunnerEngine(Engine):
     async def tokenize(self, text: str, *, add_special: bool = True) -> Sequence[int]:
         return cast(Sequence[int], await self.call("tokenize", text, add_special=add_special))
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> GenerationRequest:
-        return cast(GenerationRequest, await self.call("render_chat", tuple(messages)))
+    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
+        return cast(GenerationRequest, await self.call("render_chat", tuple(messages), tuple(tools)))
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         return cast(AsyncGenerator[GenerationChunk, None], self.stream("generate", request))
@@ -323,8 +324,10 @@ def _forwarder(method: str) -> Callable[..., Any]:
     return forward
 
 
-# A coroutine method added to the Engine interface is forwarded by name (a new streaming method needs a
-# line like generate's, through stream()).
-for _method in Engine.__abstractmethods__ - set(vars(RunnerEngine)):
-    setattr(RunnerEngine, _method, _forwarder(_method))
+# Every other coroutine method of the Engine interface (embed; one that another change adds, abstract or with
+# a default) is forwarded by name to the runner's engine, which answers it (or raises its default's error).
+# A new streaming method needs a line like generate's, through stream().
+for _method, _member in inspect.getmembers(Engine, inspect.iscoroutinefunction):
+    if not _method.startswith("_") and _method not in vars(RunnerEngine):
+        setattr(RunnerEngine, _method, _forwarder(_method))
 abc.update_abstractmethods(RunnerEngine)
