@@ -138,13 +138,23 @@ def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarti
         assert client.model("odd-rope").state == "ready"
 
 
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def test_sigkill_of_the_daemon_leaves_no_runner(start_daemon: Callable[..., DaemonProcess]) -> None:
     daemon = start_daemon()
     pid = runner_pid(daemon, DEFAULT)
     assert not gone(pid, timeout=0)
+    workers = _children(pid)  # the runner's own children: the chat template's sandbox process
+    assert workers
     daemon.signal(signal.SIGKILL)
     daemon.wait()
     assert gone(pid), f"runner {pid} outlived its daemon"
+    assert all(gone(worker) for worker in workers), "a runner's template worker outlived it"
 
 
 def test_sigterm_drains_the_stream_then_stops_the_runner(start_daemon: Callable[..., DaemonProcess]) -> None:
