@@ -130,7 +130,8 @@ def test_a_failing_teardown_step_does_not_stop_the_ones_after_it(
 
     monkeypatch.setattr(AuditLog, "close", broken_close)
     monkeypatch.setattr(GgufEngine, "aclose", counted_aclose)
-    server = Server(_settings(make_home, tmp_path), notifier=ReadyNotifier())
+    # In-process engines, counted where they close (with runners they close in their own processes).
+    server = Server(_settings(make_home, tmp_path, "in_process"), notifier=ReadyNotifier())
 
     async def run() -> None:
         try:
