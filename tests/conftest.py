@@ -66,6 +66,15 @@ def embedding_source(model_file: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedding_gguf(embedding_source: Path) -> Path:
+    """The MiniLM folder as an f16 GGUF, made once by llama.cpp's own converter (tests/gguf_convert.py)."""
+    from tests.gguf_convert import convert
+
+    cache = _test_cache().root
+    return convert(embedding_source, cache / "all-minilm-l6-v2-f16.gguf", cache / "converters")
+
+
+@pytest.fixture(scope="session")
 def embedding_export(embedding_source: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxExport:
     """The MiniLM folder exported once per session by `laas export`'s pipeline: fp32 and int8 packages."""
     root = tmp_path_factory.mktemp("embedding-export")
@@ -75,7 +84,7 @@ def embedding_export(embedding_source: Path, tmp_path_factory: pytest.TempPathFa
     return OnnxExport(store.root, root / "cache", {r.quantization: r for r in results})
 
 
-def _link_or_copy(source: str | Path, target: str | Path) -> None:
+def link_or_copy(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, target)
     except OSError:
@@ -90,7 +99,7 @@ def make_home(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
         home = tmp_path_factory.mktemp("laas-home")
         (home / "models").mkdir()
         if with_model:
-            _link_or_copy(model_file, home / "models" / DEFAULT_MODEL.filename)
+            link_or_copy(model_file, home / "models" / DEFAULT_MODEL.filename)
         return home
 
     return make
@@ -157,5 +166,5 @@ def onnx_export(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> O
 def copy_package(source: Path, store: Path, name: str | None = None, *, link: bool = True) -> Path:
     """A package copied into another store; hard links unless the test will modify the files."""
     target = store / (name or source.name)
-    shutil.copytree(source, target, copy_function=_link_or_copy if link else shutil.copy2)
+    shutil.copytree(source, target, copy_function=link_or_copy if link else shutil.copy2)
     return target

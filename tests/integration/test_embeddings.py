@@ -15,7 +15,7 @@ from laas.client import Client, InvalidArgument, OutOfRange
 from laas.core.errors import ModelLoadError
 from laas.daemon.onnx_package import read_manifest
 from laas.exporters.encoder_eval import EmbeddingEvaluation, heldout_sentences
-from tests.conftest import OnnxExport, copy_package
+from tests.conftest import OnnxExport, copy_package, link_or_copy
 from tests.daemon_process import DaemonProcess
 
 pytestmark = pytest.mark.timeout(600)
@@ -162,3 +162,34 @@ def test_the_cli_prints_a_json_line_per_text(embed_daemon: DaemonProcess, capsys
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["index"] for line in lines] == [0, 1] and {line["model"] for line in lines} == {"minilm-int8"}
     assert len(lines[0]["embedding"]) == 384 and lines[0]["tokens"] == 4
+
+
+@pytest.fixture(scope="module")
+def gguf_client(make_home: Callable[..., Path], embedding_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Client]:
+    home = make_home()
+    link_or_copy(embedding_gguf, home / "models" / embedding_gguf.name)
+    config = tmp_path_factory.mktemp("gguf-embed") / "laasd.toml"
+    config.write_text(f'[[models]]\nname = "minilm-gguf"\npath = "{embedding_gguf.name}"\nformat = "gguf"\n')
+    proc = DaemonProcess(home, config).start()
+    try:
+        with Client(proc.target) as c:
+            yield c
+    finally:
+        assert proc.stop() == 0, proc.log
+
+
+def test_a_gguf_embedding_model_is_served_by_llama_cpp_with_its_declared_pooling(
+        gguf_client: Client, embedding_source: Path) -> None:
+    ref = reference(embedding_source, SENTENCES)
+    out = gguf_client.embed(SENTENCES, model="minilm-gguf", timeout=60)
+    assert out.dimensions == 384 and cos(out.vectors, ref).min() >= 0.9999  # f16 weights
+    batch = gguf_client.embed(SENTENCES + heldout_sentences()[:40], model="minilm-gguf", timeout=60).vectors
+    assert np.allclose(batch[3], gguf_client.embed(SENTENCES[3], model="minilm-gguf", timeout=60).vectors[0],
+                       atol=1e-4)
+    with pytest.raises(OutOfRange) as e:
+        gguf_client.embed(["a", "word " * 600], model="minilm-gguf", timeout=60)
+    assert e.value.field == "inputs[1]"
+    with pytest.raises(ModelLoadError, match="embedding model"):
+        gguf_client.complete("hello", model="minilm-gguf", max_tokens=2, timeout=60)
+    assert {m.name: m.embedding_dimensions for m in gguf_client.models()}["minilm-gguf"] == 384

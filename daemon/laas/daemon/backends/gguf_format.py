@@ -9,6 +9,7 @@ and a fixed allowance for compute buffers and logits. llama.cpp itself loads onl
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import replace
 from pathlib import Path
 
 from laas.core.engine import Engine
@@ -55,7 +56,18 @@ def describe(path: Path, config: ModelConfig) -> Described:
     cells = (config.kv_tokens or n_ctx * parallel) if parallel > 1 else n_ctx
     info = ModelInfo(ModelFormat.GGUF, header.quantization, n_ctx, header.context_length, header.size_bytes,
                      header.architecture, header.chat_template)
+    if _embeds(header):  # a sentence encoder: no KV cache to keep, one batch of activations
+        embd = header.metadata.get(f"{header.architecture}.embedding_length")
+        info = replace(info, chat_template=None, embedding_dimensions=embd if isinstance(embd, int) else 0)
+        return Described(info, header.size_bytes + COMPUTE_OVERHEAD, header)
     return Described(info, gguf_memory(header, cells), header)
+
+
+def _embeds(header: GgufHeader) -> bool:
+    """The file declares a pooling type: an embedding model (served by gguf_embed.py)."""
+    from laas.daemon.backends.gguf_embed import declared_pooling  # pure: no llama.cpp at import
+
+    return declared_pooling(header) is not None
 
 
 def verify(path: Path, config: ModelConfig) -> None:
@@ -69,6 +81,10 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
     header = described.metadata
     if not isinstance(header, GgufHeader):
         raise ModelLoadError(f"{path.name}: no GGUF header was read")
+    if _embeds(header):
+        from laas.daemon.backends.gguf_embed import GgufEmbeddingEngine
+
+        return await GgufEmbeddingEngine.load(path, header, context_length=config.context_length, threads=threads)
     parallel = config.parallel or 1
     # Flash attention "auto": on for one sequence only (in company it sums differently per batch shape).
     flash = config.flash_attn == "on" or (config.flash_attn in (None, "auto") and parallel == 1)
