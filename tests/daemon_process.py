@@ -75,12 +75,13 @@ class DaemonProcess:
                 self.port = int(match.group(1))
                 self._port_seen.set()
 
-    def wait_for_line(self, *parts: str, timeout: float = 30.0) -> str:
-        """The first log line that holds every one of `parts`, waiting for it up to `timeout` seconds."""
+    def wait_for_line(self, *parts: str, timeout: float = 30.0, after: int = 0) -> str:
+        """The first log line that holds every one of `parts` (from line `after` on), waiting for it up to
+        `timeout` seconds."""
         deadline = time.monotonic() + timeout
         with self._new_line:
             while True:
-                found = next((line for line in self.lines if all(p in line for p in parts)), None)
+                found = next((line for line in self.lines[after:] if all(p in line for p in parts)), None)
                 if found is not None:
                     return found
                 left = deadline - time.monotonic()

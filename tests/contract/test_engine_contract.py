@@ -1,6 +1,7 @@
 """The contract every Engine passes, whatever runs the model (GGUF, ONNX; peers and cloud later).
 
-Engines are driven in-process here, without gRPC, so a failure points at the engine itself. The fake
+Engines are driven without gRPC, so a failure points at the engine itself: in-process, and in a runner
+process (RunnerEngine, the daemon's default: engine_isolation = "runner"). The fake
 engine (tests/fakes.py) passes it too, so the fast tier's tests stand on an engine that behaves.
 """
 
@@ -23,10 +24,16 @@ from laas.core.types import (
     TextDelta,
 )
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.loader import backend_for
 from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.gguf_header import read_gguf_header
+from laas.daemon.runners.engine import RunnerEngine
+from laas.daemon.settings import ModelConfig
 from tests.conftest import OnnxExport
 from tests.fakes import FakeEngine
+
+# The tests run in the loop the engine fixture was made in (the session's): a runner's channel belongs to it.
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 EngineFactory = Callable[[pytest.FixtureRequest], Awaitable[Engine]]
 
@@ -48,12 +55,32 @@ async def _gguf_batched(request: pytest.FixtureRequest) -> Engine:
                                         parallel=4)
 
 
+async def _in_runner(path: Path, **config: object) -> Engine:
+    """The engine the daemon runs by default: the format's own, in a runner process."""
+    cfg = ModelConfig(name="contract", path=path.name, context_length=2048, **config)  # type: ignore[arg-type]
+    return await RunnerEngine.start(cfg.name, path, backend_for(cfg).describe(path, cfg), cfg, 2)
+
+
+async def _gguf_runner(request: pytest.FixtureRequest) -> Engine:
+    return await _in_runner(request.getfixturevalue("model_file"))
+
+
+async def _gguf_batched_runner(request: pytest.FixtureRequest) -> Engine:
+    return await _in_runner(request.getfixturevalue("model_file"), parallel=4)
+
+
+async def _onnx_runner(request: pytest.FixtureRequest) -> Engine:
+    export: OnnxExport = request.getfixturevalue("onnx_export")
+    return await _in_runner(export.package("int4"), format="onnx")
+
+
 async def _fake(request: pytest.FixtureRequest) -> Engine:
     return FakeEngine(context_length=2048)
 
 
-@pytest.fixture(scope="module", params=[_gguf, _gguf_batched, _onnx, pytest.param(_fake, marks=pytest.mark.fast)],
-                ids=["gguf", "gguf-batched", "onnx", "fake"])
+@pytest.fixture(scope="module", params=[_gguf, _gguf_batched, _onnx, _gguf_runner, _gguf_batched_runner, _onnx_runner,
+                                        pytest.param(_fake, marks=pytest.mark.fast)],
+                ids=["gguf", "gguf-batched", "onnx", "gguf-runner", "gguf-batched-runner", "onnx-runner", "fake"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     factory: EngineFactory = request.param
     eng = await factory(request)

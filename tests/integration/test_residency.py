@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -44,6 +45,18 @@ def _stats(target: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in reply.samples}
 
 
+def _tree_rss(pid: int) -> int:
+    """The resident memory of a process and its descendants (the daemon and its model runners)."""
+    total = resident_bytes(pid)
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        total += sum(_tree_rss(int(child)) for child in children)
+    return total
+
+
 def _until(check: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -58,7 +71,8 @@ def test_a_model_loads_on_first_use_and_evicts_the_idle_one(start_daemon: Callab
         models = {m.name: m for m in client.models()}
         a, b = models["a"], models["b"]
         assert (a.state, b.state) == ("ready", "not_loaded")
-        assert a.memory_bytes == need and b.memory_bytes == 0
+        # The estimate, or the runner's resident memory when that is more (runners/, the default)
+        assert need <= a.memory_bytes < need + (100 << 20) and b.memory_bytes == 0
         assert b.context_length == CTX and b.size_bytes == a.size_bytes  # from the header, before loading
         assert 290 < a.unloads_in_s <= 300 and a.keep_alive_s == 300
         first = client.complete(PROMPT, model="b", max_tokens=8, temperature=0, ignore_eos=True)
@@ -75,7 +89,7 @@ def test_a_model_loads_on_first_use_and_evicts_the_idle_one(start_daemon: Callab
     assert stats[("laas_model_loads_total", (("model", "b"),))] == 1
     assert stats[("laas_model_unloads_total", (("model", "a"), ("reason", "evicted")))] == 1
     assert stats[("laas_model_unloads_total", (("model", "b"), ("reason", "evicted")))] == 1
-    assert stats[("laas_model_memory_bytes", (("model", "a"),))] == need
+    assert stats[("laas_model_memory_bytes", (("model", "a"),))] >= need
     assert stats[("laas_memory_budget_bytes", ())] == int(need * 1.5 / MiB) * MiB
     assert "model b ready" in daemon.log and "model a unloaded (evicted)" in daemon.log
 
@@ -104,11 +118,12 @@ def test_keep_alive_unloads_an_idle_model_and_frees_its_memory(start_daemon: Cal
     pid = daemon.proc.pid
     with Client(daemon.target) as client:
         before = client.complete(PROMPT, model="b", max_tokens=12, temperature=0, keep_alive_s=-1)
-        loaded_rss = resident_bytes(pid)
+        loaded_rss = _tree_rss(pid)
         assert client.model("b").keep_alive_s == -1 and client.model("b").unloads_in_s == 0
         client.complete(PROMPT, model="b", max_tokens=1, keep_alive_s=0.5)  # the last request's keep-alive wins
         _until(lambda: client.model("b").state == "not_loaded")
-        assert resident_bytes(pid) < loaded_rss - 50 * MiB  # the weights and KV cache went back to the system
+        # the weights and KV cache go back to the system (with runners, the default: when b's runner has exited)
+        _until(lambda: _tree_rss(pid) < loaded_rss - 50 * MiB)
         assert client.model("a").state == "ready"  # its own keep-alive (300 s) runs on
         after = client.complete(PROMPT, model="b", max_tokens=12, temperature=0)
         assert after.text == before.text and after.timings["load_ms"] > 0
@@ -119,7 +134,7 @@ def test_load_and_unload_model_rpcs(start_daemon: Callable[..., DaemonProcess], 
     daemon = start_daemon(_config(need, 3))
     with Client(daemon.target) as client:
         loaded = client.load_model("b", keep_alive_s=-1)
-        assert loaded.state == "ready" and loaded.loaded and loaded.memory_bytes == need and loaded.keep_alive_s == -1
+        assert loaded.state == "ready" and loaded.loaded and loaded.memory_bytes >= need and loaded.keep_alive_s == -1
         idle = client.unload_model("b")
         assert idle.state == "not_loaded" and idle.memory_bytes == 0
         stream = client.generate(PROMPT, model="a", max_tokens=60, temperature=0, ignore_eos=True)
@@ -176,7 +191,9 @@ def test_the_cli_loads_lists_and_unloads(start_daemon: Callable[..., DaemonProce
 
     assert laas("load", "b", "--keep-alive", "-1").strip() == "b: ready (kept loaded)"
     listing = {line.split()[0]: line for line in laas("models").splitlines()[1:]}
-    assert re.search(r"ready \(unloads in (4m5\d|5m00)s\)", listing["a*"]) and f"{need / 1e6:.1f}MB" in listing["a*"]
+    assert re.search(r"ready \(unloads in (4m5\d|5m00)s\)", listing["a*"])
+    _size, memory = re.findall(r"(\d+\.\d)MB", listing["a*"])  # memory: the estimate, or its runner's RSS if more
+    assert float(memory) >= round(need / 1e6, 1), listing["a*"]
     assert "ready (kept loaded)" in listing["b"]
     assert laas("unload", "b").strip() == "b: not_loaded"
     assert laas("generate", "Hi", "-m", "b", "-n", "2", "--keep-alive", "0") is not None

@@ -58,11 +58,11 @@ class ReadyNotifier(Notifier):
         return True
 
 
-def _settings(make_home: Callable[..., Path], tmp_path: Path) -> Settings:
+def _settings(make_home: Callable[..., Path], tmp_path: Path, isolation: str = "runner") -> Settings:
     config = tmp_path / "laasd.toml"
     config.write_text(MODELS)
     return load_settings(config, environ={}, overrides={"home": make_home(), "listen": "127.0.0.1:0",
-                                                               "http_listen": ["127.0.0.1:0"]})
+                                                        "http_listen": ["127.0.0.1:0"], "engine_isolation": isolation})
 
 
 def _named(threads: set[threading.Thread], *parts: str) -> set[threading.Thread]:
@@ -88,18 +88,21 @@ async def _serve_and_use(server: Server) -> set[threading.Thread]:
     return set(threading.enumerate())
 
 
-def test_shutdown_leaves_no_thread_behind(make_home: Callable[..., Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolation", ["in_process", "runner"])
+def test_shutdown_leaves_no_thread_behind(make_home: Callable[..., Path], tmp_path: Path, isolation: str) -> None:
     before = set(threading.enumerate())
-    server = Server(_settings(make_home, tmp_path), notifier=ReadyNotifier(), watchdog_s=5)
+    server = Server(_settings(make_home, tmp_path, isolation), notifier=ReadyNotifier(), watchdog_s=5)
     left_in_loop: set[threading.Thread] = set()
 
     async def run() -> None:
         try:
             serving = await _serve_and_use(server) - before
-            # What the test would catch: the threads the daemon runs while serving (one decode thread for
-            # both models, a relay per engine, the metrics endpoint).
-            assert len(_named(serving, "llama-decode")) == 1
-            assert len(_named(serving, "gguf-relay")) == 2
+            # What the test would catch: the threads the daemon runs while serving (in-process: one decode
+            # thread for both models, a relay per engine; with runners those are the runners'), the metrics
+            # endpoint.
+            in_process = isolation == "in_process"
+            assert len(_named(serving, "llama-decode")) == (1 if in_process else 0)
+            assert len(_named(serving, "gguf-relay")) == (2 if in_process else 0)
             assert len(_named(serving, "metrics-http")) == 1
         finally:
             await server.shutdown()
@@ -127,7 +130,8 @@ def test_a_failing_teardown_step_does_not_stop_the_ones_after_it(
 
     monkeypatch.setattr(AuditLog, "close", broken_close)
     monkeypatch.setattr(GgufEngine, "aclose", counted_aclose)
-    server = Server(_settings(make_home, tmp_path), notifier=ReadyNotifier())
+    # In-process engines, counted where they close (with runners they close in their own processes).
+    server = Server(_settings(make_home, tmp_path, "in_process"), notifier=ReadyNotifier())
 
     async def run() -> None:
         try:

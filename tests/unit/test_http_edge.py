@@ -16,6 +16,7 @@ from laas.core.errors import (
     STATUS_TABLE,
     Cancelled,
     DeadlineExceeded,
+    EngineCrashed,
     InvalidArgument,
     LaasError,
     MemoryBudgetExceeded,
@@ -60,8 +61,8 @@ from laas.router.policy import Policy, TargetKind
 HTTP = [
     (RequestTooLarge, 413), (Unprocessable, 422), (InvalidArgument, 400), (NotFound, 404), (OutOfRange, 400),
     (MemoryBudgetExceeded, 429), (ResourceExhausted, 429), (ModelLoading, 503), (ShuttingDown, 503),
-    (TargetFailed, 503), (Unavailable, 503), (Unsupported, 400), (ModelLoadError, 409), (Unauthenticated, 401),
-    (PermissionDenied, 403),
+    (EngineCrashed, 503), (TargetFailed, 503), (Unavailable, 503), (Unsupported, 400), (ModelLoadError, 409),
+    (Unauthenticated, 401), (PermissionDenied, 403),
     (Cancelled, 499), (DeadlineExceeded, 504), (LaasError, 500),
 ]
 

@@ -39,6 +39,7 @@ CORE_CODES: dict[type[LaasError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ModelLoading: grpc.StatusCode.UNAVAILABLE,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.EngineCrashed: grpc.StatusCode.UNAVAILABLE,
     errors.TargetFailed: grpc.StatusCode.UNAVAILABLE,
     errors.Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,

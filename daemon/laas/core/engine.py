@@ -6,7 +6,7 @@ Layer: core. Local backends (GGUF, ONNX) implement :class:`Engine`; they see onl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from laas.core.errors import Unsupported
 from laas.core.types import (
@@ -58,3 +58,16 @@ class Engine(ABC):
 
     @abstractmethod
     async def aclose(self) -> None: ...
+
+    # Supervision: an engine that runs its model in a process of its own (a runner) says when that process
+    # dies and how much memory it holds. An engine inside the daemon fails only by raising, and its memory
+    # is the daemon's: these defaults say so.
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Has `callback(cause)` called, on the event loop, once the engine can no longer serve (its process
+        died); in-process engines never call it."""
+        return None
+
+    def resident_bytes(self) -> int | None:
+        """The memory the engine's own process holds now (its RSS); None when it runs inside the daemon."""
+        return None

@@ -16,6 +16,7 @@ codes back into them with :func:`error_for_status`. Nothing matches on message t
     ├── Unavailable                 (UNAVAILABLE, 503: retry later)
     │   ├── ModelLoading            (the model is being fetched or loaded)
     │   ├── ShuttingDown            (the daemon is draining)
+    │   ├── EngineCrashed           (the model's runner process died; the next request restarts it)
     │   └── TargetFailed            (a remote target failed; the router fails over to the next)
     ├── Unsupported                 (FAILED_PRECONDITION, 400: the model cannot do this, e.g. a generative
     │                                    model asked for embeddings; `field` names the request field)
@@ -96,6 +97,11 @@ class ShuttingDown(Unavailable):
     """The daemon is draining and takes no new requests."""
 
 
+class EngineCrashed(Unavailable):
+    """The process that ran the model (its runner) died: a native crash, a kill. Streams on it end with this;
+    the model is FAILED with the cause until the next request restarts it."""
+
+
 class TargetFailed(Unavailable):
     """A remote target (cloud endpoint, LAN peer) refused, timed out, broke its stream or sent garbage."""
 
@@ -137,6 +143,7 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode, int], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (ModelLoading, grpc.StatusCode.UNAVAILABLE, 503),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, 503),
+    (EngineCrashed, grpc.StatusCode.UNAVAILABLE, 503),
     (TargetFailed, grpc.StatusCode.UNAVAILABLE, 503),
     (Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
     (Unsupported, grpc.StatusCode.FAILED_PRECONDITION, 400),

@@ -15,7 +15,7 @@ from laas.core.errors import ModelLoadError, ModelLoading
 from laas.core.types import ModelInfo
 from laas.daemon.catalogue import ModelSpec
 from laas.daemon.queueing import ModelQueue
-from laas.daemon.residency import ModelState, Residence, Residency
+from laas.daemon.residency import ModelState, Residence, Residency, file_signature
 from laas.daemon.settings import ModelConfig
 
 __all__ = ["ModelEntry", "ModelSnapshot", "ModelState"]
@@ -104,7 +104,11 @@ class ModelEntry:
 
     @property
     def memory_bytes(self) -> int:
-        return self.residency.now.memory_bytes
+        """The load's estimate, or the runner's resident memory (its RSS) when that is more: a model in a
+        runner process is counted by the real figure, Python and the native library's heaps included."""
+        now = self.residency.now
+        measured = now.engine.resident_bytes() if now.engine is not None else None
+        return max(now.memory_bytes, measured or 0)
 
     @property
     def last_used(self) -> float:
@@ -145,13 +149,25 @@ class ModelEntry:
 
     @property
     def servable(self) -> bool:
-        """Whether a request may be sent here now: loaded, or loadable on demand (not failed, not fetching)."""
-        return self.state is not ModelState.FAILED and not self.fetching
+        """Whether a request may be sent here now: loaded, or loadable on demand (not failed, unless its
+        runner died and it restarts on use; not fetching)."""
+        return (self.state is not ModelState.FAILED or self.restartable) and not self.fetching
+
+    @property
+    def restartable(self) -> bool:
+        """FAILED because its runner died, and the next request starts it again: within the crash limit,
+        or past it with its file changed since."""
+        now = self.residency.now
+        if now.state is not ModelState.FAILED:
+            return False
+        if now.retry:
+            return True
+        return now.crashed_file is not None and file_signature(now.crashed_file[0]) != now.crashed_file
 
     def check_servable(self) -> None:
         """Raises the error a request to this model gets now, if any; a model not loaded loads on use."""
         now = self.residency.now
-        if now.state is ModelState.FAILED:
+        if now.state is ModelState.FAILED and not self.restartable:
             raise ModelLoadError(f"model {self.name!r} failed to load: {now.error}")
         if now.fetching:
             raise ModelLoading(f"model {self.name!r} is loading (its file is being fetched); retry shortly")
@@ -161,5 +177,7 @@ class ModelEntry:
         now = self.residency.now
         if now.state is ModelState.READY and now.engine is not None:
             return now.engine
+        if now.state is ModelState.FAILED:  # the load this request waited for failed (or its runner died)
+            raise ModelLoadError(f"model {self.name!r} failed to load: {now.error}")
         self.check_servable()
         raise ModelLoading(f"model {self.name!r} is {now.state.value.replace('_', ' ')}; retry shortly")

@@ -10,6 +10,11 @@ use; it unloads after `keep_alive_s` idle seconds (per model, overridden per req
 once); it loads only within the memory budget, unloading the least recently used idle models to make
 room. A model that a request runs on, waits for or holds is never unloaded. Loads and unloads happen
 one at a time, each in a task of its own, so a caller that gives up does not abandon a half-made engine.
+
+Runners (engine_isolation = "runner"): an engine whose process dies, loading or loaded, makes its model
+FAILED with the cause; the next request starts it again after `runner_restart_backoff_s` (doubled for each
+death in a row), and after `runner_max_crashes` deaths in a row with no request served between it stays
+FAILED until a reload or a change of its file.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from laas.core.engine import Engine
-from laas.core.errors import LaasError, MemoryBudgetExceeded, NotFound
+from laas.core.errors import EngineCrashed, LaasError, MemoryBudgetExceeded, NotFound
 from laas.core.types import Completion, GenerationChunk, GenerationRequest
 from laas.daemon.backends.backend import Described, EngineLoader
 from laas.daemon.backends.loader import backend_for
 from laas.daemon.catalogue import Catalogue, ModelDefaults, diff
 from laas.daemon.memory import MiB, budget_bytes
 from laas.daemon.model_entry import ModelEntry, ModelSnapshot, ModelState
+from laas.daemon.residency import file_signature
 from laas.daemon.settings import Settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore
 
@@ -215,6 +221,8 @@ class ModelRegistry:
 
     async def _load_task(self, entry: ModelEntry) -> None:
         try:
+            if entry.restartable:  # its runner died: the backoff before the restart
+                await asyncio.sleep(max(entry.residency.now.restart_at - self._clock(), 0.0))
             async with self._residency:
                 if entry.state is not ModelState.READY:
                     await self._load_locked(entry)
@@ -234,6 +242,9 @@ class ModelRegistry:
         except MemoryBudgetExceeded:
             residency.not_loaded()
             raise
+        except EngineCrashed as e:  # the runner died loading it (a llama.cpp assert on a crafted file)
+            self._crashed(entry, None, str(e))
+            return
         except LaasError as e:
             residency.failed(str(e))
             log.error("model %s failed to load: %s", entry.name, e)
@@ -246,9 +257,29 @@ class ModelRegistry:
             residency.not_loaded()
             raise
         residency.loaded(engine, (time.perf_counter() - started) * 1000)
+        engine.on_failure(lambda cause: self._crashed(entry, engine, cause))
         self.loads[entry.name] += 1
         log.info("model %s ready (%s, ~%.0f MiB, %.2fs)", entry.name, engine.info.quantization,
                  entry.memory_bytes / MiB, entry.load_ms / 1000)
+
+    def _crashed(self, entry: ModelEntry, engine: Engine | None, cause: str) -> None:
+        """A runner died, loading (`engine` None) or serving: the model is FAILED with the cause, retried by
+        the next request after the backoff (its streams have ended with EngineCrashed)."""
+        if engine is not None and entry.engine is not engine:
+            return  # an engine already unloaded
+        path = self._store.root / entry.config.path
+        dead = entry.residency.crashed(cause, now=self._clock(), backoff_s=self._settings.runner_restart_backoff_s,
+                                       max_crashes=self._settings.runner_max_crashes, file=file_signature(path))
+        now = entry.residency.now
+        if now.retry:
+            log.error("model %s failed: %s; the next request restarts it (death %d in a row)", entry.name, cause,
+                      now.crashes)
+        else:
+            log.error("model %s failed: %s; %d deaths in a row: it stays FAILED until a reload or a change of "
+                      "its file", entry.name, cause, now.crashes)
+        if dead is not None:
+            self.unloads[(entry.name, "crashed")] += 1
+            self._spawn(dead.aclose(), f"reap-{entry.name}")
 
     async def _locate(self, entry: ModelEntry) -> Path:
         cfg = entry.config
@@ -354,6 +385,7 @@ class ModelRegistry:
                 bound = request if isinstance(request, GenerationRequest) else await request(engine)
                 async for chunk in engine.generate(bound):
                     if isinstance(chunk, Completion):
+                        entry.residency.served()
                         chunk = replace(chunk, timings=replace(chunk.timings, queue_ms=queue_ms, load_ms=load_ms))
                     yield chunk
         finally:

@@ -8,13 +8,17 @@ for a model (the shared load, the keep-alive timer) are held here, beside the st
     NOT_LOADED --start_loading--> LOADING --loaded--> READY --unloaded--> NOT_LOADED
     LOADING --not_loaded (over the budget, cancelled)--> NOT_LOADED
     NOT_LOADED | LOADING --failed--> FAILED   (until a reload)
+    LOADING | READY --crashed (its runner died)--> FAILED, retried by the next request after a backoff;
+        after `max_crashes` deaths in a row with no request served between: until a reload or a file change
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from laas.core.engine import Engine
 from laas.core.types import ModelInfo
@@ -45,6 +49,10 @@ class Residence:
     unload_when_idle: bool = False  # UnloadModel on a busy model: unload as soon as its streams end
     load_ms: float = 0.0  # how long the last load took (the router adds it for a model not loaded)
     pins: int = 0  # holders that are not queued requests (Tokenize, LoadModel, the router counting)
+    crashes: int = 0  # runner deaths in a row with no request served between
+    retry: bool = False  # FAILED by a runner's death: the next request starts it again (after restart_at)
+    restart_at: float = 0.0  # monotonic: the earliest restart after a death (the backoff)
+    crashed_file: FileSignature | None = None  # the model's file when its runner died last
 
     @property
     def info(self) -> ModelInfo | None:
@@ -55,6 +63,17 @@ class Residence:
     def idle_keep_alive_s(self) -> float:
         """Seconds it stays loaded once idle: 0 when UnloadModel asked for it, else the last use's keep-alive."""
         return 0.0 if self.unload_when_idle else self.keep_alive_s
+
+
+FileSignature = tuple[str, int, int]  # path, mtime_ns, size
+
+
+def file_signature(path: Path | str) -> FileSignature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return str(path), st.st_mtime_ns, st.st_size
 
 
 class Residency:
@@ -76,7 +95,7 @@ class Residency:
         self._set(described=info, size_bytes=info.size_bytes)
 
     def start_loading(self) -> None:
-        self._set(state=ModelState.LOADING, error="")
+        self._set(state=ModelState.LOADING, error="", retry=False)
 
     def fetching(self, now: bool) -> None:
         self._set(fetching=now)
@@ -94,7 +113,24 @@ class Residency:
 
     def failed(self, error: str) -> None:
         """The model cannot be served (until a reload): requests get `error`."""
-        self._set(state=ModelState.FAILED, error=error, memory_bytes=0)
+        self._set(state=ModelState.FAILED, error=error, memory_bytes=0, retry=False, crashed_file=None)
+
+    def crashed(self, error: str, *, now: float, backoff_s: float, max_crashes: int, file: FileSignature | None
+                ) -> Engine | None:
+        """The runner died (loading or loaded): FAILED with the cause; the next request retries after the
+        backoff (doubled for each death in a row), unless the model has died `max_crashes` times in a row on
+        the same file. Returns the dead engine to close, if one was loaded."""
+        now_ = self._now
+        crashes = now_.crashes + 1 if now_.crashed_file in (None, file) else 1
+        engine = self.unloaded()
+        self._set(state=ModelState.FAILED, error=error, crashes=crashes, retry=crashes < max_crashes,
+                  restart_at=now + backoff_s * 2 ** (crashes - 1), crashed_file=file)
+        return engine
+
+    def served(self) -> None:
+        """A request completed: the runner deaths before it no longer count as a crash loop."""
+        if self._now.crashes:
+            self._set(crashes=0, crashed_file=None)
 
     def unloaded(self) -> Engine | None:
         """READY -> NOT_LOADED: returns the engine to close (None if none was loaded), stops the timer."""

@@ -221,6 +221,15 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
         "Memory the loaded models may take, in MiB; 0: 75% of the machine's memory (or its cgroup's limit)."))
     preload: Literal["default", "all", "none"] = Field(default="default", json_schema_extra=RESTART, description=(
         "Models loaded at start: default (the default model), all, or none (each loads on first use)."))
+    engine_isolation: Literal["runner", "in_process"] = Field(default="runner", json_schema_extra=RESTART,
+                                                              description=(
+        "Where GGUF and ONNX models run: runner (a process of their own each: a native crash fails that "
+        "model only) or in_process (inside the daemon: tests, platforms without fork)."))
+    runner_max_crashes: Int = Field(default=3, ge=1, json_schema_extra=RESTART, description=(
+        "Runner deaths in a row (with no request served between) after which a model stays FAILED until a "
+        "reload or a change of its file."))
+    runner_restart_backoff_s: Float = Field(default=1.0, ge=0, json_schema_extra=RESTART, description=(
+        "Seconds before a dead runner's model restarts on the next request; doubled for each death in a row."))
     default_max_tokens: Int = Field(default=256, ge=1, json_schema_extra=APPLY, description=(
         "Tokens generated when a request leaves max_tokens unset."))
     drain_grace_s: Float = Field(default=10.0, ge=0, json_schema_extra=APPLY, description=(

@@ -34,9 +34,11 @@ class NativeCheck(Protocol):
         """Returns when the native library runs on this machine; raises ModelLoadError if not."""
 
 
-def engine_loader(native: NativeCheck, shared: Shared | None = None) -> EngineLoader:
+def engine_loader(native: NativeCheck, shared: Shared | None = None, *, runners: bool = False) -> EngineLoader:
     """The model registry's loader: the model's format loads it, once `native` passed where it must, with
-    the process's `shared` resources (the composition root's decode thread)."""
+    the process's `shared` resources (the composition root's decode thread). With `runners`, each model
+    loads in a runner process of its own (runners/engine.py; engine_isolation = "runner"), so that a native
+    crash takes down that model only."""
     shared = shared or Shared()
     logged: set[str] = set()
 
@@ -44,6 +46,10 @@ def engine_loader(native: NativeCheck, shared: Shared | None = None) -> EngineLo
         backend = backend_for(config)
         if backend.native_check:
             await native.check(path)
+        if runners:
+            from laas.daemon.runners.engine import RunnerEngine  # its runtime line comes from the runner
+
+            return await RunnerEngine.start(config.name, path, described, config, threads)
         engine = await backend.load(path, described, config, threads, shared)
         if backend.runtime is not None and backend.name not in logged:
             logged.add(backend.name)

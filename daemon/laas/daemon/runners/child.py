@@ -1,0 +1,197 @@
+"""The runner: one model's engine in a process of its own (`python -m laas.daemon.runners.child`).
+
+Layer: infrastructure. The daemon starts it (supervisor.py) with one end of a socket pair as `--fd`. It
+dies with the daemon (PR_SET_PDEATHSIG, and a check that the daemon is still its parent), ignores
+SIGINT and SIGTERM (a terminal's Ctrl-C and systemd's stop reach the whole group: the daemon drains
+its streams first, then closes the runner), loads the engine with the format's own `load`, and serves
+it over the channel until told to close or the channel ends.
+
+Frames, daemon -> runner: ("load", path, described, config, threads); ("call", id, method, args, kwargs);
+("stream", id, method, args, kwargs); ("cancel", id); ("close",).
+Runner -> daemon: ("loaded", info, runtime line, stats) or ("failed", error); ("result", id, value);
+("item", id, chunk, decoded_tokens); ("end", id, decoded_tokens); ("error", id, error, decoded_tokens);
+("stats", decoded_tokens, stats); ("closed",).
+Methods are called by name, so an engine method another change adds is served with no change here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+from laas.core.engine import Engine
+from laas.daemon.backends.backend import Described, Shared
+from laas.daemon.backends.loader import backend_for
+from laas.daemon.runners.frames import Frame, encode, pack_error, read_frame
+from laas.daemon.settings import ModelConfig
+
+log = logging.getLogger("laas.runner")
+
+PR_SET_PDEATHSIG = 1
+STATS_INTERVAL_S = 0.1  # while streams run: how often the daemon learns the decoded-token count
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL when the daemon dies (Linux); exits now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+class Runner:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._engine: Engine | None = None
+        self._streams: dict[int, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = asyncio.Event()  # a stream runs: the stats go out every STATS_INTERVAL_S
+
+    def _send(self, frame: Frame) -> None:
+        self._writer.write(encode(frame))
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None
+        return self._engine
+
+    async def serve(self) -> None:
+        first = await read_frame(self._reader)
+        if first is None or first[0] != "load":
+            return
+        _, path, described, config, threads = first
+        try:
+            self._engine = await self._load(cast(Path, path), cast(Described, described), cast(ModelConfig, config),
+                                            cast(int, threads))
+        except Exception as e:
+            self._send(("failed", pack_error(e)))
+            await self._writer.drain()
+            return
+        backend = backend_for(cast(ModelConfig, config))
+        runtime = backend.runtime(cast(int, threads)) if backend.runtime is not None else ""
+        self._send(("loaded", self.engine.info, runtime, self._stats()))
+        self._spawn(self._report_stats())
+        try:
+            await self._dispatch()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.engine.aclose()
+        self._send(("closed",))
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+
+    async def _load(self, path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
+        return await backend_for(config).load(path, described, config, threads, Shared())
+
+    async def _dispatch(self) -> None:
+        while (frame := await read_frame(self._reader)) is not None:
+            kind = frame[0]
+            if kind == "call":
+                _, ident, name, args, kwargs = frame
+                self._spawn(self._call(cast(int, ident), cast(str, name), cast(tuple[Any, ...], args),
+                                       cast(dict[str, Any], kwargs)))
+            elif kind == "stream":
+                _, ident, name, args, kwargs = frame
+                stream = self._spawn(self._stream(cast(int, ident), cast(str, name), cast(tuple[Any, ...], args),
+                                                cast(dict[str, Any], kwargs)))
+                self._streams[cast(int, ident)] = stream
+                self._busy.set()
+            elif kind == "cancel":
+                cancelled = self._streams.get(cast(int, frame[1]))
+                if cancelled is not None:
+                    cancelled.cancel()
+            elif kind == "close":
+                return
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _call(self, ident: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        method = cast(Callable[..., Awaitable[object]], getattr(self.engine, name))
+        try:
+            result = await method(*args, **kwargs)
+        except Exception as e:
+            self._send(("error", ident, pack_error(e), self.engine.decoded_tokens))
+            return
+        self._send(("result", ident, result))
+
+    async def _stream(self, ident: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        engine = self.engine
+        try:
+            method = cast(Callable[..., AsyncGenerator[object, None]], getattr(engine, name))
+            async with contextlib.aclosing(method(*args, **kwargs)) as stream:
+                async for item in stream:
+                    self._send(("item", ident, item, engine.decoded_tokens))
+        except asyncio.CancelledError:
+            pass  # the daemon closed the stream: the engine's generator has stopped its sequence
+        except Exception as e:
+            self._send(("error", ident, pack_error(e), engine.decoded_tokens))
+            return
+        finally:
+            self._streams.pop(ident, None)
+            if not self._streams:
+                self._busy.clear()
+        self._send(("end", ident, engine.decoded_tokens))
+
+    def _stats(self) -> object:
+        stats = getattr(self.engine, "stats", None)
+        return stats() if callable(stats) else None
+
+    async def _report_stats(self) -> None:
+        """The decoded-token count (the liveness check and the contract suite read it) and the engine's batch
+        figures (metrics), sent while they change."""
+        last: tuple[int, object] = (-1, None)
+        while True:
+            await self._busy.wait()
+            while True:  # until the figures stop changing once no stream runs
+                now = (self.engine.decoded_tokens, self._stats())
+                if now != last:
+                    self._send(("stats", *now))
+                    last = now
+                elif not self._busy.is_set():
+                    break
+                await asyncio.sleep(STATS_INTERVAL_S)
+
+
+async def _main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        await Runner(reader, writer).serve()
+    finally:
+        writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="laas runner: one model's engine, served to the daemon")
+    parser.add_argument("--fd", type=int, required=True, help="this end of the daemon's socket pair")
+    parser.add_argument("--parent", type=int, required=True, help="the daemon's pid")
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.dup2(2, 1)  # anything a native library prints goes to stderr (the daemon's log), never elsewhere
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_main(args.fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
