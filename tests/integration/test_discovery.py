@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from laas.client import Chunk, Client, LaasError, discovery
+from laas.client import Chunk, Client, Unavailable, discovery
 from laas.daemon.model_digest import package_digest
 from tests.conftest import OnnxExport, copy_package
 from tests.daemon_process import DaemonProcess
@@ -183,19 +183,24 @@ def test_a_discovered_peer_embeds_only_a_model_with_the_devices_digest(
     name = f"{RUN}-emb-peer"
     with Client(device.target) as client, Client(peer.target) as direct:
         deadline = time.monotonic() + 30
-        while not any(c.target == name and c.eligible
-                      for c in client.explain_embed("x", model="minilm-int8").candidates):
-            assert time.monotonic() < deadline, device.log
-            time.sleep(0.2)
+        while True:  # until the peer and its digests are known (ExplainRoute refuses while nothing is eligible)
+            try:
+                candidates = {c.target: c for c in client.explain_embed("x", model="minilm-int8").candidates}
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, device.log
+                time.sleep(0.2)
+        assert candidates[name].eligible and not candidates["minilm-int8"].eligible  # the device has no files
         out = client.embed(TEXTS, model="minilm-int8")
         assert out.route is not None and (out.route.kind, out.route.target) == ("peer", name)
         np.testing.assert_allclose(np.array(out.vectors), np.array(direct.embed(TEXTS, model="minilm-int8").vectors),
                                    atol=1e-6)
 
-        notes = {m: {c.target: c for c in client.explain_embed("x", model=m).candidates}[name]
-                 for m in ("minilm-other", "minilm-nowhere")}
-        assert not notes["minilm-other"].eligible and "with another digest" in notes["minilm-other"].note
-        assert not notes["minilm-nowhere"].eligible and "does not serve" in notes["minilm-nowhere"].note
-        with pytest.raises(LaasError) as refused:
-            client.embed(TEXTS, model="minilm-other")  # the device's own copy is absent, the peer's is not it
-        assert "another digest" in str(refused.value)
+        # Nothing else may embed these, so both calls are refused, naming why the peer is not eligible.
+        for model, why in (("minilm-other", "serves 'minilm-other' with another digest"),
+                           ("minilm-nowhere", "does not serve 'minilm-nowhere'")):
+            for call in (client.explain_embed, client.embed):
+                with pytest.raises(Unavailable) as refused:
+                    call(TEXTS, model=model)
+                assert f"{name}: {why}" in str(refused.value)
+        assert client.health() == "SERVING"

@@ -11,16 +11,17 @@ embedding models (mdns.py, key `emb`), cut to DIGEST_CHARS hex digits.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from laas.core.errors import LaasError
-from laas.daemon.onnx_package import read_manifest
+from laas.daemon.onnx_package import MANIFEST, read_manifest
 from laas.daemon.settings import ModelConfig
 from laas.daemon.store import ModelStore, sha256_of
 
 DIGEST_CHARS = 16  # 64 bits: enough to tell packages apart, short enough for a TXT record
 
-_hashed: dict[tuple[Path, int, int], str] = {}  # a GGUF's sha256 by (path, size, mtime)
+_known: dict[tuple[Path, int, int], str] = {}  # digests by (GGUF file or package manifest, size, mtime)
 
 
 def package_digest(folder: Path) -> str:
@@ -29,19 +30,25 @@ def package_digest(folder: Path) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
+def _once(path: Path, compute: Callable[[], str]) -> str:
+    """`compute()` for `path` as it is now: asked again (every Embed, every TXT update), it is not redone."""
+    st = path.stat()
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _known:
+        _known[key] = compute()
+    return _known[key]
+
+
 def model_digest(store: ModelStore, config: ModelConfig) -> str | None:
     """The digest of the model `config` names, as this daemon has it (module docstring); None: unknown."""
     configured = config.sha256.lower() if config.sha256 else None
     try:
         path = store.resolve(config.path, field="path")
         if config.format == "onnx":
-            return package_digest(path) if path.is_dir() else configured
+            manifest = path / MANIFEST
+            return _once(manifest, lambda: package_digest(path)) if manifest.is_file() else configured
         if configured or not path.is_file():
             return configured
-        st = path.stat()
-        key = (path, st.st_size, st.st_mtime_ns)
-        if key not in _hashed:
-            _hashed[key] = sha256_of(path)
-        return _hashed[key]
+        return _once(path, lambda: sha256_of(path))
     except (LaasError, OSError):
         return configured

@@ -139,11 +139,13 @@ class Router:
         local_name = self._aliases.get(name, name)
         local = self.local.get(local_name)
         candidates = [EmbedCandidate(local.embed_estimate(), local_name)] if local is not None else []
-        reference = self._local_digest(local_name) if local is not None else None
+        reference: list[str | None] = []  # the device's digest, asked for once there is a discovered peer
         for r in self.remote.values():
             advertised = self._peer_digests.get(r.name)
             if advertised is not None and r.embedder is not None:  # a discovered peer: the digests decide
-                serves, refusal = peer_serves(name, reference, advertised)
+                if not reference:
+                    reference.append(self._local_digest(local_name) if local is not None else None)
+                serves, refusal = peer_serves(name, reference[0], advertised)
                 candidates.append(EmbedCandidate(r.embed_estimate(), serves, refusal=refusal))
                 continue
             declared = self._embedding_models.get(r.name, {})
