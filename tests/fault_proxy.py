@@ -1,7 +1,10 @@
 """A fault-injecting HTTP proxy on loopback, between laasd and a real OpenAI-compatible server.
 
 Modes: "pass" (forward), "status" (answer 503), "garbage" (an event stream of junk), "cut" (forward
-`cut_after` events, then drop the connection mid-stream); `delay_s` adds latency before the answer.
+`cut_after` events, then drop the connection mid-stream); `delay_s` adds latency before the answer,
+`jitter_s` a uniform +/- spread around it (a network's round trip: bench/routing_mixed.py's WAN cloud);
+`suppress_token` (a token id) is added to each request's logit_bias at -100, so that a server without
+`ignore_eos` (llama_cpp.server) decodes every token asked for when the request asks for ignore_eos.
 Hostile endpoints (issue 13): "ping" (`: ping` comments and never a token), "empty" (events with
 empty deltas, never text), "stall" (forward `cut_after` events, then only pings), "trickle" (a token
 every `tick_s`, never a finish), "huge" (one `data:` line of `huge_bytes` without a newline), "echo"
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +36,8 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.mode = "pass"
         self.delay_s = 0.0
+        self.jitter_s = 0.0
+        self.suppress_token: int | None = None
         self.cut_after = 3
         self.tick_s = 0.05
         self.max_ticks = 6000
@@ -73,9 +79,16 @@ class FaultProxy:
     async def _handle(self, request: Request) -> Response:
         self.requests += 1
         body = await request.body()
+        if self.suppress_token is not None and body:
+            asked = json.loads(body)
+            if asked.pop("ignore_eos", False):
+                asked["logit_bias"] = {**asked.get("logit_bias", {}), str(self.suppress_token): -100}
+                body = json.dumps(asked).encode()
         self.bodies.append(body)
         self.authorization.append(request.headers.get("authorization", ""))
         mode, delay = self.mode, self.delay_s
+        if self.jitter_s:
+            delay = max(random.uniform(delay - self.jitter_s, delay + self.jitter_s), 0.0)
         if delay:
             await asyncio.sleep(delay)
         if mode == "status":

@@ -3,6 +3,9 @@ and fault-injecting proxies on loopback between them."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +17,18 @@ import pytest
 
 from laas.client import Client, LaasError
 from laas.client.types import Chunk, Result
+from laas.core.errors import Unavailable
+from laas.core.types import Completion, SamplingParams, TextDelta
+from laas.daemon.local_target import LocalModels
+from laas.daemon.registry import ModelRegistry
+from laas.daemon.settings import Settings
+from laas.daemon.store import ModelStore
+from laas.router.cloud import CloudConfig, CloudEngine
+from laas.router.dispatch import RouteChange, Router
+from laas.router.latency import CircuitBreaker, RemoteEstimator
+from laas.router.policy import Policy, TargetKind
+from laas.router.remote import RemoteTarget
+from laas.router.targets import RoutedRequest
 from tests.cloud_server import CLOUD_MODEL, CloudServer, free_port
 from tests.daemon_process import DaemonProcess
 from tests.fault_proxy import FaultProxy
@@ -397,3 +412,118 @@ def _rss_peak(pid: int) -> int:
 def test_the_api_key_is_never_logged(daemon: DaemonProcess) -> None:
     assert daemon.log, "the daemon logs at debug level here"
     assert CLOUD_KEY not in daemon.log
+
+
+# --- load: a burst spreads as predicted; every reservation is released (issue 21) -------------------
+
+
+def test_a_burst_spreads_over_device_and_cloud_as_predicted(client: Client, proxy: FaultProxy) -> None:
+    """Four requests at once with a deadline the device meets for one only: each decision sees the holds of
+    those before it, so they spread over both targets, and each target's later requests are predicted with
+    the work reserved ahead of them."""
+    for policy in ("local_only", "cloud_only", "local_only", "cloud_only"):  # both targets measured alone
+        client.complete(f"Warm {policy}: tell me about rivers.", max_tokens=16, ignore_eos=True, policy=policy)
+    solo = client.explain("Describe a storm at sea.", max_tokens=24, latency_budget_ms=600_000)
+    device_alone = next(c.predicted_ms for c in solo.candidates if c.target == LOCAL)
+    budget = 1.5 * device_alone
+    prompts = [f"#{i} Describe a storm at sea." for i in range(4)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: _timed(client, p, budget), prompts))
+    kinds = [r.routes[0].kind for r, _ in results]
+    assert {"local", "cloud"} <= set(kinds), kinds
+    for kind in ("local", "cloud"):
+        predicted = sorted(r.routes[0].predicted_ms for r, _ in results if r.routes[0].kind == kind)
+        # each later one waits for the earlier ones' reserved work: no two predicted alike
+        assert all(b - a > 0.3 * predicted[0] for a, b in itertools.pairwise(predicted)), (kind, predicted)
+    ratios = [actual / r.routes[0].predicted_ms for r, actual in results]
+    assert 0.4 < statistics.median(ratios) < 2.5, ratios
+
+
+def _timed(client: Client, prompt: str, budget_ms: float) -> tuple[Result, float]:
+    start = time.perf_counter()
+    result = client.complete(prompt, max_tokens=24, ignore_eos=True, temperature=0, latency_budget_ms=budget_ms)
+    return result, (time.perf_counter() - start) * 1000
+
+
+def _router_over(tmp_path: Path, urls: dict[str, str]) -> Router:
+    """The router library in-process over real cloud endpoints (no device model), so the test can read the
+    in-flight counts the daemon keeps."""
+    settings = Settings(home=tmp_path)
+    registry = ModelRegistry(settings, ModelStore(settings.store), None)  # type: ignore[arg-type]
+    remotes = [RemoteTarget(name, TargetKind.CLOUD,
+                            CloudEngine(CloudConfig(name, url, CLOUD_MODEL, 8192, read_timeout_s=60)),
+                            RemoteEstimator(ttft_ms=10.0 * (i + 1), inter_token_ms=1.0), CircuitBreaker(),
+                            time.monotonic)
+               for i, (name, url) in enumerate(urls.items())]
+    return Router(LocalModels(registry, time.monotonic), remotes, {}, {}, 16)
+
+
+def _in_flight(router: Router) -> dict[str, int]:
+    return {name: t.estimator.in_flight.count for name, t in router.remote.items()}
+
+
+@pytest.fixture
+def held_proxy(cloud: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud.url).start()
+    yield p
+    p.stop()
+
+
+@pytest.mark.parametrize("fault", ["status", "cut"])
+async def test_failover_releases_the_failed_targets_reservation(tmp_path: Path, cloud: CloudServer,
+                                                                held_proxy: FaultProxy, fault: str) -> None:
+    held_proxy.reset(fault, cut_after=3)
+    router = _router_over(tmp_path, {"first": held_proxy.url, "second": cloud.url})
+    request = RoutedRequest(SamplingParams(max_tokens=8, temperature=0.0), prompt="Once upon a time")
+    plan = await router.plan("", request, Policy.CLOUD_ONLY, None)
+    assert [e.target for e in plan.decision.order] == ["first", "second"]
+    seen: list[dict[str, int]] = []
+    routes: list[RouteChange] = []
+    async for item in router.run(plan):
+        seen.append(_in_flight(router))
+        if isinstance(item, RouteChange):
+            routes.append(item)
+    assert seen[0] == {"first": 1, "second": 0}  # reserved as decided, before anything streamed
+    assert [(r.target, r.failover) for r in routes] == [("first", False), ("second", True)]
+    assert seen[-2] == {"first": 0, "second": 1}  # the failed one released at the failover
+    # released as the completion is handed over: a caller that stops reading there leaks nothing
+    assert isinstance(item, Completion) and seen[-1] == {"first": 0, "second": 0}
+    assert router.remote["first"].estimator.error_rate > 0
+
+
+async def test_a_failure_with_nowhere_to_go_releases_its_reservation(tmp_path: Path, held_proxy: FaultProxy) -> None:
+    held_proxy.reset("status")
+    router = _router_over(tmp_path, {"only": held_proxy.url})
+    plan = await router.plan("", RoutedRequest(SamplingParams(max_tokens=4), prompt="hi"), Policy.CLOUD_ONLY, None)
+    with pytest.raises(Unavailable):
+        _ = [item async for item in router.run(plan)]
+    assert _in_flight(router) == {"only": 0}
+
+
+async def test_cancelling_releases_the_reservation_mid_stream_and_before_the_first_token(
+        tmp_path: Path, cloud: CloudServer, held_proxy: FaultProxy) -> None:
+    router = _router_over(tmp_path, {"cloud": cloud.url, "slow": held_proxy.url})
+    request = RoutedRequest(SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True), prompt="Once upon a time")
+    run = router.run(await router.plan("", request, Policy.CLOUD_ONLY, None))
+    async for item in run:
+        if isinstance(item, TextDelta):
+            assert _in_flight(router) == {"cloud": 1, "slow": 0}
+            break
+    await run.aclose()  # the client went away mid-stream
+    assert _in_flight(router) == {"cloud": 0, "slow": 0}
+
+    held_proxy.reset(delay_s=30.0)  # its first byte is far away: the cancel comes before it
+    slow = _router_over(tmp_path, {"slow": held_proxy.url})
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in slow.run(await slow.plan("", request, Policy.CLOUD_ONLY, None)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()  # the route is announced: the request is held and on its way
+    assert _in_flight(slow) == {"slow": 1}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _in_flight(slow) == {"slow": 0}

@@ -18,6 +18,7 @@ from laas.router.latency import (
     calibrate_rates,
     decode_floor_tps,
 )
+from laas.router.load import HostLoad, InFlight
 
 # --- LocalEstimator ----------------------------------------------------------------------------------
 
@@ -44,17 +45,17 @@ def test_prediction_with_an_empty_queue_is_the_service_time() -> None:
 
 def test_admitted_tickets_count_whole_until_they_start() -> None:
     est = LocalEstimator()
-    est.admit(300.0)
-    est.admit(500.0)
+    est.in_flight.hold(300.0, now=0.0)
+    est.in_flight.hold(500.0, now=0.0)
     assert est.queue_ms(now=0.0) == pytest.approx(800)
     assert est.queue_ms(now=100.0) == pytest.approx(800)  # waiting work does not shrink with time
 
 
 def test_started_ticket_shrinks_as_time_passes_and_never_goes_negative() -> None:
     est = LocalEstimator()
-    running = est.admit(1000.0)
-    est.admit(400.0)
-    est.start(running, now=50.0)
+    running = est.in_flight.hold(1000.0, now=0.0)
+    est.in_flight.hold(400.0, now=0.0)
+    running.start(now=50.0)
     assert est.queue_ms(now=50.0) == pytest.approx(1400)
     assert est.queue_ms(now=50.25) == pytest.approx(1150)
     assert est.queue_ms(now=50.9) == pytest.approx(500)
@@ -63,9 +64,9 @@ def test_started_ticket_shrinks_as_time_passes_and_never_goes_negative() -> None
 
 def test_queue_decreases_monotonically_with_time() -> None:
     est = LocalEstimator()
-    first = est.admit(800.0)
-    est.start(first, now=0.0)
-    est.admit(200.0)
+    first = est.in_flight.hold(800.0, now=0.0)
+    first.start(now=0.0)
+    est.in_flight.hold(200.0, now=0.0)
     samples = [est.queue_ms(now=t / 10) for t in range(12)]
     assert samples == sorted(samples, reverse=True)
     assert samples[0] == pytest.approx(1000) and samples[-1] == pytest.approx(200)
@@ -73,31 +74,29 @@ def test_queue_decreases_monotonically_with_time() -> None:
 
 def test_finished_ticket_leaves_the_queue() -> None:
     est = LocalEstimator()
-    a = est.admit(300.0)
-    b = est.admit(500.0)
-    est.start(a, now=0.0)
-    est.finish(a)
+    a = est.in_flight.hold(300.0, now=0.0)
+    b = est.in_flight.hold(500.0, now=0.0)
+    a.start(now=0.0)
+    a.release()
     assert est.queue_ms(now=0.0) == pytest.approx(500)
-    est.start(b, now=1.0)
-    est.finish(b)
+    b.start(now=1.0)
+    b.release()
     assert est.queue_ms(now=1.0) == 0
 
 
-def test_tickets_are_distinct_and_unknown_tickets_are_ignored() -> None:
+def test_holds_are_distinct_and_release_is_idempotent() -> None:
     est = LocalEstimator()
-    tickets = {est.admit(1.0) for _ in range(5)}
-    assert len(tickets) == 5
-    est.start(999, now=0.0)
-    est.finish(999)
-    est.finish(next(iter(tickets)))
-    est.finish(next(iter(tickets)))  # twice: no error
-    assert est.queue_ms(now=0.0) == pytest.approx(4)
+    holds = [est.in_flight.hold(1.0, now=0.0) for _ in range(5)]
+    assert len({h.ticket for h in holds}) == 5
+    holds[0].release()
+    holds[0].release()  # twice (completion, then the router's finally): no error, counted once
+    holds[0].start(now=0.0)  # a released hold does not come back
+    assert est.queue_ms(now=0.0) == pytest.approx(4) and est.in_flight.count == 4
 
 
 def test_prediction_includes_the_queue() -> None:
     est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0)
-    t = est.admit(700.0)
-    est.start(t, now=0.0)
+    est.in_flight.hold(700.0, now=0.0).start(now=0.0)
     assert est.predict_ms(100, 10, now=0.2) == pytest.approx(500 + 100 + 200)
 
 
@@ -394,13 +393,137 @@ def test_queue_ahead_counts_each_request_once() -> None:
     predictions = []
     for _ in range(5):
         predictions.append(est.predict_ms(0, 10, now=0.0))
-        est.admit(est.service_ms(0, 10))  # as LocalTarget admits: its own service time
+        est.hold(0, 10, now=0.0)  # as LocalTarget reserves: its own service time
     assert predictions == pytest.approx([1000, 2000, 3000, 4000, 5000])
 
 
 def test_a_batching_model_queues_only_when_every_slot_is_taken() -> None:
     est = LocalEstimator(prefill_tps=1000.0, decode_tps=10.0, overhead_ms=0.0, parallel=2)
-    est.start(est.admit(1000.0), now=0.0)
+    est.in_flight.hold(1000.0, now=0.0).start(now=0.0)
     assert est.queue_ms(now=0.0) == 0.0  # a slot is free
-    est.start(est.admit(2000.0), now=0.0)
+    est.in_flight.hold(2000.0, now=0.0).start(now=0.0)
     assert est.queue_ms(now=0.5) == pytest.approx((500.0 + 1500.0) / 2)
+
+
+# --- load: in-flight counts in, predictions out (load.py and the estimators' load terms) -------------
+
+
+def test_a_fifo_endpoint_learns_that_work_ahead_delays_the_first_token() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)  # alone: the line
+    # sent behind 400 ms of laasd's work, it waited for all of it (a server that runs one at a time)
+    est.observe(ttft_ms=500.0, tokens=11, decode_ms=100.0, ahead_ms=400.0, others=1)
+    assert est.queue_factor == pytest.approx(1.0)
+    assert est.itl_per_request == pytest.approx(0.0)  # its tokens came as fast as alone
+    predictions = []
+    for _ in range(3):
+        predictions.append(est.predict_ms(0, 10, now=0.0))
+        est.hold(0, 10, now=0.0)
+    assert predictions == pytest.approx([200.0, 400.0, 600.0])  # each waits for those reserved before it
+
+
+def test_a_batching_endpoint_learns_that_inter_token_time_grows_with_the_requests_in_flight() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=150.0, ahead_ms=300.0, others=1)  # beside one other
+    assert est.queue_factor == pytest.approx(0.0)  # no wait: it batches
+    assert est.itl_per_request == pytest.approx(5.0)  # 15 ms a token beside one: +5 ms per request
+    est.hold(0, 10, now=0.0)
+    est.hold(0, 10, now=0.0)
+    assert est.predict_ms(0, 10, now=0.0) == pytest.approx(100 + 10 * (10 + 2 * 5))
+
+
+def test_a_loaded_observation_never_moves_the_unloaded_line() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0)
+    est.observe(ttft_ms=100.0, tokens=11, decode_ms=100.0)
+    est.observe(ttft_ms=2000.0, tokens=11, decode_ms=100.0, ahead_ms=1900.0, others=3)
+    assert est.ttft_ms == pytest.approx(100.0) and est.inter_token_ms == pytest.approx(10.0)
+
+
+def test_released_holds_leave_the_prediction_and_started_ones_shrink() -> None:
+    est = RemoteEstimator(ttft_ms=100.0, inter_token_ms=10.0, queue_factor=1.0)
+    alone = est.predict_ms(0, 10, now=0.0)
+    a = est.hold(0, 10, now=0.0)  # 200 ms of service
+    b = est.hold(0, 10, now=0.0)
+    assert est.in_flight.count == 2 and est.predict_ms(0, 10, now=0.0) == pytest.approx(alone + 400)
+    a.start(now=0.0)
+    assert est.predict_ms(0, 10, now=0.1) == pytest.approx(alone + 100 + 200)
+    a.release()
+    b.release()
+    assert est.in_flight.count == 0 and est.predict_ms(0, 10, now=0.1) == pytest.approx(alone)
+
+
+def test_a_peer_counts_its_advertised_wait_and_what_was_sent_since() -> None:
+    est = RemoteEstimator(ttft_ms=50.0, inter_token_ms=10.0, queue_factor=1.0)
+    sent_before = est.hold(0, 10, now=0.0)  # 150 ms, in the peer's queue when it advertises
+    est.advertise(wait_ms=600.0, now=1.0)  # its own wait (ours included)
+    assert est.wait_ms(now=1.0) == pytest.approx(600.0)  # ours is not counted twice
+    est.hold(0, 10, now=1.1)
+    assert est.wait_ms(now=1.2) == pytest.approx(600.0 - 200.0 + 150.0)  # the wait runs down; ours adds
+    sent_before.release()
+
+
+def test_a_batched_decode_step_is_learned_and_predicted_with_the_batch() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, parallel=4)
+    est.observe(prompt_tokens=0, prompt_ms=0.0, decoded_tokens=11, decode_ms=300.0, batch=2)  # 33 tok/s: 1.5x
+    assert est.decode_tps == pytest.approx(50.0)  # the lone rate stays
+    assert est.batch_cost == pytest.approx(0.5)  # the first batched answer replaces the 0 guess
+    est.batch_cost = 0.5
+    assert est.step_ms(1) == pytest.approx(20.0) and est.step_ms(3) == pytest.approx(40.0)
+    assert est.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)  # alone
+    est.hold(0, 10, now=0.0).start(now=0.0)
+    est.hold(0, 10, now=0.0).start(now=0.0)
+    assert est.predict_ms(0, 10, now=0.0) == pytest.approx(10 * 40.0)  # the third of a batch: no wait, slower steps
+
+
+def test_a_burst_spreads_over_two_fifo_targets_as_predicted() -> None:
+    """Six requests decided at once, each after the others' holds: they alternate, and the predictions are
+    the times a FIFO pair of servers gives them."""
+    device = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0)  # 200 ms for 10 tokens
+    cloud = RemoteEstimator(ttft_ms=60.0, inter_token_ms=20.0, queue_factor=1.0)  # 260 ms for 10 tokens
+    chosen = []
+    for _ in range(6):
+        local, remote = device.predict_ms(0, 10, now=0.0), cloud.predict_ms(0, 10, now=0.0)
+        if local <= remote:
+            chosen.append(("device", local))
+            device.hold(0, 10, now=0.0)
+        else:
+            chosen.append(("cloud", remote))
+            cloud.hold(0, 10, now=0.0)
+    assert [name for name, _ in chosen] == ["device", "cloud"] * 3
+    assert [ms for _, ms in chosen] == pytest.approx([200.0, 260.0, 400.0, 520.0, 600.0, 780.0])
+
+
+def test_the_device_learns_how_much_work_in_flight_elsewhere_slows_it() -> None:
+    host = HostLoad()
+    device = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, in_flight=InFlight(host))
+    cloud = RemoteEstimator(ttft_ms=50.0, inter_token_ms=10.0, in_flight=InFlight(host))
+    assert device.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)
+    remote = [cloud.hold(0, 10, now=0.0) for _ in range(2)]
+    assert host.count == 2 and device.in_flight.elsewhere == 2 and cloud.in_flight.elsewhere == 0
+    mine = device.hold(0, 10, now=0.0)
+    mine.start(now=0.0)
+    assert mine.elsewhere_during() == pytest.approx(2.0)
+    # decoded at 25 tok/s beside two cloud streams: each one there costs half a step more
+    device.observe(0, 0.0, 11, 400.0, batch=1, elsewhere=mine.elsewhere_during())
+    assert device.decode_tps == pytest.approx(50.0) and device.host_cost == pytest.approx(0.5)
+    mine.release()
+    assert device.predict_ms(0, 10, now=0.0) == pytest.approx(400.0)  # two still in flight there
+    for hold in remote:
+        hold.release()
+    assert host.count == 0 and device.predict_ms(0, 10, now=0.0) == pytest.approx(200.0)
+
+
+def test_a_remote_endpoint_learns_how_laasd_s_work_elsewhere_slows_its_tokens() -> None:
+    host = HostLoad()
+    cloud = RemoteEstimator(ttft_ms=50.0, inter_token_ms=10.0, in_flight=InFlight(host))
+    device = LocalEstimator(in_flight=InFlight(host))
+    cloud.observe(ttft_ms=50.0, tokens=11, decode_ms=100.0)
+    cloud.observe(ttft_ms=50.0, tokens=11, decode_ms=200.0, elsewhere=2.0)  # 20 ms a token beside 2 there
+    assert cloud.inter_token_ms == pytest.approx(10.0) and cloud.itl_per_elsewhere == pytest.approx(5.0)
+    alone = cloud.predict_ms(0, 10, now=0.0)
+    held = [device.hold(0, 10, now=0.0) for _ in range(2)]
+    assert cloud.predict_ms(0, 10, now=0.0) == pytest.approx(alone + 10 * 2 * 5.0)
+    for hold in held:
+        hold.release()
+    assert cloud.predict_ms(0, 10, now=0.0) == pytest.approx(alone)

@@ -6,7 +6,8 @@ it: an instance name or glob from the list, or "same-token" (it advertises the t
 discovery.token_id, a digest of the token file). Its latency
 prediction is the same as a configured peer's, seeded from what it advertises (its prefill and
 decode rates, the work queued on it) plus the round trip measured when it appears; then learned
-from every request sent there. It serves Embed only for the embedding models whose digest it advertises
+from every request sent there. Its load is the wait it advertises plus the work this daemon has sent
+it since (router/load.py). It serves Embed only for the embedding models whose digest it advertises
 (model_digest.py) and the device's own digest of that model equals.
 The requests go LOCAL_ONLY (PeerEngine), so a peer never forwards one.
 """
@@ -38,6 +39,7 @@ from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import Settings
 from laas.router.dispatch import Router
 from laas.router.latency import CircuitBreaker, RemoteEstimator
+from laas.router.load import HostLoad, InFlight
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
 from laas.router.remote import RemoteTarget
@@ -80,7 +82,8 @@ def allowed(settings: Settings, record: DaemonRecord) -> bool:
 class DiscoveredPeers:
     """Adds allowed peers to the router as they appear, updates them as their TXT changes, drops them as they go."""
 
-    def __init__(self, settings: Settings, router: Router, node: str) -> None:
+    def __init__(self, settings: Settings, router: Router, node: str, host: HostLoad | None = None) -> None:
+        self._host = host or HostLoad()  # the device's: what is in flight on every target
         self._settings = settings
         self._router = router
         self._node = node
@@ -107,14 +110,16 @@ class DiscoveredPeers:
             self._spawn(self._measure(target, record))
         elif known.embedding_digests != record.embedding_digests:
             self._router.add_remote(target, record.models[:1], dict(record.embedding_digests))
-        target.estimator.queue_ms = record.wait_ms
+        target.estimator.advertise(record.wait_ms, time.monotonic())  # + what this daemon sends it from now
 
     def _add(self, name: str, record: DaemonRecord) -> RemoteTarget:
         engine = self._engines.get(record.target + "|" + name)
         if engine is None:
             engine = PeerEngine(name, record.target, record.models[0] if record.models else "", PEER_CONTEXT_LENGTH)
             self._engines[record.target + "|" + name] = engine
-        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0)
+        # A laasd queues its requests (one at a time unless it batches): what this daemon sends it waits
+        # behind what it already sent (the estimator's first guess), until answers under load say otherwise.
+        estimator = RemoteEstimator(ttft_ms=100.0, inter_token_ms=50.0, in_flight=InFlight(self._host))
         if record.prefill_tps:
             estimator.prefill_ms_per_token = 1000 / record.prefill_tps
         if record.decode_tps:
@@ -187,7 +192,7 @@ class LanDiscovery:
     async def browse(self) -> None:
         if self._browse and self._browser is None:
             try:
-                self._peers = DiscoveredPeers(self._settings, self._router, self._node)
+                self._peers = DiscoveredPeers(self._settings, self._router, self._node, self._device.host)
                 self._browser = Browser(self._zeroconf(), self._peers.on_change)
                 self._browser.start()
             except Exception:

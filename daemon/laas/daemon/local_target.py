@@ -21,6 +21,7 @@ from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
 from laas.daemon.tool_calls import ToolCallParser, forced_call
 from laas.router.latency import LocalEstimator
+from laas.router.load import Hold, HostLoad, InFlight
 from laas.router.policy import Estimate, TargetKind, admit
 from laas.router.targets import Admitted, RoutedRequest, Streamed
 
@@ -30,10 +31,11 @@ Clock = Callable[[], float]
 class LocalTarget:
     kind = TargetKind.LOCAL
 
-    def __init__(self, entry: ModelEntry, registry: ModelRegistry, clock: Clock) -> None:
+    def __init__(self, entry: ModelEntry, registry: ModelRegistry, clock: Clock, host: HostLoad | None = None
+                 ) -> None:
         self.entry = entry
         self.name = entry.name
-        self.estimator = LocalEstimator(parallel=entry.queue.parallel)
+        self.estimator = LocalEstimator(parallel=entry.queue.parallel, in_flight=InFlight(host or HostLoad()))
         self._registry = registry
         self._clock = clock
 
@@ -59,6 +61,11 @@ class LocalTarget:
         max_tokens = admitted.max_tokens(self.context_length, self.kind)
         predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, self._clock()) + self.load_ms()
         return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason)
+
+    def reserve(self, admitted: Admitted) -> Hold:
+        """A place in the queue estimate: this request's own service time, not the queue ahead of it."""
+        return self.estimator.hold(admitted.prompt_tokens, admitted.max_tokens(self.context_length, self.kind),
+                                   self._clock())
 
     def embed_estimate(self) -> Estimate:
         entry = self.entry
@@ -107,12 +114,12 @@ class LocalTarget:
                         admitted.default_max_tokens)
         return replace(bound, sampling=replace(sampling, max_tokens=granted.max_tokens))
 
-    async def stream(self, admitted: Admitted) -> AsyncGenerator[Streamed, None]:
-        # Take a place in the queue estimate before the first await, so that requests planned at the same
-        # moment see each other; the place holds this request's own service time, not the queue ahead.
+    async def stream(self, admitted: Admitted, hold: Hold | None = None) -> AsyncGenerator[Streamed, None]:
+        # Without the router's hold, take one before the first await, so that requests started at the same
+        # moment see each other.
+        own = hold is None
+        hold = self.reserve(admitted) if hold is None else hold
         max_tokens = admitted.max_tokens(self.context_length, self.kind)
-        ticket = self.estimator.admit(self.estimator.service_ms(admitted.prompt_tokens, max_tokens))
-        started = False
         try:
             exact = admitted.bound_for(self.name)
             if exact is not None:  # the policy judged its fit with these very tokens
@@ -129,17 +136,19 @@ class LocalTarget:
             request = admitted.request
             parser = ToolCallParser() if request.tools and request.tool_choice.mode is not ToolChoiceMode.NONE else None
             async for chunk in self._registry.run(self.entry, bind, request.keep_alive_s):
-                if not started:
-                    self.estimator.start(ticket, self._clock() - 1e-3)
-                    started = True
+                hold.start(self._clock() - 1e-3)  # the first chunk: it has the model (a no-op after)
                 if isinstance(chunk, Completion):
                     t, u = chunk.timings, chunk.usage
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
-                                           u.completion_tokens, t.decode_ms)
+                                           u.completion_tokens, t.decode_ms, batch=hold.started_with,
+                                           elsewhere=hold.elsewhere_during())
+                    if own:
+                        hold.release()  # a caller may stop reading at the completion
                 for item in parser.feed(chunk) if parser is not None else (chunk,):
                     yield item
         finally:
-            self.estimator.finish(ticket)
+            if own:
+                hold.release()
 
 
 class LocalModels:
@@ -150,6 +159,7 @@ class LocalModels:
         self._registry = registry
         self._clock = clock
         self._targets: dict[str, LocalTarget] = {}
+        self.host = HostLoad()  # the requests in flight on every target: the remote ones share it (routing.py)
 
     @property
     def default_model(self) -> str:
@@ -161,7 +171,7 @@ class LocalModels:
             del self._targets[name]
         for name, entry in entries.items():
             if name not in self._targets:
-                self._targets[name] = LocalTarget(entry, self._registry, self._clock)
+                self._targets[name] = LocalTarget(entry, self._registry, self._clock, self.host)
         return self._targets
 
     def not_served(self, model: str) -> LaasError:

@@ -22,6 +22,7 @@ from laas.daemon.settings import RemoteConfig, Settings, SettingsError
 from laas.router.cloud import CloudConfig, CloudEngine, read_api_key
 from laas.router.dispatch import Router
 from laas.router.latency import CircuitBreaker, Rates, RemoteEstimator, calibrate_rates, decode_floor_tps
+from laas.router.load import InFlight
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
 from laas.router.redact import Redactor
@@ -55,7 +56,7 @@ def build_router(settings: Settings, registry: ModelRegistry, device: LocalModel
     remotes = [
         RemoteTarget(
             r.name, TargetKind.PEER if r.kind == "peer" else TargetKind.CLOUD, endpoints[i],
-            RemoteEstimator(ttft_ms=r.ttft_ms, inter_token_ms=r.inter_token_ms),
+            RemoteEstimator(ttft_ms=r.ttft_ms, inter_token_ms=r.inter_token_ms, in_flight=InFlight(device.host)),
             CircuitBreaker(threshold=r.failure_threshold, cooldown_s=r.cooldown_s),
             clock=time.monotonic,
             redactor=Redactor(settings.redact_patterns) if (settings.redact_peers if r.kind == "peer"

@@ -6,8 +6,10 @@ default model's for a model only remote targets serve), gathers every target's e
 policy.choose (pure). `run` streams from the chosen target; when a target fails before its first
 token, the next one in the decision's order takes the request; when it fails mid-stream, the next one
 continues from the text already delivered, so the client sees one coherent stream. Each route taken is
-announced with a RouteChange item in the stream. Every target is a `Target` (targets.py): the router
-never asks which kind of object it holds.
+announced with a RouteChange item in the stream. Each target taken holds the request's load (load.py)
+from the moment it is chosen until its stream ends, however it ends, so that concurrent decisions
+account for each other. Every target is a `Target` (targets.py): the router never asks which kind of
+object it holds.
 """
 
 from __future__ import annotations
@@ -206,14 +208,20 @@ class Router:
                     return
                 admitted = plan.admitted.continued(resumed, completion_tokens)
             reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
-            yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures), plan.model)
+            # Reserved before anything is yielded: the caller starts the run right after the plan, with no
+            # await between, so the next request's plan sees this one's load.
+            hold = target.reserve(admitted)
             try:
-                async for chunk in target.stream(admitted):
+                yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures),
+                                  plan.model)
+                async for chunk in target.stream(admitted, hold):
                     if isinstance(chunk, TextDelta):
                         delivered.append(chunk.text)
                         completion_tokens += 1
-                    elif isinstance(chunk, Completion) and resumed:
-                        chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
+                    elif isinstance(chunk, Completion):
+                        hold.release()  # now: a caller may stop reading at the completion, never closing us
+                        if resumed:
+                            chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
                     yield chunk
                 return
             except TargetFailed as e:
@@ -224,4 +232,6 @@ class Router:
                 if not failures and estimate is plan.decision.order[-1]:
                     raise
                 failures.append(f"{target.name}: {e}")
+            finally:  # completed, cancelled, failed or failing over: its load leaves the target
+                hold.release()
         raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")

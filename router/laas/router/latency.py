@@ -4,8 +4,11 @@ Layer: domain (no I/O; time is passed in). Every finished request updates its ta
 with exponentially weighted averages, so predictions follow the machine's real speed (thermal
 throttling, other load) and a remote endpoint's real latency.
 
-    device:  queue ahead + prompt_tokens / prefill rate + max_tokens / decode rate
-    remote:  time to first token + max_tokens * inter-token time, inflated by its recent error rate
+    device:  queue ahead + prompt_tokens / prefill rate + max_tokens * decode step (longer in a batch)
+    remote:  wait for the work in flight ahead + time to first token + max_tokens * inter-token time
+             (longer with more in flight), inflated by its recent error rate
+
+The work in flight is what laasd's own decisions reserved on each target (load.py).
 
 The device's rates are seeded at start-up by a short calibration. One run can be taken while another
 process holds the cores (llama.cpp with `threads` = every core collapses when it has to share them:
@@ -17,9 +20,10 @@ request replaces a seed instead of being averaged with it.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from laas.router.load import Hold, InFlight
 
 ALPHA = 0.3  # weight of the newest observation
 # Decoding reads every weight once per token; 1 GB/s is far below any device laas targets (a Raspberry
@@ -67,56 +71,63 @@ def _ewma(old: float | None, new: float) -> float:
 
 @dataclass
 class LocalEstimator:
-    """Prefill and decode rates of one local model, and the work queued ahead on it."""
+    """Prefill and decode rates of one local model, the batch's cost, and the work in flight on it."""
 
     prefill_tps: float | None = None
-    decode_tps: float | None = None
+    decode_tps: float | None = None  # one stream alone
     overhead_ms: float = 5.0
     # Requests the model decodes at once (continuous batching): one waits only when all slots are taken.
     parallel: int = 1
+    # With batching, N streams share each decode step: a step takes (1 + batch_cost * (N - 1)) times a
+    # lone stream's. Learned from requests that ran in a batch (0 until one has).
+    batch_cost: float = 0.0
+    # The cores are shared with what laasd runs for its other targets at the same time: a step takes
+    # (1 + host_cost * requests in flight elsewhere) times an undisturbed one's. Learned (0 until seen).
+    host_cost: float = 0.0
+    host_observed: int = 0
+    batch_observed: int = 0
     # A rate that is a calibration's seed: the first live observation replaces it.
     seeded_prefill: bool = False
     seeded_decode: bool = False
-    _admitted: dict[int, tuple[float, float | None]] = field(default_factory=dict)  # id -> (predicted, started)
-    _ids: itertools.count[int] = field(default_factory=itertools.count)
+    in_flight: InFlight = field(default_factory=InFlight)
 
     @property
     def calibrated(self) -> bool:
         return self.prefill_tps is not None and self.decode_tps is not None
 
-    def service_ms(self, prompt_tokens: int, max_tokens: int) -> float:
-        """Time to run the request once it has the model."""
+    def step_ms(self, batch: int = 1, elsewhere: float = 0.0) -> float:
+        """One decode step of a stream among `batch` streams, with `elsewhere` requests on other targets."""
+        return (1000 / (self.decode_tps or 20.0) * (1 + self.batch_cost * (max(batch, 1) - 1))
+                * (1 + self.host_cost * elsewhere))
+
+    def service_ms(self, prompt_tokens: int, max_tokens: int, batch: int = 1, elsewhere: float = 0.0) -> float:
+        """Time to run the request once it has the model, sharing each step with `batch - 1` others."""
         prefill = self.prefill_tps or 500.0
-        decode = self.decode_tps or 20.0
-        return self.overhead_ms + prompt_tokens * 1000 / prefill + max_tokens * 1000 / decode
+        return (self.overhead_ms + prompt_tokens * 1000 / prefill
+                + max_tokens * self.step_ms(batch, elsewhere))
+
+    def batch_for_next(self) -> int:
+        """The batch a request decided now would decode in: the requests in flight, itself included, up
+        to the slots."""
+        return min(self.in_flight.count + 1, self.parallel)
 
     def queue_ms(self, now: float) -> float:
         """Predicted time until the model is free for a new request.
 
         With `parallel` slots, a request waits only when they are all taken, and then for the work
-        ahead spread over the slots (the decode rate learned from batched requests already counts
-        the sharing of each step)."""
-        if len(self._admitted) < self.parallel:
+        ahead spread over the slots."""
+        if self.in_flight.count < self.parallel:
             return 0.0
-        total = 0.0
-        for predicted, started in self._admitted.values():
-            total += max(predicted - (now - started) * 1000, 0.0) if started is not None else predicted
-        return total / self.parallel
+        return self.in_flight.work_ms(now) / self.parallel
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float) -> float:
-        return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens)
+        return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
+                                                    self.in_flight.elsewhere)
 
-    def admit(self, predicted_ms: float) -> int:
-        ticket = next(self._ids)
-        self._admitted[ticket] = (predicted_ms, None)
-        return ticket
-
-    def start(self, ticket: int, now: float) -> None:
-        if ticket in self._admitted:
-            self._admitted[ticket] = (self._admitted[ticket][0], now)
-
-    def finish(self, ticket: int) -> None:
-        self._admitted.pop(ticket, None)
+    def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
+        """Reserves the request's own service time (not the queue ahead of it) until released."""
+        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
+                                                   self.in_flight.elsewhere), now)
 
     def seed(self, rates: Rates, floor_tps: float = 0.0) -> None:
         """Sets the rates a calibration measured, never below `floor_tps`; the first live request that
@@ -126,24 +137,51 @@ class LocalEstimator:
         if rates.decode_tps is not None:
             self.decode_tps, self.seeded_decode = max(rates.decode_tps, floor_tps), True
 
-    def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float) -> None:
-        """Learns from a finished request (prefill of fewer than 8 tokens says little about the rate)."""
+    def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float,
+                batch: int = 1, elsewhere: float = 0.0) -> None:
+        """Learns from a finished request that decoded among `batch` streams while `elsewhere` requests ran
+        on other targets (prefill of fewer than 8 tokens says little about the rate)."""
         if prompt_tokens >= 8 and prompt_ms > 0:
             rate = prompt_tokens * 1000 / prompt_ms
             self.prefill_tps = rate if self.seeded_prefill else _ewma(self.prefill_tps, rate)
             self.seeded_prefill = False
-        if decoded_tokens >= 2 and decode_ms > 0:
-            rate = (decoded_tokens - 1) * 1000 / decode_ms
+        if decoded_tokens < 2 or decode_ms <= 0:
+            return
+        rate = (decoded_tokens - 1) * 1000 / decode_ms
+        batch = min(max(batch, 1), self.parallel)
+        if self.decode_tps is None or (batch == 1 and elsewhere < 0.5):
             self.decode_tps = rate if self.seeded_decode else _ewma(self.decode_tps, rate)
             self.seeded_decode = False
+        elif batch == 1:  # alone on the model, beside laasd's other work: how much slower, per request there
+            cost = min(max((self.decode_tps / rate - 1) / elsewhere, 0.0), 2.0)
+            self.host_cost = cost if not self.host_observed else _ewma(self.host_cost, cost)
+            self.host_observed += 1
+        else:  # a batched step: how much slower than a lone stream's, per extra stream
+            slower = self.decode_tps / rate / (1 + self.host_cost * elsewhere)
+            cost = min(max((slower - 1) / (batch - 1), 0.0), 2.0)
+            self.batch_cost = cost if not self.batch_observed else _ewma(self.batch_cost, cost)
+            self.batch_observed += 1
 
 
 @dataclass
 class RemoteEstimator:
-    """Time to first token (as a line over prompt tokens), inter-token time and error rate of one endpoint.
+    """Time to first token (a line over prompt tokens), inter-token time and error rate of one endpoint,
+    and how the requests laasd has in flight there delay a new one.
 
-    The first-token time is fitted by exponentially weighted least squares over (prompt tokens, ttft):
-    a remote server prefills long prompts for longer, so one average would mislead short requests.
+    The first-token line is fitted by exponentially weighted least squares over (prompt tokens, ttft)
+    from requests sent while nothing else was in flight: a remote server prefills long prompts for
+    longer, so one average would mislead short requests. The load terms are learned from the others:
+
+        ttft(prompt, load) = line(prompt) + queue_factor * laasd's work in flight ahead (ms)
+        inter-token(load)  = inter_token_ms + itl_per_request * laasd's requests in flight there
+                             + itl_per_elsewhere * laasd's requests in flight on its other targets
+
+    A server that runs one request at a time (FIFO) shows queue_factor ~1 and no inter-token growth; one
+    that batches shows queue_factor ~0 and an inter-token time growing with the batch. The last term is
+    laasd's own machine, which streams every target's answers (and, in the benchmark, is the cloud's
+    machine too): ~0 for an endpoint elsewhere. A LAN peer also
+    advertises the wait queued on it (`advertise`), which counts what laasd sent it before the
+    advertisement; the work laasd reserved there since is added to it.
     """
 
     ttft_ms: float = 1000.0  # the line's intercept: time to first token of a very short prompt
@@ -151,19 +189,77 @@ class RemoteEstimator:
     prefill_ms_per_token: float = 0.0  # the line's slope
     error_rate: float = 0.0
     observed: int = 0
-    queue_ms: float = 0.0  # work queued ahead at the endpoint, as it advertises (a discovered LAN peer)
+    # Until answers under load say otherwise, laasd's requests are assumed to run one after another there,
+    # as on a llama.cpp server or a laasd peer: a burst is not all sent to one endpoint on a guess that it
+    # batches. The first answer under load replaces the guess.
+    queue_factor: float = 1.0
+    itl_per_request: float = 0.0
+    itl_per_elsewhere: float = 0.0
+    elsewhere_observed: int = 0
+    loaded_observed: int = 0  # observations made under load (the first replaces the 0 priors)
+    advertised_ms: float = 0.0  # the wait the endpoint advertised (a discovered LAN peer)
+    advertised_at: float | None = None
+    in_flight: InFlight = field(default_factory=InFlight)
     _moments: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # E[x], E[y], E[xx], E[xy]
 
     def ttft_for(self, prompt_tokens: int) -> float:
         return self.ttft_ms + self.prefill_ms_per_token * prompt_tokens
 
-    def predict_ms(self, prompt_tokens: int, max_tokens: int) -> float:
-        expected = self.queue_ms + self.ttft_for(prompt_tokens) + max_tokens * self.inter_token_ms
+    def wait_ms(self, now: float) -> float:
+        """The wait ahead of a new request: the advertised wait still to run, plus laasd's own work reserved
+        since (all of it, without an advertisement), as much of it as delays a first token."""
+        advertised = 0.0
+        if self.advertised_at is not None:
+            advertised = max(self.advertised_ms - (now - self.advertised_at) * 1000, 0.0)
+        return advertised + self.queue_factor * self.in_flight.work_ms(now, since=self.advertised_at)
+
+    def service_ms(self, prompt_tokens: int, max_tokens: int, others: int = 0, elsewhere: float = 0.0) -> float:
+        """The request's own time once the endpoint takes it, with `others` of laasd's requests beside it
+        and `elsewhere` on its other targets."""
+        itl = self.inter_token_ms + self.itl_per_request * others + self.itl_per_elsewhere * elsewhere
+        return self.ttft_for(prompt_tokens) + max_tokens * itl
+
+    def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float = 0.0) -> float:
+        expected = self.wait_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.in_flight.count,
+                                                       self.in_flight.elsewhere)
         # A failing endpoint costs a timeout and a retry elsewhere: weigh it by its error rate.
         return expected * (1 + 2 * self.error_rate)
 
-    def observe(self, ttft_ms: float, tokens: int, decode_ms: float, prompt_tokens: int = 0) -> None:
-        x, y = float(prompt_tokens), ttft_ms
+    def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
+        """Reserves the request's own service time until released."""
+        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.in_flight.count,
+                                                   self.in_flight.elsewhere), now)
+
+    def advertise(self, wait_ms: float, now: float) -> None:
+        self.advertised_ms, self.advertised_at = wait_ms, now
+
+    def observe(self, ttft_ms: float, tokens: int, decode_ms: float, prompt_tokens: int = 0,
+                ahead_ms: float = 0.0, others: int = 0, elsewhere: float = 0.0) -> None:
+        """Learns from a finished request, sent with `ahead_ms` of laasd's work in flight there and
+        `others` of its requests beside it, while `elsewhere` ran on laasd's other targets."""
+        loaded = others > 0
+        if not loaded or not self.observed:
+            self._fit_line(float(prompt_tokens), ttft_ms)
+        if loaded and ahead_ms > 1.0:
+            factor = min(max((ttft_ms - self.ttft_for(prompt_tokens)) / ahead_ms, 0.0), 1.5)
+            self.queue_factor = factor if not self.loaded_observed else _ewma(self.queue_factor, factor)
+        if tokens >= 2 and decode_ms > 0:
+            itl = decode_ms / (tokens - 1)
+            if not self.observed or (not loaded and elsewhere < 0.5):
+                self.inter_token_ms = itl if not self.observed else _ewma(self.inter_token_ms, itl)
+            elif not loaded:
+                cost = max((itl - self.inter_token_ms) / elsewhere, 0.0)
+                self.itl_per_elsewhere = cost if not self.elsewhere_observed else _ewma(self.itl_per_elsewhere, cost)
+                self.elsewhere_observed += 1
+            else:
+                shared = self.itl_per_elsewhere * elsewhere
+                growth = max((itl - self.inter_token_ms - shared) / others, 0.0)
+                self.itl_per_request = growth if not self.loaded_observed else _ewma(self.itl_per_request, growth)
+        self.loaded_observed += loaded
+        self.error_rate = _ewma(self.error_rate, 0.0)
+        self.observed += 1
+
+    def _fit_line(self, x: float, y: float) -> None:
         new = (x, y, x * x, x * y)
         moments = new if not self.observed else tuple(
             _ewma(old, value) for old, value in zip(self._moments, new, strict=True))
@@ -172,11 +268,6 @@ class RemoteEstimator:
         if variance > 25.0:  # prompts differ by more than a few tokens: the slope is measurable
             self.prefill_ms_per_token = max((mxy - mx * my) / variance, 0.0)
         self.ttft_ms = max(my - self.prefill_ms_per_token * mx, 0.0)
-        if tokens >= 2 and decode_ms > 0:
-            itl = decode_ms / (tokens - 1)
-            self.inter_token_ms = itl if not self.observed else _ewma(self.inter_token_ms, itl)
-        self.error_rate = _ewma(self.error_rate, 0.0)
-        self.observed += 1
 
     def observe_failure(self) -> None:
         self.error_rate = _ewma(self.error_rate, 1.0)

@@ -2,7 +2,8 @@
 
 Layer: router. An `Endpoint` (cloud.CloudEngine, peer.PeerEngine) only streams a request as asked: it
 renders with its own template and counts with its own tokenizer, so it neither renders nor tokenizes
-here. The target around it learns from every request: each finished one updates its latency estimate,
+here. The target around it learns from every request: each finished one updates its latency estimate
+(with the load laasd had in flight there when it was sent: `reserve`, load.py),
 each failure its error rate and circuit; personal data is replaced before a request leaves, when a
 redactor is set, and restored in the answer.
 """
@@ -18,6 +19,7 @@ from laas.core.errors import TargetFailed
 from laas.core.types import Completion, EmbeddingRequest, EmbeddingResult, GenerationChunk, GenerationRequest, TextDelta
 from laas.router.embedding import Embedder
 from laas.router.latency import CircuitBreaker, RemoteEstimator
+from laas.router.load import Hold
 from laas.router.policy import Estimate, TargetKind
 from laas.router.redact import Mapping, Redaction, Redactor, Restorer
 from laas.router.targets import Admitted, RoutedRequest, Streamed
@@ -89,8 +91,12 @@ class RemoteTarget:
     def estimate(self, admitted: Admitted) -> Estimate:
         allowed, reason = self._circuit()
         predicted = self.estimator.predict_ms(admitted.prompt_tokens,
-                                              admitted.max_tokens(self.context_length, self.kind))
+                                              admitted.max_tokens(self.context_length, self.kind), self._clock())
         return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason)
+
+    def reserve(self, admitted: Admitted) -> Hold:
+        return self.estimator.hold(admitted.prompt_tokens, admitted.max_tokens(self.context_length, self.kind),
+                                   self._clock())
 
     def _redacted(self, request: RoutedRequest) -> tuple[RoutedRequest, Restorer | None, int]:
         if self.redactor is None:
@@ -104,7 +110,19 @@ class RemoteTarget:
             request.sampling, stop=tuple(redact(s, mapping) for s in request.sampling.stop)))
         return request, Restorer(mapping), mapping.replaced
 
-    async def stream(self, admitted: Admitted) -> AsyncGenerator[Streamed, None]:
+    async def stream(self, admitted: Admitted, hold: Hold | None = None) -> AsyncGenerator[Streamed, None]:
+        own = hold is None
+        hold = self.reserve(admitted) if hold is None else hold
+        try:
+            async for item in self._stream(admitted, hold):
+                if own and isinstance(item, Completion):
+                    hold.release()  # a caller may stop reading at the completion
+                yield item
+        finally:
+            if own:
+                hold.release()
+
+    async def _stream(self, admitted: Admitted, hold: Hold) -> AsyncGenerator[Streamed, None]:
         request, restorer, redacted = self._redacted(admitted.request)
         if redacted:
             yield Redaction(redacted)
@@ -119,7 +137,9 @@ class RemoteTarget:
             async for chunk in self.engine.generate(bound):
                 if isinstance(chunk, TextDelta):
                     tokens += 1
-                    first = first or time.perf_counter()
+                    if not first:
+                        first = time.perf_counter()
+                        hold.start(self._clock())
                     if restorer is not None:  # placeholders back to the values; a split one waits for its end
                         chunk = TextDelta(restorer.feed(chunk.text))
                         if not chunk.text:
@@ -128,7 +148,8 @@ class RemoteTarget:
                     end = time.perf_counter()
                     first = first or end
                     self.estimator.observe((first - start) * 1000, tokens, (end - first) * 1000,
-                                           admitted.prompt_tokens)
+                                           admitted.prompt_tokens, hold.ahead_ms, hold.others,
+                                           hold.elsewhere_during())
                     self.breaker.on_success()
                     settled = True
                     if restorer is not None and (tail := restorer.flush()):

@@ -33,6 +33,7 @@ from laas.core.types import (
     Tool,
     ToolChoice,
 )
+from laas.router.load import Hold
 from laas.router.policy import Estimate, TargetKind, granted
 from laas.router.redact import Redaction
 
@@ -128,9 +129,15 @@ class Target(Protocol):
         """Its context window, whether it can take a request now, and how long it would take (no I/O)."""
         ...
 
-    def stream(self, admitted: Admitted) -> AsyncIterator[Streamed]:
-        """Runs the request: TextDelta items, then one Completion. Raises TargetFailed (or an error of
-        the request, e.g. OutOfRange) so that the router fails over; learns from how it went."""
+    def reserve(self, admitted: Admitted) -> Hold:
+        """Counts the request's load on the target from now (no I/O): the next estimate sees it. The
+        router reserves as it decides, and releases the hold when the stream ends, however it ends."""
+        ...
+
+    def stream(self, admitted: Admitted, hold: Hold | None = None) -> AsyncIterator[Streamed]:
+        """Runs the request under `hold` (or a hold of its own, released at its end): TextDelta items,
+        then one Completion. Raises TargetFailed (or an error of the request, e.g. OutOfRange) so that
+        the router fails over; learns from how it went."""
         ...
 
 

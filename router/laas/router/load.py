@@ -1,0 +1,118 @@
+"""The load on a target: the requests laasd has in flight there, each reserved by the decision that chose it.
+
+Layer: domain (no I/O; time is passed in). A decision reserves its request's predicted service time
+on the chosen target before the next decision is made (dispatch.Router.run holds it from the plan to
+the end of the stream), so requests that arrive together see each other instead of all picking the
+target that looked fastest alone. A reservation is released when its request completes, is
+cancelled, fails, or fails over to another target (each target's reservation is its own): the
+in-flight count never leaks.
+
+What the estimators (latency.py) read from here, per target:
+- `count`: requests in flight; `started`: those that have the model (device) or a first token (remote);
+- `work_ms(now)`: their predicted service time still to run, the work a FIFO server does before a new
+  request's turn (a started request's remaining part shrinks with the time it has run).
+A `Hold` remembers what it saw when it was made (work ahead, others in flight), so that its request's
+measured latency can teach the estimator how much of that load delayed it.
+
+A `HostLoad` counts the requests in flight on every target of one daemon: the device's cores also run
+what laasd does for the others (streaming them, and any model server on the same machine), so the
+device's estimator learns how much the requests in flight elsewhere slow it (latency.LocalEstimator).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class _Reserved:
+    service_ms: float
+    reserved_at: float
+    started_at: float | None = None
+
+
+@dataclass
+class HostLoad:
+    """The requests in flight on all the targets of one daemon."""
+
+    count: int = 0
+
+
+@dataclass
+class InFlight:
+    """The reservations on one target."""
+
+    host: HostLoad = field(default_factory=HostLoad)
+    _held: dict[int, _Reserved] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def elsewhere(self) -> int:
+        """Requests in flight on the host's other targets."""
+        return self.host.count - self.count
+
+    @property
+    def count(self) -> int:
+        return len(self._held)
+
+    @property
+    def started(self) -> int:
+        return sum(r.started_at is not None for r in self._held.values())
+
+    def remaining_ms(self, now: float, since: float | None = None) -> list[float]:
+        """Each reservation's service time still to run (those reserved after `since`, when given)."""
+        return [max(r.service_ms - (now - r.started_at) * 1000, 0.0) if r.started_at is not None else r.service_ms
+                for r in self._held.values() if since is None or r.reserved_at > since]
+
+    def work_ms(self, now: float, since: float | None = None) -> float:
+        return sum(self.remaining_ms(now, since))
+
+    def hold(self, service_ms: float, now: float) -> Hold:
+        """Reserves a request's predicted service time from now on; `Hold.release` gives it back."""
+        ticket = next(self._ids)
+        hold = Hold(self, ticket, service_ms, ahead_ms=self.work_ms(now), others=self.count)
+        self._held[ticket] = _Reserved(service_ms, now)
+        self.host.count += 1
+        return hold
+
+    def _start(self, ticket: int, now: float) -> None:
+        reserved = self._held.get(ticket)
+        if reserved is not None and reserved.started_at is None:
+            reserved.started_at = now
+
+    def _release(self, ticket: int) -> None:
+        if self._held.pop(ticket, None) is not None:
+            self.host.count -= 1
+
+
+@dataclass(eq=False)
+class Hold:
+    """One request's reservation on one target; release() is idempotent (completion, cancel, failure and
+    failover may each reach it)."""
+
+    in_flight: InFlight
+    ticket: int
+    service_ms: float
+    ahead_ms: float  # the work in flight there when it was reserved
+    others: int  # requests in flight there when it was reserved
+    started_with: int = 0  # requests that had started there (itself included) when it started
+    elsewhere_at_start: int = 0  # requests in flight on the host's other targets when it started
+
+    @property
+    def held(self) -> bool:
+        return self.ticket in self.in_flight._held
+
+    def start(self, now: float) -> None:
+        """Its request started (took the model; the first token came): its remaining work shrinks from now."""
+        if self.held and self.in_flight._held[self.ticket].started_at is None:
+            self.in_flight._start(self.ticket, now)
+            self.started_with = self.in_flight.started
+            self.elsewhere_at_start = self.in_flight.elsewhere
+
+    def elsewhere_during(self) -> float:
+        """Requests in flight on the host's other targets while it ran: the mean of its start and now."""
+        return (self.elsewhere_at_start + self.in_flight.elsewhere) / 2
+
+    def release(self) -> None:
+        self.in_flight._release(self.ticket)
