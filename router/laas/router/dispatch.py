@@ -147,7 +147,7 @@ class Router:
             if advertised is not None and r.embedder is not None:  # a discovered peer: the digests decide
                 if not reference:
                     reference.append(self._local_digest(local_name) if local is not None else None)
-                serves, refusal = peer_serves(name, reference[0], advertised)
+                serves, refusal = peer_serves(local_name, reference[0], advertised)  # the name it has here
                 candidates.append(EmbedCandidate(r.embed_estimate(), serves, refusal=refusal))
                 continue
             declared = self._embedding_models.get(r.name, {})
