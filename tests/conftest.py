@@ -23,6 +23,9 @@ from laas.exporters.pipeline import ExportOptions, PackageResult, export
 from tests.daemon_process import DaemonProcess
 
 UNIT = Path(__file__).parent / "unit"
+# Daemons the tests start with `laasd serve` serve their HTTP API on a free port, never the default 7735
+# (tests run side by side); DaemonProcess passes --http-listen itself.
+os.environ.setdefault("LAAS_HTTP_LISTEN", "127.0.0.1:0")
 _running: list[pytest.Item] = []  # the test being run, for the fast tier's check in model_file
 
 
@@ -125,13 +128,13 @@ def start_daemon(make_home: Callable[..., Path], tmp_path: Path) -> Iterator[Cal
     started: list[DaemonProcess] = []
 
     def start(config: str = "", *, wait_serving: bool = True, home: Path | None = None,
-              env: dict[str, str] | None = None, listen: str = "127.0.0.1:0", tls: Tls | None = None
-              ) -> DaemonProcess:
+              env: dict[str, str] | None = None, listen: str = "127.0.0.1:0", tls: Tls | None = None,
+              http_listen: str = "127.0.0.1:0") -> DaemonProcess:
         config_file = None
         if config:
             config_file = tmp_path / f"laasd-{len(started)}.toml"
             config_file.write_text(config)
-        proc = DaemonProcess(home or make_home(), config_file, env, listen, tls)
+        proc = DaemonProcess(home or make_home(), config_file, env, listen, tls, http_listen)
         started.append(proc)
         return proc.start(wait_serving=wait_serving)
 

@@ -17,11 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from laas.client.channels import Tls, open_channel
 
 _PORT_LINE = re.compile(r"listening on \S+ \(port (\d+)\)")
+_HTTP_LINE = re.compile(r"HTTP API on https?://\S+:(\d+)/v1")
 
 
 class DaemonProcess:
     def __init__(self, home: Path, config: Path | None = None, env: dict[str, str] | None = None,
-                 listen: str = "127.0.0.1:0", tls: Tls | None = None) -> None:
+                 listen: str = "127.0.0.1:0", tls: Tls | None = None, http_listen: str = "127.0.0.1:0") -> None:
         self.tls = tls  # how health checks connect to a daemon with TLS
         self.home = home
         self.listen = listen
@@ -30,6 +31,8 @@ class DaemonProcess:
         self.listen = listen  # must include one TCP address: the log line with its port says it is up
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.http_listen = http_listen  # never the default port: tests run side by side
+        self.http_port = 0  # the first TCP port of the HTTP API
         self.lines: list[str] = []
         self._port_seen = threading.Event()
         self._new_line = threading.Condition()
@@ -38,11 +41,16 @@ class DaemonProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (for the openai SDK's base_url)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
     def start(self, *, wait_serving: bool = True, timeout: float = 120.0) -> DaemonProcess:
         cmd = [sys.executable, "-m", "laas.daemon.cli", "--home", str(self.home)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
-        cmd += ["serve", "--listen", self.listen]
+        cmd += ["serve", "--listen", self.listen, "--http-listen", self.http_listen]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAAS_")} | self.env
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         threading.Thread(target=self._read_log, daemon=True).start()
@@ -59,6 +67,9 @@ class DaemonProcess:
             with self._new_line:
                 self.lines.append(line)
                 self._new_line.notify_all()
+            http = _HTTP_LINE.search(line)
+            if http and not self.http_port:
+                self.http_port = int(http.group(1))
             match = _PORT_LINE.search(line)
             if match and not self._port_seen.is_set():
                 self.port = int(match.group(1))

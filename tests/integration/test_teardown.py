@@ -61,7 +61,8 @@ class ReadyNotifier(Notifier):
 def _settings(make_home: Callable[..., Path], tmp_path: Path) -> Settings:
     config = tmp_path / "laasd.toml"
     config.write_text(MODELS)
-    return load_settings(config, environ={}, overrides={"home": make_home(), "listen": "127.0.0.1:0"})
+    return load_settings(config, environ={}, overrides={"home": make_home(), "listen": "127.0.0.1:0",
+                                                               "http_listen": ["127.0.0.1:0"]})
 
 
 def _named(threads: set[threading.Thread], *parts: str) -> set[threading.Thread]:

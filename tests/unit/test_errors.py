@@ -50,7 +50,7 @@ def test_status_for_each_class(cls: type[LaasError], code: grpc.StatusCode) -> N
 
 
 def test_table_is_ordered_most_specific_first() -> None:
-    classes = [cls for cls, _ in STATUS_TABLE]
+    classes = [cls for cls, *_ in STATUS_TABLE]
     for i, cls in enumerate(classes):
         for later in classes[i + 1 :]:
             assert not issubclass(later, cls) or later is cls, f"{later.__name__} comes after its base {cls.__name__}"
@@ -60,7 +60,7 @@ def test_table_is_ordered_most_specific_first() -> None:
 def test_every_error_class_in_the_module_is_in_the_table() -> None:
     in_module = {obj for obj in vars(errors).values()
                  if isinstance(obj, type) and issubclass(obj, LaasError)}
-    assert in_module == {cls for cls, _ in STATUS_TABLE}
+    assert in_module == {cls for cls, *_ in STATUS_TABLE}
 
 
 def test_subclasses_of_unavailable_keep_unavailable_code() -> None:

@@ -445,7 +445,7 @@ def test_every_field_is_described(model: type[Settings | ModelConfig | RemoteCon
 
 # A changed, valid value of every setting (against BASE below): a new setting needs one, and a reload mark.
 CHANGED: dict[str, object] = {
-    "listen": "127.0.0.1:1", "home": Path("/elsewhere"), "default_model": "m",
+    "listen": "127.0.0.1:1", "http_listen": ("127.0.0.1:2",), "home": Path("/elsewhere"), "default_model": "m",
     "models": (ModelConfig(name="m", path="m.gguf"),), "remotes": (RemoteConfig(name="r", url="h:1", kind="peer"),),
     "aliases": (("a", "m"),), "threads": 97, "max_queue": 3, "parallel": 2, "flash_attn": "on",
     "keep_alive_s": -1.0, "memory_budget_mb": 64, "preload": "all", "default_max_tokens": 9, "drain_grace_s": 1.5,

@@ -30,6 +30,8 @@ from tests.fakes import Fail, FakeEngine
 CORE_CODES: dict[type[LaasError], grpc.StatusCode] = {
     errors.LaasError: grpc.StatusCode.INTERNAL,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unprocessable: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,

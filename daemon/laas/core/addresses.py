@@ -8,3 +8,7 @@ from __future__ import annotations
 
 DEFAULT_PORT = 7734
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+# The OpenAI-compatible HTTP API (daemon/http), beside gRPC.
+DEFAULT_HTTP_PORT = 7735
+DEFAULT_HTTP_LISTEN = f"127.0.0.1:{DEFAULT_HTTP_PORT}"

@@ -1,28 +1,35 @@
-"""The one error hierarchy of laas, and the one table that maps it to gRPC status codes.
+"""The one error hierarchy of laas, and the one table that maps it to gRPC status codes and HTTP statuses.
 
 Layer: core. Engines, the store and the router raise these; the gRPC edge turns them into status
-codes with :func:`status_for`, in one place for every method (daemon/request_log.py), and the client
-turns status codes back into them with :func:`error_for_status`. Nothing matches on message text.
+codes with :func:`status_for`, in one place for every method (daemon/request_log.py), the HTTP edge
+into HTTP statuses with :func:`http_status_for` (daemon/http/errors.py), and the client turns status
+codes back into them with :func:`error_for_status`. Nothing matches on message text.
 
-    LaasError                       (INTERNAL: a bug, never bad input)
-    ├── InvalidArgument             (INVALID_ARGUMENT: a request field is wrong; `field` names it)
-    ├── NotFound                    (NOT_FOUND: no such model)
-    ├── OutOfRange                  (OUT_OF_RANGE: prompt + max_tokens beyond the context window)
-    ├── ResourceExhausted           (RESOURCE_EXHAUSTED: the model's queue is full)
-    ├── Unavailable                 (UNAVAILABLE: retry later)
+    LaasError                       (INTERNAL, 500: a bug, never bad input)
+    ├── InvalidArgument             (INVALID_ARGUMENT, 400: a request field is wrong; `field` names it)
+    │   ├── RequestTooLarge         (413: a prompt, message or body over its size limit)
+    │   └── Unprocessable           (422: the HTTP body does not match the API's schema)
+    ├── NotFound                    (NOT_FOUND, 404: no such model)
+    ├── OutOfRange                  (OUT_OF_RANGE, 400: prompt + max_tokens beyond the context window)
+    ├── ResourceExhausted           (RESOURCE_EXHAUSTED, 429: the model's queue is full)
+    │   └── MemoryBudgetExceeded    (the model does not fit the memory budget now)
+    ├── Unavailable                 (UNAVAILABLE, 503: retry later)
     │   ├── ModelLoading            (the model is being fetched or loaded)
     │   ├── ShuttingDown            (the daemon is draining)
     │   └── TargetFailed            (a remote target failed; the router fails over to the next)
-    ├── Unsupported                 (FAILED_PRECONDITION: the model cannot do this, e.g. a generative
+    ├── Unsupported                 (FAILED_PRECONDITION, 400: the model cannot do this, e.g. a generative
     │                                    model asked for embeddings; `field` names the request field)
-    ├── ModelLoadError              (FAILED_PRECONDITION: the model failed to load or validate)
-    ├── Unauthenticated             (UNAUTHENTICATED: no valid token)
-    ├── PermissionDenied            (PERMISSION_DENIED: the token lacks the method's scope)
-    ├── Cancelled                   (CANCELLED: the client went away)
-    └── DeadlineExceeded            (DEADLINE_EXCEEDED)
+    ├── ModelLoadError              (FAILED_PRECONDITION, 409: the model failed to load or validate)
+    ├── Unauthenticated             (UNAUTHENTICATED, 401: no valid token)
+    ├── PermissionDenied            (PERMISSION_DENIED, 403: the token lacks the method's scope)
+    ├── Cancelled                   (CANCELLED, 499: the client went away; nobody reads that answer)
+    └── DeadlineExceeded            (DEADLINE_EXCEEDED, 504)
 
 Why a table rather than a `code` attribute on each class: the client needs the reverse mapping too,
-and one ordered list (most specific first) serves both directions.
+and one ordered list (most specific first) serves both directions and both edges. The HTTP statuses
+are those OpenAI's SDKs map to their exceptions (BadRequestError, NotFoundError, ConflictError,
+UnprocessableEntityError, RateLimitError, ...): a model that failed to load conflicts with the model's
+state (409, retrying will not help), a context overflow is a bad request as OpenAI answers it (400).
 """
 
 from __future__ import annotations
@@ -51,6 +58,14 @@ class LaasError(Exception):
 
 class InvalidArgument(LaasError):
     """A request field has a value the daemon cannot accept; `field` is its path, e.g. sampling.top_p."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """A prompt, message or request body is over its size limit (HTTP 413; over gRPC, INVALID_ARGUMENT)."""
+
+
+class Unprocessable(InvalidArgument):
+    """An HTTP body that is JSON but not of the API's schema (a wrong type, a missing field): HTTP 422."""
 
 
 class NotFound(LaasError):
@@ -110,38 +125,47 @@ class DeadlineExceeded(LaasError):
     """The request's deadline passed."""
 
 
-# Most specific first: the first row whose class matches wins.
-STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode], ...] = (
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (MemoryBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ModelLoading, grpc.StatusCode.UNAVAILABLE),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (TargetFailed, grpc.StatusCode.UNAVAILABLE),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (Cancelled, grpc.StatusCode.CANCELLED),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (LaasError, grpc.StatusCode.INTERNAL),
+# Most specific first: the first row whose class matches wins. Columns: the class, its gRPC status code,
+# its HTTP status.
+STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode, int], ...] = (
+    (RequestTooLarge, grpc.StatusCode.INVALID_ARGUMENT, 413),
+    (Unprocessable, grpc.StatusCode.INVALID_ARGUMENT, 422),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (NotFound, grpc.StatusCode.NOT_FOUND, 404),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE, 400),
+    (MemoryBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (ModelLoading, grpc.StatusCode.UNAVAILABLE, 503),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE, 503),
+    (TargetFailed, grpc.StatusCode.UNAVAILABLE, 503),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
+    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION, 400),
+    (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION, 409),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403),
+    (Cancelled, grpc.StatusCode.CANCELLED, 499),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (LaasError, grpc.StatusCode.INTERNAL, 500),
 )
+
+
+def _row(error: LaasError) -> tuple[type[LaasError], grpc.StatusCode, int]:
+    return next(row for row in STATUS_TABLE if isinstance(error, row[0]))  # LaasError is the last row
 
 
 def status_for(error: LaasError) -> grpc.StatusCode:
     """The gRPC status code for a laas error."""
-    for cls, code in STATUS_TABLE:
-        if isinstance(error, cls):
-            return code
-    return grpc.StatusCode.INTERNAL  # unreachable: LaasError is the last row
+    return _row(error)[1]
+
+
+def http_status_for(error: LaasError) -> int:
+    """The HTTP status for a laas error."""
+    return _row(error)[2]
 
 
 def error_for_status(code: grpc.StatusCode, message: str) -> LaasError:
     """The laas error a client raises for a status code (the most general class for that code)."""
-    for cls, row_code in reversed(STATUS_TABLE):
+    for cls, row_code, _ in reversed(STATUS_TABLE):
         if row_code == code and cls is not LaasError:
             error: LaasError = cls(message)
             return error

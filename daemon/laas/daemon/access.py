@@ -16,15 +16,18 @@ method repeats it. For each call:
    (local-only per token, the offload scope; they fill the record and write its STARTED line as they
    begin, so that a call cut by a crash leaves a trace), and the audit log gets the line of its end,
    with the status the call settled on.
-A refusal is a LaasError like any other: the call frame answers it with its status.
+A refusal is a LaasError like any other: the call frame answers it with its status. The checks that
+do not depend on gRPC (identify, require_scope, StreamSlots) are functions here that the HTTP edge
+(http/auth.py) calls too, with one StreamSlots for both edges: a token's streams count together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -65,6 +68,59 @@ def stream_key(principal: Principal) -> str:
     return f"cert:{principal.name}" if principal.id == "cert" else principal.id
 
 
+def identify(tokens: TokenStore | None, presented: str, cert_name: str | None = None) -> Principal:
+    """Who calls: with a token file in force, the holder of the `presented` token (none or unknown:
+    Unauthenticated; a file that cannot be read: Unavailable, failing closed); without one, the client
+    certificate's subject under mutual TLS, else anonymous."""
+    if tokens is None or not tokens.in_force():
+        return Principal("cert", cert_name) if cert_name else ANONYMOUS
+    try:
+        principal = tokens.authenticate(presented) if presented else None
+    except LaasError as e:  # the token file went missing or unreadable: fail closed, say why in the log
+        log.error("%s", e)
+        raise Unavailable("tokens cannot be checked now; retry later") from e
+    if principal is None:
+        raise Unauthenticated("a valid token is required: send the metadata (gRPC) or header (HTTP) "
+                              "`authorization: Bearer <token>` (see `laasd token create`)")
+    return principal
+
+
+def bearer(value: str) -> str:
+    """The token of an `authorization` value (`Bearer <token>`), or ""."""
+    return value[7:].strip() if value[:7].lower() == "bearer " else ""
+
+
+def require_scope(scope: str, what: str, principal: Principal) -> None:
+    if scope not in principal.scopes:
+        raise PermissionDenied(f"this token lacks the scope {scope!r} that {what} needs")
+
+
+class StreamSlots:
+    """Streams in flight per token (or client certificate), at most `max_streams` each; anonymous local
+    callers are bounded by the models' queues instead. One for every edge."""
+
+    def __init__(self, max_streams: int) -> None:
+        self.max_streams = max_streams
+        self._streams: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def held(self, principal: Principal) -> Iterator[None]:
+        if principal is ANONYMOUS:
+            yield
+            return
+        key = stream_key(principal)
+        if self._streams[key] >= self.max_streams:
+            raise ResourceExhausted(f"{principal.name} already has "
+                                    f"{self.max_streams} streams in flight (max_streams_per_token)")
+        self._streams[key] += 1
+        try:
+            yield
+        finally:
+            self._streams[key] -= 1
+            if not self._streams[key]:
+                del self._streams[key]
+
+
 def _current() -> Call:
     call = current_call.get()
     if call is None:  # no call frame outside (a server built without it)
@@ -74,39 +130,31 @@ def _current() -> Call:
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, tokens: TokenStore | None, audit: AuditLog, max_streams: int) -> None:
+    def __init__(self, tokens: TokenStore | None, audit: AuditLog, max_streams: int,
+                 slots: StreamSlots | None = None) -> None:
         self._tokens = tokens
         self._audit = audit
-        self._max_streams = max_streams
-        self._streams: Counter[str] = Counter()
+        self._slots = slots or StreamSlots(max_streams)
         self._undecodable_log = RateLimitedWarning()
 
     def _identify(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        cert_name = None
         if self._tokens is None or not self._tokens.in_force():
             names = (context.auth_context() or {}).get("x509_common_name") or ()
-            return Principal("cert", names[0].decode(errors="replace")) if names else ANONYMOUS
+            cert_name = names[0].decode(errors="replace") if names else None
         presented = ""
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                presented = value[7:].strip()
-        try:
-            principal = self._tokens.authenticate(presented) if presented else None
-        except LaasError as e:  # the token file went missing or unreadable: fail closed, say why in the log
-            log.error("%s", e)
-            raise Unavailable("tokens cannot be checked now; retry later") from e
-        if principal is None:
-            raise Unauthenticated("a valid token is required: send the metadata "
-                                  "`authorization: Bearer <token>` (see `laasd token create`)")
-        return principal
+            if key == "authorization" and isinstance(value, str) and bearer(value):
+                presented = bearer(value)
+        return identify(self._tokens, presented, cert_name)
 
     @staticmethod
     def _authorize(method: str, principal: Principal) -> None:
         scope = METHOD_SCOPES.get(method.removeprefix(_SERVICE)) if method.startswith(_SERVICE) else None
         if method.startswith(_SERVICE) and scope is None:
             raise PermissionDenied(f"{method} is not open to tokens")
-        if scope is not None and scope not in principal.scopes:
-            raise PermissionDenied(f"this token lacks the scope {scope!r} that "
-                         f"{method.removeprefix(_SERVICE)} needs")
+        if scope is not None:
+            require_scope(scope, method.removeprefix(_SERVICE), principal)
 
     def _check_decoded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, Undecodable):
@@ -201,29 +249,18 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             call = _current()
             record = AuditRecord(method.removeprefix(_SERVICE), "?", context.peer() or "", request_id.get())
-            counted = ""
             try:
                 principal = self._identify(method, context)
                 record = self._record(method, principal, context)
                 self._authorize(method, principal)
                 self._check_decoded(method, request, context)
-                key = stream_key(principal)
-                if principal is not ANONYMOUS and self._streams[key] >= self._max_streams:
-                    raise ResourceExhausted(f"{principal.name} already has "
-                                            f"{self._max_streams} streams in flight (max_streams_per_token)")
-                counted = key
-                self._streams[counted] += 1
-                self._admit(call, record, principal)
-                async for response in behavior(request, context):
-                    yield response
+                with self._slots.held(principal):
+                    self._admit(call, record, principal)
+                    async for response in behavior(request, context):
+                        yield response
             except BaseException as e:
                 self._finish(record, call, e, started)
                 raise
-            finally:
-                if counted:
-                    self._streams[counted] -= 1
-                    if not self._streams[counted]:
-                        del self._streams[counted]
             self._finish(record, call, None, started)
 
         return run

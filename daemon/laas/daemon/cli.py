@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from laas.core.addresses import DEFAULT_LISTEN
+from laas.core.addresses import DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN
 from laas.core.errors import LaasError
 from laas.daemon import token_cli
 from laas.daemon.gguf_header import read_gguf_header
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the configured models (the default model if none)")
     serve.add_argument("--listen", help=f"host:port or unix:/path to listen on, comma-separated "
                        f"(default {DEFAULT_LISTEN}; env LAAS_LISTEN)")
+    serve.add_argument("--http-listen", metavar="ADDR", help=f"the OpenAI-compatible HTTP API's addresses, host:port "
+                       f"or unix:/path, comma-separated; '' serves none (default {DEFAULT_HTTP_LISTEN}; env "
+                       "LAAS_HTTP_LISTEN)")
     pull = sub.add_parser("pull", help="put a model into the store: the default model, or a local GGUF file")
     pull.add_argument("file", nargs="?", type=Path, help="a local .gguf file to copy into the store")
     pull.add_argument("--name", help="file name in the store (default: the file's own name)")
@@ -46,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {"home": args.home, "log_level": args.log_level, "listen": getattr(args, "listen", None)}
+    http = getattr(args, "http_listen", None)  # comma-separated; "" serves no HTTP API
+    overrides = {"home": args.home, "log_level": args.log_level, "listen": getattr(args, "listen", None),
+                 "http_listen": None if http is None else [a.strip() for a in http.split(",") if a.strip()]}
     try:
         settings = load_settings(args.config, overrides=overrides)
     except SettingsError as e:

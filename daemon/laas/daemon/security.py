@@ -3,7 +3,8 @@
 Layer: composition. `credential_defaults` fills unset TLS and token paths from systemd's
 $CREDENTIALS_DIRECTORY (LoadCredential= in the unit; settings.py calls it while loading, and
 settings_models.py checks the values with the other settings); `listen_refusal` is the secure default:
-a TCP address other than loopback needs TLS and tokens, unless the operator sets the loudly named
+a TCP address (gRPC's `listen` or the HTTP API's `http_listen`) other than loopback needs TLS and
+tokens, unless the operator sets the loudly named
 `dangerously_listen_without_tls_or_tokens`; `metrics_refusal` applies the same rule to `metrics_listen`.
 Unix sockets are guarded by their file permissions. The checks read the settings through
 `SecuritySettings`, the few fields they need, so that this module does not import settings.py (which
@@ -41,6 +42,8 @@ class SecuritySettings(Protocol):
     def home(self) -> Path: ...
     @property
     def listen_addresses(self) -> tuple[str, ...]: ...
+    @property
+    def http_listen(self) -> tuple[str, ...]: ...
     @property
     def metrics_listen(self) -> str: ...
     @property
@@ -84,7 +87,7 @@ def listen_refusal(s: SecuritySettings, tokens: bool) -> str | None:
     """Why the daemon must not listen as configured, or None."""
     if s.dangerously_listen_without_tls_or_tokens:
         return None
-    open_tcp = [a for a in s.listen_addresses if not a.startswith("unix:") and not is_loopback(a)]
+    open_tcp = [a for a in (*s.listen_addresses, *s.http_listen) if not a.startswith("unix:") and not is_loopback(a)]
     missing = _missing_protection(s, tokens)
     if open_tcp and missing:
         return (f"refusing to listen on {', '.join(open_tcp)} without {' and '.join(missing)}: anyone on the network "

@@ -8,9 +8,10 @@ SIGINT: NOT_SERVING, refuse new calls (UNAVAILABLE), let streams in flight finis
 period, cancel what is left, close the engines, exit 0.
 
 Teardown is an exit stack: every resource goes on it as it is acquired (the decode thread, the remote
-targets, the registry, the audit log, background tasks, the metrics endpoint, sockets, the gRPC server,
-the drain, mDNS) and shutdown() closes them in reverse: goodbye on mDNS, refuse new calls and drain within
-`drain_grace_s`, stop gRPC, then the rest. A step that fails is logged and the steps after it still run.
+targets, the registry, the audit log, background tasks, the metrics endpoint, the HTTP API, sockets, the
+gRPC server, the drain, mDNS) and shutdown() closes them in reverse: goodbye on mDNS, refuse new calls and
+drain within `drain_grace_s` (gRPC and HTTP streams alike), stop gRPC and HTTP, then the rest. A step that
+fails is logged and the steps after it still run.
 
 Under systemd (systemd.py): STATUS= says what the daemon does, READY=1 follows SERVING, STOPPING=1
 starts the drain, the watchdog pings while the liveness check passes. SIGHUP rereads the model list
@@ -34,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from laas.core.errors import LaasError
-from laas.daemon.access import AccessInterceptor
+from laas.daemon.access import AccessInterceptor, StreamSlots
 from laas.daemon.app.calls import Lifecycle
 from laas.daemon.app.runtime import Runtime
 from laas.daemon.audit import AuditLog
@@ -91,6 +92,8 @@ class Server:
         self.discovery = LanDiscovery(settings, self.registry, self.router, self.local_models)  # mDNS
         self.metrics = Metrics(self.registry, self.router)
         self.metrics_port: int | None = None
+        self.http_ports: list[int] = []
+        self._slots = StreamSlots(settings.max_streams_per_token)
         self._metrics_http: MetricsServer | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -107,14 +110,16 @@ class Server:
         self._on_exit("the background tasks", self._cancel_tasks)  # loading, watchdog, reloads
         if self.settings.metrics_listen:  # before gRPC: a bad address fails the start before it listens
             self._start_metrics_http(self.settings.metrics_listen)
+        runtime = Runtime(self.registry, self.router, self.lifecycle, privacy_rules(self.settings), self.metrics,
+                          self.settings.keep_alive_s)
+        if self.settings.http_listen:  # before gRPC too: a bad address fails the start before it listens
+            await self._start_http(runtime)
         server = grpc.aio.server(interceptors=[RequestLogInterceptor(), access], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        runtime_pb2_grpc.add_RuntimeServicer_to_server(
-            RuntimeService(Runtime(self.registry, self.router, self.lifecycle, privacy_rules(self.settings),
-                                   self.metrics, self.settings.keep_alive_s)), server)
+        runtime_pb2_grpc.add_RuntimeServicer_to_server(RuntimeService(runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -150,9 +155,29 @@ class Server:
         self._audit = AuditLog(audit_path, self.settings.audit_prompts)
         self._on_exit("the audit log", self._audit.close)
         self._tokens = tokens
+        self._slots = StreamSlots(self.settings.max_streams_per_token)  # one per token, whichever the edge
         log.info("tokens: %s; audit log: %s", path or f"off until {tokens.path} is created (loopback or unix socket "
                  "only)", audit_path or "off")
-        return AccessInterceptor(tokens, self._audit, self.settings.max_streams_per_token)
+        return AccessInterceptor(tokens, self._audit, self.settings.max_streams_per_token, self._slots)
+
+    async def _start_http(self, runtime: Runtime) -> None:
+        """The OpenAI-compatible HTTP API (http/): the same use cases, tokens, stream slots and audit log."""
+        from laas.daemon.http.app import create_app  # deferred: FastAPI loads only when HTTP is on
+        from laas.daemon.http.auth import Gate
+        from laas.daemon.http.serving import HttpServer
+
+        s = self.settings
+        assert self._audit is not None
+        app = create_app(runtime, Gate(self._tokens, self._audit, self._slots))
+        tls = (s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        http = HttpServer(app, s.http_listen, s.socket_mode, tls)
+        self._on_exit("the HTTP API", http.close)  # after the drain: cancels the responses left
+        try:
+            http.bind()
+        except OSError as e:
+            raise SettingsError(str(e), field="http_listen") from e
+        await http.start()
+        self.http_ports = http.ports
 
     def _start_metrics_http(self, address: str) -> None:
         """Serves /metrics over HTTP (HTTPS with TLS set) in its own threads, behind the tokens (metrics_http.py)."""

@@ -23,7 +23,7 @@ from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from laas.core.addresses import DEFAULT_LISTEN
+from laas.core.addresses import DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN
 from laas.core.errors import InvalidArgument
 from laas.daemon.backends.formats import FORMATS
 
@@ -192,6 +192,9 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
 
     listen: str = Field(default=DEFAULT_LISTEN, json_schema_extra=RESTART, description=(
         "Addresses to listen on, comma-separated: host:port (TCP) and unix:/path (a Unix socket)."))
+    http_listen: Names = Field(default=(DEFAULT_HTTP_LISTEN,), json_schema_extra=RESTART, description=(
+        "Addresses of the OpenAI-compatible HTTP API (/v1/chat/completions, ...): host:port and unix:/path; "
+        "empty serves none."))
     home: Annotated[Path, AfterValidator(Path.expanduser)] = Field(
         default_factory=lambda: default_home(os.environ), json_schema_extra=RESTART,
         description="Data directory; models live in <home>/models.")
@@ -310,6 +313,16 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
             if address.startswith("unix:") and not address.removeprefix("unix:").lstrip("/"):
                 raise refusal(f"listen: {address!r} names no socket path")
         return listen
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen(cls, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        for address in addresses:
+            if address.startswith("unix:") and not address.removeprefix("unix:").lstrip("/"):
+                raise refusal(f"http_listen: {address!r} names no socket path")
+            if not address.startswith("unix:") and not address.rpartition(":")[2].isdigit():
+                raise refusal(f"http_listen: {address!r} is not host:port or unix:/path")
+        return tuple(a.strip() for a in addresses)
 
     @field_validator("log_level")
     @classmethod

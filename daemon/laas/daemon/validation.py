@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from laas.core.errors import InvalidArgument
+from laas.core.errors import InvalidArgument, RequestTooLarge
 from laas.core.types import (
     ChatMessage,
     EmbeddingInput,
@@ -36,9 +36,9 @@ MAX_TOP_LOGPROBS = 20
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _check(ok: bool, field: str, rule: str, value: Any) -> None:
+def _check(ok: bool, field: str, rule: str, value: Any, error: type[InvalidArgument] = InvalidArgument) -> None:
     if not ok:
-        raise InvalidArgument(f"{field} {rule}; got {value!r}", field=field)
+        raise error(f"{field} {rule}; got {value!r}", field=field)
 
 
 def _finite(field: str, value: float) -> None:
@@ -86,7 +86,8 @@ def sampling_from(fields: Mapping[str, Any], stop: Sequence[str], ignore_eos: bo
 
 def prompt(text: str, field: str = "prompt") -> str:
     size = len(text.encode())
-    _check(size <= MAX_PROMPT_BYTES, field, f"must be at most {MAX_PROMPT_BYTES} bytes", f"{size} bytes")
+    _check(size <= MAX_PROMPT_BYTES, field, f"must be at most {MAX_PROMPT_BYTES} bytes", f"{size} bytes",
+           RequestTooLarge)
     return text
 
 
@@ -111,7 +112,8 @@ def chat_messages(messages: Sequence[tuple[str, str] | ChatMessage]) -> tuple[Ch
             total += len(call.arguments.encode())
         total += len(m.content.encode())
         out.append(m)
-    _check(total <= MAX_PROMPT_BYTES, "messages", f"must total at most {MAX_PROMPT_BYTES} bytes", total)
+    _check(total <= MAX_PROMPT_BYTES, "messages", f"must total at most {MAX_PROMPT_BYTES} bytes", total,
+           RequestTooLarge)
     return tuple(out)
 
 
