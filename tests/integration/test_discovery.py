@@ -14,14 +14,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from laas.client import Chunk, Client, discovery
+from laas.client import Chunk, Client, Unavailable, discovery
+from laas.daemon.model_digest import package_digest
+from tests.conftest import OnnxExport, copy_package
 from tests.daemon_process import DaemonProcess
 from tests.discover_watch import DiscoverWatch
 
 RUN = f"t{uuid.uuid4().hex[:8]}"
 LOCAL = "smollm2-135m-instruct"
+TEXTS = ["Where is the lighthouse?", "A keeper lived there for forty years."]
 LONG_PROMPT = "Notes on tides and moons. " * 120  # about 720 tokens
 
 
@@ -158,3 +162,45 @@ def test_an_open_daemon_on_the_lan_is_not_advertised_unless_allowed(
                            listen="0.0.0.0:0")
     record = discovery.find(f"{RUN}-open", wait_s=20, interfaces=["127.0.0.1"])
     assert record.port == allowed.port and record.addresses == ("127.0.0.1",)
+
+
+def test_a_discovered_peer_embeds_only_a_model_with_the_devices_digest(
+        start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Path],
+        embedding_export: OnnxExport) -> None:
+    """The device has no files for its embedding models (only their digests, configured): the peer that has
+    the very package embeds for it; the peer's same-named model made from another package is refused."""
+    int8, fp32 = embedding_export.package("int8"), embedding_export.package("fp32")
+    digest = package_digest(int8)
+    peer_home = make_home()
+    copy_package(int8, peer_home / "models", "minilm-int8")
+    copy_package(fp32, peer_home / "models", "minilm-fp32")
+    tables = "".join(f'\n[[models]]\nname = "{n}"\npath = "{p}"\nformat = "onnx"\nsha256 = "{digest}"\n'
+                     for n, p in (("minilm-int8", "absent-int8"), ("minilm-other", "absent-other"),
+                                  ("minilm-nowhere", "absent-nowhere")))
+    device = start_daemon(_config("emb-device") + tables)
+    peer = start_daemon(_config("emb-peer") + '\n[[models]]\nname = "minilm-other"\npath = "minilm-fp32"\n'
+                        'format = "onnx"\n', home=peer_home)
+    name = f"{RUN}-emb-peer"
+    with Client(device.target) as client, Client(peer.target) as direct:
+        deadline = time.monotonic() + 30
+        while True:  # until the peer and its digests are known (ExplainRoute refuses while nothing is eligible)
+            try:
+                candidates = {c.target: c for c in client.explain_embed("x", model="minilm-int8").candidates}
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, device.log
+                time.sleep(0.2)
+        assert candidates[name].eligible and not candidates["minilm-int8"].eligible  # the device has no files
+        out = client.embed(TEXTS, model="minilm-int8")
+        assert out.route is not None and (out.route.kind, out.route.target) == ("peer", name)
+        np.testing.assert_allclose(np.array(out.vectors), np.array(direct.embed(TEXTS, model="minilm-int8").vectors),
+                                   atol=1e-6)
+
+        # Nothing else may embed these, so both calls are refused, naming why the peer is not eligible.
+        for model, why in (("minilm-other", "serves 'minilm-other' with another digest"),
+                           ("minilm-nowhere", "does not serve 'minilm-nowhere'")):
+            for call in (client.explain_embed, client.embed):
+                with pytest.raises(Unavailable) as refused:
+                    call(TEXTS, model=model)
+                assert f"{name}: {why}" in str(refused.value)
+        assert client.health() == "SERVING"

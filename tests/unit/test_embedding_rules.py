@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,3 +93,48 @@ def test_an_embedding_manifest_round_trips(tmp_path: Path) -> None:
     bad = m.to_json().replace('"mean"', '"median"')
     with pytest.raises(Exception, match="pooling"):
         Manifest.from_json(bad)
+
+
+def test_a_discovered_peer_serves_only_the_model_with_the_devices_digest() -> None:
+    from laas.router.embedding import peer_serves
+
+    digest = "ab" * 32
+    assert peer_serves("m", digest, {"m": digest[:16]}) == ("m", "")
+    serves, why = peer_serves("m", digest, {"m": "cd" * 8})
+    assert serves is None and "serves 'm' with another digest" in why
+    serves, why = peer_serves("m", digest, {"other": digest[:16]})
+    assert serves is None and "does not serve 'm'" in why
+    serves, why = peer_serves("m", None, {"m": digest[:16]})
+    assert serves is None and "no digest" in why
+    assert peer_serves("m", digest, {"m": "ab"})[0] is None  # too short to tell anything
+    refused = EmbedCandidate(Estimate("peer-x", TargetKind.PEER, 512, True, 1.0, ""), None, refusal=why)
+    d = choose_embedding("m", [refused, _candidate("m", TargetKind.LOCAL, "m")], Policy.AUTO)
+    assert [e.target for e in d.order] == ["m"]
+    assert {j.estimate.target: j.note for j in d.judged}["peer-x"] == why
+
+
+def test_the_digest_travels_in_txt_cut_to_fit() -> None:
+    from laas.client.mdns import MODELS_MAX_BYTES, decode, encode_txt
+
+    txt = encode_txt("n", ["m"], tls=False, auth=False, embedding_digests={"m": "ab" * 32, "e5": "cd" * 32})
+    assert txt["emb"] == f"m={'ab' * 8},e5={'cd' * 8}"
+    info = SimpleNamespace(properties={k.encode(): v.encode() for k, v in txt.items()}, port=7734,
+                           name="d._laas._tcp.local.", parsed_scoped_addresses=lambda: ["127.0.0.1"])
+    assert decode(info).embedding_digests == (("m", "ab" * 8), ("e5", "cd" * 8))  # type: ignore[arg-type,union-attr]
+    many = encode_txt("n", ["m"], tls=False, auth=False, embedding_digests={f"model-{i}": "ef" * 32 for i in range(40)})
+    assert len(many["emb"].encode()) <= MODELS_MAX_BYTES and many["emb"].startswith("model-0=")
+
+
+def test_a_package_digest_follows_its_files_not_its_manifest_date(tmp_path: Path) -> None:
+    from laas.daemon.model_digest import package_digest
+
+    def write(folder: Path, created: str, sha: str) -> str:
+        folder.mkdir()
+        m = Manifest("m", "int8", 256, "bert", None, None, (), False, {}, (PackageFile("model.onnx", 1, sha),),
+                     created=created, embedding=EmbeddingSpec(384, "mean", True, 256))
+        (folder / "manifest.json").write_text(m.to_json())
+        return package_digest(folder)
+
+    a = write(tmp_path / "a", "2026-01-01", "1" * 64)
+    assert write(tmp_path / "b", "2026-02-02", "1" * 64) == a
+    assert write(tmp_path / "c", "2026-01-01", "2" * 64) != a

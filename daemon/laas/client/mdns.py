@@ -14,6 +14,7 @@ model list is cut to MODELS_MAX_BYTES and `nmodels` says how many there are. Key
     load    requests running or waiting, all models; free: how many more it admits before refusing
     wait    predicted ms until its default model is free
     pps/tps its default model's prefill and decode rates, tokens/s (0: not measured yet)
+    emb     its embedding models' digests, "name=digest" comma-separated (16 hex digits, cut to fit like models)
     seq     counts the updates (browsers cache old TXT records for a while: a repeated one is no news)
 """
 
@@ -57,6 +58,7 @@ class DaemonRecord:
     wait_ms: float = 0.0
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
+    embedding_digests: tuple[tuple[str, str], ...] = ()  # (model, digest) for its embedding models
 
     @property
     def target(self) -> str:
@@ -69,20 +71,27 @@ class DaemonRecord:
         return not model or model in self.models
 
 
+def _cut(items: Sequence[str]) -> list[str]:
+    listed: list[str] = []
+    for item in items:
+        if len(",".join([*listed, item]).encode()) > MODELS_MAX_BYTES:
+            break
+        listed.append(item)
+    return listed
+
+
 def encode_txt(node_id: str, models: Sequence[str], *, tls: bool, auth: bool, token_id: str = "",
                load: int = 0, free: int = 0, wait_ms: float = 0.0, prefill_tps: float = 0.0,
-               decode_tps: float = 0.0) -> dict[str, str]:
+               decode_tps: float = 0.0, embedding_digests: Mapping[str, str] | None = None) -> dict[str, str]:
     # The wait keeps 2 significant digits: a busy daemon's TXT does not change with every ms of progress.
-    listed: list[str] = []
-    for model in models:
-        if len(",".join([*listed, model]).encode()) > MODELS_MAX_BYTES:
-            break
-        listed.append(model)
+    listed = _cut(models)
     txt = {"v": PROTOCOL_VERSION, "id": node_id[:32], "tls": str(int(tls)), "auth": str(int(auth)),
            "models": ",".join(listed), "nmodels": str(len(models)), "load": str(load), "free": str(free),
            "wait": f"{float(f'{wait_ms:.2g}'):.0f}", "pps": f"{prefill_tps:.0f}", "tps": f"{decode_tps:.1f}"}
     if token_id:
         txt["tid"] = token_id[:16]
+    if embedding_digests:
+        txt["emb"] = ",".join(_cut([f"{m}={d[:16]}" for m, d in embedding_digests.items()]))
     return txt
 
 
@@ -105,7 +114,9 @@ def decode(info: AsyncServiceInfo) -> DaemonRecord | None:
         node_id=txt.get("id", ""), protocol=txt["v"], tls=txt.get("tls") == "1", auth=txt.get("auth") == "1",
         token_id=txt.get("tid", ""), models=tuple(m for m in txt.get("models", "").split(",") if m),
         model_count=int(_number(txt, "nmodels")), load=int(_number(txt, "load")), free=int(_number(txt, "free")),
-        wait_ms=_number(txt, "wait"), prefill_tps=_number(txt, "pps"), decode_tps=_number(txt, "tps"))
+        wait_ms=_number(txt, "wait"), prefill_tps=_number(txt, "pps"), decode_tps=_number(txt, "tps"),
+        embedding_digests=tuple((m, d) for m, _, d in (e.rpartition("=") for e in txt.get("emb", "").split(","))
+                                if m and d))
 
 
 def zeroconf(interfaces: Sequence[str] = (), ip_version: str = "v4") -> AsyncZeroconf:

@@ -7,7 +7,9 @@ discovery.token_id, a digest of the token file). Its latency
 prediction is the same as a configured peer's, seeded from what it advertises (its prefill and
 decode rates, the work queued on it) plus the round trip measured when it appears; then learned
 from every request sent there. Its load is the wait it advertises plus the work this daemon has sent
-it since (router/load.py). The requests go LOCAL_ONLY (PeerEngine), so a peer never forwards one.
+it since (router/load.py). It serves Embed only for the embedding models whose digest it advertises
+(model_digest.py) and the device's own digest of that model equals.
+The requests go LOCAL_ONLY (PeerEngine), so a peer never forwards one.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ def load_figures(settings: Settings, registry: ModelRegistry, device: LocalModel
     default = device.targets().get(registry.default.name)
     est = default.estimator if default is not None else None
     models = [e.name for e in sorted(entries, key=lambda e: not e.is_default)]
+    digests = {e.name: d for e in entries if e.described is not None and e.described.embedding_dimensions
+               and (d := registry.digest(e))}
     return encode_txt(node, models, tls=tls_required(settings), auth=auth_required(settings),
                       token_id=token_id(settings), load=load, free=free,
                       wait_ms=est.queue_ms(time.monotonic()) if est else 0.0,
                       prefill_tps=(est.prefill_tps or 0.0) if est else 0.0,
-                      decode_tps=(est.decode_tps or 0.0) if est else 0.0)
+                      decode_tps=(est.decode_tps or 0.0) if est else 0.0, embedding_digests=digests)
 
 
 def allowed(settings: Settings, record: DaemonRecord) -> bool:
@@ -104,6 +108,8 @@ class DiscoveredPeers:
             target = self._add(name, record)
             log.info("peer %r at %s serves %s", name, record.target, ", ".join(record.models) or "?")
             self._spawn(self._measure(target, record))
+        elif known.embedding_digests != record.embedding_digests:
+            self._router.add_remote(target, record.models[:1], dict(record.embedding_digests))
         target.estimator.advertise(record.wait_ms, time.monotonic())  # + what this daemon sends it from now
 
     def _add(self, name: str, record: DaemonRecord) -> RemoteTarget:
@@ -119,9 +125,10 @@ class DiscoveredPeers:
         if record.decode_tps:
             estimator.inter_token_ms = 1000 / record.decode_tps
         target = RemoteTarget(name, TargetKind.PEER, engine, estimator, CircuitBreaker(threshold=2, cooldown_s=10.0),
-                              clock=time.monotonic)
-        # It answers for its default model (listed first), the one PeerEngine asks for.
-        self._router.add_remote(target, record.models[:1])
+                              clock=time.monotonic, embedder=engine)
+        # It answers for its default model (listed first), the one PeerEngine asks for; Embed for the
+        # embedding models whose digest it advertises, when the device's is the same (router/embedding.py).
+        self._router.add_remote(target, record.models[:1], dict(record.embedding_digests))
         return target
 
     async def _measure(self, target: RemoteTarget, record: DaemonRecord) -> None:

@@ -35,6 +35,7 @@ from laas.daemon.backends.backend import Described, EngineLoader
 from laas.daemon.backends.loader import backend_for
 from laas.daemon.catalogue import Catalogue, ModelDefaults, diff
 from laas.daemon.memory import MiB, budget_bytes
+from laas.daemon.model_digest import model_digest
 from laas.daemon.model_entry import ModelEntry, ModelSnapshot, ModelState
 from laas.daemon.residency import file_signature
 from laas.daemon.settings import Settings
@@ -86,6 +87,14 @@ class ModelRegistry:
         except KeyError:
             known = ", ".join(sorted(self._entries))
             raise NotFound(f"{field} {name!r} is not served here (models: {known})", field=field) from None
+
+    def digest(self, entry: ModelEntry) -> str | None:
+        """The digest of the entry's model as this daemon has it (model_digest.py); None: unknown. A GGUF file
+        is hashed only when it is known to be an embedding model (generative ones may be gigabytes)."""
+        cfg, described = entry.config, entry.described
+        if cfg.format == "gguf" and not cfg.sha256 and not (described and described.embedding_dimensions):
+            return None
+        return model_digest(self._store, cfg)
 
     def _everything(self) -> Iterator[ModelEntry]:
         """Every entry that may hold memory: serving, replaced but still running, loading for a reload."""

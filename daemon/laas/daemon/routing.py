@@ -70,7 +70,16 @@ def build_router(settings: Settings, registry: ModelRegistry, device: LocalModel
         registry.get(local, field=f"aliases.{alias}")  # NotFound at start-up, not on the first request
     return Router(device, remotes, aliases, {r.name: r.models for r in settings.remotes},
                   settings.default_max_tokens, clock=time.monotonic,
-                  embedding_models={r.name: dict(r.embedding_models) for r in settings.remotes})
+                  embedding_models={r.name: dict(r.embedding_models) for r in settings.remotes},
+                  local_digest=functools.partial(local_digest, registry))
+
+
+def local_digest(registry: ModelRegistry, name: str) -> str | None:
+    """The device's digest of its model `name` (model_digest.py), what a discovered peer's must equal."""
+    try:
+        return registry.digest(registry.get(name))
+    except LaasError:
+        return None
 
 
 async def calibrate(device: LocalModels) -> None:

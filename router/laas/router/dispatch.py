@@ -29,7 +29,7 @@ from laas.core.types import (
     Timings,
     Usage,
 )
-from laas.router.embedding import EmbedCandidate, choose_embedding
+from laas.router.embedding import EmbedCandidate, choose_embedding, peer_serves
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
 from laas.router.redact import Redaction
 from laas.router.remote import RemoteTarget
@@ -69,9 +69,13 @@ class Router:
     def __init__(self, device: Device, remotes: Sequence[RemoteTarget], aliases: dict[str, str],
                  remote_models: dict[str, tuple[str, ...]], default_max_tokens: int,
                  clock: Callable[[], float] = time.monotonic,
-                 embedding_models: dict[str, dict[str, str]] | None = None) -> None:
+                 embedding_models: dict[str, dict[str, str]] | None = None,
+                 local_digest: Callable[[str], str | None] | None = None) -> None:
         # Per remote target: requested embedding model -> the endpoint's own name for it ([[remotes]]).
         self._embedding_models = embedding_models or {}
+        # Per discovered peer: embedding model -> the digest it advertises; and the device's digest of a model.
+        self._peer_digests: dict[str, Mapping[str, str]] = {}
+        self._local_digest = local_digest or (lambda _name: None)
         self._device = device
         self._aliases = aliases
         # max_tokens for requests that set none (settings.default_max_tokens; a SIGHUP reload sets it anew)
@@ -81,15 +85,19 @@ class Router:
         # Which remote targets answer for which requested model name ("" means the default model).
         self._remote_models = remote_models
 
-    def add_remote(self, target: RemoteTarget, models: tuple[str, ...]) -> None:
-        """Adds (or replaces) a remote target at run time: a LAN peer found by discovery."""
+    def add_remote(self, target: RemoteTarget, models: tuple[str, ...],
+                   embedding_digests: Mapping[str, str] | None = None) -> None:
+        """Adds (or replaces) a remote target at run time: a LAN peer found by discovery, with the digests of
+        the embedding models it advertises (Embed goes there only for a model whose digest is the device's)."""
         self.remote[target.name] = target
         self._remote_models[target.name] = models
+        self._peer_digests[target.name] = dict(embedding_digests or {})
 
     def remove_remote(self, name: str) -> None:
         """Drops a remote target; requests already running on it go on (or fail over) undisturbed."""
         self.remote.pop(name, None)
         self._remote_models.pop(name, None)
+        self._peer_digests.pop(name, None)
 
     @property
     def local(self) -> Mapping[str, DeviceTarget]:
@@ -133,7 +141,15 @@ class Router:
         local_name = self._aliases.get(name, name)
         local = self.local.get(local_name)
         candidates = [EmbedCandidate(local.embed_estimate(), local_name)] if local is not None else []
+        reference: list[str | None] = []  # the device's digest, asked for once there is a discovered peer
         for r in self.remote.values():
+            advertised = self._peer_digests.get(r.name)
+            if advertised is not None and r.embedder is not None:  # a discovered peer: the digests decide
+                if not reference:
+                    reference.append(self._local_digest(local_name) if local is not None else None)
+                serves, refusal = peer_serves(local_name, reference[0], advertised)  # the name it has here
+                candidates.append(EmbedCandidate(r.embed_estimate(), serves, refusal=refusal))
+                continue
             declared = self._embedding_models.get(r.name, {})
             serves = declared.get(name) if r.embedder is not None else None
             candidates.append(EmbedCandidate(r.embed_estimate(), serves, tuple(declared)))

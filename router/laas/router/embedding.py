@@ -4,7 +4,9 @@ Layer: router (pure: no I/O, no clock). An embedding is only useful beside embed
 so latency never buys a different model: the candidates are the device (when the model is its own),
 and remote targets the operator declared as serving that model (`[[remotes]].embedding_models`: the
 requested name -> the endpoint's own name for it; a LAN peer is declared the same way, and the peer
-checks the name itself). Every other target is judged not eligible, with the reason, so ExplainRoute
+checks the name itself), and LAN peers found by discovery whose advertised digest of that model equals
+the device's own (`peer_serves`: the same name is not the same model).
+Every other target is judged not eligible, with the reason, so ExplainRoute
 can say why. Order: the device first (cost, privacy), then the eligible remote targets, fastest first;
 LOCAL_ONLY and CLOUD_ONLY filter as for generation.
 """
@@ -34,6 +36,7 @@ class EmbedCandidate:
     # The target's own name for the requested model, when it serves that model; None: it does not.
     serves: str | None
     declared: tuple[str, ...] = ()  # the embedding models it was declared for (for the note)
+    refusal: str = ""  # why it does not serve the model, when the declared list does not say it
 
 
 def choose_embedding(model: str, candidates: Sequence[EmbedCandidate], policy: Policy) -> Decision:
@@ -60,6 +63,8 @@ def choose_embedding(model: str, candidates: Sequence[EmbedCandidate], policy: P
 
 def _judge(model: str, c: EmbedCandidate, policy: Policy) -> Judged:
     e = c.estimate
+    if c.serves is None and c.refusal:
+        return Judged(e, False, True, c.refusal, "model")
     if c.serves is None:
         declared = f" (declared for: {', '.join(c.declared)})" if c.declared else " (no embedding model declared)"
         return Judged(e, False, True, f"does not serve {model!r}: embeddings of another model do not "
@@ -72,6 +77,22 @@ def _judge(model: str, c: EmbedCandidate, policy: Policy) -> Judged:
         return Judged(e, False, True, e.unavailable_reason or "unavailable", "unavailable")
     note = "" if e.kind is TargetKind.LOCAL else f"serves it as {c.serves!r}"
     return Judged(e, True, True, note)
+
+
+def peer_serves(model: str, reference: str | None, advertised: Mapping[str, str]) -> tuple[str | None, str]:
+    """Whether a discovered LAN peer serves `model`'s very embeddings: it advertises a digest for `model`
+    equal to the device's own (`reference`; digests cut to the shorter's length). (its name for it, "") when
+    it does; (None, why not) otherwise."""
+    theirs = advertised.get(model)
+    if theirs is None:
+        return None, f"does not serve {model!r} (no embedding model of that name advertised)"
+    if not reference:
+        return None, (f"serves {model!r}, but the device has no digest of {model!r} to compare it with "
+                      "(configure the model, or its sha256)")
+    n = min(len(theirs), len(reference))
+    if n < 8 or theirs[:n].lower() != reference[:n].lower():
+        return None, f"serves {model!r} with another digest ({theirs[:16]}, the device's is {reference[:16]})"
+    return model, ""
 
 
 def served_name(declared: Mapping[str, str], model: str, default_model: str) -> str | None:
