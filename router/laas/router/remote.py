@@ -17,7 +17,7 @@ from typing import Protocol
 from laas.core.errors import TargetFailed
 from laas.core.types import Completion, GenerationChunk, GenerationRequest, TextDelta
 from laas.router.latency import CircuitBreaker, RemoteEstimator
-from laas.router.policy import Estimate, TargetKind
+from laas.router.policy import CAPABILITIES, CLOUD_CAPABILITIES, Estimate, TargetKind
 from laas.router.redact import Mapping, Redaction, Redactor, Restorer
 from laas.router.targets import Admitted, RoutedRequest, Streamed
 
@@ -41,8 +41,12 @@ class Endpoint(Protocol):
 
 class RemoteTarget:
     def __init__(self, name: str, kind: TargetKind, engine: Endpoint, estimator: RemoteEstimator,
-                 breaker: CircuitBreaker, clock: Clock, redactor: Redactor | None = None) -> None:
+                 breaker: CircuitBreaker, clock: Clock, redactor: Redactor | None = None,
+                 capabilities: frozenset[str] | None = None) -> None:
         self.redactor = redactor  # personal data is replaced before a request leaves for this target
+        # What it can do (policy.CAPABILITIES); by default a peer all, a cloud endpoint OpenAI's.
+        self.capabilities = capabilities if capabilities is not None else (
+            frozenset(CAPABILITIES) if kind is TargetKind.PEER else CLOUD_CAPABILITIES)
         self.name = name
         self.kind = kind
         self.engine = engine  # the endpoint
@@ -62,7 +66,8 @@ class RemoteTarget:
             f"{max(self.breaker.cooldown_s - (now - (self.breaker.opened_at or now)), 0):.0f}s")
         predicted = self.estimator.predict_ms(admitted.prompt_tokens,
                                               admitted.max_tokens(self.context_length, self.kind))
-        return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason)
+        missing = tuple(sorted(admitted.request.needs() - self.capabilities))
+        return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason, missing)
 
     def _redacted(self, request: RoutedRequest) -> tuple[RoutedRequest, Restorer | None, int]:
         if self.redactor is None:
@@ -93,7 +98,7 @@ class RemoteTarget:
                     tokens += 1
                     first = first or time.perf_counter()
                     if restorer is not None:  # placeholders back to the values; a split one waits for its end
-                        chunk = TextDelta(restorer.feed(chunk.text))
+                        chunk = replace(chunk, text=restorer.feed(chunk.text))
                         if not chunk.text:
                             continue
                 elif isinstance(chunk, Completion):
