@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 CLOUD_MODEL = "smol-cloud"
+SERVER = Path(__file__).with_name("openai_server.py")
 
 
 def free_port() -> int:
@@ -24,7 +25,7 @@ class CloudServer:
     def __init__(self, model_file: Path, n_ctx: int = 8192, threads: int = 1) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("openai_server.py")), "--model", str(model_file), "--model_alias", CLOUD_MODEL,
+            [sys.executable, str(SERVER), "--model", str(model_file), "--model_alias", CLOUD_MODEL,
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
              "--interrupt_requests", "False", "--verbose", "False"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

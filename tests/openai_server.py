@@ -66,9 +66,9 @@ class OpenAIShapes:
 def main() -> None:
     import llama_cpp.server.__main__ as server
 
-    create = server.create_app
-    server.create_app = lambda **kwargs: OpenAIShapes(create(**kwargs))  # type: ignore[assignment]
-    server.main()
+    create = server.create_app  # type: ignore[attr-defined]
+    server.create_app = lambda **kwargs: OpenAIShapes(create(**kwargs))  # type: ignore[attr-defined]
+    server.main()  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

@@ -157,6 +157,10 @@ async def onnx(onnx_export: OnnxExport) -> AsyncIterator[OnnxEngine]:
     await eng.aclose()
 
 
+ONNX_EXPORT_TIMEOUT = pytest.mark.timeout(1800)  # the first ONNX test exports the model (minutes on busy cores)
+
+
+@ONNX_EXPORT_TIMEOUT
 @pytest.mark.parametrize(("name", "prompt", "schema"), SCHEMAS[:8], ids=[s[0] for s in SCHEMAS[:8]])
 async def test_onnx_schemas_validate(onnx: OnnxEngine, name: str, prompt: str, schema: dict[str, object]) -> None:
     text, _, done = await _run(onnx, await _chat(onnx, prompt, Constraint(ConstraintKind.JSON_SCHEMA,
@@ -165,6 +169,7 @@ async def test_onnx_schemas_validate(onnx: OnnxEngine, name: str, prompt: str, s
     jsonschema.validate(json.loads(text), schema)
 
 
+@ONNX_EXPORT_TIMEOUT
 async def test_onnx_regex_and_grammar(onnx: OnnxEngine) -> None:
     text, _, _ = await _run(onnx, await _chat(onnx, "Give a date.", DIGITS))
     assert len(text) == 5 and text[2] == "-" and text.replace("-", "").isdigit()
@@ -172,6 +177,7 @@ async def test_onnx_regex_and_grammar(onnx: OnnxEngine) -> None:
     assert text in ("a", "b")
 
 
+@ONNX_EXPORT_TIMEOUT
 async def test_onnx_logprobs_match_the_decoders_scores(onnx: OnnxEngine) -> None:
     request = GenerationRequest(prompt="The capital of France is", sampling=SamplingParams(
         max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, ignore_eos=True))
