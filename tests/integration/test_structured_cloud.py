@@ -1,6 +1,7 @@
-"""Constraints, tools and logprobs on the cloud route: the real daemon sends them in OpenAI's form to a real
-OpenAI-compatible server (llama_cpp.server, tests/openai_server.py) and maps its answers back; a remote
-declared without a capability is not eligible, and ExplainRoute says so."""
+"""Constraints, tools and logprobs on the remote routes: the real daemon sends them in OpenAI's form to a real
+OpenAI-compatible server (llama_cpp.server, tests/openai_server.py) and maps its answers back, and over
+laas.v1 to a LAN peer (another real laasd); a remote declared without a capability is not eligible, and
+ExplainRoute says so."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def cloud(model_file: Path) -> Iterator[CloudServer]:
 
 
 @pytest.fixture(scope="module")
-def stub(cloud: CloudServer, make_home: Callable[..., Path],
+def stub(cloud: CloudServer, daemon: DaemonProcess, make_home: Callable[..., Path],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.RuntimeStub]:
     config = tmp_path_factory.mktemp("structured-cloud") / "laasd.toml"
     config.write_text(f"""
@@ -56,13 +57,19 @@ models = ["{LOCAL}"]
 capabilities = ["json_object"]
 ttft_ms = 1
 inter_token_ms = 1
+
+[[remotes]]
+name = "peer"
+kind = "peer"
+url = "{daemon.target}"
+models = ["peer-model"]
 """)
-    daemon = DaemonProcess(make_home(), config=config).start()
+    front = DaemonProcess(make_home(), config=config).start()
     try:
-        with grpc.insecure_channel(daemon.target) as channel:
+        with grpc.insecure_channel(front.target) as channel:
             yield pb_grpc.RuntimeStub(channel)
     finally:
-        assert daemon.stop() == 0, daemon.log
+        assert front.stop() == 0, front.log
 
 
 def _chat(stub: pb_grpc.RuntimeStub, request: pb.ChatRequest) -> list[pb.GenerateResponse]:
@@ -136,3 +143,23 @@ def test_a_remote_lacking_a_capability_is_not_eligible_and_explain_says_so(stub:
     notes = {c.route.target: (c.eligible, c.note) for c in explained.candidates}
     assert notes["plain-cloud"] == (False, "lacks json_schema (its declared capabilities)")
     assert notes["cloud"][0] and notes[LOCAL][0]
+
+
+def test_a_peer_gets_the_constraint_tools_and_logprobs_over_laas_v1(stub: pb_grpc.RuntimeStub) -> None:
+    schema = SCHEMAS[3][2]  # with numeric bounds: the peer's llguidance enforces them
+    responses = _chat(stub, pb.ChatRequest(
+        model="peer-model", messages=[pb.ChatMessage(role="user", content="Describe a person as JSON.")],
+        sampling=pb.SamplingParams(max_tokens=80, temperature=0, logprobs=True, top_logprobs=1),
+        constraint=pb.Constraint(json_schema=json.dumps(schema))))
+    assert responses[0].route.target == "peer"
+    jsonschema.validate(json.loads("".join(r.text for r in responses)), schema)
+    assert sum(len(r.logprobs) for r in responses) == responses[-1].usage.completion_tokens
+    tools = [pb.Tool(name="get_weather", parameters=json.dumps(WEATHER))]
+    responses = _chat(stub, pb.ChatRequest(
+        model="peer-model", messages=[pb.ChatMessage(role="user", content="Weather in Oslo?")], tools=tools,
+        tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
+        sampling=pb.SamplingParams(max_tokens=60, temperature=0)))
+    deltas = [d for r in responses for d in r.tool_calls]
+    assert deltas[0].name == "get_weather"
+    jsonschema.validate(json.loads("".join(d.arguments for d in deltas)), WEATHER)
+    assert responses[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
