@@ -77,3 +77,14 @@ def test_a_remote_lacking_a_capability_is_not_eligible() -> None:
     with pytest.raises(InvalidArgument) as info:
         choose(query, estimates[:1])
     assert info.value.field == "constraint.regex"
+
+
+def test_a_failover_continuation_keeps_the_constraint_from_where_the_text_left_it() -> None:
+    from laas.router.targets import RoutedRequest
+
+    schema = Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "object"}')
+    request = RoutedRequest(SamplingParams(max_tokens=50, constraint=schema), messages=(ChatMessage("user", "x"),),
+                            tools=(Tool("f"),), tool_choice=ToolChoice(ToolChoiceMode.REQUIRED))
+    resumed = request.continued('{"a": ', 40).continued("1", 39)
+    assert resumed.sampling.constraint == Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "object"}', '{"a": 1')
+    assert resumed.tools == request.tools and resumed.needs() == {"json_schema", "tools"}

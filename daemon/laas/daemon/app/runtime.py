@@ -18,6 +18,7 @@ never forever (< 0 would pin it).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -105,6 +106,16 @@ def model_status(entry: ModelEntry) -> ModelStatus:
     )
 
 
+async def _check_constraints(admitted: Admitted) -> None:
+    """The request's constraint (or the grammar its tool_choice implies) compiles and admits some output:
+    INVALID_ARGUMENT naming the field otherwise, before it is routed. Compiling is blocking: in a thread."""
+    forced = forced_call(admitted.tools, admitted.tool_choice)
+    if forced is not None:  # each tool's parameters are a usable schema
+        await asyncio.to_thread(constraints.check, forced, "tools")
+    if admitted.sampling.constraint is not None:
+        await asyncio.to_thread(constraints.check, admitted.sampling.constraint)
+
+
 def _route_info(change: RouteChange, local_only: bool, redacted: int = 0) -> RouteInfo:
     return RouteInfo(change.target, change.kind, change.reason, change.predicted_ms, change.failover, local_only,
                      redacted)
@@ -133,6 +144,7 @@ class Runtime:
         try:
             self._lifecycle.check()
             admitted = self._admit(request, call.principal)
+            await _check_constraints(admitted)
             plan, run = await self._route(admitted, call.principal)
             local_only = admitted.policy is Policy.LOCAL_ONLY
             ttft_ms: float | None = None
@@ -174,7 +186,9 @@ class Runtime:
     async def explain_route(self, request: TextRequest, call: Call) -> Explanation:
         """The route a Generate or Chat request would take now, and why, without running it."""
         call.begin(request.model, request.prompt if request.messages is None else request.messages)
-        plan, _ = await self._route(self._admit(request, call.principal), call.principal)
+        admitted = self._admit(request, call.principal)
+        await _check_constraints(admitted)
+        plan, _ = await self._route(admitted, call.principal)
         d, q = plan.decision, plan.query
         local_only = q.policy is Policy.LOCAL_ONLY
         chosen = RouteInfo(d.chosen.target, d.chosen.kind, d.reason, d.chosen.predicted_ms, False, local_only)
@@ -201,14 +215,10 @@ class Runtime:
         else:
             prompt = validation.prompt(request.prompt)
         tools = validation.tools(request.tools, request.tool_choice, request.messages is not None)
-        forced = forced_call(tools, request.tool_choice)
-        if forced is not None:  # the call's grammar compiles (each tool's parameters are a usable schema)
-            constraints.check(forced, "tools")
         if request.constraint is not None:
-            if forced is not None:
+            if forced_call(tools, request.tool_choice) is not None:
                 raise InvalidArgument("constraint: not with tool_choice required or a function (that is a "
                                       "constraint already)", field="constraint")
-            constraints.check(request.constraint)
             sampling = replace(sampling, constraint=request.constraint)
         policy = request.routing.policy
         if self._privacy.local_only_reason(model or self._registry.default.name, principal,
