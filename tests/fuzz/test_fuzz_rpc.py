@@ -114,6 +114,13 @@ messages = st.lists(st.builds(pb.ChatMessage, role=st.one_of(st.sampled_from(["s
                               content=st.text(max_size=100)), max_size=6)
 generate_requests = st.builds(pb.GenerateRequest, model=texts, prompt=prompts, sampling=sampling(), routing=routing())
 chat_requests = st.builds(pb.ChatRequest, model=texts, messages=messages, sampling=sampling(), routing=routing())
+token_ids = st.lists(int32, max_size=40)
+embed_inputs = st.one_of(st.builds(pb.EmbedInput, text=prompts),
+                         st.builds(lambda ids: pb.EmbedInput(tokens=pb.TokenIds(ids=ids)), token_ids),
+                         st.just(pb.EmbedInput()))
+embed_requests = st.builds(pb.EmbedRequest, model=texts, inputs=st.lists(embed_inputs, max_size=6),
+                           dimensions=st.one_of(st.none(), st.integers(0, (1 << 32) - 1)),
+                           normalize=st.one_of(st.none(), st.booleans()), truncate=st.booleans(), routing=routing())
 
 
 def metadata(full: str, reader: str) -> st.SearchStrategy[list[tuple[str, str]]]:
@@ -161,6 +168,13 @@ def test_fuzz_explain_route(fuzzed: tuple[Any, ...], check: Callable[[Callable[[
         pb.ExplainRouteRequest(chat=data.draw(chat_requests)) if which == "chat" else pb.ExplainRouteRequest()
     meta = data.draw(_tokens(fuzzed))
     check(lambda: fuzzed[1].ExplainRoute(request, metadata=meta, timeout=10))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_embed(fuzzed: tuple[Any, ...], check: Callable[[Callable[[], Any]], None], data: st.DataObject) -> None:
+    request, meta = data.draw(embed_requests), data.draw(_tokens(fuzzed))
+    check(lambda: fuzzed[1].Embed(request, metadata=meta, timeout=10))
 
 
 @FUZZ

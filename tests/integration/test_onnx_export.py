@@ -18,6 +18,7 @@ from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.gguf_header import read_gguf_header
 from laas.daemon.onnx_package import read_manifest, verify_files
 from laas.daemon.store import DEFAULT_MODEL, sha256_of
+from laas.exporters.evaluate import Evaluation
 from tests.conftest import OnnxExport
 
 PROMPT = "The three primary colors are"
@@ -53,6 +54,7 @@ def test_export_registers_three_evaluated_packages(onnx_export: OnnxExport) -> N
 
 def test_int4_keeps_the_ggufs_grid_and_stays_close_to_fp32(onnx_export: OnnxExport) -> None:
     evaluation = onnx_export.results["int4"].evaluation
+    assert isinstance(evaluation, Evaluation)
     assert evaluation.perplexity_increase is not None and evaluation.perplexity_increase < 0.05
     graph = onnx.load(str(onnx_export.package("int4") / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
@@ -132,6 +134,7 @@ def test_decode_steps_write_the_preallocated_cache_in_place(onnx_export: OnnxExp
     from laas.daemon.backends.onnx_decoder import OnnxDecoder
 
     manifest = read_manifest(onnx_export.package("fp32"))  # fp32: step and batch logits agree closely
+    assert manifest.decoder is not None
     decoder = OnnxDecoder.open(onnx_export.package("fp32") / manifest.graph, manifest.decoder, 64, threads=2)
     buffers = [v.data_ptr() for v in decoder._cache]  # allocated once, at load
     assert len(buffers) == 2 * manifest.decoder.num_layers

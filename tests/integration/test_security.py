@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from laas.client import Client, InvalidArgument, ResourceExhausted, Tls, Unavailable
 from laas.client.channels import open_channel
 from laas.client.types import ModelDescription
-from laas.core.errors import LaasError, NotFound, PermissionDenied, Unauthenticated
+from laas.core.errors import LaasError, ModelLoadError, NotFound, PermissionDenied, Unauthenticated
 from laas.v1 import runtime_pb2 as pb
 from tests.certs import CertificateAuthority
 from tests.cloud_server import free_port
@@ -99,10 +99,17 @@ def test_missing_or_wrong_tokens_are_unauthenticated(secured: tuple[DaemonProces
         assert [m.name for m in client.models()] == [MODEL]
 
 
+def _embed_refused_by_the_model(client: Client) -> None:
+    """Past the scope check, the generative default model refuses to embed (FAILED_PRECONDITION)."""
+    with pytest.raises(ModelLoadError, match="cannot embed"):
+        client.embed("Hi")
+
+
 CALLS: dict[str, tuple[str, Callable[[Client], object]]] = {
     "Generate": ("generate", lambda c: c.complete("Hi", max_tokens=1)),
     "Chat": ("generate", lambda c: list(c.chat([{"role": "user", "content": "Hi"}], max_tokens=1))),
     "Tokenize": ("generate", lambda c: c.tokenize("Hi")),
+    "Embed": ("generate", lambda c: _embed_refused_by_the_model(c)),
     "ExplainRoute": ("generate", lambda c: c.explain("Hi", max_tokens=1)),
     "ListModels": ("models:read", lambda c: c.models()),
     "GetModel": ("models:read", lambda c: c.model(MODEL)),

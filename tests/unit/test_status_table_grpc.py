@@ -38,6 +38,7 @@ CORE_CODES: dict[type[LaasError], grpc.StatusCode] = {
     errors.ModelLoading: grpc.StatusCode.UNAVAILABLE,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.TargetFailed: grpc.StatusCode.UNAVAILABLE,
+    errors.Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

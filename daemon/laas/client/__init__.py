@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from laas.client.api import AsyncClient, Client
 from laas.client.channels import Tls
-from laas.client.types import Chunk, ModelDescription, Result
+from laas.client.types import Chunk, Embeddings, ModelDescription, Result
 from laas.core.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -31,6 +31,7 @@ __all__ = [
     "Chunk",
     "Client",
     "DeadlineExceeded",
+    "Embeddings",
     "InvalidArgument",
     "LaasError",
     "ModelDescription",

@@ -12,11 +12,14 @@ from laas.client import discovery
 from laas.client.channels import Tls, open_aio_channel, open_channel
 from laas.client.types import (
     Chunk,
+    Embeddings,
     Explanation,
     ModelDescription,
     Result,
     chunk_from_pb,
     constraint_pb,
+    embed_request_pb,
+    embeddings_from_pb,
     error_from_rpc,
     explanation_from_pb,
     message_pb,
@@ -120,6 +123,20 @@ class Client:
         request = _explain_request(prompt, messages, model, sampling)
         return explanation_from_pb(self._call(self._stub.ExplainRoute, request, timeout))
 
+    def embed(self, inputs: str | Sequence[str | Sequence[int]], *, model: str = "", dimensions: int | None = None,
+              normalize: bool | None = None, truncate: bool = False, policy: str | None = None,
+              keep_alive_s: float | None = None, timeout: float | None = None) -> Embeddings:
+        """Vectors of texts (or token id lists) from an embedding model; a single text is one input."""
+        request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, dimensions, normalize,
+                                   truncate, policy, keep_alive_s)
+        return embeddings_from_pb(self._call(self._stub.Embed, request, timeout))
+
+    def explain_embed(self, inputs: str | Sequence[str | Sequence[int]], *, model: str = "",
+                      policy: str | None = None, timeout: float | None = None) -> Explanation:
+        """Where an Embed call would run, and why the other targets are not eligible (nothing is embedded)."""
+        request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, policy=policy)
+        return explanation_from_pb(self._call(self._stub.ExplainRoute, pb.ExplainRouteRequest(embed=request), timeout))
+
     def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
                  timeout: float | None = None) -> list[int]:
         request = pb.TokenizeRequest(model=model, text=text, add_special=add_special)
@@ -205,6 +222,20 @@ class AsyncClient:
                       timeout: float | None = None, **sampling: Any) -> Explanation:
         request = _explain_request(prompt, messages, model, sampling)
         return explanation_from_pb(await self._call(self._stub.ExplainRoute, request, timeout))
+
+    async def embed(self, inputs: str | Sequence[str | Sequence[int]], *, model: str = "",
+                    dimensions: int | None = None, normalize: bool | None = None, truncate: bool = False,
+                    policy: str | None = None, keep_alive_s: float | None = None,
+                    timeout: float | None = None) -> Embeddings:
+        request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, dimensions, normalize,
+                                   truncate, policy, keep_alive_s)
+        return embeddings_from_pb(await self._call(self._stub.Embed, request, timeout))
+
+    async def explain_embed(self, inputs: str | Sequence[str | Sequence[int]], *, model: str = "",
+                            policy: str | None = None, timeout: float | None = None) -> Explanation:
+        request = embed_request_pb([inputs] if isinstance(inputs, str) else inputs, model, policy=policy)
+        return explanation_from_pb(await self._call(self._stub.ExplainRoute, pb.ExplainRouteRequest(embed=request),
+                                                    timeout))
 
     async def tokenize(self, text: str, *, model: str = "", add_special: bool = False,
                        timeout: float | None = None) -> list[int]:

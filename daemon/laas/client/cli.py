@@ -1,4 +1,4 @@
-"""`laas`: the command-line client (generate, chat, models, model, load, unload, tokenize, health, discover;
+"""`laas`: the command-line client (generate, chat, embed, models, model, load, unload, tokenize, health, discover;
 export and eval when the exporters are installed: they plug in through laas.client.plugins).
 
 Tokens print as they arrive. Exit codes: 0 ok, 1 the daemon refused the request (the status and the
@@ -71,6 +71,14 @@ def _parser(found: list[plugins.Plugin | str]) -> tuple[argparse.ArgumentParser,
     sub.add_parser("models", help="list the daemon's models")
     model = sub.add_parser("model", help="describe one model (JSON)")
     model.add_argument("name", nargs="?", default="")
+    emb = sub.add_parser("embed", help="embed texts with an embedding model (a JSON line per text)")
+    emb.add_argument("texts", nargs="+", help="the texts ('-' reads one text a line from standard input)")
+    emb.add_argument("-m", "--model", default="")
+    emb.add_argument("--dimensions", type=int, help="cut vectors to this size (Matryoshka models only)")
+    emb.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                     help="raw pooled vectors, not unit length")
+    emb.add_argument("--truncate", action="store_true", help="cut texts longer than the model's window")
+    emb.add_argument("--policy", choices=("auto", "local_only", "cloud_only", "prefer_local"))
     tok = sub.add_parser("tokenize", help="print the token ids of a text")
     tok.add_argument("text")
     tok.add_argument("-m", "--model", default="")
@@ -169,6 +177,14 @@ def _run(args: argparse.Namespace, client: Client) -> int:
     elif args.command == "model":
         m = client.model(args.name, timeout=args.timeout)
         print(json.dumps({k: getattr(m, k) for k in m.__dataclass_fields__}, indent=2))
+    elif args.command == "embed":
+        texts = [t for line in sys.stdin for t in [line.rstrip("\n")] if t] if args.texts == ["-"] else args.texts
+        out = client.embed(texts, model=args.model, dimensions=args.dimensions, normalize=args.normalize,
+                           truncate=args.truncate, policy=args.policy, timeout=args.timeout)
+        route = out.route.target if out.route else ""
+        for i, vector in enumerate(out.vectors):
+            print(json.dumps({"index": i, "model": out.model, "route": route, "tokens": out.tokens[i],
+                              "truncated": out.truncated[i], "embedding": vector}))
     elif args.command == "tokenize":
         tokens = client.tokenize(args.text, model=args.model, timeout=args.timeout)
         print(json.dumps({"count": len(tokens), "tokens": tokens}))

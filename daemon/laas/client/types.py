@@ -123,6 +123,38 @@ class ModelDescription:
     keep_alive_s: float = 0.0  # idle seconds before it unloads (< 0: never)
     unloads_in_s: float = 0.0  # when loaded, idle and due to unload
     last_used_unix_s: float = 0.0
+    embedding_dimensions: int = 0  # an embedding model's vector size (0: a generative model)
+    matryoshka_dimensions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """An Embed call's answer: one vector per input, in order."""
+
+    vectors: list[list[float]]
+    tokens: list[int]  # per input, after truncation
+    truncated: list[bool]
+    model: str
+    route: Route | None
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.vectors[0]) if self.vectors else 0
+
+
+def embed_request_pb(inputs: Sequence[str | Sequence[int]], model: str = "", dimensions: int | None = None,
+                     normalize: bool | None = None, truncate: bool = False, policy: str | None = None,
+                     keep_alive_s: float | None = None) -> pb.EmbedRequest:
+    wire = [pb.EmbedInput(text=i) if isinstance(i, str) else pb.EmbedInput(tokens=pb.TokenIds(ids=list(i)))
+            for i in inputs]
+    return pb.EmbedRequest(model=model, inputs=wire, dimensions=dimensions, normalize=normalize, truncate=truncate,
+                           routing=routing_pb(policy), keep_alive_s=keep_alive_s)
+
+
+def embeddings_from_pb(r: pb.EmbedResponse) -> Embeddings:
+    return Embeddings(vectors=[list(e.values) for e in r.embeddings], tokens=[e.tokens for e in r.embeddings],
+                      truncated=[e.truncated for e in r.embeddings], model=r.model,
+                      route=route_from_pb(r.route) if r.HasField("route") else None)
 
 
 def route_from_pb(r: pb.RouteInfo) -> Route:
@@ -197,7 +229,8 @@ def model_from_pb(m: pb.Model) -> ModelDescription:
         loaded=m.loaded, state=pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
         is_default=m.is_default, active_requests=m.active_requests, queued_requests=m.queued_requests,
         error=m.error, memory_bytes=m.memory_bytes, keep_alive_s=m.keep_alive_s, unloads_in_s=m.unloads_in_s,
-        last_used_unix_s=m.last_used_unix_s,
+        last_used_unix_s=m.last_used_unix_s, embedding_dimensions=m.embedding_dimensions,
+        matryoshka_dimensions=tuple(m.matryoshka_dimensions),
     )
 
 

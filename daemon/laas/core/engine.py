@@ -8,7 +8,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
 
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo, Tool
+from laas.core.errors import Unsupported
+from laas.core.types import (
+    ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    Tool,
+)
 
 
 class Engine(ABC):
@@ -35,6 +44,13 @@ class Engine(ABC):
         """Streams TextDelta items, then exactly one Completion. A request's sampling.constraint limits
         every token to what it allows (InvalidArgument before anything runs when it cannot compile);
         sampling.logprobs adds each token's log-probability to the deltas."""
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """The inputs' vectors, in one padding-aware batch pass (embedding models; `info.embedding_dimensions`
+        says whether this is one). Raises OutOfRange naming `inputs[i]` for an input longer than the window
+        unless `request.truncate`; InvalidArgument for an invalid token id."""
+        raise Unsupported(f"{self.info.architecture} model cannot embed: it is a generative model; "
+                          "use an embedding model (ListModels: embedding_dimensions > 0)", field="model")
 
     @abstractmethod
     async def check_health(self) -> None:

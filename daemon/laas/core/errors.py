@@ -13,6 +13,8 @@ turns status codes back into them with :func:`error_for_status`. Nothing matches
     │   ├── ModelLoading            (the model is being fetched or loaded)
     │   ├── ShuttingDown            (the daemon is draining)
     │   └── TargetFailed            (a remote target failed; the router fails over to the next)
+    ├── Unsupported                 (FAILED_PRECONDITION: the model cannot do this, e.g. a generative
+    │                                    model asked for embeddings; `field` names the request field)
     ├── ModelLoadError              (FAILED_PRECONDITION: the model failed to load or validate)
     ├── Unauthenticated             (UNAUTHENTICATED: no valid token)
     ├── PermissionDenied            (PERMISSION_DENIED: the token lacks the method's scope)
@@ -83,6 +85,11 @@ class TargetFailed(Unavailable):
     """A remote target (cloud endpoint, LAN peer) refused, timed out, broke its stream or sent garbage."""
 
 
+class Unsupported(LaasError):
+    """The model is of the wrong kind for the call: embeddings from a generative model, text from an
+    embedding model. Another model would serve it; retrying this one will not."""
+
+
 class ModelLoadError(LaasError):
     """A model file is missing, invalid or failed to load; retrying will not help until it is fixed."""
 
@@ -114,6 +121,7 @@ STATUS_TABLE: tuple[tuple[type[LaasError], grpc.StatusCode], ...] = (
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (TargetFailed, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),

@@ -204,3 +204,38 @@ class ModelInfo:
     size_bytes: int
     architecture: str
     chat_template: str | None = None
+    # An embedding model's vector size (0: a generative model, which cannot embed), and the smaller sizes it
+    # was trained to be cut to (Matryoshka); only those may be asked for as EmbeddingRequest.dimensions.
+    embedding_dimensions: int = 0
+    matryoshka_dimensions: tuple[int, ...] = ()
+
+
+# One input of an Embed call: a text, or token ids as the model's tokenizer gives them (special tokens
+# included, as Tokenize with add_special returns them).
+EmbeddingInput = str | tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """Inputs to embed with one model, batched through it in one call."""
+
+    inputs: tuple[EmbeddingInput, ...]
+    normalize: bool = True  # unit length (cosine similarity is then a dot product)
+    truncate: bool = False  # cut an input longer than the model's window, instead of refusing it
+    dimensions: int | None = None  # cut to this size and renormalize (Matryoshka models only); None: all
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vector: tuple[float, ...]
+    tokens: int  # the tokens the model read (after truncation)
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    embeddings: tuple[Embedding, ...]  # in the order of the inputs
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.tokens for e in self.embeddings)

@@ -51,7 +51,9 @@ OPEN_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
 # The scope each laas.v1 method needs.
 METHOD_SCOPES = {
-    "Generate": "generate", "Chat": "generate", "Tokenize": "generate", "ExplainRoute": "generate",
+    # Embed: the generate scope (app/runtime.py says why)
+    "Generate": "generate", "Chat": "generate", "Embed": "generate", "Tokenize": "generate",
+    "ExplainRoute": "generate",
     "ListModels": "models:read", "GetModel": "models:read", "GetStats": "models:read",
     "LoadModel": "models:admin", "UnloadModel": "models:admin",
 }

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, NotFound, Unavailable
-from laas.core.types import Completion, GenerationRequest, ToolChoiceMode
+from laas.core.types import Completion, EmbeddingRequest, EmbeddingResult, GenerationRequest, ToolChoiceMode
 from laas.daemon.backends.literal_text import literal
 from laas.daemon.model_entry import ModelEntry, ModelState
 from laas.daemon.registry import ModelRegistry
@@ -59,6 +59,15 @@ class LocalTarget:
         max_tokens = admitted.max_tokens(self.context_length, self.kind)
         predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, self._clock()) + self.load_ms()
         return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason)
+
+    def embed_estimate(self) -> Estimate:
+        entry = self.entry
+        reason = "" if entry.servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
+        return Estimate(self.name, self.kind, self.context_length, entry.servable, self.load_ms(), reason)
+
+    async def embed(self, request: EmbeddingRequest, keep_alive_s: float | None) -> EmbeddingResult:
+        async with self._registry.queued(self.entry, keep_alive_s) as engine:
+            return await engine.embed(request)
 
     async def render(self, request: RoutedRequest) -> GenerationRequest | None:
         async with self._registry.holding(self.entry) as engine:  # not unloaded while it tokenizes

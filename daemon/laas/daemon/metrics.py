@@ -40,7 +40,7 @@ class Metrics:
         self._registry = registry
         self._router = router
         self.prometheus = CollectorRegistry()
-        self.requests = Counter("laas_requests", "Generate and Chat requests, by model, route and status",
+        self.requests = Counter("laas_requests", "Generate, Chat and Embed requests, by model, route and status",
                                 ["model", "route", "status"], registry=self.prometheus)
         self.tokens = Counter("laas_streamed_tokens", "Text deltas streamed to clients", ["model", "route"],
                               registry=self.prometheus)
@@ -48,7 +48,13 @@ class Metrics:
                               ["model"], buckets=_TTFT_BUCKETS, registry=self.prometheus)
         self.inter_token = Histogram("laas_inter_token_seconds", "Gaps between text deltas of one stream",
                                      ["model"], buckets=_GAP_BUCKETS, registry=self.prometheus)
+        self.embedded_inputs = Counter("laas_embedded_inputs", "Inputs embedded (Embed), by model and route",
+                                       ["model", "route"], registry=self.prometheus)
         self.prometheus.register(_LiveState(registry, router))
+
+    def embedded(self, model: str, route: str, inputs: int) -> None:
+        """An Embed call's inputs, counted once it answered (`model` from model_label)."""
+        self.embedded_inputs.labels(model, route).inc(inputs)
 
     def model_label(self, requested: str) -> str:
         """The requested model name (empty: the default model's) when the daemon knows it, else "unknown"."""

@@ -12,6 +12,11 @@ read: a FIFO, device or socket in a package is refused before anything opens it 
         model.onnx             the decoder graph (GroupQueryAttention layout, see laas.exporters.fuse)
         model.onnx.data        its weights (ONNX external data)
         tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json, config.json
+
+An embedding package (a sentence-embedding encoder, `embedding` set, `decoder` null) holds model.onnx
+(optimum's feature-extraction graph: token ids in, last hidden states out) and tokenizer.json; how the
+hidden states become one vector (pooling, normalization, the window) is in `embedding`, read at export
+from the model's sentence-transformers files (modules.json, 1_Pooling/config.json).
 """
 
 from __future__ import annotations
@@ -56,13 +61,31 @@ class DecoderShape:
     vocab_size: int
 
 
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingSpec:
+    """How an encoder's hidden states become one vector per input."""
+
+    dimensions: int  # the vector size (the hidden size, with no dense layer after pooling)
+    pooling: str  # one of POOLINGS, over the tokens the attention mask keeps
+    normalize: bool  # the model's own last step is L2 normalization (sentence-transformers' Normalize)
+    max_tokens: int  # the window: inputs longer than this are refused, or cut when the caller asks
+    pad_token_id: int = 0
+    # Smaller sizes the model was trained to be cut to (Matryoshka); empty: only the full size.
+    matryoshka_dimensions: tuple[int, ...] = ()
+    # Graph inputs besides input_ids/attention_mask (BERT's token_type_ids: all zeros for one segment).
+    token_type_ids: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
     quantization: str  # "fp32", "int8", "int4-b32", ...
     context_length: int
     architecture: str
-    decoder: DecoderShape
+    decoder: DecoderShape | None  # None: an embedding package (see `embedding`)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     add_bos: bool
@@ -77,6 +100,7 @@ class Manifest:
     version: int = PACKAGE_VERSION
     created: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    embedding: EmbeddingSpec | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -91,7 +115,17 @@ class Manifest:
                 raise ValueError(f"format is {data.get('format')!r}, not 'onnx'")
             if int(data.get("version", 0)) > PACKAGE_VERSION:
                 raise ValueError(f"version {data['version']} is newer than this daemon reads ({PACKAGE_VERSION})")
-            data["decoder"] = DecoderShape(**data["decoder"])
+            data["decoder"] = DecoderShape(**data["decoder"]) if data.get("decoder") is not None else None
+            if data.get("embedding") is not None:
+                spec = dict(data["embedding"])
+                spec["matryoshka_dimensions"] = tuple(int(d) for d in spec.get("matryoshka_dimensions", ()))
+                data["embedding"] = EmbeddingSpec(**spec)
+                if data["embedding"].pooling not in POOLINGS:
+                    raise ValueError(f"embedding.pooling {data['embedding'].pooling!r} is not one of {POOLINGS}")
+                if data["embedding"].dimensions < 1 or data["embedding"].max_tokens < 2:
+                    raise ValueError("embedding.dimensions and embedding.max_tokens must be positive")
+            elif data["decoder"] is None:
+                raise ValueError("neither decoder nor embedding is set")
             data["files"] = tuple(PackageFile(**f) for f in data["files"])
             data["eos_token_ids"] = tuple(int(i) for i in data["eos_token_ids"])
             return Manifest(**data)

@@ -361,6 +361,19 @@ class ModelRegistry:
                 self._released(entry, keep_alive_s)
 
     @asynccontextmanager
+    async def queued(self, entry: ModelEntry, keep_alive_s: float | None = None) -> AsyncIterator[Engine]:
+        """Holds a place in the model's queue (the one generations wait in, with its bound) and the model
+        loaded, for one call that is not a stream (Embed)."""
+        entered = False
+        try:
+            async with entry.queue.slot():
+                entered = True
+                yield await self.ensure_loaded(entry)
+        finally:
+            if entered:
+                self._released(entry, keep_alive_s)
+
+    @asynccontextmanager
     async def using(self, entry: ModelEntry, keep_alive_s: float | None = None) -> AsyncIterator[Engine]:
         """Holds the model loaded (without a place in its queue) for a short use that generates nothing.
         The engines' native calls return only once the native work is done, even when their caller is

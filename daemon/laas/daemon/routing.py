@@ -25,7 +25,7 @@ from laas.router.latency import CircuitBreaker, Rates, RemoteEstimator, calibrat
 from laas.router.peer import PeerEngine
 from laas.router.policy import TargetKind
 from laas.router.redact import Redactor
-from laas.router.remote import Endpoint, RemoteTarget
+from laas.router.remote import RemoteTarget
 from laas.router.targets import Admitted, RoutedRequest
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ CALIBRATION_TOKENS = 8
 CALIBRATION_ATTEMPTS = 2  # one more run at most: under lasting contention each run takes 20-30 s
 
 
-def remote_endpoint(remote: RemoteConfig, index: int) -> Endpoint:
+def remote_endpoint(remote: RemoteConfig, index: int) -> PeerEngine | CloudEngine:
     try:
         key = read_api_key(remote.api_key_env, remote.api_key_file)
     except InvalidArgument as e:
@@ -51,15 +51,17 @@ def remote_endpoint(remote: RemoteConfig, index: int) -> Endpoint:
 
 def build_router(settings: Settings, registry: ModelRegistry, device: LocalModels) -> Router:
     """The router over the device's models and the remote targets the settings name."""
+    endpoints = [remote_endpoint(r, i) for i, r in enumerate(settings.remotes)]
     remotes = [
         RemoteTarget(
-            r.name, TargetKind.PEER if r.kind == "peer" else TargetKind.CLOUD, remote_endpoint(r, i),
+            r.name, TargetKind.PEER if r.kind == "peer" else TargetKind.CLOUD, endpoints[i],
             RemoteEstimator(ttft_ms=r.ttft_ms, inter_token_ms=r.inter_token_ms),
             CircuitBreaker(threshold=r.failure_threshold, cooldown_s=r.cooldown_s),
             clock=time.monotonic,
             redactor=Redactor(settings.redact_patterns) if (settings.redact_peers if r.kind == "peer"
                                                            else settings.redact_cloud) else None,
             capabilities=frozenset(r.capabilities) if r.capabilities is not None else None,
+            embedder=endpoints[i] if r.embedding_models else None,
         )
         for i, r in enumerate(settings.remotes)
     ]
@@ -67,7 +69,8 @@ def build_router(settings: Settings, registry: ModelRegistry, device: LocalModel
     for alias, local in aliases.items():
         registry.get(local, field=f"aliases.{alias}")  # NotFound at start-up, not on the first request
     return Router(device, remotes, aliases, {r.name: r.models for r in settings.remotes},
-                  settings.default_max_tokens, clock=time.monotonic)
+                  settings.default_max_tokens, clock=time.monotonic,
+                  embedding_models={r.name: dict(r.embedding_models) for r in settings.remotes})
 
 
 async def calibrate(device: LocalModels) -> None:

@@ -34,6 +34,8 @@ from laas.core.types import (
 from laas.daemon.app.calls import Call, current_call
 from laas.daemon.app.runtime import Runtime
 from laas.daemon.app.values import (
+    EmbedReply,
+    EmbedRequest,
     Explanation,
     ModelStatus,
     RouteInfo,
@@ -132,6 +134,27 @@ def _text(request: pb.GenerateRequest | pb.ChatRequest, context: grpc.aio.Servic
                        keep_alive_s=keep_alive, routing=routing, constraint=constraint)
 
 
+def _embed(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> EmbedRequest:
+    policy = _POLICY.get(request.routing.policy)
+    if policy is None:
+        raise InvalidArgument(f"routing.policy {request.routing.policy} is not a known policy",
+                              field="routing.policy")
+    inputs: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(request.inputs):
+        which = item.WhichOneof("input")
+        if which is None:
+            raise InvalidArgument(f"inputs[{i}]: set text or tokens", field=f"inputs[{i}]")
+        inputs.append(item.text if which == "text" else tuple(item.tokens.ids))
+    return EmbedRequest(
+        request.model, tuple(inputs),
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+        normalize=request.normalize if request.HasField("normalize") else None,
+        truncate=request.truncate,
+        keep_alive_s=request.keep_alive_s if request.HasField("keep_alive_s") else None,
+        routing=Routing(policy=policy),
+    )
+
+
 # -- domain -> protobuf ---------------------------------------------------------------------------------
 
 def model_to_pb(status: ModelStatus) -> pb.Model:
@@ -152,7 +175,17 @@ def model_to_pb(status: ModelStatus) -> pb.Model:
         out.trained_context_length = info.trained_context_length
         out.size_bytes = info.size_bytes
         out.architecture = info.architecture
+        out.embedding_dimensions = info.embedding_dimensions
+        out.matryoshka_dimensions.extend(info.matryoshka_dimensions)
     return out
+
+
+def _embed_reply_pb(reply: EmbedReply) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=e.vector, tokens=e.tokens, truncated=e.truncated)
+                    for e in reply.result.embeddings],
+        model=reply.model, dimensions=reply.dimensions, prompt_tokens=reply.result.tokens,
+        route=_route_pb(reply.route))
 
 
 def _route_pb(route: RouteInfo) -> pb.RouteInfo:
@@ -232,8 +265,13 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                            ) -> pb.RouteExplanation:
         which = request.WhichOneof("request")
         if which is None:
-            raise InvalidArgument("set generate or chat", field="request")
+            raise InvalidArgument("set generate, chat or embed", field="request")
+        if which == "embed":
+            return _explanation_pb(await self._runtime.explain_embed(_embed(request.embed, context), _call()))
         return _explanation_pb(await self._runtime.explain_route(_text(getattr(request, which), context), _call()))
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return _embed_reply_pb(await self._runtime.embed(_embed(request, context), _call()))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> pb.TokenizeResponse:

@@ -169,6 +169,9 @@ class RemoteConfig(_Table, frozen=True):
         "What it can do, of json_schema, json_object, regex, lark, gbnf (constraints), tools, logprobs; requests "
         "that need something else never go to it. Unset: a peer all, a cloud json_schema, json_object, tools, "
         "logprobs."))
+    embedding_models: dict[str, str] = Field(default_factory=dict, description=(
+        "Embed: the embedding models it serves, as {requested name = its own name for that very model}; Embed "
+        "goes only to targets declared for the requested model (cloud: POST /embeddings; peer: Embed)."))
 
     @model_validator(mode="after")
     def _cloud_needs_a_model(self) -> Self:

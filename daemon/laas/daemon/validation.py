@@ -13,13 +13,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from laas.core.errors import InvalidArgument
-from laas.core.types import ChatMessage, SamplingParams, Tool, ToolChoice, ToolChoiceMode
+from laas.core.types import (
+    ChatMessage,
+    EmbeddingInput,
+    EmbeddingRequest,
+    SamplingParams,
+    Tool,
+    ToolChoice,
+    ToolChoiceMode,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_PROMPT_BYTES = 1 << 20
 MAX_MESSAGES = 1024
 MAX_MODEL_NAME = 256
+MAX_EMBED_INPUTS = 2048  # per Embed call (OpenAI's /v1/embeddings limit too)
+MAX_EMBED_TOKEN_IDS = 1 << 16  # per input given as token ids
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_TOOLS = 128
 MAX_TOP_LOGPROBS = 20
@@ -110,6 +120,27 @@ def keep_alive(value: float | None, field: str = "keep_alive_s") -> float | None
     if value is not None:
         _finite(field, value)
     return value
+
+
+def embedding_request(inputs: Sequence[EmbeddingInput], dimensions: int | None, normalize: bool | None,
+                      truncate: bool) -> EmbeddingRequest:
+    """An Embed call's inputs and options; the window and token ids are the model's to check (engine)."""
+    _check(0 < len(inputs) <= MAX_EMBED_INPUTS, "inputs", f"must hold 1..{MAX_EMBED_INPUTS} inputs", len(inputs))
+    out: list[EmbeddingInput] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            size = len(item.encode())
+            _check(0 < size <= MAX_PROMPT_BYTES, f"inputs[{i}].text", f"must be 1..{MAX_PROMPT_BYTES} bytes",
+                   f"{size} bytes")
+            out.append(item)
+        else:
+            _check(0 < len(item) <= MAX_EMBED_TOKEN_IDS, f"inputs[{i}].tokens",
+                   f"must hold 1..{MAX_EMBED_TOKEN_IDS} token ids", f"{len(item)} ids")
+            out.append(tuple(int(t) for t in item))
+    if dimensions is not None:
+        _check(dimensions >= 1, "dimensions", "must be >= 1", dimensions)
+    return EmbeddingRequest(tuple(out), normalize=True if normalize is None else normalize, truncate=truncate,
+                            dimensions=dimensions)
 
 
 def _json_object(field: str, text: str) -> Any:

@@ -46,14 +46,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     ex = sub.add_parser("export", help=_help("export", "export a GGUF file or Hugging Face folder to quantized "
                                              "ONNX packages"))
-    ex.add_argument("source", help="a .gguf file or a Hugging Face model folder")
+    ex.add_argument("source", help="a .gguf file or a Hugging Face model folder (a sentence-transformers folder "
+                    "becomes embedding packages: fp32 and int8)")
     ex.add_argument("--name", help="package base name (default: from the source); packages are NAME-fp32, ...")
     ex.add_argument("-q", "--quantization", nargs="+", choices=("fp32", "int8", "int4"),
                     default=["fp32", "int8", "int4"], help="what to build (fp32, the reference, always is)")
     ex.add_argument("--block-size", type=int, default=32, help="int4 block size (16..256, default 32)")
     ex.add_argument("--threshold", type=float, default=10.0,
                     help="refuse a quantization whose perplexity rises more than this many percent (default 10)")
-    ex.add_argument("--force", action="store_true", help="register quantizations the threshold refuses")
+    ex.add_argument("--force", action="store_true", help="register quantizations the threshold (an encoder's: "
+                    "mean cosine to fp32 >= 0.99) refuses")
     home(ex)
     ev = sub.add_parser("eval", help=_help("eval", "evaluate a served model (ONNX package or GGUF): perplexity, "
                                            "speed, size"))
@@ -84,7 +86,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _export(args: argparse.Namespace) -> int:
     from laas.daemon.store import ModelStore
-    from laas.exporters.evaluate import format_table
+    from laas.exporters.encoder_eval import EmbeddingEvaluation, format_encoder_table
+    from laas.exporters.evaluate import Evaluation, format_table
     from laas.exporters.pipeline import ExportOptions, export
 
     settings = _settings(args)
@@ -93,7 +96,9 @@ def _export(args: argparse.Namespace) -> int:
                             eval_tokens=args.tokens)
     results = export(args.source, ModelStore(settings.store), settings.home / "cache" / "onnx-export", options,
                      progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_table([(r.name, r.quantization, r.evaluation) for r in results]))
+    encoders = [(r.name, r.quantization, e) for r in results if isinstance(e := r.evaluation, EmbeddingEvaluation)]
+    decoders = [(r.name, r.quantization, e) for r in results if isinstance(e := r.evaluation, Evaluation)]
+    print(format_encoder_table(encoders) if encoders else format_table(decoders))
     for r in results:
         print(f"{r.name}: {'registered in ' + str(r.path) if r.path else 'REFUSED: ' + r.refusal}")
     return 0 if all(r.path for r in results) else 1

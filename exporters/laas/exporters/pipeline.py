@@ -1,5 +1,7 @@
 """`laas export`: source -> optimum export -> fp32 package -> quantized packages -> evaluation -> store.
 
+A sentence-transformers folder (modules.json) takes the encoder's path instead (encoder_pipeline.py).
+
 Layer: exporters (the application service behind the command). The fp32 package is always built and
 installed: it is the reference every quantized package is measured against (perplexity, top-1
 agreement), and stays servable. Each quantized package passes the quality gate or is left out (its
@@ -8,43 +10,26 @@ result then has no path and says why); the others are installed regardless.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from laas.daemon.store import ModelStore
+from laas.exporters.encoder import is_sentence_encoder
+from laas.exporters.encoder_pipeline import export_encoder
 from laas.exporters.errors import ExportError, QualityGateFailed
 from laas.exporters.evaluate import Evaluation, evaluate_onnx
 from laas.exporters.export import build_fp32, optimum_export
-from laas.exporters.package import DEFAULT_THRESHOLD, check_gate, install, write_package_manifest
+from laas.exporters.package import check_gate, install, write_package_manifest
 from laas.exporters.quantize import quantization_label, quantize_int4, quantize_int8
+from laas.exporters.results import ExportOptions, PackageResult
 from laas.exporters.source import describe_source
 
+__all__ = ["QUANTIZATIONS", "ExportOptions", "PackageResult", "export", "register"]
+
 QUANTIZATIONS = ("fp32", "int8", "int4")
-
-
-@dataclass(frozen=True, slots=True)
-class ExportOptions:
-    quantizations: Sequence[str] = ("fp32", "int8", "int4")
-    name: str | None = None
-    block_size: int = 32
-    threshold: float = DEFAULT_THRESHOLD
-    force: bool = False
-    threads: int = os.cpu_count() or 1
-    eval_tokens: int | None = None  # None: the whole held-out text
-
-
-@dataclass(frozen=True, slots=True)
-class PackageResult:
-    name: str
-    quantization: str
-    evaluation: Evaluation
-    path: Path | None  # None: refused by the gate
-    refusal: str = ""
 
 
 class Steps:
@@ -58,13 +43,18 @@ class Steps:
         self._out(f"[{time.perf_counter() - self._started:6.1f}s] {message}")
 
 
-def export(source_location: str | Path, store: ModelStore, cache: Path, options: ExportOptions = ExportOptions(),
+DEFAULT_OPTIONS = ExportOptions()
+
+
+def export(source_location: str | Path, store: ModelStore, cache: Path, options: ExportOptions = DEFAULT_OPTIONS,
            progress: Callable[[str], None] = print) -> list[PackageResult]:
     unknown = set(options.quantizations) - set(QUANTIZATIONS)
     if unknown:
         raise ExportError(f"unknown quantization(s) {sorted(unknown)}; choose from {', '.join(QUANTIZATIONS)}")
     step = Steps(progress)
     source = describe_source(source_location)
+    if is_sentence_encoder(source):  # a sentence-transformers folder: embedding packages (encoder_pipeline.py)
+        return export_encoder(source, store, cache, options, step)
     base = options.name or source.name
     exported = optimum_export(source, cache, step)
     store.ensure()

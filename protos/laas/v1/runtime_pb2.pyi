@@ -809,6 +809,193 @@ class GenerateResponse(_message.Message):
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
 @_typing.final
+class TokenIds(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenIds: _TypeAlias = TokenIds  # noqa: Y015
+
+@_typing.final
+class EmbedInput(_message.Message):
+    """One input of an Embed call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """1 byte .. 1 MiB of UTF-8 text."""
+    @_builtins.property
+    def tokens(self) -> Global___TokenIds:
+        """Token ids as the model's tokenizer gives them, special tokens included (Tokenize with add_special)."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        tokens: Global___TokenIds | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "tokens"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___EmbedInput: _TypeAlias = EmbedInput  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_S_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """An embedding model's name from ListModels (embedding_dimensions > 0), or an alias."""
+    dimensions: _builtins.int
+    """Cut each vector to this many values and renormalize it; only for models trained for it (Model's
+    matryoshka_dimensions), else INVALID_ARGUMENT. Unset: the model's full size.
+    """
+    normalize: _builtins.bool
+    """Unit-length vectors (cosine similarity is then a dot product). Default true."""
+    truncate: _builtins.bool
+    """Cut an input longer than the model's window (Model's context_length) to the window; unset, such an
+    input is refused with OUT_OF_RANGE naming it (field inputs[i]).
+    """
+    keep_alive_s: _builtins.float
+    """Seconds the local model stays loaded after this request (as in GenerateRequest)."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EmbedInput]:
+        """1..2048 inputs."""
+
+    @_builtins.property
+    def routing(self) -> Global___Routing:
+        """Only targets serving this very model are eligible (the device, or a peer or cloud endpoint declared
+        as serving it); the policy filters them as for generation.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___EmbedInput] | None = ...,
+        dimensions: _builtins.int | None = ...,
+        normalize: _builtins.bool | None = ...,
+        truncate: _builtins.bool = ...,
+        routing: Global___Routing | None = ...,
+        keep_alive_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_keep_alive_s", b"_keep_alive_s", "_normalize", b"_normalize", "dimensions", b"dimensions", "keep_alive_s", b"keep_alive_s", "normalize", b"normalize", "routing", b"routing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_keep_alive_s", b"_keep_alive_s", "_normalize", b"_normalize", "dimensions", b"dimensions", "inputs", b"inputs", "keep_alive_s", b"keep_alive_s", "model", b"model", "normalize", b"normalize", "routing", b"routing", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
+    _WhichOneofReturnType__keep_alive_s: _TypeAlias = _typing.Literal["keep_alive_s"]  # noqa: Y015
+    _WhichOneofArgType__keep_alive_s: _TypeAlias = _typing.Literal["_keep_alive_s", b"_keep_alive_s"]  # noqa: Y015
+    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
+    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_alive_s) -> _WhichOneofReturnType__keep_alive_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    tokens: _builtins.int
+    """Tokens the model read for this input (after truncation)."""
+    truncated: _builtins.bool
+    """True when the input was cut to the window (truncate was set)."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector's float32 values. repeated float is packed on the wire (4 bytes a value, what raw bytes
+        would take), and stays readable to generic tools (grpcurl, JSON) with no byte order to agree on.
+        """
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        tokens: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens", "truncated", b"truncated", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that embedded them."""
+    dimensions: _builtins.int
+    """The vectors' size."""
+    prompt_tokens: _builtins.int
+    """Tokens read over all inputs."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """One per input, in the inputs' order."""
+
+    @_builtins.property
+    def route(self) -> Global___RouteInfo:
+        """Where they were computed, and why."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        model: _builtins.str = ...,
+        dimensions: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        route: Global___RouteInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "embeddings", b"embeddings", "model", b"model", "prompt_tokens", b"prompt_tokens", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
 class TokenizeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -878,6 +1065,8 @@ class Model(_message.Message):
     KEEP_ALIVE_S_FIELD_NUMBER: _builtins.int
     UNLOADS_IN_S_FIELD_NUMBER: _builtins.int
     LAST_USED_UNIX_S_FIELD_NUMBER: _builtins.int
+    EMBEDDING_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     format: Global___ModelFormat.ValueType
     quantization: _builtins.str
@@ -903,6 +1092,14 @@ class Model(_message.Message):
     """Seconds until it unloads, when it is loaded, idle and due to unload; 0 otherwise."""
     last_used_unix_s: _builtins.float
     """When its last request ended (Unix seconds); 0 if never used."""
+    embedding_dimensions: _builtins.int
+    """An embedding model's vector size; 0 for a generative model (it cannot Embed)."""
+    @_builtins.property
+    def matryoshka_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The smaller sizes it was trained to be cut to (Matryoshka): the only EmbedRequest.dimensions allowed
+        besides embedding_dimensions itself.
+        """
+
     def __init__(
         self,
         *,
@@ -923,10 +1120,12 @@ class Model(_message.Message):
         keep_alive_s: _builtins.float = ...,
         unloads_in_s: _builtins.float = ...,
         last_used_unix_s: _builtins.float = ...,
+        embedding_dimensions: _builtins.int = ...,
+        matryoshka_dimensions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "architecture", b"architecture", "context_length", b"context_length", "error", b"error", "format", b"format", "is_default", b"is_default", "keep_alive_s", b"keep_alive_s", "last_used_unix_s", b"last_used_unix_s", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "name", b"name", "quantization", b"quantization", "queued_requests", b"queued_requests", "size_bytes", b"size_bytes", "state", b"state", "trained_context_length", b"trained_context_length", "unloads_in_s", b"unloads_in_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "architecture", b"architecture", "context_length", b"context_length", "embedding_dimensions", b"embedding_dimensions", "error", b"error", "format", b"format", "is_default", b"is_default", "keep_alive_s", b"keep_alive_s", "last_used_unix_s", b"last_used_unix_s", "loaded", b"loaded", "matryoshka_dimensions", b"matryoshka_dimensions", "memory_bytes", b"memory_bytes", "name", b"name", "quantization", b"quantization", "queued_requests", b"queued_requests", "size_bytes", b"size_bytes", "state", b"state", "trained_context_length", b"trained_context_length", "unloads_in_s", b"unloads_in_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,21 +1192,25 @@ class ExplainRouteRequest(_message.Message):
 
     GENERATE_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def generate(self) -> Global___GenerateRequest: ...
     @_builtins.property
     def chat(self) -> Global___ChatRequest: ...
+    @_builtins.property
+    def embed(self) -> Global___EmbedRequest: ...
     def __init__(
         self,
         *,
         generate: Global___GenerateRequest | None = ...,
         chat: Global___ChatRequest | None = ...,
+        embed: Global___EmbedRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "generate", b"generate", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "generate", b"generate", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["generate", "chat"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["generate", "chat", "embed"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 

@@ -46,6 +46,11 @@ class RuntimeStub:
                 request_serializer=laas_dot_v1_dot_runtime__pb2.ChatRequest.SerializeToString,
                 response_deserializer=laas_dot_v1_dot_runtime__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/laas.v1.Runtime/Embed',
+                request_serializer=laas_dot_v1_dot_runtime__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=laas_dot_v1_dot_runtime__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/laas.v1.Runtime/Tokenize',
                 request_serializer=laas_dot_v1_dot_runtime__pb2.TokenizeRequest.SerializeToString,
@@ -97,6 +102,14 @@ class RuntimeServicer:
 
     def Chat(self, request, context):
         """Applies the model's own chat template to `messages`, then streams the assistant's reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeds texts (or token ids) with an embedding model: one vector per input, in the inputs' order,
+        batched through the model in one call. A generative model answers FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +180,11 @@ def add_RuntimeServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=laas_dot_v1_dot_runtime__pb2.ChatRequest.FromString,
                     response_serializer=laas_dot_v1_dot_runtime__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=laas_dot_v1_dot_runtime__pb2.EmbedRequest.FromString,
+                    response_serializer=laas_dot_v1_dot_runtime__pb2.EmbedResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -260,6 +278,33 @@ class Runtime:
             '/laas.v1.Runtime/Chat',
             laas_dot_v1_dot_runtime__pb2.ChatRequest.SerializeToString,
             laas_dot_v1_dot_runtime__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laas.v1.Runtime/Embed',
+            laas_dot_v1_dot_runtime__pb2.EmbedRequest.SerializeToString,
+            laas_dot_v1_dot_runtime__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class RuntimeStub:
     """Completes a raw prompt, streaming text deltas as they are decoded."""
     Chat: _grpc.UnaryStreamMultiCallable[_runtime_pb2.ChatRequest, _runtime_pb2.GenerateResponse]
     """Applies the model's own chat template to `messages`, then streams the assistant's reply."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.EmbedRequest, _runtime_pb2.EmbedResponse]
+    """Embeds texts (or token ids) with an embedding model: one vector per input, in the inputs' order,
+    batched through the model in one call. A generative model answers FAILED_PRECONDITION.
+    """
     Tokenize: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.TokenizeRequest, _runtime_pb2.TokenizeResponse]
     """Counts and returns the token ids of a text, as the model tokenizes it."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.ListModelsRequest, _runtime_pb2.ListModelsResponse]
@@ -76,6 +80,10 @@ class RuntimeAsyncStub(RuntimeStub):
     """Completes a raw prompt, streaming text deltas as they are decoded."""
     Chat: _aio.UnaryStreamMultiCallable[_runtime_pb2.ChatRequest, _runtime_pb2.GenerateResponse]  # type: ignore[assignment]
     """Applies the model's own chat template to `messages`, then streams the assistant's reply."""
+    Embed: _aio.UnaryUnaryMultiCallable[_runtime_pb2.EmbedRequest, _runtime_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embeds texts (or token ids) with an embedding model: one vector per input, in the inputs' order,
+    batched through the model in one call. A generative model answers FAILED_PRECONDITION.
+    """
     Tokenize: _aio.UnaryUnaryMultiCallable[_runtime_pb2.TokenizeRequest, _runtime_pb2.TokenizeResponse]  # type: ignore[assignment]
     """Counts and returns the token ids of a text, as the model tokenizes it."""
     ListModels: _aio.UnaryUnaryMultiCallable[_runtime_pb2.ListModelsRequest, _runtime_pb2.ListModelsResponse]  # type: ignore[assignment]
@@ -118,6 +126,16 @@ class RuntimeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_runtime_pb2.GenerateResponse], _abc.AsyncIterator[_runtime_pb2.GenerateResponse]]:
         """Applies the model's own chat template to `messages`, then streams the assistant's reply."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _runtime_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.EmbedResponse, _abc.Awaitable[_runtime_pb2.EmbedResponse]]:
+        """Embeds texts (or token ids) with an embedding model: one vector per input, in the inputs' order,
+        batched through the model in one call. A generative model answers FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def Tokenize(

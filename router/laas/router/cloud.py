@@ -38,6 +38,9 @@ from laas.core.types import (
     ChatMessage,
     Completion,
     ConstraintKind,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResult,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -203,6 +206,41 @@ class CloudEngine:
                         completion_tokens=_count(usage.get("completion_tokens"), tokens)),
             timings=Timings(prompt_ms=(first - start) * 1000, decode_ms=(last - first) * 1000 if last else 0.0),
         )
+
+    async def embed(self, model: str, request: EmbeddingRequest) -> EmbeddingResult:
+        """POST /embeddings (OpenAI's API) for the endpoint's model `model`. OpenAI's vectors are unit length;
+        with normalize off they are returned as the endpoint sends them, and with `dimensions` it cuts them."""
+        body: dict[str, Any] = {"model": model, "input": [i if isinstance(i, str) else list(i) for i in request.inputs],
+                                "encoding_format": "float"}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        headers = {"Accept-Encoding": "identity"}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        name = self.config.name
+        try:
+            async with asyncio.timeout(self.config.call_timeout_s):
+                response = await self._client.post(self.config.base_url.rstrip("/") + "/embeddings", json=body,
+                                                   headers=headers)
+        except TimeoutError as e:
+            raise TargetFailed(f"{name}: the call took longer than {self.config.call_timeout_s:g}s") from e
+        except httpx.HTTPError as e:
+            log.warning("%s: %s: %s", name, type(e).__name__, self._masked(str(e) or "connection failed"))
+            raise TargetFailed(f"{name}: {type(e).__name__} (the daemon's log has the details)") from e
+        if response.status_code != 200:
+            raise self._http_failure(response.status_code, response.content[:_ERROR_BODY_BYTES])
+        try:
+            payload = response.json()
+            rows = sorted(payload["data"], key=lambda d: int(d["index"]))
+            vectors = [tuple(float(x) for x in row["embedding"]) for row in rows]
+            if len(vectors) != len(request.inputs) or len({len(v) for v in vectors}) > 1:
+                raise ValueError("one vector per input, all of one size, expected")
+            tokens = _count((payload.get("usage") or {}).get("prompt_tokens"), 0)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("%s sent an unexpected embeddings answer: %s", name, self._masked(response.text[:200]))
+            raise TargetFailed(f"{name}: unexpected embeddings answer (not the expected JSON)") from e
+        per_input = tokens // len(vectors) if vectors else 0  # OpenAI counts only the total
+        return EmbeddingResult(tuple(Embedding(v, per_input) for v in vectors))
 
     def _masked(self, text: str) -> str:
         return mask_secrets(text, self.config.api_key)

@@ -17,7 +17,17 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from laas.core.errors import OutOfRange, ResourceExhausted, TargetFailed, Unavailable
-from laas.core.types import Completion, FinishReason, GenerationChunk, TextDelta, Timings, Usage
+from laas.core.types import (
+    Completion,
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    TextDelta,
+    Timings,
+    Usage,
+)
+from laas.router.embedding import EmbedCandidate, choose_embedding
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
 from laas.router.redact import Redaction
 from laas.router.remote import RemoteTarget
@@ -44,10 +54,22 @@ class Plan:
     model: str
 
 
+@dataclass(frozen=True, slots=True)
+class EmbedPlan:
+    """Where an Embed call may run: the decision, and each eligible target's own name for the model."""
+
+    decision: Decision
+    model: str  # the model as requested, resolved ("" -> the default)
+    serves: dict[str, str]  # target -> its name for the model
+
+
 class Router:
     def __init__(self, device: Device, remotes: Sequence[RemoteTarget], aliases: dict[str, str],
                  remote_models: dict[str, tuple[str, ...]], default_max_tokens: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 embedding_models: dict[str, dict[str, str]] | None = None) -> None:
+        # Per remote target: requested embedding model -> the endpoint's own name for it ([[remotes]]).
+        self._embedding_models = embedding_models or {}
         self._device = device
         self._aliases = aliases
         # max_tokens for requests that set none (settings.default_max_tokens; a SIGHUP reload sets it anew)
@@ -102,6 +124,49 @@ class Router:
         targets: list[Target] = [*([local] if local is not None else []), *remotes]
         decision = choose(query, [t.estimate(admitted) for t in targets])
         return Plan(admitted, query, decision, model or self._device.default_model)
+
+    def embed_plan(self, model: str, policy: Policy) -> EmbedPlan:
+        """The targets that serve `model`'s embeddings (embedding.py), judged; raises when none may."""
+        name = model or self._device.default_model
+        local_name = self._aliases.get(name, name)
+        local = self.local.get(local_name)
+        candidates = [EmbedCandidate(local.embed_estimate(), local_name)] if local is not None else []
+        for r in self.remote.values():
+            declared = self._embedding_models.get(r.name, {})
+            serves = declared.get(name) if r.embedder is not None else None
+            candidates.append(EmbedCandidate(r.embed_estimate(), serves, tuple(declared)))
+        if local is None and not any(c.serves for c in candidates):
+            raise self._device.not_served(model)
+        decision = choose_embedding(name, candidates, policy)
+        return EmbedPlan(decision, name, {c.estimate.target: c.serves for c in candidates if c.serves})
+
+    async def embed(self, plan: EmbedPlan, request: EmbeddingRequest, keep_alive_s: float | None
+                    ) -> tuple[EmbeddingResult, RouteChange]:
+        """Runs an Embed call on the plan's first target, the next on a remote failure (or a full queue)."""
+        failures: list[str] = []
+        for estimate in plan.decision.order:
+            reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
+            route = RouteChange(estimate.target, estimate.kind, reason, estimate.predicted_ms, bool(failures),
+                                plan.model)
+            try:
+                if estimate.kind is TargetKind.LOCAL:
+                    local = self.local.get(estimate.target)
+                    if local is None:
+                        failures.append(f"{estimate.target}: gone")
+                        continue
+                    return await local.embed(request, keep_alive_s), route
+                remote = self.remote.get(estimate.target)
+                if remote is None:
+                    failures.append(f"{estimate.target}: gone")
+                    continue
+                return await remote.embed(plan.serves[estimate.target], request), route
+            except TargetFailed as e:
+                failures.append(str(e))
+            except (Unavailable, ResourceExhausted) as e:
+                if not failures and estimate is plan.decision.order[-1]:
+                    raise
+                failures.append(f"{estimate.target}: {e}")
+        raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")
 
     def _target(self, estimate_kind: TargetKind, name: str) -> Target | None:
         return self.local.get(name) if estimate_kind is TargetKind.LOCAL else self.remote.get(name)

@@ -17,7 +17,18 @@ import grpc
 from laas.client.api import AsyncClient
 from laas.client.channels import Tls
 from laas.core.errors import Cancelled, LaasError, TargetFailed
-from laas.core.types import Completion, FinishReason, GenerationChunk, GenerationRequest, TextDelta, Timings, Usage
+from laas.core.types import (
+    Completion,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    TextDelta,
+    Timings,
+    Usage,
+)
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}
 
@@ -70,6 +81,19 @@ class PeerEngine:
         finally:
             await stream.aclose()
         raise TargetFailed(f"{self.name}: the stream ended before a finish reason")
+
+    async def embed(self, model: str, request: EmbeddingRequest) -> EmbeddingResult:
+        """The peer's Embed with its model `model`, local-only (a peer never forwards it)."""
+        try:
+            out = await self._connect().embed(list(request.inputs), model=model, dimensions=request.dimensions,
+                                              normalize=request.normalize, truncate=request.truncate,
+                                              policy="local_only")
+        except Cancelled:
+            raise
+        except LaasError as e:
+            raise TargetFailed(f"{self.name}: {e.code.name}: {e}") from e
+        return EmbeddingResult(tuple(Embedding(tuple(v), t, c)
+                                     for v, t, c in zip(out.vectors, out.tokens, out.truncated, strict=True)))
 
     def _connect(self) -> AsyncClient:
         if self._client is None:

@@ -15,7 +15,8 @@ from dataclasses import replace
 from typing import Protocol
 
 from laas.core.errors import TargetFailed
-from laas.core.types import Completion, GenerationChunk, GenerationRequest, TextDelta
+from laas.core.types import Completion, EmbeddingRequest, EmbeddingResult, GenerationChunk, GenerationRequest, TextDelta
+from laas.router.embedding import Embedder
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.policy import CAPABILITIES, CLOUD_CAPABILITIES, Estimate, TargetKind
 from laas.router.redact import Mapping, Redaction, Redactor, Restorer
@@ -42,7 +43,8 @@ class Endpoint(Protocol):
 class RemoteTarget:
     def __init__(self, name: str, kind: TargetKind, engine: Endpoint, estimator: RemoteEstimator,
                  breaker: CircuitBreaker, clock: Clock, redactor: Redactor | None = None,
-                 capabilities: frozenset[str] | None = None) -> None:
+                 capabilities: frozenset[str] | None = None, embedder: Embedder | None = None) -> None:
+        self.embedder = embedder  # its embeddings API; None: it serves no embeddings
         self.redactor = redactor  # personal data is replaced before a request leaves for this target
         # What it can do (policy.CAPABILITIES); by default a peer all, a cloud endpoint OpenAI's.
         self.capabilities = capabilities if capabilities is not None else (
@@ -58,12 +60,37 @@ class RemoteTarget:
     def context_length(self) -> int:
         return self.engine.context_length
 
-    def estimate(self, admitted: Admitted) -> Estimate:
+    def _circuit(self) -> tuple[bool, str]:
         now = self._clock()
         allowed = self.breaker.allows(now)
-        reason = "" if allowed else (
+        return allowed, "" if allowed else (
             f"circuit open after {self.breaker.failures} failures; next try in "
             f"{max(self.breaker.cooldown_s - (now - (self.breaker.opened_at or now)), 0):.0f}s")
+
+    def embed_estimate(self) -> Estimate:
+        """Whether it can take an Embed call now (its circuit); embedding latency is not predicted yet."""
+        allowed, reason = self._circuit()
+        return Estimate(self.name, self.kind, self.context_length, allowed, 0.0, reason)
+
+    async def embed(self, model: str, request: EmbeddingRequest) -> EmbeddingResult:
+        """The vectors from the endpoint's model `model` (never redacted: a cut text has another vector,
+        so an Embed call that may not leave the device must say LOCAL_ONLY)."""
+        if self.embedder is None:  # the router never routes Embed here (embedding.choose_embedding)
+            raise TargetFailed(f"{self.name}: serves no embeddings")
+        self.breaker.on_attempt(self._clock())
+        try:
+            result = await self.embedder.embed(model, request)
+        except TargetFailed:
+            self.breaker.on_failure(self._clock())
+            raise
+        except BaseException:
+            self.breaker.on_abandon()
+            raise
+        self.breaker.on_success()
+        return result
+
+    def estimate(self, admitted: Admitted) -> Estimate:
+        allowed, reason = self._circuit()
         predicted = self.estimator.predict_ms(admitted.prompt_tokens,
                                               admitted.max_tokens(self.context_length, self.kind))
         missing = tuple(sorted(admitted.request.needs() - self.capabilities))

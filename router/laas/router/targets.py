@@ -23,7 +23,16 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from laas.core.errors import LaasError
-from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, Tool, ToolChoice
+from laas.core.types import (
+    ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    Tool,
+    ToolChoice,
+)
 from laas.router.policy import Estimate, TargetKind, granted
 from laas.router.redact import Redaction
 
@@ -135,6 +144,14 @@ class DeviceTarget(Target, Protocol):
 
     def check_servable(self) -> None:
         """Raises the model's own error (fetching, failed) when it cannot serve."""
+        ...
+
+    def embed_estimate(self) -> Estimate:
+        """Whether the model can take an Embed call now (no I/O)."""
+        ...
+
+    async def embed(self, request: EmbeddingRequest, keep_alive_s: float | None) -> EmbeddingResult:
+        """The vectors, computed in the model's queue (the one generation waits in)."""
         ...
 
 

@@ -1,5 +1,5 @@
-"""The runtime's use cases, once for every edge: generate and chat, explain the route, tokenize, the
-models (list, get, load, unload) and the stats.
+"""The runtime's use cases, once for every edge: generate and chat, embed, explain the route, tokenize,
+the models (list, get, load, unload) and the stats.
 
 Layer: application. Each use case takes domain values (values.py: the request as the client sent it)
 and the :class:`~laas.daemon.app.calls.Call` (who calls, its audit record), and gives back domain values
@@ -14,6 +14,12 @@ to callers with the models:read scope; and a request's keep_alive_s, without the
 clamped (clamp_keep_alive): it may keep its model loaded longer than the model's keep-alive, up to
 MAX_KEEP_ALIVE_S (or the model's own when longer), never shorter (0 would unload it for everyone) and
 never forever (< 0 would pin it).
+
+Embed runs as generation does: the same lifecycle (refused while draining, waited for by the drain),
+validation, local-only rules, audit record and request metrics, and the model's own bounded queue (the
+device target runs it in registry.queued). It needs the `generate` scope (access.py): it spends the
+same model time on the caller's text, and a token that may generate should not need a new grant to
+embed. Its route is the router's embed_plan: only targets serving that very model are eligible.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from laas.core.errors import InvalidArgument, NotFound
 from laas.core.types import (
     ChatMessage,
     Completion,
+    EmbeddingRequest,
     GenerationChunk,
     SamplingParams,
     TextDelta,
@@ -36,17 +43,27 @@ from laas.core.types import (
     ToolCallDelta,
     ToolChoice,
     ToolChoiceMode,
+    Usage,
 )
 from laas.daemon import constraints, validation
 from laas.daemon.app.calls import Call, Lifecycle
-from laas.daemon.app.values import Candidate, Explanation, ModelStatus, RouteInfo, StreamChunk, TextRequest
+from laas.daemon.app.values import (
+    Candidate,
+    EmbedReply,
+    EmbedRequest,
+    Explanation,
+    ModelStatus,
+    RouteInfo,
+    StreamChunk,
+    TextRequest,
+)
 from laas.daemon.metrics import Metrics, Sample
 from laas.daemon.privacy import PrivacyRules
 from laas.daemon.registry import ModelEntry, ModelRegistry
 from laas.daemon.tokens import Principal
 from laas.daemon.tool_calls import forced_call
-from laas.router.dispatch import Plan, RouteChange, Router
-from laas.router.policy import Policy
+from laas.router.dispatch import EmbedPlan, Plan, RouteChange, Router
+from laas.router.policy import Decision, Policy
 from laas.router.redact import Redaction
 from laas.router.targets import RoutedRequest
 
@@ -114,6 +131,17 @@ async def _check_constraints(admitted: Admitted) -> None:
         await asyncio.to_thread(constraints.check, forced, "tools")
     if admitted.sampling.constraint is not None:
         await asyncio.to_thread(constraints.check, admitted.sampling.constraint)
+
+
+def _explanation(d: Decision, local_only: bool, prompt_tokens: int, max_tokens: int, budget_ms: float
+                 ) -> Explanation:
+    chosen = RouteInfo(d.chosen.target, d.chosen.kind, d.reason, d.chosen.predicted_ms, False, local_only)
+    return Explanation(
+        chosen=chosen, order=tuple(e.target for e in d.order),
+        candidates=tuple(Candidate(RouteInfo(j.estimate.target, j.estimate.kind, predicted_ms=j.estimate.predicted_ms),
+                                   j.eligible, j.meets_deadline, j.note) for j in d.judged),
+        prompt_tokens=prompt_tokens, max_tokens=max_tokens, budget_ms=budget_ms,
+    )
 
 
 def _route_info(change: RouteChange, local_only: bool, redacted: int = 0) -> RouteInfo:
@@ -189,17 +217,57 @@ class Runtime:
         admitted = self._admit(request, call.principal)
         await _check_constraints(admitted)
         plan, _ = await self._route(admitted, call.principal)
-        d, q = plan.decision, plan.query
-        local_only = q.policy is Policy.LOCAL_ONLY
-        chosen = RouteInfo(d.chosen.target, d.chosen.kind, d.reason, d.chosen.predicted_ms, False, local_only)
-        return Explanation(
-            chosen=chosen, order=tuple(e.target for e in d.order),
-            candidates=tuple(Candidate(RouteInfo(j.estimate.target, j.estimate.kind,
-                                                 predicted_ms=j.estimate.predicted_ms),
-                                       j.eligible, j.meets_deadline, j.note) for j in d.judged),
-            prompt_tokens=q.prompt_tokens, max_tokens=q.max_tokens or q.default_max_tokens,
-            budget_ms=q.budget_ms or 0.0,
-        )
+        q = plan.query
+        return _explanation(plan.decision, q.policy is Policy.LOCAL_ONLY, q.prompt_tokens,
+                            q.max_tokens or q.default_max_tokens, q.budget_ms or 0.0)
+
+    # -- embeddings -----------------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest, call: Call) -> EmbedReply:
+        """The vectors of an Embed request's inputs, from a target that serves that very model."""
+        call.begin(request.model, [i if isinstance(i, str) else list(i) for i in request.inputs])
+        self._lifecycle.enter()
+        recorder = self._metrics.stream(request.model)
+        error: BaseException | None = None
+        try:
+            self._lifecycle.check()
+            plan, embedding, keep_alive = self._embed_plan(request, call.principal)
+            result, change = await self._router.embed(plan, embedding, keep_alive)
+            recorder.route = change.target
+            self._metrics.embedded(recorder.model, change.target, len(result.embeddings))
+            route = _route_info(change, self._is_local_only(request, call.principal))
+            if call.audit is not None:
+                call.audit.model = plan.model
+                call.audit.saw_route(route.target, route.kind.value, route.local_only, 0)
+                call.audit.saw_usage(Usage(result.tokens, 0))
+            return EmbedReply(plan.model, result, route)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            recorder.finish(call.settle(error))
+            self._lifecycle.leave()
+
+    async def explain_embed(self, request: EmbedRequest, call: Call) -> Explanation:
+        """Where an Embed request would run now, and why the other targets are not eligible."""
+        call.begin(request.model)
+        plan, _, _ = self._embed_plan(request, call.principal)
+        return _explanation(plan.decision, self._is_local_only(request, call.principal), 0, 0, 0.0)
+
+    def _is_local_only(self, request: EmbedRequest, principal: Principal) -> bool:
+        model = request.model or self._registry.default.name
+        return bool(self._privacy.local_only_reason(model, principal, request.routing.policy is Policy.LOCAL_ONLY))
+
+    def _embed_plan(self, request: EmbedRequest, principal: Principal
+                    ) -> tuple[EmbedPlan, EmbeddingRequest, float | None]:
+        model = validation.model_name(request.model)
+        embedding = validation.embedding_request(request.inputs, request.dimensions, request.normalize,
+                                                 request.truncate)
+        keep_alive = self._request_keep_alive(model, validation.keep_alive(request.keep_alive_s), principal)
+        policy = Policy.LOCAL_ONLY if self._is_local_only(request, principal) else request.routing.policy
+        with _names_hidden(model, "model", principal):
+            plan = self._router.embed_plan(model, policy)
+        return plan, embedding, keep_alive
 
     def _admit(self, request: TextRequest, principal: Principal) -> Admitted:
         """Validates a text request and applies the operator's rules: limits, keep-alive, local-only."""

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from laas.core.types import ChatMessage, Constraint, GenerationChunk, ModelInfo, Tool, ToolChoice
+from laas.core.types import (
+    ChatMessage,
+    Constraint,
+    EmbeddingInput,
+    EmbeddingResult,
+    GenerationChunk,
+    ModelInfo,
+    Tool,
+    ToolChoice,
+)
 from laas.daemon.registry import ModelState
 from laas.router.policy import Policy, TargetKind
 
@@ -66,6 +75,19 @@ class TextRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """An Embed request as the client sent it (None: a field it left out)."""
+
+    model: str = ""
+    inputs: tuple[EmbeddingInput, ...] = ()
+    dimensions: int | None = None
+    normalize: bool | None = None  # None: True
+    truncate: bool = False
+    keep_alive_s: float | None = None
+    routing: Routing = Routing()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteInfo:
     """Where the chunks that follow come from, and why."""
 
@@ -86,6 +108,19 @@ class StreamChunk:
     chunk: GenerationChunk
     model: str = ""  # on the first chunk: the model the request resolved to
     route: RouteInfo | None = None  # on the first chunk of every route taken
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedReply:
+    """An Embed call's vectors, the model that made them and where they were computed."""
+
+    model: str
+    result: EmbeddingResult
+    route: RouteInfo
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.result.embeddings[0].vector) if self.result.embeddings else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,8 @@ class OnnxEngine(Engine):
         from tokenizers import Tokenizer
 
         manifest = read_manifest(folder)
+        if manifest.decoder is None:
+            raise ModelLoadError(f"{folder.name} is an embedding package, not a decoder")
         verify_files(folder, manifest)
         try:
             tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer))

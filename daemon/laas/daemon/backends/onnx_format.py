@@ -22,8 +22,11 @@ from laas.daemon.store import ModelStore
 
 
 def onnx_memory(manifest: Manifest, context_length: int) -> int:
-    """Resident bytes of a loaded ONNX package: its files, and the f32 KV cache preallocated for the context."""
+    """Resident bytes of a loaded ONNX package: its files, and the f32 KV cache preallocated for the context
+    (an embedding package: its files and the activations of one batch, within the compute overhead)."""
     d = manifest.decoder
+    if d is None:
+        return manifest.size_bytes + COMPUTE_OVERHEAD
     kv = d.num_layers * context_length * d.num_kv_heads * d.head_dim * 2 * 4
     return manifest.size_bytes + kv + COMPUTE_OVERHEAD
 
@@ -40,13 +43,20 @@ def describe(path: Path, config: ModelConfig) -> Described:
     manifest = read_manifest(path)
     verify_files(path, manifest, digests=False)
     n_ctx = min(config.context_length, manifest.context_length)
+    e = manifest.embedding
     info = ModelInfo(ModelFormat.ONNX, manifest.quantization, n_ctx, manifest.context_length, manifest.size_bytes,
-                     manifest.architecture)
+                     manifest.architecture, embedding_dimensions=e.dimensions if e else 0,
+                     matryoshka_dimensions=e.matryoshka_dimensions if e else ())
     return Described(info, onnx_memory(manifest, n_ctx), manifest)
 
 
 async def load(path: Path, described: Described, config: ModelConfig, threads: int, shared: Shared) -> Engine:
-    from laas.daemon.backends.onnx import OnnxEngine  # deferred: onnxruntime loads only to serve ONNX
+    # deferred: onnxruntime loads only to serve ONNX
+    if isinstance(described.metadata, Manifest) and described.metadata.embedding is not None:
+        from laas.daemon.backends.onnx_embed import OnnxEmbeddingEngine
+
+        return await OnnxEmbeddingEngine.load(path, threads=threads)
+    from laas.daemon.backends.onnx import OnnxEngine
 
     return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
 
