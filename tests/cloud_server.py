@@ -1,5 +1,6 @@
-"""Real OpenAI-compatible servers for tests: llama-cpp-python's own `llama_cpp.server` on loopback, and
-an /v1/embeddings server computing real vectors with an ONNX embedding package."""
+"""Real OpenAI-compatible servers for tests: llama-cpp-python's own `llama_cpp.server` on loopback (through
+tests/openai_server.py, which maps OpenAI's structured-output and `required` tool-choice shapes onto it),
+and an /v1/embeddings server computing real vectors with an ONNX embedding package."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 CLOUD_MODEL = "smol-cloud"
+SERVER = Path(__file__).with_name("openai_server.py")
 
 
 def free_port() -> int:
@@ -28,7 +30,7 @@ class CloudServer:
     def __init__(self, model_file: Path, n_ctx: int = 8192, threads: int = 1) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file), "--model_alias", CLOUD_MODEL,
+            [sys.executable, str(SERVER), "--model", str(model_file), "--model_alias", CLOUD_MODEL,
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
              "--interrupt_requests", "False", "--verbose", "False"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -9,7 +9,7 @@ NAME = {"type": "string", "minLength": 1, "maxLength": 16}
 
 SCHEMAS: list[tuple[str, str, dict[str, Any]]] = [
     ("integer", "How old is a cat? Answer as JSON.", {"type": "object", "properties": {
-        "age": {"type": "integer", "minimum": 0, "maximum": 30}}, "required": ["age"]}),
+        "age": {"type": "integer", "minimum": 0, "maximum": 30}}, "required": ["age"], "additionalProperties": False}),
     ("bool", "Is the sky blue? Answer as JSON.", {"type": "object", "properties": {
         "answer": {"type": "boolean"}}, "required": ["answer"], "additionalProperties": False}),
     ("enum", "What colour is grass? Answer as JSON.", {"type": "object", "properties": {

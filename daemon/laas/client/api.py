@@ -17,33 +17,43 @@ from laas.client.types import (
     ModelDescription,
     Result,
     chunk_from_pb,
+    constraint_pb,
     embed_request_pb,
     embeddings_from_pb,
     error_from_rpc,
     explanation_from_pb,
+    message_pb,
     model_from_pb,
     routing_pb,
     sampling_pb,
+    tools_pb,
 )
 from laas.core.addresses import DEFAULT_LISTEN
+from laas.core.types import ChatMessage
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 
-Message = Mapping[str, str] | tuple[str, str]
+Message = Mapping[str, str] | tuple[str, str] | ChatMessage
 
 
 def _chat_request(messages: Sequence[Message], model: str, sampling: Mapping[str, Any]) -> pb.ChatRequest:
-    wire = [pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
-            else pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-    routing, keep_alive, sampling = _split_options(sampling)
-    return pb.ChatRequest(model=model, messages=wire, sampling=sampling_pb(**sampling), routing=routing,
-                          keep_alive_s=keep_alive)
+    """`sampling` holds SamplingParams' keywords, the routing ones, keep_alive_s, and constraint (a
+    core Constraint), tools (core Tools) and tool_choice (a core ToolChoice)."""
+    options = dict(sampling)
+    tools, choice = tools_pb(options.pop("tools", ()), options.pop("tool_choice", None))
+    constraint = constraint_pb(options.pop("constraint", None))
+    routing, keep_alive, options = _split_options(options)
+    return pb.ChatRequest(model=model, messages=[message_pb(m) for m in messages], sampling=sampling_pb(**options),
+                          routing=routing, keep_alive_s=keep_alive, constraint=constraint, tools=tools,
+                          tool_choice=choice)
 
 
 def _generate_request(prompt: str, model: str, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
-    routing, keep_alive, sampling = _split_options(sampling)
-    return pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**sampling), routing=routing,
-                              keep_alive_s=keep_alive)
+    options = dict(sampling)
+    constraint = constraint_pb(options.pop("constraint", None))
+    routing, keep_alive, options = _split_options(options)
+    return pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling_pb(**options), routing=routing,
+                              keep_alive_s=keep_alive, constraint=constraint)
 
 
 def _explain_request(prompt: str | None, messages: Sequence[Message], model: str,

@@ -9,9 +9,14 @@ from typing import Any
 import grpc
 
 from laas.core.errors import FIELD_METADATA_KEY, LaasError, error_for_status
+from laas.core.types import ChatMessage, Constraint, TokenLogprob, Tool, ToolCallDelta, ToolChoice, ToolChoiceMode
 from laas.v1 import runtime_pb2 as pb
 
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+           pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
+_TOOL_CHOICE = {ToolChoiceMode.AUTO: pb.TOOL_CHOICE_MODE_AUTO, ToolChoiceMode.NONE: pb.TOOL_CHOICE_MODE_NONE,
+                ToolChoiceMode.REQUIRED: pb.TOOL_CHOICE_MODE_REQUIRED,
+                ToolChoiceMode.FUNCTION: pb.TOOL_CHOICE_MODE_FUNCTION}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,8 @@ class Chunk:
     model: str = ""
     route: Route | None = None
     cached_prompt_tokens: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # pieces of tool calls (Chat with tools)
+    logprobs: tuple[TokenLogprob, ...] = ()  # with logprobs=True: the tokens of `text`
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,15 +163,50 @@ def route_from_pb(r: pb.RouteInfo) -> Route:
                  local_only=r.local_only, redacted=r.redacted)
 
 
+def _logprob_from_pb(e: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(e.token_id, e.token, e.logprob, tuple(_logprob_from_pb(t) for t in e.top_logprobs))
+
+
 def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
     route = route_from_pb(msg.route) if msg.HasField("route") else None
+    calls = tuple(ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in msg.tool_calls)
+    logprobs = tuple(_logprob_from_pb(e) for e in msg.logprobs)
     if msg.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-        return Chunk(text=msg.text, model=msg.model, route=route)
+        return Chunk(text=msg.text, model=msg.model, route=route, tool_calls=calls, logprobs=logprobs)
     t = msg.timings
     timings = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
     return Chunk(text=msg.text, finish_reason=_FINISH.get(msg.finish_reason, "unknown"),
                  prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
-                 timings=timings, model=msg.model, route=route, cached_prompt_tokens=msg.usage.cached_prompt_tokens)
+                 timings=timings, model=msg.model, route=route, cached_prompt_tokens=msg.usage.cached_prompt_tokens,
+                 tool_calls=calls, logprobs=logprobs)
+
+
+def constraint_pb(c: Constraint | None) -> pb.Constraint:
+    """A constraint for a request (None: none)."""
+    if c is None:
+        return pb.Constraint()
+    if c.kind.value == "json_object":
+        return pb.Constraint(json_object=True)
+    out = pb.Constraint()
+    setattr(out, c.kind.value, c.text)
+    return out
+
+
+def message_pb(m: Mapping[str, str] | tuple[str, str] | ChatMessage) -> pb.ChatMessage:
+    """A chat message: {"role", "content"}, (role, content) or a ChatMessage (with tool calls or results)."""
+    if isinstance(m, tuple):
+        return pb.ChatMessage(role=m[0], content=m[1])
+    if isinstance(m, ChatMessage):
+        return pb.ChatMessage(role=m.role, content=m.content, tool_call_id=m.tool_call_id, name=m.name,
+                              tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                                          for c in m.tool_calls])
+    return pb.ChatMessage(role=m["role"], content=m["content"])
+
+
+def tools_pb(tools: Sequence[Tool], choice: ToolChoice | None) -> tuple[list[pb.Tool], pb.ToolChoice]:
+    choice = choice or ToolChoice()
+    return ([pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in tools],
+            pb.ToolChoice(mode=_TOOL_CHOICE[choice.mode], function=choice.name))
 
 
 _POLICIES = {"auto": pb.ROUTING_POLICY_AUTO, "local_only": pb.ROUTING_POLICY_LOCAL_ONLY,
@@ -196,7 +238,7 @@ def sampling_pb(max_tokens: int | None = None, temperature: float | None = None,
                 top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
                 stop: Sequence[str] = (), repeat_penalty: float | None = None,
                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                ignore_eos: bool = False) -> pb.SamplingParams:
+                ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0) -> pb.SamplingParams:
     values: dict[str, Any] = {k: v for k, v in locals().items() if v is not None and k not in ("stop", "ignore_eos")}
     return pb.SamplingParams(stop=list(stop), ignore_eos=ignore_eos, **values)
 

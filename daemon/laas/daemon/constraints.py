@@ -222,7 +222,21 @@ def llama_tokenizer(vocab: Any, n_vocab: int) -> Any:
 
 
 def json_tokenizer(tokenizer_json: str, n_vocab: int, eos: Sequence[int]) -> Any:
-    """llguidance's tokenizer over a Hugging Face tokenizer.json (the ONNX engine's)."""
+    """llguidance's tokenizer over a Hugging Face tokenizer.json (the ONNX engine's).
+
+    llguidance reads a byte-level BPE's token bytes only from a plain ByteLevel decoder; tokenizers converted
+    from GGUF by transformers carry a Sequence of decoders around it (ByteFallback, Fuse, Replace,
+    ByteLevel), which it would read as text ("Ġ" instead of a space). A byte-level pre-tokenizer says what
+    the vocabulary is: the decoder is made plain ByteLevel for llguidance (the engine's own is untouched)."""
+    import json
+
     import llguidance
 
+    spec = json.loads(tokenizer_json)
+    pre = spec.get("pre_tokenizer") or {}
+    byte_level = pre.get("type") == "ByteLevel" or any(
+        p.get("type") == "ByteLevel" for p in pre.get("pretokenizers") or ())
+    if byte_level and (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+        tokenizer_json = json.dumps(spec)
     return llguidance.LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(eos) or None)

@@ -61,6 +61,7 @@ def build_router(settings: Settings, registry: ModelRegistry, device: LocalModel
             clock=time.monotonic,
             redactor=Redactor(settings.redact_patterns) if (settings.redact_peers if r.kind == "peer"
                                                            else settings.redact_cloud) else None,
+            capabilities=frozenset(r.capabilities) if r.capabilities is not None else None,
             embedder=endpoints[i] if r.embedding_models else None,
         )
         for i, r in enumerate(settings.remotes)

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from laas.core.addresses import DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN
 from laas.core.errors import InvalidArgument
 from laas.daemon.backends.formats import FORMATS
+from laas.router.policy import CAPABILITIES
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 ENV_PREFIX = "LAAS_"
@@ -164,6 +165,10 @@ class RemoteConfig(_Table, frozen=True):
     inter_token_ms: Float = Field(default=25.0, description="First guess of the time between tokens, until measured.")
     tls_ca: str = Field(default="", description="peer: connect with TLS, trusting this CA (PEM file); the API key is "
                                         "the peer's token.")
+    capabilities: Names | None = Field(default=None, description=(
+        "What it can do, of json_schema, json_object, regex, lark, gbnf (constraints), tools, logprobs; requests "
+        "that need something else never go to it. Unset: a peer all, a cloud json_schema, json_object, tools, "
+        "logprobs."))
     embedding_models: dict[str, str] = Field(default_factory=dict, description=(
         "Embed: the embedding models it serves, as {requested name = its own name for that very model}; Embed "
         "goes only to targets declared for the requested model (cloud: POST /embeddings; peer: Embed)."))
@@ -172,6 +177,9 @@ class RemoteConfig(_Table, frozen=True):
     def _cloud_needs_a_model(self) -> Self:
         if self.kind == "cloud" and not self.model:
             raise refusal("is required for a cloud endpoint", "model")
+        unknown = sorted(set(self.capabilities or ()) - set(CAPABILITIES))
+        if unknown:
+            raise refusal(f"has unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}", "capabilities")
         return self
 
 

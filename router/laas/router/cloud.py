@@ -7,7 +7,11 @@ mid-way, an event that is not the expected JSON or is too large, no token within
 the call past `call_timeout_s`) becomes TargetFailed, which the router answers by failing over (before
 the first token: the next target; mid-stream: the next one continues). Pings and empty deltas do not
 count as tokens. Closing the generator closes the HTTP stream, so a cancelled client request cancels
-the cloud call too. The API key is read once from an environment variable or a file and is never
+the cloud call too. Constraints, tools and logprobs go in OpenAI's form (`response_format` json_schema or
+json_object, a GBNF grammar as llama.cpp's `grammar` extension; `tools`, `tool_choice`, the history's
+`tool_calls` and `tool` messages; `logprobs`, `top_logprobs`) and come back as domain chunks: streamed
+`tool_calls` deltas as ToolCallDelta, `logprobs.content` as TextDelta.logprobs, finish_reason
+"tool_calls" as TOOL_CALLS. The API key is read once from an environment variable or a file and is never
 logged or repr'd; what the endpoint says about a failure goes to the log (secrets masked), not to
 clients, since an error page may echo the request's Authorization header.
 """
@@ -31,7 +35,9 @@ import httpx
 
 from laas.core.errors import InvalidArgument, TargetFailed
 from laas.core.types import (
+    ChatMessage,
     Completion,
+    ConstraintKind,
     Embedding,
     EmbeddingRequest,
     EmbeddingResult,
@@ -40,13 +46,17 @@ from laas.core.types import (
     GenerationRequest,
     TextDelta,
     Timings,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolChoiceMode,
     Usage,
 )
 from laas.router.sse import EventTooLarge, SseDecoder
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eos": FinishReason.STOP}
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eos": FinishReason.STOP,
+           "tool_calls": FinishReason.TOOL_CALLS, "function_call": FinishReason.TOOL_CALLS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +115,22 @@ class CloudEngine:
             body["stop"] = list(s.stop)
         if s.ignore_eos:  # an extension (llama.cpp's server, vLLM); sent only when asked for
             body["ignore_eos"] = True
+        _constraint(body, request)
+        chat = bool(request.messages) or self.config.chat_only
+        if s.logprobs:
+            if chat:
+                body["logprobs"], body["top_logprobs"] = True, s.top_logprobs
+            else:
+                body["logprobs"] = s.top_logprobs or 1  # /completions: the number of alternatives
+        if request.tools:
+            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                               "parameters": json.loads(t.parameters)}}
+                             for t in request.tools]
+            choice = request.tool_choice
+            body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
+                                   if choice.mode is ToolChoiceMode.FUNCTION else choice.mode.value)
         if request.messages:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = [_message(m) for m in request.messages]
             return "/chat/completions", body
         if self.config.chat_only:
             body["messages"] = [{"role": "user", "content": request.prompt}]
@@ -130,6 +154,7 @@ class CloudEngine:
         tokens = 0
         finish: FinishReason | None = None
         usage: dict[str, Any] = {}
+        named: set[int] = set()  # tool calls whose id and name were sent (some servers repeat them)
         decoder = SseDecoder()
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -151,13 +176,13 @@ class CloudEngine:
                             break
                         if not data.strip():
                             continue
-                        text, reason, event_usage = self._parse_event(data)
+                        items, reason, event_usage = self._parse_event(data)
                         usage.update(event_usage)
-                        if text:
+                        for item in _tool_deltas(items, named):
                             last = time.perf_counter()
                             first = first or last
                             tokens += 1
-                            yield TextDelta(text)
+                            yield item
                             next_token = clock() + cfg.read_timeout_s  # from when the consumer asks again
                         if reason is not None:
                             finish = _FINISH.get(reason, FinishReason.STOP)
@@ -231,7 +256,7 @@ class CloudEngine:
             phrase = "error"
         return TargetFailed(f"{self.config.name}: HTTP {status} {phrase}")
 
-    def _parse_event(self, data: str) -> tuple[str, str | None, dict[str, Any]]:
+    def _parse_event(self, data: str) -> tuple[list[GenerationChunk], str | None, dict[str, Any]]:
         name = self.config.name
         try:
             payload = json.loads(data)
@@ -243,14 +268,26 @@ class CloudEngine:
                 raise TypeError("usage is not an object")
             choices = payload.get("choices") or []
             if not choices:
-                return "", None, usage
+                return [], None, usage
             choice = choices[0]
+            delta = choice.get("delta") or {}
             text = choice.get("text")
             if text is None:
-                text = (choice.get("delta") or {}).get("content") or ""
+                text = delta.get("content") or ""
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
-            return text, choice.get("finish_reason"), usage
+            items: list[GenerationChunk] = []
+            logprobs = _logprobs(choice.get("logprobs"))
+            if text or logprobs:
+                items.append(TextDelta(text, logprobs))
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                name, arguments = function.get("name") or "", function.get("arguments") or ""
+                if not isinstance(name, str) or not isinstance(arguments, str):
+                    raise TypeError("a tool call's name or arguments are not strings")
+                if name or arguments:
+                    items.append(ToolCallDelta(int(call.get("index", 0)), str(call.get("id") or ""), name, arguments))
+            return items, choice.get("finish_reason"), usage
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
             log.warning("%s sent an unexpected event: %s", name, self._masked(data[:200]))
             raise TargetFailed(f"{name}: unexpected event (not the expected JSON)") from e
@@ -260,6 +297,65 @@ class CloudEngine:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _constraint(body: dict[str, Any], request: GenerationRequest) -> None:
+    """A constraint in OpenAI's form (a GBNF grammar as llama.cpp's server takes it). Regex and Lark have no
+    OpenAI form: the router sends them only to an endpoint declared capable, as llama.cpp-style `grammar`."""
+    c = request.sampling.constraint
+    if c is None:
+        return
+    if c.kind is ConstraintKind.JSON_SCHEMA:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": json.loads(c.text), "strict": True}}
+    elif c.kind is ConstraintKind.JSON_OBJECT:
+        body["response_format"] = {"type": "json_object"}
+    elif c.kind is ConstraintKind.GBNF:
+        body["grammar"] = c.text
+    elif c.kind is ConstraintKind.REGEX:
+        body["regex"] = c.text  # vLLM's extension (guided decoding)
+    else:
+        body["grammar"] = c.text
+
+
+def _tool_deltas(items: list[GenerationChunk], named: set[int]) -> list[GenerationChunk]:
+    """Tool-call deltas as laas streams them: a call's id and name once, in a delta of their own, then only
+    argument fragments (servers differ: some repeat the name in every delta, some send it with arguments)."""
+    out: list[GenerationChunk] = []
+    for item in items:
+        if not isinstance(item, ToolCallDelta):
+            out.append(item)
+            continue
+        if item.index not in named and (item.name or item.id):
+            named.add(item.index)
+            out.append(ToolCallDelta(item.index, item.id, item.name))
+        if item.arguments:
+            out.append(ToolCallDelta(item.index, arguments=item.arguments))
+    return out
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name and m.role == "tool":
+        out["name"] = m.name
+    return out
+
+
+def _logprobs(value: Any) -> tuple[TokenLogprob, ...]:
+    """OpenAI's chat `logprobs.content[]` ({token, logprob, top_logprobs[]}); token ids are not sent (-1)."""
+    if not isinstance(value, dict) or not isinstance(value.get("content"), list):
+        return ()
+
+    def entry(item: dict[str, Any], top: bool) -> TokenLogprob:
+        alternatives = () if not top else tuple(entry(t, False) for t in item.get("top_logprobs") or ())
+        return TokenLogprob(-1, str(item["token"]), float(item["logprob"]), alternatives)
+
+    return tuple(entry(item, True) for item in value["content"])
 
 
 _ERROR_BODY_BYTES = 4096  # of an error answer, kept for the log

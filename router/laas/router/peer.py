@@ -1,7 +1,9 @@
 """Another laasd as a remote Endpoint (remote.py), over our own gRPC API: the shape LAN peers take.
 
-Layer: infrastructure. The request is sent LOCAL_ONLY, so a peer never forwards what it got from a
-peer (no loops). Any failure of the peer becomes TargetFailed, and the router fails over.
+Layer: infrastructure. Constraints, tools (and the history's calls and results) and logprobs travel as
+laas.v1 has them; tool-call deltas and logprobs come back as they are. The request is sent LOCAL_ONLY,
+so a peer never forwards what it got from a peer (no loops). Any failure of the peer becomes
+TargetFailed, and the router fails over.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from laas.core.types import (
     Usage,
 )
 
-_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}
 
 
 class PeerEngine:
@@ -48,17 +50,20 @@ class PeerEngine:
         return self._context_length
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        sampling: dict[str, Any] = dataclasses.asdict(request.sampling)  # the client takes the same names
+        sampling: dict[str, Any] = {f.name: getattr(request.sampling, f.name)  # the client takes the same names
+                                    for f in dataclasses.fields(request.sampling)}
         client = self._connect()
         if request.messages:
-            stream = client.chat([(m.role, m.content) for m in request.messages], model=self.model,
-                                       policy="local_only", **sampling)
+            stream = client.chat(request.messages, model=self.model, policy="local_only", tools=request.tools,
+                                 tool_choice=request.tool_choice, **sampling)
         else:
             stream = client.generate(request.prompt, model=self.model, policy="local_only", **sampling)
         try:
             async for chunk in stream:
-                if chunk.text:
-                    yield TextDelta(chunk.text)
+                if chunk.text or chunk.logprobs:
+                    yield TextDelta(chunk.text, chunk.logprobs)
+                for delta in chunk.tool_calls:
+                    yield delta
                 if chunk.finish_reason is not None:
                     t = chunk.timings
                     yield Completion(

@@ -5,8 +5,10 @@ that could serve the model, an estimate (context window, availability, predicted
 is an ordered list of targets (the first is the route, the rest its failovers) with the reason.
 
 Rules, in order:
-1. A target must fit the request (prompt + max_tokens within its context window) and be available
-   (loaded, circuit closed); LOCAL_ONLY keeps only the device, CLOUD_ONLY only remote targets.
+1. A target must fit the request (prompt + max_tokens within its context window), be available
+   (loaded, circuit closed) and have what the request needs (a constraint's kind, tools, logprobs: a
+   remote target declared without one is not eligible); LOCAL_ONLY keeps only the device, CLOUD_ONLY
+   only remote targets.
 2. With a latency budget: the device when it meets it (cost and privacy); else the fastest target
    that meets it; else the fastest target ("nothing meets the deadline").
 3. Without a budget, or with PREFER_LOCAL: the device when it fits; else the fastest remote target.
@@ -32,6 +34,17 @@ class TargetKind(enum.Enum):
     LOCAL = "local"
     PEER = "peer"
     CLOUD = "cloud"
+
+
+# What a request may need of a target (RoutedRequest.needs): a constraint's kind, tools, logprobs. The
+# device and LAN peers (laas.v1) have them all; an OpenAI-compatible cloud has the first two kinds of
+# constraint, tools and logprobs (regex and grammars are extensions some servers have: declare them).
+CAPABILITIES = ("json_schema", "json_object", "regex", "lark", "gbnf", "tools", "logprobs")
+CLOUD_CAPABILITIES = frozenset({"json_schema", "json_object", "tools", "logprobs"})
+# The API field a need comes from, for the error when no target has it.
+NEED_FIELDS = {"json_schema": "constraint.json_schema", "json_object": "constraint.json_object",
+               "regex": "constraint.regex", "lark": "constraint.lark", "gbnf": "constraint.gbnf",
+               "tools": "tools", "logprobs": "sampling.logprobs"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +96,7 @@ class Estimate:
     available: bool
     predicted_ms: float
     unavailable_reason: str = ""
+    missing: tuple[str, ...] = ()  # capabilities the request needs that the target lacks (CAPABILITIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +139,8 @@ def _judge(query: Query, e: Estimate) -> Judged:
         return Judged(e, False, meets, "LOCAL_ONLY keeps the request on the device", "policy")
     if query.policy is Policy.CLOUD_ONLY and e.kind is TargetKind.LOCAL:
         return Judged(e, False, meets, "CLOUD_ONLY sends the request off the device", "policy")
+    if e.missing:
+        return Judged(e, False, meets, f"lacks {', '.join(e.missing)} (its declared capabilities)", "capability")
     if not e.available:
         return Judged(e, False, meets, e.unavailable_reason or "unavailable", "unavailable")
     needed = query.prompt_tokens + _max_tokens(query, e)
@@ -181,4 +197,8 @@ def _nothing_fits(query: Query, judged: tuple[Judged, ...]) -> Exception:
         return OutOfRange(message, field="prompt" if prompt_too_long else "sampling.max_tokens")
     if judged and all(j.why == "policy" for j in judged):
         return InvalidArgument(message, field="routing.policy")
+    lacking = [j for j in judged if j.why == "capability"]
+    if lacking and all(j.why in ("policy", "capability") for j in judged):
+        field = NEED_FIELDS.get(lacking[0].estimate.missing[0], "request")
+        return InvalidArgument(f"{field}: {message}", field=field)
     return Unavailable(message)

@@ -20,7 +20,7 @@ from laas.core.types import Completion, EmbeddingRequest, EmbeddingResult, Gener
 from laas.router.embedding import Embedder
 from laas.router.latency import CircuitBreaker, RemoteEstimator
 from laas.router.load import Hold
-from laas.router.policy import Estimate, TargetKind
+from laas.router.policy import CAPABILITIES, CLOUD_CAPABILITIES, Estimate, TargetKind
 from laas.router.redact import Mapping, Redaction, Redactor, Restorer
 from laas.router.targets import Admitted, RoutedRequest, Streamed
 
@@ -45,9 +45,12 @@ class Endpoint(Protocol):
 class RemoteTarget:
     def __init__(self, name: str, kind: TargetKind, engine: Endpoint, estimator: RemoteEstimator,
                  breaker: CircuitBreaker, clock: Clock, redactor: Redactor | None = None,
-                 embedder: Embedder | None = None) -> None:
+                 capabilities: frozenset[str] | None = None, embedder: Embedder | None = None) -> None:
         self.embedder = embedder  # its embeddings API; None: it serves no embeddings
         self.redactor = redactor  # personal data is replaced before a request leaves for this target
+        # What it can do (policy.CAPABILITIES); by default a peer all, a cloud endpoint OpenAI's.
+        self.capabilities = capabilities if capabilities is not None else (
+            frozenset(CAPABILITIES) if kind is TargetKind.PEER else CLOUD_CAPABILITIES)
         self.name = name
         self.kind = kind
         self.engine = engine  # the endpoint
@@ -92,7 +95,8 @@ class RemoteTarget:
         allowed, reason = self._circuit()
         predicted = self.estimator.predict_ms(admitted.prompt_tokens,
                                               admitted.max_tokens(self.context_length, self.kind), self._clock())
-        return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason)
+        missing = tuple(sorted(admitted.request.needs() - self.capabilities))
+        return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason, missing)
 
     def reserve(self, admitted: Admitted) -> Hold:
         return self.estimator.hold(admitted.prompt_tokens, admitted.max_tokens(self.context_length, self.kind),
@@ -141,7 +145,7 @@ class RemoteTarget:
                         first = time.perf_counter()
                         hold.start(self._clock())
                     if restorer is not None:  # placeholders back to the values; a split one waits for its end
-                        chunk = TextDelta(restorer.feed(chunk.text))
+                        chunk = replace(chunk, text=restorer.feed(chunk.text))
                         if not chunk.text:
                             continue
                 elif isinstance(chunk, Completion):

@@ -24,6 +24,7 @@ embed. Its route is the router's embed_plan: only targets serving that very mode
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -122,6 +123,16 @@ def model_status(entry: ModelEntry) -> ModelStatus:
     )
 
 
+async def _check_constraints(admitted: Admitted) -> None:
+    """The request's constraint (or the grammar its tool_choice implies) compiles and admits some output:
+    INVALID_ARGUMENT naming the field otherwise, before it is routed. Compiling is blocking: in a thread."""
+    forced = forced_call(admitted.tools, admitted.tool_choice)
+    if forced is not None:  # each tool's parameters are a usable schema
+        await asyncio.to_thread(constraints.check, forced, "tools")
+    if admitted.sampling.constraint is not None:
+        await asyncio.to_thread(constraints.check, admitted.sampling.constraint)
+
+
 def _explanation(d: Decision, local_only: bool, prompt_tokens: int, max_tokens: int, budget_ms: float
                  ) -> Explanation:
     chosen = RouteInfo(d.chosen.target, d.chosen.kind, d.reason, d.chosen.predicted_ms, False, local_only)
@@ -161,6 +172,7 @@ class Runtime:
         try:
             self._lifecycle.check()
             admitted = self._admit(request, call.principal)
+            await _check_constraints(admitted)
             plan, run = await self._route(admitted, call.principal)
             local_only = admitted.policy is Policy.LOCAL_ONLY
             ttft_ms: float | None = None
@@ -202,7 +214,9 @@ class Runtime:
     async def explain_route(self, request: TextRequest, call: Call) -> Explanation:
         """The route a Generate or Chat request would take now, and why, without running it."""
         call.begin(request.model, request.prompt if request.messages is None else request.messages)
-        plan, _ = await self._route(self._admit(request, call.principal), call.principal)
+        admitted = self._admit(request, call.principal)
+        await _check_constraints(admitted)
+        plan, _ = await self._route(admitted, call.principal)
         q = plan.query
         return _explanation(plan.decision, q.policy is Policy.LOCAL_ONLY, q.prompt_tokens,
                             q.max_tokens or q.default_max_tokens, q.budget_ms or 0.0)
@@ -269,14 +283,10 @@ class Runtime:
         else:
             prompt = validation.prompt(request.prompt)
         tools = validation.tools(request.tools, request.tool_choice, request.messages is not None)
-        forced = forced_call(tools, request.tool_choice)
-        if forced is not None:  # the call's grammar compiles (each tool's parameters are a usable schema)
-            constraints.check(forced, "tools")
         if request.constraint is not None:
-            if forced is not None:
+            if forced_call(tools, request.tool_choice) is not None:
                 raise InvalidArgument("constraint: not with tool_choice required or a function (that is a "
                                       "constraint already)", field="constraint")
-            constraints.check(request.constraint)
             sampling = replace(sampling, constraint=request.constraint)
         policy = request.routing.policy
         if self._privacy.local_only_reason(model or self._registry.default.name, principal,
