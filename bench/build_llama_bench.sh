@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-bench` from the llama.cpp sources vendored in the llama-cpp-python sdist of the
-# version installed in the project's venv, so bench/batching.py compares laasd against the very same
-# llama.cpp the daemon links. CPU only, Release, native CPU flags and OpenMP (llama.cpp's defaults, as in
+# Builds llama.cpp's `llama-bench` (or another of its CMake targets, e.g. `llama-server`) from the llama.cpp
+# sources vendored in the llama-cpp-python sdist of the version installed in the project's venv, so
+# bench/batching.py and bench/http_vs_llama_server.py compare laasd against the very same llama.cpp the
+# daemon links. CPU only, Release, native CPU flags and OpenMP (llama.cpp's defaults, as in
 # the installed wheel). Idempotent: the sdist, the unpacked tree and the build folder are reused.
 #
 # Everything goes into $LLAMA_BENCH_DIR (default /work/llama-bench), never into the repository.
-# The last line printed is the binary's path.
+# One line per target built is printed, the binary's path; the last line is the last target's binary.
 #
-# Usage: bench/build_llama_bench.sh            (env: LLAMA_BENCH_DIR, PYTHON, JOBS, CXX)
-#        nice -n 19 bench/build_llama_bench.sh  (on a shared machine)
+# Usage: bench/build_llama_bench.sh [TARGET...]   (default: llama-bench; env: LLAMA_BENCH_DIR, PYTHON, JOBS, CXX)
+#        bench/build_llama_bench.sh llama-server   (the OpenAI-compatible server, for bench/http_vs_llama_server.py)
+#        nice -n 19 bench/build_llama_bench.sh     (on a shared machine)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 DIR="${LLAMA_BENCH_DIR:-/work/llama-bench}"
 JOBS="${JOBS:-2}"
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(llama-bench)
 
 die() { echo "build_llama_bench: $*" >&2; exit 1; }
+for t in "${TARGETS[@]}"; do
+  case "$t" in
+    llama-*) ;;
+    *) die "unknown target '$t' (llama.cpp's binaries are named llama-*, e.g. llama-bench, llama-server)" ;;
+  esac
+done
 
 case "$(realpath -m "$DIR")/" in
   "$ROOT"/*) die "LLAMA_BENCH_DIR ($DIR) is inside the repository; choose a folder outside $ROOT" ;;
@@ -34,7 +44,6 @@ VERSION="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("llama-
 SRC="$DIR/llama_cpp_python-$VERSION"
 LLAMA="$SRC/vendor/llama.cpp"
 BUILD="$LLAMA/build"
-BIN="$BUILD/bin/llama-bench"
 mkdir -p "$DIR/sdist"
 
 # 1. The sdist of exactly the installed version.
@@ -61,16 +70,21 @@ if [ ! -f "$LLAMA/CMakeLists.txt" ]; then
   rmdir "$tmp"
 fi
 
-# 3. Configure (CPU only, Release, static libraries: one self-contained binary) and build llama-bench only.
-if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+# 3. Configure (CPU only, Release, static libraries: self-contained binaries) and build only the targets
+# asked for. The server's targets are configured too (it costs nothing until built); a build folder
+# configured before without them (LLAMA_BUILD_SERVER=OFF) is reconfigured in place.
+if ! grep -q '^LLAMA_BUILD_SERVER:BOOL=ON$' "$BUILD/CMakeCache.txt" 2>/dev/null; then
   echo "configuring $LLAMA"
   cmake -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="$CXX_BIN" \
     -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_SYCL=OFF -DGGML_OPENCL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >&2
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
 fi
 start=$SECONDS
-cmake --build "$BUILD" --target llama-bench -j"$JOBS" >&2
-echo "llama-bench built in $((SECONDS - start)) s (llama.cpp from llama-cpp-python $VERSION)" >&2
-[ -x "$BIN" ] || die "the build finished but $BIN is missing"
-echo "$BIN"
+cmake --build "$BUILD" --target "${TARGETS[@]}" -j"$JOBS" >&2
+echo "${TARGETS[*]} built in $((SECONDS - start)) s (llama.cpp from llama-cpp-python $VERSION)" >&2
+for t in "${TARGETS[@]}"; do
+  BIN="$BUILD/bin/$t"
+  [ -x "$BIN" ] || die "the build finished but $BIN is missing"
+  echo "$BIN"
+done
