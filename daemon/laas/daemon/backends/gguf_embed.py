@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from laas.core.engine import Engine
-from laas.core.errors import InvalidArgument, ModelLoadError, OutOfRange, Unsupported
+from laas.core.errors import InvalidArgument, ModelLoadError, OutOfRange
 from laas.core.types import (
-    ChatMessage,
     Embedding,
     EmbeddingRequest,
     EmbeddingResult,
-    GenerationChunk,
-    GenerationRequest,
     ModelFormat,
     ModelInfo,
-    Tool,
 )
+from laas.daemon.backends.embedding_engine import EmbeddingEngine
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.pooling import check_dimensions, finish
 from laas.daemon.backends.worker import NativeClaims
@@ -51,7 +47,7 @@ def declared_pooling(header: GgufHeader) -> str | None:
     return POOLINGS.get(value)
 
 
-class GgufEmbeddingEngine(Engine):
+class GgufEmbeddingEngine(EmbeddingEngine):
     def __init__(self, path: Path, llm: Any, info: ModelInfo, window: int) -> None:
         self._path = path
         self._llm: Any = llm
@@ -103,16 +99,9 @@ class GgufEmbeddingEngine(Engine):
         ids: list[int] = llm.tokenize(text.encode(), add_bos=add_special, special=False)
         return ids
 
-    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
-        raise self._cannot_generate()
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        raise self._cannot_generate()
-        yield  # pragma: no cover - makes this an async generator
-
-    def _cannot_generate(self) -> Unsupported:
-        return Unsupported(f"model {self._path.name!r} is an embedding model: it serves Embed, not Generate or Chat",
-                           field="model")
+    @property
+    def _model_name(self) -> str:
+        return self._path.name
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         return await self._native.run(lambda: self.embed_blocking(request))

@@ -11,26 +11,22 @@ most `parallel` batches run at once. It cannot generate text: Generate and Chat 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from laas.core.engine import Engine
-from laas.core.errors import InvalidArgument, ModelLoadError, OutOfRange, Unsupported
+from laas.core.errors import InvalidArgument, ModelLoadError, OutOfRange
 from laas.core.types import (
-    ChatMessage,
     Embedding,
     EmbeddingRequest,
     EmbeddingResult,
-    GenerationChunk,
-    GenerationRequest,
     ModelFormat,
     ModelInfo,
-    Tool,
 )
+from laas.daemon.backends.embedding_engine import EmbeddingEngine
 from laas.daemon.backends.onnx_decoder import session_options
 from laas.daemon.backends.pooling import check_dimensions, finish, pool
 from laas.daemon.backends.worker import NativeClaims
@@ -39,7 +35,7 @@ from laas.daemon.onnx_package import EmbeddingSpec, Manifest, read_manifest, ver
 BATCH = 32  # inputs per forward pass: sorted by length, so each batch pads little
 
 
-class OnnxEmbeddingEngine(Engine):
+class OnnxEmbeddingEngine(EmbeddingEngine):
     """Serves one embedding package. Construct with :meth:`load`."""
 
     def __init__(self, folder: Path, manifest: Manifest, spec: EmbeddingSpec, session: Any, tokenizer: Any) -> None:
@@ -103,16 +99,9 @@ class OnnxEmbeddingEngine(Engine):
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special).ids
         return ids
 
-    async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
-        raise self._cannot_generate()
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        raise self._cannot_generate()
-        yield  # pragma: no cover - makes this an async generator
-
-    def _cannot_generate(self) -> Unsupported:
-        return Unsupported(f"model {self._manifest.name!r} is an embedding model: it serves Embed, "
-                           "not Generate or Chat", field="model")
+    @property
+    def _model_name(self) -> str:
+        return self._manifest.name
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         return await self._native.run(lambda: self.embed_blocking(request))

@@ -15,9 +15,9 @@ is read whole. The route taken is on the first chunk (`laas.route`) and in the `
 # dependencies in them (opening(...)) are local to create_app.
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -83,6 +83,19 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+T = TypeVar("T")
+
+
+def _converted(http_call: HttpCall, model: str, convert_body: Callable[[], T]) -> T:
+    """The body in domain terms; a refusal ends the call (begun for `model`, so the audit names it)."""
+    try:
+        return convert_body()
+    except LaasError as e:
+        http_call.call.begin(model)
+        http_call.end(e)
+        raise
 
 
 def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
@@ -156,12 +169,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
                                http_call: Annotated[HttpCall, opening("ChatCompletions", "generate", True)]
                                ) -> Response:
         """Chat: the model's template over `messages`, then completion (streamed with `stream`)."""
-        try:
-            text = convert.chat_request(body)
-        except LaasError as e:
-            http_call.call.begin(body.model)
-            http_call.end(e)
-            raise
+        text = _converted(http_call, body.model, lambda: convert.chat_request(body))
         usage = body.stream_options is not None and body.stream_options.include_usage
         return await generate(request, http_call, text, True, body.stream, usage)
 
@@ -169,12 +177,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
     async def completions(request: Request, body: CompletionRequest,
                           http_call: Annotated[HttpCall, opening("Completions", "generate", True)]) -> Response:
         """Text completion of `prompt` (streamed with `stream`)."""
-        try:
-            text = convert.completion_request(body)
-        except LaasError as e:
-            http_call.call.begin(body.model)
-            http_call.end(e)
-            raise
+        text = _converted(http_call, body.model, lambda: convert.completion_request(body))
         usage = body.stream_options is not None and body.stream_options.include_usage
         return await generate(request, http_call, text, False, body.stream, usage)
 
@@ -182,12 +185,7 @@ def create_app(runtime: Runtime, gate: Gate) -> ASGIApp:
     async def embeddings(request: Request, body: EmbeddingsRequest,
                          http_call: Annotated[HttpCall, opening("Embeddings", "generate", True)]) -> Response:
         """The vectors of `input` (float lists, or base64 of little-endian float32 with encoding_format)."""
-        try:
-            embed = convert.embed_request(body)
-        except LaasError as e:
-            http_call.call.begin(body.model)
-            http_call.end(e)
-            raise
+        embed = _converted(http_call, body.model, lambda: convert.embed_request(body))
         try:
             reply = await unless_disconnected(request, runtime.embed(embed, http_call.call))
         except BaseException as e:
