@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from laas.core.engine import Engine
+from laas.core.types import Completion
 from laas.daemon.backends.backend import Described, Shared
 from laas.daemon.backends.loader import backend_for
 from laas.daemon.runners.frames import Frame, encode, pack_error, read_frame
@@ -138,6 +139,8 @@ class Runner:
             method = cast(Callable[..., AsyncGenerator[object, None]], getattr(engine, name))
             async with contextlib.aclosing(method(*args, **kwargs)) as stream:
                 async for item in stream:
+                    if isinstance(item, Completion):  # the figures are current when the caller sees the end
+                        self._send(("stats", engine.decoded_tokens, self._stats()))
                     self._send(("item", ident, item, engine.decoded_tokens))
         except asyncio.CancelledError:
             pass  # the daemon closed the stream: the engine's generator has stopped its sequence
