@@ -2,8 +2,8 @@
 # Builds llama.cpp's `llama-bench` (or another of its CMake targets, e.g. `llama-server`) from the llama.cpp
 # sources vendored in the llama-cpp-python sdist of the version installed in the project's venv, so
 # bench/batching.py and bench/http_vs_llama_server.py compare laasd against the very same llama.cpp the
-# daemon links. CPU only, Release, native CPU flags and OpenMP (llama.cpp's defaults, as in
-# the installed wheel). Idempotent: the sdist, the unpacked tree and the build folder are reused.
+# daemon links. CPU only, Release, OpenMP, and the installed wheel's CPU flags (native, minus AMX).
+# Idempotent: the sdist, the unpacked tree and the build folder are reused.
 #
 # Everything goes into $LLAMA_BENCH_DIR (default /work/llama-bench), never into the repository.
 # One line per target built is printed, the binary's path; the last line is the last target's binary.
@@ -73,12 +73,18 @@ fi
 # 3. Configure (CPU only, Release, static libraries: self-contained binaries) and build only the targets
 # asked for. The server's targets are configured too (it costs nothing until built); a build folder
 # configured before without them (LLAMA_BUILD_SERVER=OFF) is reconfigured in place.
-if ! grep -q '^LLAMA_BUILD_SERVER:BOOL=ON$' "$BUILD/CMakeCache.txt" 2>/dev/null; then
-  echo "configuring $LLAMA"
-  cmake -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="$CXX_BIN" \
-    -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+# The venv's own flags (daemon/laas/daemon/native_build.py, as packaging/llama_wheel.sh uses them): native
+# minus Intel AMX, whose kernels crash llama.cpp at its first decode (ggml-org/llama.cpp#26954).
+eval "$("$PYTHON" "$ROOT/daemon/laas/daemon/native_build.py" native --version "$VERSION")"
+if ! grep -qxF "# laas flags: $LLAMA_CMAKE_ARGS $LLAMA_CFLAGS" "$BUILD/laas-flags.txt" 2>/dev/null; then
+  echo "configuring $LLAMA ($LLAMA_CMAKE_ARGS $LLAMA_CFLAGS)"
+  rm -f "$BUILD/CMakeCache.txt"
+  # shellcheck disable=SC2086  # the flags are words
+  CFLAGS="$LLAMA_CFLAGS" CXXFLAGS="$LLAMA_CFLAGS" cmake -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CXX_COMPILER="$CXX_BIN" $LLAMA_CMAKE_ARGS -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_SYCL=OFF -DGGML_OPENCL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
+  echo "# laas flags: $LLAMA_CMAKE_ARGS $LLAMA_CFLAGS" > "$BUILD/laas-flags.txt"
 fi
 start=$SECONDS
 cmake --build "$BUILD" --target "${TARGETS[@]}" -j"$JOBS" >&2
