@@ -145,7 +145,7 @@ def level(stream: Stream, n: int, salt: str) -> dict[str, float]:
     return {"tok_s": sum(r[1] for r in results) / wall, "ttft_s": statistics.median(r[0] for r in results)}
 
 
-def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | None) -> Path:
+def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | None, extra: str = "") -> Path:
     store = home / "models"
     store.mkdir(parents=True, exist_ok=True)
     try:
@@ -155,7 +155,7 @@ def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | 
     batching = f"parallel = {parallel}\nmax_queue = 16\n" if parallel else ""
     kv = f"kv_tokens = {ctx * parallel}\n" if parallel else ""
     config = home / "laasd.toml"
-    config.write_text(f"threads = {threads}\n{batching}default_model = \"bench\"\n"
+    config.write_text(f"threads = {threads}\n{batching}{extra}default_model = \"bench\"\n"
                       f"[[models]]\nname = \"bench\"\npath = \"{model.name}\"\ncontext_length = {ctx}\n{kv}")
     return config
 
@@ -171,7 +171,10 @@ def main() -> int:
                         help="llama.cpp's llama-server (default: where `bench/build_llama_bench.sh llama-server` "
                              "builds it)")
     parser.add_argument("--llama-server-args", default="", metavar="ARGS", help="more llama-server flags")
-    parser.add_argument("--no-defaults", action="store_true", help="skip laasd at its defaults (parallel = 1)")
+    parser.add_argument("--no-defaults", action="store_true", help="skip laasd at its defaults")
+    parser.add_argument("--parallel-1", action="store_true", help="also laasd with parallel = 1 (one at a time)")
+    parser.add_argument("--flash-attn", action="append", default=[], choices=["on", "off"],
+                        help=f"also laasd parallel={SLOTS} with this flash_attn (repeatable)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     if max(levels) > SLOTS:
@@ -197,6 +200,12 @@ def main() -> int:
             print(f"llama-server: {' '.join(server.cmd[1:])}\n  {server.slot_line()}")
             daemons[f"laasd parallel={SLOTS}"] = DaemonProcess(
                 root / "batching", write_home(root / "batching", model, args.threads, args.ctx, SLOTS)).start()
+            if args.parallel_1:
+                daemons["laasd parallel=1"] = DaemonProcess(
+                    root / "serial", write_home(root / "serial", model, args.threads, args.ctx, 1)).start()
+            for fa in args.flash_attn:
+                daemons[f"laasd parallel={SLOTS} fa={fa}"] = DaemonProcess(root / f"fa-{fa}", write_home(
+                    root / f"fa-{fa}", model, args.threads, args.ctx, SLOTS, f"flash_attn = \"{fa}\"\n")).start()
             if not args.no_defaults:
                 daemons["laasd defaults"] = DaemonProcess(
                     root / "defaults", write_home(root / "defaults", model, args.threads, args.ctx, None)).start()
@@ -220,14 +229,14 @@ def main() -> int:
             server.stop()
 
     ours = f"laasd parallel={SLOTS}"
-    print(f"\n{'contender':20} {'streams':>7} {'agg tok/s':>10} {'TTFT p50 ms':>11}   tok/s per round")
+    print(f"\n{'contender':28} {'streams':>7} {'agg tok/s':>10} {'TTFT p50 ms':>11}   tok/s per round")
     medians: dict[tuple[str, int], dict[str, float]] = {}
     for n in levels:
         for name in names:
             samples = runs[name, n]
             medians[name, n] = {"tok_s": statistics.median(s["tok_s"] for s in samples),
                                 "ttft_s": statistics.median(s["ttft_s"] for s in samples)}
-            print(f"{name:20} {n:7d} {medians[name, n]['tok_s']:10.1f} {medians[name, n]['ttft_s'] * 1000:11.0f}   "
+            print(f"{name:28} {n:7d} {medians[name, n]['tok_s']:10.1f} {medians[name, n]['ttft_s'] * 1000:11.0f}   "
                   + " ".join(f"{s['tok_s']:.1f}" for s in samples))
     print()
     summary: dict[str, Any] = {"model": model.name, "threads": args.threads, "tokens": args.tokens, "ctx": args.ctx,

@@ -21,10 +21,12 @@ pytestmark = pytest.mark.timeout(240)
 PROMPTS = ("Once upon a time", "1, 2, 3,", "The capital of France is", "def fib(n):")
 
 
-@pytest.fixture(scope="module")
-async def engine(model_file: Path) -> AsyncIterator[GgufEngine]:
+@pytest.fixture(scope="module", params=["on", "off"])
+async def engine(model_file: Path, request: pytest.FixtureRequest) -> AsyncIterator[GgufEngine]:
+    """With flash attention (the default: llama.cpp's auto is on, on a CPU) and without it: either way a
+    stream in company decodes what it decodes alone."""
     eng = await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
-                                       parallel=4, prefill_chunk=64)
+                                parallel=4, prefill_chunk=64, flash_attn=request.param)
     yield eng
     await eng.aclose()
 
@@ -155,3 +157,18 @@ def test_the_daemon_runs_parallel_requests_together(start_daemon: Callable[..., 
             client.complete("Hi", max_tokens=2)
         first.close()
         third.close()
+
+
+def test_the_default_model_batches_four_requests_by_default(client: Client) -> None:
+    """`parallel = 0` (the default) resolves from the default model's KV cache and the memory budget: 4 here,
+    as GetModel says; four requests then run at once, none waiting for another to end."""
+    assert client.model().parallel == 4
+    streams = [client.generate(f"{i} Once upon a time", max_tokens=400, ignore_eos=True) for i in range(4)]
+    try:
+        for s in streams:
+            next(s)  # each one's first token arrives while the others still run (with 1: after 400 tokens)
+        model = client.model()
+        assert (model.active_requests, model.queued_requests) == (4, 0)
+    finally:
+        for s in streams:
+            s.close()

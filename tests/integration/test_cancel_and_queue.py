@@ -65,7 +65,7 @@ def test_deadline_stops_generation(client: Client) -> None:
 
 
 def test_queue_overflow_under_concurrent_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
-    daemon = start_daemon("max_queue = 2\n")
+    daemon = start_daemon("parallel = 1\nmax_queue = 2\n")
     clients = 6
 
     def one(i: int) -> str:
@@ -87,7 +87,7 @@ def test_queue_overflow_under_concurrent_clients(start_daemon: Callable[..., Dae
 
 
 def test_queued_request_waits_its_turn(start_daemon: Callable[..., DaemonProcess]) -> None:
-    daemon = start_daemon("max_queue = 1\n")
+    daemon = start_daemon("parallel = 1\nmax_queue = 1\n")
     with Client(daemon.target) as c:
         first = c.generate("Once upon a time", **LONG)
         next(first)

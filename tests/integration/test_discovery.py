@@ -30,6 +30,7 @@ LONG_PROMPT = "Notes on tides and moons. " * 120  # about 720 tokens
 
 
 def _config(name: str, *, context_length: int = 4096, ttl_s: int = 120, extra: str = "") -> str:
+    """One request at a time (`parallel = 1`): a stream makes a daemon busy, with a wait for the next."""
     return f"""
 discovery = "on"
 discovery_name = "{RUN}-{name}"
@@ -37,6 +38,7 @@ discovery_interfaces = ["127.0.0.1"]
 discovery_peers = ["{RUN}-*"]
 discovery_load_interval_s = 0.2
 discovery_ttl_s = {ttl_s}
+parallel = 1
 {extra}
 
 [[models]]

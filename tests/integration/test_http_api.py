@@ -180,9 +180,13 @@ def test_closing_the_stream_stops_the_decode(daemon: DaemonProcess) -> None:
 async def test_async_stream_closed_while_queued_leaves_the_queue(daemon: DaemonProcess) -> None:
     """A stream waiting for its turn (before any chunk) that the client abandons leaves the queue at once."""
     async with openai.AsyncOpenAI(base_url=daemon.http_url, api_key="none", max_retries=0) as sdk:
-        first = await sdk.chat.completions.create(model=MODEL, messages=HI, stream=True, max_tokens=3000,
-                                                  temperature=0, extra_body={"ignore_eos": True})
-        await anext(aiter(first))
+        with Client(daemon.target) as client:
+            slots = client.model().parallel
+        running = [await sdk.chat.completions.create(model=MODEL, messages=HI, stream=True, max_tokens=3000,
+                                                     temperature=0, extra_body={"ignore_eos": True})
+                   for _ in range(slots)]  # every slot taken: the next one waits
+        for stream in running:
+            await anext(aiter(stream))
         http = httpx.AsyncClient(timeout=60)
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "stream": True}
         waiting = http.stream("POST", f"{daemon.http_url}/completions", json=body)
@@ -198,8 +202,9 @@ async def test_async_stream_closed_while_queued_leaves_the_queue(daemon: DaemonP
             deadline = time.monotonic() + 5
             while client.model().queued_requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            assert client.model().queued_requests == 0 and client.model().active_requests == 1
-        await first.close()
+            assert client.model().queued_requests == 0 and client.model().active_requests == slots
+        for stream in running:
+            await stream.close()
     assert _wait_idle(daemon) < 5.0
 
 

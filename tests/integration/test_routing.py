@@ -71,11 +71,13 @@ def hostile(cloud: CloudServer) -> Iterator[FaultProxy]:
 def daemon(make_home: Callable[..., Path], proxy: FaultProxy, flaky: FaultProxy, hostile: FaultProxy,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     config = tmp_path_factory.mktemp("routing") / "laasd.toml"
+    # The device serves one request at a time (parallel = 1): what is ahead of a request in its queue counts.
     config.write_text(f"""
 [[models]]
 name = "{LOCAL}"
 path = "SmolLM2-135M-Instruct.Q4_1.gguf"
 context_length = 512
+parallel = 1
 
 [[remotes]]
 name = "cloud"

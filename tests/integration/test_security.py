@@ -178,15 +178,15 @@ def test_streams_per_token_and_max_tokens_are_limited(secured: tuple[DaemonProce
     daemon, tokens = secured
     with _client(daemon, ca, tokens["gen"]) as first, _client(daemon, ca, tokens["gen"]) as second, \
             _client(daemon, ca, tokens["all"]) as other:
+        with pytest.raises(InvalidArgument, match="max_tokens_limit") as too_many:
+            second.complete("Hi", max_tokens=65)
+        assert too_many.value.field == "sampling.max_tokens"
         stream = first.generate("Once upon a time", max_tokens=64, ignore_eos=True)
         next(stream)  # one stream in flight for "gen"
         with pytest.raises(ResourceExhausted, match="max_streams_per_token"):
             second.complete("Hi", max_tokens=1)
         assert other.complete("Hi", max_tokens=1).completion_tokens == 1  # another token is not held back
         stream.close()
-        with pytest.raises(InvalidArgument, match="max_tokens_limit") as too_many:
-            second.complete("Hi", max_tokens=65)
-        assert too_many.value.field == "sampling.max_tokens"
         for _ in range(50):  # the cancelled stream leaves the count as soon as the daemon sees it
             try:
                 assert second.complete("Hi", max_tokens=1).completion_tokens == 1

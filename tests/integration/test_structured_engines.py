@@ -118,7 +118,8 @@ async def test_gguf_logprobs_match_the_models_own_scores(gguf: GgufEngine, model
     generated = [e.token_id for e in entries]
 
     def scores() -> npt.NDArray[np.float32]:
-        llm = llama_cpp.Llama(str(model_file), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+        llm = llama_cpp.Llama(str(model_file), n_ctx=256, logits_all=True, verbose=False, n_threads=2,
+                              flash_attn=True)  # as the engine's default (auto: on, on a CPU)
         try:  # the prompt at once, then a token a step: the shapes of the engine's own decode
             llm.eval(prompt)
             for token in generated[:-1]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from laas.core.errors import NotFound
-from laas.daemon.catalogue import Catalogue, ModelDefaults, diff
+from laas.daemon.catalogue import AUTO_PARALLEL_MAX, Catalogue, ModelDefaults, auto_parallel, diff
 from laas.daemon.residency import ModelState, Residency
 from laas.daemon.settings import DEFAULT_MODEL_NAME, ModelConfig
 from laas.daemon.store import ModelStore
@@ -25,6 +25,17 @@ def test_defaults_resolve_and_the_builtin_default_is_fetched(tmp_path: Path) -> 
     assert (a.parallel, a.max_queue, a.keep_alive_s, a.threads, a.fetch) == (1, 8, -1, 4, False)
     assert builtin.fetch and builtin.parallel == 2 and cat.default == DEFAULT_MODEL_NAME
     assert a.load_config.flash_attn == "auto" and a.config.flash_attn is None  # the config stays as written
+
+
+def test_parallel_is_automatic_by_default_and_resolved_from_the_kv_cache_and_the_budget() -> None:
+    assert ModelDefaults().parallel == 0  # automatic unless configured
+    mib = 1 << 20
+    assert auto_parallel(190 * mib, 94 * mib, 18_000 * mib) == AUTO_PARALLEL_MAX == 4  # the default model here
+    assert auto_parallel(6_000 * mib, 1024 * mib, 12_000 * mib) == 2  # an 8B model, 8k context, 16 GB laptop
+    assert auto_parallel(6_000 * mib, 1024 * mib, 6_500 * mib) == 1  # ... on a small board: never 0
+    assert auto_parallel(1_000 * mib, 100 * mib, 1_150 * mib) == 2  # a quarter allows 2 (2.9)
+    assert auto_parallel(900 * mib, 50 * mib, 1_000 * mib) == 3  # a quarter allows 4, but only 3 fit
+    assert auto_parallel(100 * mib, 0, 18_000 * mib) == 1  # no KV cache per sequence: the engine does not batch
 
 
 def test_an_unknown_default_or_format_is_refused_naming_the_field(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ async def test_embed_calls_share_the_models_bounded_queue(tmp_path: Path, model_
     async def load(path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         return engine
 
-    settings = Settings(home=tmp_path, models=(ModelConfig(name="m", path="m.gguf", max_queue=1),),
+    settings = Settings(home=tmp_path, models=(ModelConfig(name="m", path="m.gguf", max_queue=1, parallel=1),),
                         default_model="m")
     registry = ModelRegistry(settings, ModelStore(store), load)
     await registry.preload()

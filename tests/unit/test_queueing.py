@@ -232,3 +232,21 @@ async def test_parallel_slots_run_together_and_the_queue_beyond_them_stays_bound
     for h in holders:
         h.release.set()
     await asyncio.gather(*(h.task for h in holders))
+
+
+async def test_widening_lets_the_waiters_run_at_once() -> None:
+    """An automatic `parallel` is known once the model is described: the queue starts at 1 and widens."""
+    q = ModelQueue("m", max_waiting=4)
+    log: list[str] = []
+    holders = [Holder(q, f"r{i}", log) for i in range(4)]
+    await settle()
+    assert (log, q.active, q.waiting) == (["r0"], 1, 3)
+    q.widen(3)
+    await settle()
+    assert (log, q.active, q.waiting, q.parallel) == (["r0", "r1", "r2"], 3, 1, 3)
+    q.widen(2)  # never narrower than now
+    assert q.parallel == 3
+    for h in holders:
+        h.release.set()
+    await asyncio.gather(*(h.task for h in holders))
+    assert (q.active, q.waiting, len(log)) == (0, 0, 4)

@@ -72,12 +72,14 @@ class StandIn(Engine):
 class Loader:
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.configs: list[ModelConfig] = []
         self.engines: list[StandIn] = []
         self.release: asyncio.Event | None = None
         self.delay = 0.0
 
     async def __call__(self, path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         self.calls.append(config.name)
+        self.configs.append(config)
         await asyncio.sleep(self.delay)
         engine = StandIn(config.name, self.release)
         self.engines.append(engine)
@@ -99,7 +101,7 @@ def registry(tmp_path: Path, model_file: Path, names: Sequence[str], budget_mb: 
         models.append(ModelConfig(name=name, path=f"{name}.gguf", context_length=CTX))
     loader = Loader()
     values = {"home": tmp_path, "models": tuple(models), "default_model": names[0], "memory_budget_mb": budget_mb,
-              **settings}
+              "parallel": 1, **settings}  # one sequence each: need() is the figure; automatic is tested below
     return ModelRegistry(Settings(**values), ModelStore(store), loader), loader  # type: ignore[arg-type]
 
 
@@ -237,3 +239,18 @@ async def test_unload_now_when_idle_and_when_the_streams_end_when_busy(tmp_path:
     await streaming
     await asyncio.sleep(0.05)
     assert reg.get("a").state is ModelState.NOT_LOADED and reg.unloads == {("a", "admin"): 2}
+
+
+@pytest.mark.parametrize(("budget_mb", "parallel"), [(2000, 4), (170, 2)])
+async def test_automatic_parallel_is_resolved_from_the_kv_cache_and_the_budget(
+        tmp_path: Path, model_file: Path, budget_mb: int, parallel: int) -> None:
+    """`parallel = 0`: 4 when four contexts' KV cache fit in a quarter of the budget, else fewer (170 MiB: a
+    quarter would allow 3 of these 12 MB caches, but only 2 fit beside the weights); the memory
+    the model is counted for (and the queue's places) follow the value resolved."""
+    reg, loader = registry(tmp_path, model_file, ["a"], budget_mb, parallel=0)
+    header = read_gguf_header(model_file)
+    await reg.preload()
+    a = reg.get("a")
+    assert a.parallel == a.queue.parallel == parallel
+    assert a.memory_bytes == gguf_memory(header, CTX * parallel) and loader.configs[-1].parallel == parallel
+    await reg.aclose()

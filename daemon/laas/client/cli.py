@@ -164,11 +164,11 @@ def _run(args: argparse.Namespace, client: Client) -> int:
             verdict = "eligible" if c.eligible else "not eligible"
             print(f"  {c.kind:5} {c.target:28} {c.predicted_ms:9.0f} ms  {verdict}{': ' + c.note if c.note else ''}")
     elif args.command == "models":
-        print(f"{'NAME':32} {'FORMAT':6} {'QUANT':8} {'CONTEXT':>7} {'SIZE':>9} {'MEMORY':>9}  STATE")
+        print(f"{'NAME':32} {'FORMAT':6} {'QUANT':8} {'CONTEXT':>7} {'PARALLEL':>8} {'SIZE':>9} {'MEMORY':>9}  STATE")
         for m in client.models(timeout=args.timeout):
             star = "*" if m.is_default else " "
             memory = f"{m.memory_bytes / 1e6:>7.1f}MB" if m.memory_bytes else f"{'-':>9}"
-            print(f"{m.name + star:32} {m.format:6} {m.quantization:8} {m.context_length:>7} "
+            print(f"{m.name + star:32} {m.format:6} {m.quantization:8} {m.context_length:>7} {m.parallel:>8} "
                   f"{m.size_bytes / 1e6:>7.1f}MB {memory}  {m.state}{_residency(m)}{' ' + m.error if m.error else ''}")
     elif args.command in ("load", "unload"):
         m = (client.load_model(args.name, keep_alive_s=args.keep_alive_s, timeout=args.timeout)

@@ -125,6 +125,7 @@ class ModelDescription:
     last_used_unix_s: float = 0.0
     embedding_dimensions: int = 0  # an embedding model's vector size (0: a generative model)
     matryoshka_dimensions: tuple[int, ...] = ()
+    parallel: int = 1  # requests it decodes at once (continuous batching), the value in force
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,7 @@ def model_from_pb(m: pb.Model) -> ModelDescription:
         is_default=m.is_default, active_requests=m.active_requests, queued_requests=m.queued_requests,
         error=m.error, memory_bytes=m.memory_bytes, keep_alive_s=m.keep_alive_s, unloads_in_s=m.unloads_in_s,
         last_used_unix_s=m.last_used_unix_s, embedding_dimensions=m.embedding_dimensions,
-        matryoshka_dimensions=tuple(m.matryoshka_dimensions),
+        matryoshka_dimensions=tuple(m.matryoshka_dimensions), parallel=m.parallel or 1,
     )
 
 

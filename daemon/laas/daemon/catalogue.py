@@ -20,13 +20,29 @@ from laas.daemon.onnx_package import find_packages
 from laas.daemon.settings import DEFAULT_MODEL_NAME, ModelConfig, Settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore
 
+AUTO_PARALLEL_MAX = 4  # sequences `parallel = 0` gives a model at most (as llama-server's automatic -np)
+
+
+def auto_parallel(one_bytes: int, kv_bytes_per_sequence: int, budget_bytes: int) -> int:
+    """`parallel = 0`: up to AUTO_PARALLEL_MAX sequences, as many as fit their KV cache (a full context each)
+    in a quarter of the memory budget while the whole model (`one_bytes` with one sequence) still fits
+    it, so a large model on a small device stays at 1 or 2; 1 for a model that keeps no KV cache per
+    sequence (it does not batch)."""
+    if kv_bytes_per_sequence <= 0:
+        return 1
+    for parallel in range(AUTO_PARALLEL_MAX, 1, -1):
+        kv = parallel * kv_bytes_per_sequence
+        if kv <= budget_bytes // 4 and one_bytes + kv - kv_bytes_per_sequence <= budget_bytes:
+            return parallel
+    return 1
+
 
 @dataclass(frozen=True, slots=True)
 class ModelDefaults:
     """The daemon-wide values a [[models]] table may override (restart-only settings)."""
 
     max_queue: int = 8
-    parallel: int = 1
+    parallel: int = 0  # 0: automatic, resolved when the model is described (auto_parallel)
     keep_alive_s: float = 300.0
     threads: int = 1
     flash_attn: str = "auto"
@@ -43,7 +59,7 @@ class ModelSpec:
 
     config: ModelConfig
     max_queue: int
-    parallel: int
+    parallel: int  # 0: automatic (the entry holds the value in force)
     keep_alive_s: float  # the model's idle seconds before unloading (< 0 never, 0 at once)
     threads: int
     flash_attn: str
@@ -55,7 +71,8 @@ class ModelSpec:
 
     @property
     def load_config(self) -> ModelConfig:
-        """The config a backend describes and loads with: parallel and flash attention resolved."""
+        """The config a backend describes and loads with: the daemon's parallel (0: automatic, which the
+        entry resolves: ModelEntry.load_config) and flash attention resolved."""
         return self.config.model_copy(update={"parallel": self.parallel,
                                               "flash_attn": self.config.flash_attn or self.flash_attn})
 

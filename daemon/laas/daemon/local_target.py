@@ -56,6 +56,7 @@ class LocalTarget:
 
     def estimate(self, admitted: Admitted) -> Estimate:
         entry = self.entry
+        self.estimator.parallel = entry.parallel  # an automatic value is known once the model is described
         servable = entry.servable  # a model that is not loaded loads on use: it costs its load time
         reason = "" if servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
         max_tokens = admitted.max_tokens(self.context_length, self.kind)

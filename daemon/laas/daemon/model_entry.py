@@ -43,7 +43,7 @@ class ModelSnapshot:
 class ModelEntry:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.queue = ModelQueue(spec.name, spec.max_queue, spec.parallel)
+        self.queue = ModelQueue(spec.name, spec.max_queue, spec.parallel or 1)  # automatic: 1 until described
         self.residency = Residency(spec.keep_alive_s)
         self._default = False
 
@@ -52,6 +52,19 @@ class ModelEntry:
 
     def snapshot(self) -> ModelSnapshot:
         return ModelSnapshot(self.spec, self._default, self.queue.active, self.queue.waiting, self.residency.now)
+
+    @property
+    def parallel(self) -> int:
+        """Requests the model decodes at once: the value in force (an automatic one once described)."""
+        return self.queue.parallel
+
+    def resolve_parallel(self, parallel: int) -> None:  # the registry's, when it describes the model
+        self.queue.widen(parallel)
+
+    @property
+    def load_config(self) -> ModelConfig:
+        """The config the backend describes and loads with, with the parallel in force."""
+        return self.spec.load_config.model_copy(update={"parallel": self.parallel})
 
     def set_default(self, is_default: bool) -> None:  # the registry's: a reload may move the default
         self._default = is_default

@@ -25,6 +25,13 @@ class ModelQueue:
         self._idle = asyncio.Event()  # set while no request runs or waits (a reload closes the model then)
         self._idle.set()
 
+    def widen(self, parallel: int) -> None:
+        """Lets `parallel` requests run from now on (an automatic value, known once the model is described:
+        it only ever grows from the 1 the queue starts with); those waiting start at once."""
+        for _ in range(parallel - self.parallel):
+            self._lock.release()
+        self.parallel = max(self.parallel, parallel)
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 

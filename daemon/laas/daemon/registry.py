@@ -33,7 +33,7 @@ from laas.core.errors import EngineCrashed, LaasError, MemoryBudgetExceeded, Not
 from laas.core.types import Completion, GenerationChunk, GenerationRequest
 from laas.daemon.backends.backend import Described, EngineLoader
 from laas.daemon.backends.loader import backend_for
-from laas.daemon.catalogue import Catalogue, ModelDefaults, diff
+from laas.daemon.catalogue import Catalogue, ModelDefaults, auto_parallel, diff
 from laas.daemon.memory import MiB, budget_bytes
 from laas.daemon.model_digest import model_digest
 from laas.daemon.model_entry import ModelEntry, ModelSnapshot, ModelState
@@ -199,7 +199,13 @@ class ModelRegistry:
             log.error("model %s cannot be served: %s", entry.name, e)
 
     def _describe_file(self, entry: ModelEntry, path: Path) -> Described:
-        described = backend_for(entry.config).describe(path, entry.spec.load_config)
+        backend = backend_for(entry.config)
+        described = backend.describe(path, entry.spec.load_config)
+        if entry.spec.parallel == 0:  # automatic: from the KV cache a sequence needs and the memory budget
+            parallel = auto_parallel(described.memory_bytes, described.kv_bytes_per_sequence, self.budget_bytes)
+            entry.resolve_parallel(parallel)
+            if parallel > 1:
+                described = backend.describe(path, entry.load_config)
         entry.residency.described(described.info)
         return described
 
@@ -247,7 +253,7 @@ class ModelRegistry:
             described = await asyncio.to_thread(self._describe_file, entry, path)
             residency.reserve(described.memory_bytes)
             await self._make_room(entry, described.memory_bytes)
-            engine = await self._loader(path, described, entry.spec.load_config, entry.spec.threads)
+            engine = await self._loader(path, described, entry.load_config, entry.spec.threads)
         except MemoryBudgetExceeded:
             residency.not_loaded()
             raise

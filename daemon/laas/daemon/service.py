@@ -163,7 +163,7 @@ def model_to_pb(status: ModelStatus) -> pb.Model:
         is_default=status.is_default, active_requests=status.active_requests,
         queued_requests=status.queued_requests, error=status.error, format=pb.MODEL_FORMAT_GGUF,
         memory_bytes=status.memory_bytes, keep_alive_s=status.keep_alive_s,
-        last_used_unix_s=status.last_used_unix_s,
+        last_used_unix_s=status.last_used_unix_s, parallel=status.parallel,
     )
     if status.unloads_in_s is not None:
         out.unloads_in_s = status.unloads_in_s

@@ -128,8 +128,8 @@ class ModelConfig(_Table, frozen=True):
     max_queue: Int | None = Field(default=None, ge=0, description=(
         "Requests that may wait; None: the daemon's `max_queue`."))
     sha256: str | None = Field(default=None, description="The file's digest, checked before loading when given.")
-    parallel: Int | None = Field(default=None, ge=1, description=(
-        "Requests decoded at once; None: the daemon's `parallel`."))
+    parallel: Int | None = Field(default=None, ge=0, description=(
+        "Requests decoded at once; 0: automatic; None: the daemon's `parallel`."))
     kv_tokens: Int = Field(default=0, ge=0, description="KV cells in all, split evenly among the parallel sequences; "
                                                 "0: context_length each.")
     keep_alive_s: Float | None = Field(default=None, description="Idle seconds before unloading; None: the daemon's.")
@@ -219,10 +219,13 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
                          description="CPU threads per model for prompt evaluation and decoding; default: all cores.")
     max_queue: Int = Field(default=8, ge=0, json_schema_extra=RESTART, description=(
         "Requests allowed to wait for a busy model; one more gets RESOURCE_EXHAUSTED."))
-    parallel: Int = Field(default=1, ge=1, json_schema_extra=RESTART, description=(
-        "Requests each model decodes at once (continuous batching); 1: one at a time."))
+    parallel: Int = Field(default=0, ge=0, json_schema_extra=RESTART, description=(
+        "Requests each model decodes at once (continuous batching); 1: one at a time; 0: automatic (up to 4, "
+        "as many as the model's KV cache fits in a quarter of the memory budget; 1 for a model that does not "
+        "batch)."))
     flash_attn: Literal["auto", "on", "off"] = Field(default="auto", json_schema_extra=RESTART, description=(
-        "GGUF: llama.cpp's flash attention kernel: on, off, or auto (on for a model with parallel = 1)."))
+        "GGUF: llama.cpp's flash attention kernel: on, off, or auto (llama.cpp's choice: on where the model's "
+        "layers support it, every model on a CPU)."))
     keep_alive_s: Float = Field(default=300.0, json_schema_extra=RESTART, description=(
         "Seconds a model stays loaded after its last request (< 0: forever; 0: unload at once)."))
     memory_budget_mb: Int = Field(default=0, ge=0, json_schema_extra=RESTART, description=(

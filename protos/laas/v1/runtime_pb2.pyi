@@ -1067,6 +1067,7 @@ class Model(_message.Message):
     LAST_USED_UNIX_S_FIELD_NUMBER: _builtins.int
     EMBEDDING_DIMENSIONS_FIELD_NUMBER: _builtins.int
     MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     format: Global___ModelFormat.ValueType
     quantization: _builtins.str
@@ -1094,6 +1095,10 @@ class Model(_message.Message):
     """When its last request ended (Unix seconds); 0 if never used."""
     embedding_dimensions: _builtins.int
     """An embedding model's vector size; 0 for a generative model (it cannot Embed)."""
+    parallel: _builtins.int
+    """Requests it decodes at once (continuous batching): the value in force, an automatic one (`parallel = 0`)
+    resolved once the model's file has been read.
+    """
     @_builtins.property
     def matryoshka_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The smaller sizes it was trained to be cut to (Matryoshka): the only EmbedRequest.dimensions allowed
@@ -1122,10 +1127,11 @@ class Model(_message.Message):
         last_used_unix_s: _builtins.float = ...,
         embedding_dimensions: _builtins.int = ...,
         matryoshka_dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        parallel: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "architecture", b"architecture", "context_length", b"context_length", "embedding_dimensions", b"embedding_dimensions", "error", b"error", "format", b"format", "is_default", b"is_default", "keep_alive_s", b"keep_alive_s", "last_used_unix_s", b"last_used_unix_s", "loaded", b"loaded", "matryoshka_dimensions", b"matryoshka_dimensions", "memory_bytes", b"memory_bytes", "name", b"name", "quantization", b"quantization", "queued_requests", b"queued_requests", "size_bytes", b"size_bytes", "state", b"state", "trained_context_length", b"trained_context_length", "unloads_in_s", b"unloads_in_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "architecture", b"architecture", "context_length", b"context_length", "embedding_dimensions", b"embedding_dimensions", "error", b"error", "format", b"format", "is_default", b"is_default", "keep_alive_s", b"keep_alive_s", "last_used_unix_s", b"last_used_unix_s", "loaded", b"loaded", "matryoshka_dimensions", b"matryoshka_dimensions", "memory_bytes", b"memory_bytes", "name", b"name", "parallel", b"parallel", "quantization", b"quantization", "queued_requests", b"queued_requests", "size_bytes", b"size_bytes", "state", b"state", "trained_context_length", b"trained_context_length", "unloads_in_s", b"unloads_in_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,7 +119,7 @@ def model_status(entry: ModelEntry) -> ModelStatus:
         name=entry.name, state=entry.state, is_default=entry.is_default, active_requests=entry.queue.active,
         queued_requests=entry.queue.waiting, error=entry.error, memory_bytes=entry.memory_bytes,
         keep_alive_s=entry.idle_keep_alive_s, last_used_unix_s=entry.last_used_wall, unloads_in_s=unloads_in,
-        info=entry.info,
+        info=entry.info, parallel=entry.parallel,
     )
 
 

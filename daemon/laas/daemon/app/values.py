@@ -158,3 +158,4 @@ class ModelStatus:
     last_used_unix_s: float
     unloads_in_s: float | None = None  # set when a loaded, idle model has a keep-alive timer running
     info: ModelInfo | None = None
+    parallel: int = 1  # requests it decodes at once, the value in force

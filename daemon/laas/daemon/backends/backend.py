@@ -32,6 +32,7 @@ class Described:
     info: ModelInfo
     memory_bytes: int
     metadata: object = None
+    kv_bytes_per_sequence: int = 0  # what one more sequence decoded at once costs; 0: the engine does not batch
 
 
 # (path, its description, the model's config with the daemon's defaults resolved, threads) -> an engine

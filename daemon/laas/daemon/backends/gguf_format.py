@@ -60,7 +60,7 @@ def describe(path: Path, config: ModelConfig) -> Described:
         embd = header.metadata.get(f"{header.architecture}.embedding_length")
         info = replace(info, chat_template=None, embedding_dimensions=embd if isinstance(embd, int) else 0)
         return Described(info, header.size_bytes + COMPUTE_OVERHEAD, header)
-    return Described(info, gguf_memory(header, cells), header)
+    return Described(info, gguf_memory(header, cells), header, kv_bytes_per_sequence=gguf_kv_bytes(header, n_ctx))
 
 
 def _embeds(header: GgufHeader) -> bool:
@@ -85,11 +85,9 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
         from laas.daemon.backends.gguf_embed import GgufEmbeddingEngine
 
         return await GgufEmbeddingEngine.load(path, header, context_length=config.context_length, threads=threads)
-    parallel = config.parallel or 1
-    # Flash attention "auto": on for one sequence only (in company it sums differently per batch shape).
-    flash = config.flash_attn == "on" or (config.flash_attn in (None, "auto") and parallel == 1)
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
-                                 parallel=parallel, kv_tokens=config.kv_tokens, flash_attn=flash,
+                                 parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
+                                 flash_attn=config.flash_attn or "auto",
                                  decode_loop=shared.decode_loop)
 
 
