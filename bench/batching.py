@@ -316,7 +316,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None,
                         help="turns each contender takes at each level (default 3; --quick: 1)")
     parser.add_argument("--flash-attn", action="store_true",
-                        help="the batching laasd (parallel > 1) with flash_attn = \"on\" (default auto: off there)")
+                        help="the batching laasd (parallel > 1) with flash_attn = \"on\" (default: auto)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: levels 1,2 and 16 tokens")
     args = parser.parse_args()
     tokens = args.tokens or (16 if args.quick else 64)
@@ -337,7 +337,7 @@ def main() -> int:
 
     bench_binary = args.llama_bench or default_llama_bench()
     bench: dict[str, Any] | None = None
-    lone: dict[str, Any] | None = None  # laasd as configured by default (parallel = 1), one stream at a time
+    lone: dict[str, Any] | None = None  # laasd with parallel = 1, one stream at a time
     bench_note = ""
     if not (bench_binary.is_file() and os.access(bench_binary, os.X_OK)):
         bench_note = (f"llama-bench not found at {bench_binary}: build it with `nice -n 19 bench/build_llama_bench.sh`"
@@ -364,7 +364,7 @@ def main() -> int:
         print(f"llama-bench -p 0 -n {tokens} (llama.cpp {bench['build_commit']}, flash_attn {bench['flash_attn']}, "
               f"default: auto), median of {len(bench['runs_tok_s'])} runs: {bench['tok_s']:.1f} tok/s")
     if lone is not None:
-        print(f"laasd, default config (parallel = 1, flash_attn auto: on), one stream at a time: decode "
+        print(f"laasd, parallel = 1 (flash_attn auto: on), one stream at a time: decode "
               f"{lone['decode_tok_s']:.1f} tok/s, whole stream {lone['tok_s']:.1f} tok/s "
               f"(median of {lone['runs']:.0f}, taking turns with llama-bench: "
               f"{' '.join(f'{x:.0f}' for x in bench['runs_tok_s']) if bench else '-'})")
