@@ -7,7 +7,9 @@ streamed /v1/chat/completions over HTTP read by the same client code (httpx, one
     vendors (`bench/build_llama_bench.sh llama-server`), otherwise at its defaults (flash attention auto);
   - laasd with `parallel = 4` (continuous batching, CTX a slot: kv_tokens = 4*CTX), as bench/batching.py
     configures it;
-  - laasd at its defaults (parallel = 1: the streams queue), for reference (--no-defaults skips it).
+  - laasd at its defaults (parallel automatic: 4 for this model; --no-defaults skips it);
+  - with --parallel-1, laasd with `parallel = 1` (the streams queue: the single-stream reference the
+    automatic default must keep 0.97x of); with --flash-attn on|off, laasd `parallel = 4` with that setting.
 Rounds alternate (the contenders' order rotates each round, so a slow stretch of the host hits all); a
 level starts its streams at once, each with a distinct first word (no prompt cache helps). Per level and
 contender: aggregate tokens/s (all tokens / wall time) and the median time to first token (from sending the
@@ -17,6 +19,7 @@ round).
 
 Usage: .venv/bin/python bench/http_vs_llama_server.py [--tokens 128] [--rounds 3] [--threads 2]
                                                       [--ctx 2048] [--llama-server PATH] [--no-defaults]
+                                                      [--parallel-1] [--flash-attn on|off ...]
 """
 
 from __future__ import annotations

@@ -221,8 +221,8 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
         "Requests allowed to wait for a busy model; one more gets RESOURCE_EXHAUSTED."))
     parallel: Int = Field(default=0, ge=0, json_schema_extra=RESTART, description=(
         "Requests each model decodes at once (continuous batching); 1: one at a time; 0: automatic (up to 4, "
-        "as many as the model's KV cache fits in a quarter of the memory budget; 1 for a model that does not "
-        "batch)."))
+        "as many KV caches as fit in a quarter of the memory budget while the whole model fits it; 1 for a "
+        "model that does not batch)."))
     flash_attn: Literal["auto", "on", "off"] = Field(default="auto", json_schema_extra=RESTART, description=(
         "GGUF: llama.cpp's flash attention kernel: on, off, or auto (llama.cpp's choice: on where the model's "
         "layers support it, every model on a CPU)."))

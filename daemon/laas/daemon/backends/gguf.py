@@ -117,9 +117,10 @@ class GgufEngine(Engine):
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.no_perf = True
             # Flash attention: llama.cpp's own "auto" turns it on where the model's layers support it (every
-            # model on a CPU). It is 8-15% faster here, and with a KV stream per sequence a greedy stream in
-            # company still decodes what it decodes alone (measured: 0 of 24 staggered streams differed,
-            # with it and without; tests/integration/test_batching.py checks both).
+            # model on a CPU). In-process here it is 4-10% faster at one stream and 2-5% at four, and with a
+            # KV stream per sequence a greedy stream in company still decodes what it decodes alone
+            # (measured: 0 of 24 staggered streams differed, with it and without;
+            # tests/integration/test_batching.py checks both).
             cparams.flash_attn_type = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                                        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
