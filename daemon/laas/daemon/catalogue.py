@@ -46,11 +46,12 @@ class ModelDefaults:
     keep_alive_s: float = 300.0
     threads: int = 1
     flash_attn: str = "auto"
+    speculation: str = "auto"
 
     @staticmethod
     def of(settings: Settings) -> ModelDefaults:
         return ModelDefaults(settings.max_queue, settings.parallel, settings.keep_alive_s, settings.threads,
-                             settings.flash_attn)
+                             settings.flash_attn, settings.speculation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class ModelSpec:
     keep_alive_s: float  # the model's idle seconds before unloading (< 0 never, 0 at once)
     threads: int
     flash_attn: str
+    speculation: str = "auto"
     fetch: bool = False  # the built-in default model: fetched into the store when missing
 
     @property
@@ -72,9 +74,10 @@ class ModelSpec:
     @property
     def load_config(self) -> ModelConfig:
         """The config a backend describes and loads with: the daemon's parallel (0: automatic, which the
-        entry resolves: ModelEntry.load_config) and flash attention resolved."""
+        entry resolves: ModelEntry.load_config), flash attention and speculation resolved."""
         return self.config.model_copy(update={"parallel": self.parallel,
-                                              "flash_attn": self.config.flash_attn or self.flash_attn})
+                                              "flash_attn": self.config.flash_attn or self.flash_attn,
+                                              "speculation": self.config.speculation or self.speculation})
 
     @staticmethod
     def of(config: ModelConfig, defaults: ModelDefaults, fetch: bool = False) -> ModelSpec:
@@ -84,7 +87,7 @@ class ModelSpec:
             defaults.max_queue if config.max_queue is None else config.max_queue,
             defaults.parallel if config.parallel is None else config.parallel,
             defaults.keep_alive_s if config.keep_alive_s is None else config.keep_alive_s,
-            config.threads or defaults.threads, defaults.flash_attn, fetch)
+            config.threads or defaults.threads, defaults.flash_attn, defaults.speculation, fetch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,13 @@ token is sampled, the logits of the tokens the constraint does not allow are set
 own buffer (the sampler chain then draws among the rest); unconstrained sequences in the same step are
 not touched. A sequence that asked for logprobs gets each token's log-probability (logprobs.py) with the
 text it produced.
+
+Speculation (prompt lookup, speculation.py): a sequence whose text so far ends with an n-gram seen
+before also puts the tokens that followed it (its draft) into the step, after its next token. Its
+outputs are then sampled in order, each with the sequence's own sampler, mask and logprobs, and a draft
+token is kept while the sample equals it; the first sample that differs (or the one after a whole draft)
+is the sequence's next token, and the KV cells of the drafts not kept are removed. So one step can
+deliver several tokens of a sequence, and what it delivers is what plain decoding would have.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 from laas.core.errors import InvalidArgument, LaasError, ModelLoadError
 from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, TokenLogprob, Usage
 from laas.daemon.backends.decode_loop import DecodeLoop
+from laas.daemon.backends.speculation import NgramDrafter, StepCost, plan_drafts
 from laas.daemon.constraints import Matcher
 from laas.daemon.logprobs import token_logprob
 from laas.daemon.stops import StopMatcher
@@ -66,6 +74,7 @@ class Sequence:
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     matcher: Matcher | None = None  # the request's constraint, at this sequence's point in it
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
+    drafter: NgramDrafter | None = None  # prompt lookup, when the engine speculates
 
 
 @dataclass(eq=False)
@@ -85,6 +94,8 @@ class SchedulerStats:
     prefix_cached_tokens: int = 0
     prompt_tokens: int = 0
     decoded_tokens: int = 0
+    draft_tokens: int = 0  # drafted tokens decoded for verification
+    draft_accepted: int = 0  # of which the target produced the same
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -101,7 +112,7 @@ class Scheduler:
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
-                 loop: DecodeLoop) -> None:
+                 loop: DecodeLoop, max_draft: int = 0) -> None:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
@@ -116,6 +127,9 @@ class Scheduler:
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))  # cells of each sequence's own KV stream
         self._n_batch = n_batch
         self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
+        # Drafted tokens per sequence and step (0: no speculation); every sequence's fit in one batch.
+        self._max_draft = max(0, min(max_draft, n_batch // max(parallel, 1) - 1))
+        self._step_cost = StepCost()  # how a step's time grows with its tokens: what a draft token costs
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
         self._on_token = on_token
@@ -256,6 +270,8 @@ class Scheduler:
         seq.evaluated = seq.cached = keep
         seq.stops = StopMatcher(seq.request.sampling.stop + seq.request.template_stops)
         seq.sampler = self._make_sampler(seq.request)
+        if self._max_draft:
+            seq.drafter = NgramDrafter(seq.prompt, self._max_draft)
         seq.submitted_at = time.perf_counter()
         self.stats.prompt_tokens += len(seq.prompt)
         if keep:
@@ -279,17 +295,20 @@ class Scheduler:
         """One llama_decode over every active sequence: a token each, plus a chunk of prompt."""
         b = self._batch
         n = 0
-        outputs: list[tuple[int, Sequence]] = []
+        outputs: list[tuple[int, Sequence, list[int]]] = []  # (first output's index, sequence, its draft)
         added: list[tuple[Sequence, list[int]]] = []
         running = [s.seq for s in self.slots if s.seq is not None]
-        for seq in running:
-            if seq.next_token is not None:
-                assert seq.slot is not None
-                pos = len(seq.slot.tokens)
-                self._put(n, seq.next_token, pos, seq.slot.seq_id, True)
-                outputs.append((n, seq))
-                added.append((seq, [seq.next_token]))
-                n += 1
+        decoding = [s for s in running if s.next_token is not None]
+        for seq, draft in zip(decoding, self._drafts(decoding), strict=True):
+            assert seq.slot is not None and seq.next_token is not None
+            pos = len(seq.slot.tokens)
+            self._put(n, seq.next_token, pos, seq.slot.seq_id, True)
+            for i, token in enumerate(draft, 1):
+                self._put(n + i, token, pos + i, seq.slot.seq_id, True)
+            outputs.append((n, seq, draft))
+            added.append((seq, [seq.next_token]))
+            n += 1 + len(draft)
+        decode_only = n
         # Prompts are prefilled a chunk a step beside running streams; with none running, a whole batch.
         budget = self._n_batch if n == 0 else min(self._n_batch - n, self._prefill_chunk)
         for seq in sorted((s for s in running if s.next_token is None), key=lambda s: s.submitted_at):
@@ -303,24 +322,66 @@ class Scheduler:
                 last = done and i == take - 1
                 self._put(n, token, seq.evaluated + i, seq.slot.seq_id, last)
                 if last:
-                    outputs.append((n, seq))
+                    outputs.append((n, seq, []))
                 n += 1
             added.append((seq, chunk))
             budget -= take
         if n == 0:
             return
         b.n_tokens = n
+        started = time.perf_counter()
         rc = self._lib.llama_decode(self._ctx.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        if n == decode_only and self._max_draft:
+            self._step_cost.record(n, time.perf_counter() - started)
         self.stats.steps += 1
         for seq, toks in added:
             assert seq.slot is not None
             seq.slot.tokens.extend(toks)
             if seq.next_token is None:
                 seq.evaluated += len(toks)
-        for index, seq in outputs:
-            self._sample(seq, index)
+        for index, seq, draft in outputs:
+            if draft:
+                self._verify(seq, index, draft)
+            else:
+                self._sample(seq, index)
+
+    def _drafts(self, decoding: list[Sequence]) -> list[list[int]]:
+        """Each decoding sequence's draft for this step (never past its context or its output), cut to what
+        pays for its place in the step (speculation.plan_drafts)."""
+        if not self._max_draft:
+            return [[] for _ in decoding]
+        drafts = []
+        for seq in decoding:
+            assert seq.slot is not None
+            room = min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1)
+            drafts.append(seq.drafter.draft(room) if seq.drafter is not None else [])
+        if not any(drafts):
+            return drafts
+        take = plan_drafts([s.drafter.acceptance if s.drafter is not None else 0.0 for s in decoding],
+                           [len(d) for d in drafts], self._step_cost.marginal)
+        return [d[:k] for d, k in zip(drafts, take, strict=True)]
+
+    def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:
+        """Samples the outputs from `index` on in order, keeping each draft token the sample equals; the
+        first sample that differs, or the one after the whole draft, is the next token. The KV cells of
+        the drafts not kept are removed (also when the sequence finished on the way)."""
+        slot, drafter = seq.slot, seq.drafter
+        assert slot is not None and drafter is not None
+        kept = 0
+        for i, proposed in enumerate(draft):
+            token = self._sample(seq, index + i)
+            if seq.slot is None or token != proposed:
+                break
+            slot.tokens.append(proposed)
+            kept += 1
+        else:
+            self._sample(seq, index + len(draft))
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, len(slot.tokens), -1)
+        drafter.settle(len(draft), kept)
+        self.stats.draft_tokens += len(draft)
+        self.stats.draft_accepted += kept
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -330,7 +391,9 @@ class Scheduler:
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
 
-    def _sample(self, seq: Sequence, index: int) -> None:
+    def _sample(self, seq: Sequence, index: int) -> int:
+        """Samples the sequence's next token from output `index`, sends its text, finishes the sequence
+        where it ends; returns the token."""
         s = seq.request.sampling
         logits = None
         if seq.sampler is None or seq.matcher is not None or s.logprobs:
@@ -352,7 +415,9 @@ class Scheduler:
         assert seq.slot is not None
         if not s.ignore_eos and self._lib.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, FinishReason.STOP)
-            return
+            return token
+        if seq.drafter is not None:
+            seq.drafter.extend([token])
         if logits is not None and s.logprobs:
             seq.logprobs.append(token_logprob(logits, token, s, self._text_of))
         complete = False
@@ -369,6 +434,7 @@ class Scheduler:
             self._finish(seq, FinishReason.STOP)
         elif seq.completion >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.n_ctx:
             self._finish(seq, FinishReason.LENGTH)
+        return token
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

@@ -35,6 +35,7 @@ from laas.daemon.constraints import ConstraintCompiler, Matcher, llama_tokenizer
 from laas.daemon.gguf_header import GgufHeader
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
+DRAFT_MAX = 16  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class BatchStats:
     prefix_cached_tokens: int
     prompt_tokens: int
     decoded_tokens: int
+    draft_tokens: int = 0  # drafted by prompt lookup and decoded to be verified
+    draft_accepted: int = 0  # of those, the tokens the model produced itself (kept)
 
 
 class GgufEngine(Engine):
@@ -58,7 +61,8 @@ class GgufEngine(Engine):
 
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
-                 specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None) -> None:
+                 specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None,
+                 max_draft: int = 0) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -73,7 +77,8 @@ class GgufEngine(Engine):
         if decode_loop is None:
             decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                                    make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop)
+                                    make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop,
+                                    max_draft=max_draft)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
             format=ModelFormat.GGUF, quantization=header.quantization,
             context_length=min(context_length, self._scheduler.n_ctx),
@@ -90,8 +95,9 @@ class GgufEngine(Engine):
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
-                   decode_loop: DecodeLoop | None = None) -> GgufEngine:
+                   speculation: str = "auto", decode_loop: DecodeLoop | None = None) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
+        `speculation`: "ngram" (or "auto") drafts by prompt lookup (batching.py), "off" does not.
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
@@ -145,7 +151,8 @@ class GgufEngine(Engine):
             raise
         specials = await asyncio.to_thread(special_texts, model)
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                   template=template, specials=specials, decode_loop=decode_loop)
+                   template=template, specials=specials, decode_loop=decode_loop,
+                   max_draft=0 if speculation == "off" else DRAFT_MAX)
 
     @property
     def info(self) -> ModelInfo:
@@ -157,7 +164,7 @@ class GgufEngine(Engine):
             parallel=len(self._scheduler.slots), active=self._scheduler.active, waiting=self._scheduler.waiting,
             kv_cells=self._scheduler.kv_cells, kv_used=self._scheduler.kv_used, steps=s.steps,
             prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens, prompt_tokens=s.prompt_tokens,
-            decoded_tokens=s.decoded_tokens,
+            decoded_tokens=s.decoded_tokens, draft_tokens=s.draft_tokens, draft_accepted=s.draft_accepted,
         )
 
     def _count_token(self) -> None:

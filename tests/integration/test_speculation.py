@@ -1,0 +1,154 @@
+"""Prompt-lookup speculation in the GGUF engine, with the real model, in-process: output is token for token
+what plain decoding gives (greedy, seeded sampling, constrained, with logprobs), alone and in a batch, drafts
+are really decoded and kept, and the KV cache holds only what was kept (a follow-up turn reuses it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from laas.core.types import (
+    ChatMessage,
+    Completion,
+    Constraint,
+    ConstraintKind,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.gguf_header import read_gguf_header
+
+pytestmark = pytest.mark.timeout(300)
+
+PASSAGE = ("The lighthouse stood on a rock at the edge of the bay. Every night the keeper climbed the ninety "
+           "steps, wound the clockwork, trimmed the wick and lit the lamp. Ships passing in the dark saw the "
+           "beam turn once every twelve seconds, and knew where the rocks were.")
+TASKS = (f"Repeat this text exactly:\n\n{PASSAGE}",
+         f"Rewrite this text in the past perfect tense:\n\n{PASSAGE}",
+         f"List the things the keeper does, one per line, quoting the text:\n\n{PASSAGE}",
+         "Count from 1 to 40, separated by commas.")
+
+
+@pytest.fixture
+async def engines(model_file: Path) -> AsyncIterator[tuple[GgufEngine, GgufEngine]]:
+    """The same model plain (speculation off) and speculating (ngram), parallel 4 each, fresh for each test:
+    both see the same requests in the same order, so their prefix caches (which decide how a prompt is
+    split into steps, and so its numerics) stay alike."""
+    header = read_gguf_header(model_file)
+    plain = await GgufEngine.load(model_file, header, context_length=2048, threads=2, parallel=4,
+                                  speculation="off")
+    spec = await GgufEngine.load(model_file, header, context_length=2048, threads=2, parallel=4,
+                                 speculation="ngram")
+    yield plain, spec
+    await spec.aclose()
+    await plain.aclose()
+
+
+async def _request(engine: GgufEngine, task: str, **sampling: object) -> GenerationRequest:
+    chat = await engine.render_chat([ChatMessage("user", task)])
+    params = {"max_tokens": 96, "temperature": 0.0, **sampling}
+    return GenerationRequest(prompt=chat.prompt, template_stops=chat.template_stops, add_special=chat.add_special,
+                             sampling=SamplingParams(**params))  # type: ignore[arg-type]
+
+
+async def _run(engine: GgufEngine, request: GenerationRequest) -> tuple[str, Completion, list[object]]:
+    text: list[str] = []
+    logprobs: list[object] = []
+    done = None
+    async for chunk in engine.generate(request):
+        if isinstance(chunk, TextDelta):
+            text.append(chunk.text)
+            logprobs.extend(chunk.logprobs)
+        else:
+            done = chunk
+    assert isinstance(done, Completion)
+    return "".join(text), done, logprobs
+
+
+async def test_greedy_output_is_plain_decodings_and_drafts_are_kept(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    plain, spec = engines
+    before = spec.stats()
+    for task in TASKS:
+        request = await _request(plain, task)
+        want, want_done, _ = await _run(plain, request)
+        got, done, _ = await _run(spec, request)
+        assert got == want, task
+        assert (done.finish_reason, done.usage.completion_tokens) == (want_done.finish_reason,
+                                                                      want_done.usage.completion_tokens)
+    after = spec.stats()
+    assert plain.stats().draft_tokens == 0
+    kept = after.draft_accepted - before.draft_accepted
+    assert kept > 100, f"only {kept} drafted tokens were kept on copying tasks"
+    # Kept drafts are tokens the step delivered beyond one per sequence: fewer steps than tokens.
+    assert after.steps - before.steps < (after.decoded_tokens - before.decoded_tokens) - kept // 2
+
+
+# Short prompts (under 64 tokens: llama.cpp's row kernel of flash attention, not its tiled one, evaluates
+# them in any company) whose continuation copies from them.
+RECORDS = ("Name: Alice Smith. Age: 31. City: Paris. Job: painter.\nName: Alice Smith. Age:",
+           "red, green, blue, yellow, red, green, blue, yellow, red, green,",
+           "The cat sat on the mat. The dog sat on the log. The cat sat on the",
+           "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n")
+
+
+async def test_speculating_streams_in_a_batch_say_what_they_say_alone(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    plain, spec = engines
+    requests = [GenerationRequest(prompt=p, sampling=SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
+                for p in RECORDS]
+    alone = [(await _run(plain, r))[0] for r in requests]
+    before = spec.stats()
+    # In pairs: at two streams a step has room for drafts that pay (at four, one draft token costs about
+    # as much as the chance it is kept brings, and plan_drafts mostly leaves them out).
+    together = [*await asyncio.gather(*(_run(spec, r) for r in requests[:2])),
+                *await asyncio.gather(*(_run(spec, r) for r in requests[2:]))]
+    assert [t for t, _, _ in together] == alone
+    assert spec.stats().draft_accepted - before.draft_accepted > 20
+
+
+async def test_seeded_sampling_penalties_and_logprobs_are_unchanged(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    """A draft token is kept where the target's own sample equals it: the sampler draws what it draws
+    without speculation, so a seeded stream (with penalties, top-k) is the same text with the same logprobs."""
+    plain, spec = engines
+    for task in TASKS[:2]:
+        request = await _request(plain, task, temperature=0.7, seed=42, top_k=20, repeat_penalty=1.05,
+                                 logprobs=True, top_logprobs=2)
+        want, _, want_lp = await _run(plain, request)
+        got, _, got_lp = await _run(spec, request)
+        assert got == want
+        assert got_lp == want_lp
+
+
+async def test_a_constrained_stream_speculates_within_its_grammar(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    plain, spec = engines
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+              "additionalProperties": False}
+    request = await _request(plain, f"Answer in JSON with the key text holding this text:\n\n{PASSAGE}",
+                             max_tokens=120, constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
+    want, _, _ = await _run(plain, request)
+    got, _, _ = await _run(spec, request)
+    assert got == want
+    json.loads(got)  # complete and valid: the grammar ended it
+
+
+async def test_a_follow_up_turn_reuses_only_what_was_kept(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    """Rejected drafts leave the KV cache: the next turn reuses the cached prefix and still decodes what a
+    plain engine decodes for it."""
+    plain, spec = engines
+    history = [ChatMessage("user", TASKS[0])]
+    first = await _request(plain, TASKS[0], max_tokens=48)
+    reply, _, _ = await _run(spec, first)
+    assert (await _run(plain, first))[0] == reply
+    follow_chat = await spec.render_chat([*history, ChatMessage("assistant", reply),
+                                          ChatMessage("user", "Now repeat it once more.")])
+    follow = GenerationRequest(prompt=follow_chat.prompt, template_stops=follow_chat.template_stops,
+                               add_special=follow_chat.add_special,
+                               sampling=SamplingParams(max_tokens=48, temperature=0.0))
+    got, done, _ = await _run(spec, follow)
+    want, _, _ = await _run(plain, follow)
+    assert got == want
+    assert done.usage.cached_prompt_tokens > 0
