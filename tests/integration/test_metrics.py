@@ -8,7 +8,7 @@ import grpc
 import httpx
 import pytest
 
-from laas.client import Client, InvalidArgument
+from laas.client import Client, InvalidArgument, Result
 from laas.v1 import runtime_pb2 as pb
 from laas.v1 import runtime_pb2_grpc as pb_grpc
 from tests.cloud_server import free_port
@@ -47,6 +47,25 @@ def test_metrics_count_requests_latencies_and_cache_hits(start_daemon: Callable[
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert f'laas_requests_total{{model="{MODEL}",route="{MODEL}",status="OK"}} 2.0' in text
     assert "laas_queue_depth" in text and "laas_time_to_first_token_seconds_bucket" in text
+
+
+def test_drafts_kept_by_speculation_show_in_the_metrics(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """speculation = "ngram" drafts by prompt lookup (in the runner): a greedy answer that repeats its prompt
+    says what it says without speculation (tests/integration/test_speculation.py checks that token for
+    token), and the drafts kept show in the metrics. ("auto", the default, speculates where a drafted token
+    is cheap on the machine, which it times at load.)"""
+    daemon = start_daemon('speculation = "ngram"\n')
+    passage = "Ships passing in the dark saw the beam turn once every twelve seconds, and knew where the rocks were."
+    before = _stats(daemon.target)
+    key = (("model", MODEL),)
+    with Client(daemon.target) as client:
+        reply = Result.join(client.chat([{"role": "user", "content": f"Repeat this text exactly:\n\n{passage}"}],
+                                        max_tokens=48, temperature=0))
+    assert "twelve seconds" in reply.text
+    after = _stats(daemon.target)
+    drafted = after[("laas_draft_tokens_total", key)] - before.get(("laas_draft_tokens_total", key), 0)
+    kept = after[("laas_draft_accepted_tokens_total", key)] - before.get(("laas_draft_accepted_tokens_total", key), 0)
+    assert 0 < kept <= drafted, (kept, drafted)
 
 
 def test_client_chosen_model_names_do_not_become_labels(start_daemon: Callable[..., DaemonProcess]) -> None:

@@ -97,17 +97,33 @@ RECORDS = ("Name: Alice Smith. Age: 31. City: Paris. Job: painter.\nName: Alice 
 
 
 async def test_speculating_streams_in_a_batch_say_what_they_say_alone(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    """A copying stream that speculates keeps drafting when three others join it (its acceptance is high by
+    then), and every stream says what it says alone on the plain engine."""
     plain, spec = engines
-    requests = [GenerationRequest(prompt=p, sampling=SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
-                for p in RECORDS]
-    alone = [(await _run(plain, r))[0] for r in requests]
-    before = spec.stats()
-    # In pairs: at two streams a step has room for drafts that pay (at four, one draft token costs about
-    # as much as the chance it is kept brings, and plan_drafts mostly leaves them out).
-    together = [*await asyncio.gather(*(_run(spec, r) for r in requests[:2])),
-                *await asyncio.gather(*(_run(spec, r) for r in requests[2:]))]
-    assert [t for t, _, _ in together] == alone
-    assert spec.stats().draft_accepted - before.draft_accepted > 20
+
+    def greedy(prompt: str, n: int) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=n, temperature=0.0,
+                                                                        ignore_eos=True))
+
+    lead, others = greedy(RECORDS[1], 160), [greedy(p, 24) for p in (RECORDS[0], *RECORDS[2:])]
+    alone = [(await _run(plain, r))[0] for r in (lead, *others)]
+    tokens_seen = asyncio.Event()
+    lead_text: list[str] = []
+
+    async def run_lead() -> str:
+        async for chunk in spec.generate(lead):
+            if isinstance(chunk, TextDelta):
+                lead_text.append(chunk.text)
+                if len(lead_text) >= 12:
+                    tokens_seen.set()
+        return "".join(lead_text)
+
+    task = asyncio.create_task(run_lead())
+    await asyncio.wait_for(tokens_seen.wait(), 60)
+    joined = spec.stats()
+    company = await asyncio.gather(*(_run(spec, r) for r in others))
+    assert spec.stats().draft_accepted > joined.draft_accepted, "no draft was kept while others shared the steps"
+    assert [await task, *(t for t, _, _ in company)] == alone
 
 
 async def test_seeded_sampling_penalties_and_logprobs_are_unchanged(engines: tuple[GgufEngine, GgufEngine]) -> None:

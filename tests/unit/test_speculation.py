@@ -1,8 +1,10 @@
-"""NgramDrafter: prompt-lookup drafts from the longest n-gram seen before, and the draft length adapting."""
+"""Prompt lookup: drafts from the longest n-gram seen before, the acceptance rate, the plan of what pays in a step."""
 
 from __future__ import annotations
 
 import random
+
+import pytest
 
 from laas.daemon.backends.speculation import (
     MAX_NGRAM,
@@ -10,8 +12,8 @@ from laas.daemon.backends.speculation import (
     PRIOR_ACCEPTANCE,
     PRIOR_MARGINAL,
     NgramDrafter,
-    StepCost,
     plan_drafts,
+    relative_token_cost,
 )
 
 
@@ -99,14 +101,8 @@ def test_in_a_batch_the_likelier_sequence_drafts_more_and_none_is_cut_below_what
     assert plan_drafts([], [], marginal=0.3) == []
 
 
-def test_step_cost_fits_the_time_a_token_adds_to_a_step() -> None:
-    cost = StepCost()
-    assert cost.marginal == PRIOR_MARGINAL  # nothing timed yet
-    for _ in range(10):
-        cost.record(1, 0.010)
-    assert cost.marginal == PRIOR_MARGINAL  # steps of one size: the slope is unknown
-    rng = random.Random(1)
-    for _ in range(200):
-        n = rng.randrange(1, 12)
-        cost.record(n, 0.008 + 0.002 * n)  # base 8 ms, 2 ms a token: one more is 0.2 of a one-token step
-    assert abs(cost.marginal - 0.2) < 0.01
+def test_the_relative_token_cost_of_two_timed_steps() -> None:
+    assert relative_token_cost(0.010, 0.058, 9) == pytest.approx(0.6)  # 6 ms a token over a 10 ms step
+    assert relative_token_cost(0.010, 0.009, 9) == 0.02  # noise: never free, never negative
+    assert relative_token_cost(0.010, 0.500, 9) == 1.0
+    assert relative_token_cost(0.0, 0.1, 9) == PRIOR_MARGINAL  # not timed

@@ -120,6 +120,10 @@ class _LiveState(Collector):
                                    labels=["model"])
         cached = CounterMetricFamily("laas_prefix_cached_tokens", "Prompt tokens not evaluated again",
                                      labels=["model"])
+        drafted = CounterMetricFamily("laas_draft_tokens", "Tokens drafted by speculation and verified",
+                                      labels=["model"])
+        kept = CounterMetricFamily("laas_draft_accepted_tokens", "Drafted tokens the model produced itself (kept)",
+                                   labels=["model"])
         for entry in self._registry.entries():
             name = entry.name
             queued.add_metric([name], entry.queue.waiting)
@@ -133,6 +137,8 @@ class _LiveState(Collector):
                 kv_total.add_metric([name], s.kv_cells)
                 hits.add_metric([name], s.prefix_hits)
                 cached.add_metric([name], s.prefix_cached_tokens)
+                drafted.add_metric([name], s.draft_tokens)
+                kept.add_metric([name], s.draft_accepted)
         memory = GaugeMetricFamily("laas_model_memory_bytes", "Estimated memory of a loaded model", labels=["model"])
         loads = CounterMetricFamily("laas_model_loads", "Model loads", labels=["model"])
         unloads = CounterMetricFamily("laas_model_unloads", "Model unloads, by reason (idle, evicted, admin, "
@@ -157,4 +163,4 @@ class _LiveState(Collector):
             labels = [remote.name, remote.kind.value]
             circuit.add_metric(labels, 0.0 if remote.breaker.state(now) == "closed" else 1.0)
             failures.add_metric(labels, remote.breaker.failures)
-        yield from (queued, active, ready, slots, kv_used, kv_total, hits, cached, circuit, failures)
+        yield from (queued, active, ready, slots, kv_used, kv_total, hits, cached, drafted, kept, circuit, failures)

@@ -41,7 +41,7 @@ from typing import Any
 from laas.core.errors import InvalidArgument, LaasError, ModelLoadError
 from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, TokenLogprob, Usage
 from laas.daemon.backends.decode_loop import DecodeLoop
-from laas.daemon.backends.speculation import NgramDrafter, StepCost, plan_drafts
+from laas.daemon.backends.speculation import PRIOR_MARGINAL, NgramDrafter, plan_drafts, relative_token_cost
 from laas.daemon.constraints import Matcher
 from laas.daemon.logprobs import token_logprob
 from laas.daemon.stops import StopMatcher
@@ -112,7 +112,7 @@ class Scheduler:
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
-                 loop: DecodeLoop, max_draft: int = 0) -> None:
+                 loop: DecodeLoop, max_draft: int = 0, token_cost: float = PRIOR_MARGINAL) -> None:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
@@ -129,7 +129,7 @@ class Scheduler:
         self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
         # Drafted tokens per sequence and step (0: no speculation); every sequence's fit in one batch.
         self._max_draft = max(0, min(max_draft, n_batch // max(parallel, 1) - 1))
-        self._step_cost = StepCost()  # how a step's time grows with its tokens: what a draft token costs
+        self._token_cost = token_cost  # a drafted token's cost relative to a one-token step (time_token_cost)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
         self._on_token = on_token
@@ -308,7 +308,6 @@ class Scheduler:
             outputs.append((n, seq, draft))
             added.append((seq, [seq.next_token]))
             n += 1 + len(draft)
-        decode_only = n
         # Prompts are prefilled a chunk a step beside running streams; with none running, a whole batch.
         budget = self._n_batch if n == 0 else min(self._n_batch - n, self._prefill_chunk)
         for seq in sorted((s for s in running if s.next_token is None), key=lambda s: s.submitted_at):
@@ -329,12 +328,9 @@ class Scheduler:
         if n == 0:
             return
         b.n_tokens = n
-        started = time.perf_counter()
         rc = self._lib.llama_decode(self._ctx.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        if n == decode_only and self._max_draft:
-            self._step_cost.record(n, time.perf_counter() - started)
         self.stats.steps += 1
         for seq, toks in added:
             assert seq.slot is not None
@@ -360,7 +356,7 @@ class Scheduler:
         if not any(drafts):
             return drafts
         take = plan_drafts([s.drafter.acceptance if s.drafter is not None else 0.0 for s in decoding],
-                           [len(d) for d in drafts], self._step_cost.marginal)
+                           [len(d) for d in drafts], self._token_cost)
         return [d[:k] for d, k in zip(drafts, take, strict=True)]
 
     def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:
@@ -461,6 +457,39 @@ class Scheduler:
             timings=Timings(prompt_ms=(first - seq.submitted_at) * 1000, decode_ms=(end - first) * 1000),
         ))
         self._emit(seq, END)
+
+
+def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 3) -> float:
+    """Times decode steps of one token and of `tokens` tokens (every one with logits, as a verification
+    step has) on a fresh context's sequence 0, which is cleared after: one more token's cost relative to a
+    one-token step, on this model and machine (speculation.relative_token_cost)."""
+    import llama_cpp
+
+    batch = llama_cpp.llama_batch_init(tokens, 0, 1)
+    mem = llama_cpp.llama_get_memory(ctx.ctx)
+
+    def step(n: int) -> float:
+        for i in range(n):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = i + 1, 1 + i, 1, True
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = n
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+            raise ModelLoadError("llama.cpp could not decode a timing step")
+        elapsed = time.perf_counter() - started
+        llama_cpp.llama_memory_seq_rm(mem, 0, 1, -1)
+        return elapsed
+
+    try:
+        step(1)  # the first step after loading pays for faulting the weights in
+        ones, manys = [], []
+        for _ in range(rounds):
+            ones.append(step(1))
+            manys.append(step(tokens))
+    finally:
+        llama_cpp.llama_memory_clear(mem, True)
+        llama_cpp.llama_batch_free(batch)
+    return relative_token_cost(sorted(ones)[rounds // 2], sorted(manys)[rounds // 2], tokens)
 
 
 def check_prompt(prompt: list[int]) -> None:

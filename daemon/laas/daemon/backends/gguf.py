@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +25,18 @@ from typing import Any, cast
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
-from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt
+from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt, time_token_cost
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
+from laas.daemon.backends.speculation import AUTO_MAX_TOKEN_COST, PRIOR_MARGINAL
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.constraints import ConstraintCompiler, Matcher, llama_tokenizer
 from laas.daemon.gguf_header import GgufHeader
+
+log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
 DRAFT_MAX = 16  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
@@ -62,7 +66,7 @@ class GgufEngine(Engine):
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
                  specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None,
-                 max_draft: int = 0) -> None:
+                 max_draft: int = 0, token_cost: float = PRIOR_MARGINAL) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -78,7 +82,7 @@ class GgufEngine(Engine):
             decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                                     make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop,
-                                    max_draft=max_draft)
+                                    max_draft=max_draft, token_cost=token_cost)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
             format=ModelFormat.GGUF, quantization=header.quantization,
             context_length=min(context_length, self._scheduler.n_ctx),
@@ -97,12 +101,13 @@ class GgufEngine(Engine):
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
                    speculation: str = "auto", decode_loop: DecodeLoop | None = None) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
-        `speculation`: "ngram" (or "auto") drafts by prompt lookup (batching.py), "off" does not.
+        `speculation`: "ngram" drafts by prompt lookup (batching.py), "off" does not, "auto" does where a
+        drafted token is cheap enough on this machine (speculation.AUTO_MAX_TOKEN_COST), timed at load.
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
 
-        def _load() -> tuple[Any, Any]:
+        def _load() -> tuple[Any, Any, float]:
             import llama_cpp  # deferred: importing it loads the native library
             from llama_cpp import _internals
             from llama_cpp._logger import set_verbose
@@ -139,20 +144,30 @@ class GgufEngine(Engine):
                     raise
             except (ValueError, RuntimeError, OSError) as e:
                 raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
-            return model, ctx
+            try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
+                token_cost = PRIOR_MARGINAL if speculation == "off" else time_token_cost(ctx)
+            except BaseException:
+                ctx.close()  # type: ignore[no-untyped-call]
+                model.close()  # type: ignore[no-untyped-call]
+                raise
+            return model, ctx, token_cost
 
         # The chat template compiles first: a broken one fails the model before any native object exists.
         template = await asyncio.to_thread(lambda: compile_template(header.chat_template, model=path.name))
         try:
-            model, ctx = await asyncio.to_thread(_load)
+            model, ctx, token_cost = await asyncio.to_thread(_load)
         except BaseException:
             if template is not None:
                 await asyncio.to_thread(template.close)
             raise
         specials = await asyncio.to_thread(special_texts, model)
+        drafts = speculation == "ngram" or (speculation == "auto" and token_cost <= AUTO_MAX_TOKEN_COST)
+        if speculation != "off":
+            log.info("%s: a drafted token costs %.2f of a one-token step here; prompt-lookup speculation %s",
+                     path.name, token_cost, "on" if drafts else f"off (auto: on at <= {AUTO_MAX_TOKEN_COST})")
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                    template=template, specials=specials, decode_loop=decode_loop,
-                   max_draft=0 if speculation == "off" else DRAFT_MAX)
+                   max_draft=DRAFT_MAX if drafts else 0, token_cost=token_cost)
 
     @property
     def info(self) -> ModelInfo:

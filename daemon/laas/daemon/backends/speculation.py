@@ -10,11 +10,15 @@ draft: sampling from the target and keeping a draft token only where the sample 
 standard acceptance rule, so greedy output is token for token what plain decoding gives, and sampled
 output keeps the target's distribution).
 
-A drafted token is not free: on a CPU a step's time grows with its tokens (StepCost measures by how
-much, online: on SmolLM2-135M on 2 cores each token adds about half a one-token step, while a large
-model whose weights dominate a step adds little). `plan_drafts` decodes a draft token only where it
-raises the step's expected tokens per unit of time, from each sequence's measured acceptance rate: so a
-sequence whose drafts keep being rejected stops paying for them, and a copying one drafts long runs.
+A drafted token is not free: on a CPU a step's time grows with its tokens. The engine times that when
+it loads (batching.time_token_cost: one more token's cost relative to a one-token step). Measured on a
+2-core AVX2 machine: SmolLM2-135M Q4_1 0.6 (its matmuls run a row at a time: each token adds most of a
+step), Q8_0 0.44, F16 0.23 (batched GEMM kernels). `plan_drafts` decodes a draft token only where it
+raises the step's expected tokens per unit of time, from that cost and each sequence's measured
+acceptance rate: so a sequence whose drafts keep being rejected stops paying for them, and a copying one
+drafts long runs. `speculation = "auto"` speculates only where a token costs at most AUTO_MAX_TOKEN_COST
+(at the acceptance grounded work measured, about 0.75, a dearer token leaves little to win: 1.09x at
+best at 0.6, before the verification's own work).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ MIN_NGRAM = 2  # a single repeated token is too weak a hint
 PRIOR_ACCEPTANCE = 0.8  # a new sequence's acceptance rate, worth PRIOR_WEIGHT tokens (optimistic: drafts teach it)
 PRIOR_WEIGHT = 2.0
 DECAY = 0.9  # per draft token tried: the last few dozen say what the text being produced now is like
-PRIOR_MARGINAL = 0.5  # a token's cost relative to a one-token step, until steps of several sizes are timed
+PRIOR_MARGINAL = 0.5  # a token's cost relative to a one-token step, where it could not be timed
+AUTO_MAX_TOKEN_COST = 0.45  # speculation "auto" drafts where a token costs at most this (see above)
 
 
 class NgramDrafter:
@@ -104,36 +109,8 @@ def plan_drafts(acceptance: list[float], available: list[int], marginal: float) 
     return take
 
 
-class StepCost:
-    """How a decode step's time grows with its tokens: time = base + per_token * tokens, fitted online by
-    exponentially weighted least squares over steps without prompt chunks. `marginal` is one more token's
-    cost relative to a one-token step."""
-
-    __slots__ = ("_decay", "_w", "_x", "_xx", "_xy", "_y")
-
-    def __init__(self, decay: float = 0.99) -> None:
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
-        self._decay = decay
-
-    def record(self, tokens: int, seconds: float) -> None:
-        d = self._decay
-        self._w = self._w * d + 1.0
-        self._x = self._x * d + tokens
-        self._y = self._y * d + seconds
-        self._xx = self._xx * d + tokens * tokens
-        self._xy = self._xy * d + tokens * seconds
-
-    @property
-    def marginal(self) -> float:
-        w = self._w
-        if w < 4.0:
-            return PRIOR_MARGINAL
-        mean_x, mean_y = self._x / w, self._y / w
-        var = self._xx / w - mean_x * mean_x
-        if var < 0.1:  # steps of (nearly) one size: the slope is not measured yet
-            return PRIOR_MARGINAL
-        slope = (self._xy / w - mean_x * mean_y) / var
-        base = mean_y - slope * mean_x
-        if slope <= 0.0 or base + slope <= 0.0:
-            return 0.02
-        return min(1.0, max(0.02, slope / (base + slope)))
+def relative_token_cost(one: float, many: float, tokens: int) -> float:
+    """From a one-token step's time and a `tokens`-token step's: one more token's cost relative to the first."""
+    if one <= 0.0 or tokens <= 1:
+        return PRIOR_MARGINAL
+    return min(1.0, max(0.02, (many - one) / (tokens - 1) / one))
