@@ -52,8 +52,7 @@ def test_metrics_count_requests_latencies_and_cache_hits(start_daemon: Callable[
 def test_drafts_kept_by_speculation_show_in_the_metrics(start_daemon: Callable[..., DaemonProcess]) -> None:
     """speculation = "ngram" drafts by prompt lookup (in the runner): a greedy answer that repeats its prompt
     says what it says without speculation (tests/integration/test_speculation.py checks that token for
-    token), and the drafts kept show in the metrics. ("auto", the default, speculates where a drafted token
-    is cheap on the machine, which it times at load.)"""
+    token), and the drafts kept show in the metrics."""
     daemon = start_daemon('speculation = "ngram"\n')
     passage = "Ships passing in the dark saw the beam turn once every twelve seconds, and knew where the rocks were."
     before = _stats(daemon.target)

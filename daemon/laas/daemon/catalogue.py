@@ -46,7 +46,7 @@ class ModelDefaults:
     keep_alive_s: float = 300.0
     threads: int = 1
     flash_attn: str = "auto"
-    speculation: str = "auto"
+    speculation: str = "off"
 
     @staticmethod
     def of(settings: Settings) -> ModelDefaults:
@@ -64,7 +64,7 @@ class ModelSpec:
     keep_alive_s: float  # the model's idle seconds before unloading (< 0 never, 0 at once)
     threads: int
     flash_attn: str
-    speculation: str = "auto"
+    speculation: str = "off"
     fetch: bool = False  # the built-in default model: fetched into the store when missing
 
     @property

@@ -33,7 +33,6 @@ ENV_PREFIX = "LAAS_"
 # The formats a [[models]] table may name: the backends' table (backends/formats.py)
 MODEL_FORMATS = tuple(FORMATS)
 FLASH_ATTN = ("auto", "on", "off")
-SPECULATION = ("auto", "ngram", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 Reload = Literal["apply", "restart"]
@@ -136,8 +135,8 @@ class ModelConfig(_Table, frozen=True):
     keep_alive_s: Float | None = Field(default=None, description="Idle seconds before unloading; None: the daemon's.")
     flash_attn: Literal["auto", "on", "off"] | None = Field(
         default=None, description="GGUF: llama.cpp's flash attention, auto/on/off; None: the daemon's `flash_attn`.")
-    speculation: Literal["auto", "ngram", "off"] | None = Field(
-        default=None, description="GGUF: speculative decoding, auto/ngram/off; None: the daemon's `speculation`.")
+    speculation: Literal["ngram", "off"] | None = Field(
+        default=None, description="GGUF: speculative decoding, ngram/off; None: the daemon's `speculation`.")
 
 
 class RemoteConfig(_Table, frozen=True):
@@ -229,10 +228,11 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
     flash_attn: Literal["auto", "on", "off"] = Field(default="auto", json_schema_extra=RESTART, description=(
         "GGUF: llama.cpp's flash attention kernel: on, off, or auto (llama.cpp's choice: on where the model's "
         "layers support it, every model on a CPU)."))
-    speculation: Literal["auto", "ngram", "off"] = Field(default="auto", json_schema_extra=RESTART, description=(
+    speculation: Literal["ngram", "off"] = Field(default="off", json_schema_extra=RESTART, description=(
         "GGUF: speculative decoding. ngram: prompt lookup (drafts copied from the prompt and the output so far, "
-        "verified in the same batch step; output as without it); off; auto: ngram where a drafted token costs at most "
-        "0.35 of a one-token step, timed at load (speculation.py)."))
+        "verified in the same batch step; output as without it), a draft token decoded only where its measured "
+        "acceptance pays for its cost in the step, timed at load; off (the default: on the default model on a "
+        "small CPU a drafted token costs most of a step, and ngram measured slower)."))
     keep_alive_s: Float = Field(default=300.0, json_schema_extra=RESTART, description=(
         "Seconds a model stays loaded after its last request (< 0: forever; 0: unload at once)."))
     memory_budget_mb: Int = Field(default=0, ge=0, json_schema_extra=RESTART, description=(

@@ -459,7 +459,7 @@ class Scheduler:
         self._emit(seq, END)
 
 
-def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 3) -> float:
+def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 5) -> float:
     """Times decode steps of one token and of `tokens` tokens (every one with logits, as a verification
     step has) on a fresh context's sequence 0, which is cleared after: one more token's cost relative to a
     one-token step, on this model and machine (speculation.relative_token_cost)."""

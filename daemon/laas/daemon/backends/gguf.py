@@ -30,7 +30,7 @@ from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
-from laas.daemon.backends.speculation import AUTO_MAX_TOKEN_COST, PRIOR_MARGINAL
+from laas.daemon.backends.speculation import PRIOR_MARGINAL
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.constraints import ConstraintCompiler, Matcher, llama_tokenizer
@@ -99,10 +99,10 @@ class GgufEngine(Engine):
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
-                   speculation: str = "auto", decode_loop: DecodeLoop | None = None) -> GgufEngine:
+                   speculation: str = "off", decode_loop: DecodeLoop | None = None) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
-        `speculation`: "ngram" drafts by prompt lookup (batching.py), "off" does not, "auto" does where a
-        drafted token is cheap enough on this machine (speculation.AUTO_MAX_TOKEN_COST), timed at load.
+        `speculation`: "ngram" drafts by prompt lookup (batching.py), planned with a drafted token's cost
+        timed here at load; "off" does not.
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
@@ -145,7 +145,7 @@ class GgufEngine(Engine):
             except (ValueError, RuntimeError, OSError) as e:
                 raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
             try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
-                token_cost = PRIOR_MARGINAL if speculation == "off" else time_token_cost(ctx)
+                token_cost = time_token_cost(ctx) if speculation == "ngram" else PRIOR_MARGINAL
             except BaseException:
                 ctx.close()  # type: ignore[no-untyped-call]
                 model.close()  # type: ignore[no-untyped-call]
@@ -161,10 +161,10 @@ class GgufEngine(Engine):
                 await asyncio.to_thread(template.close)
             raise
         specials = await asyncio.to_thread(special_texts, model)
-        drafts = speculation == "ngram" or (speculation == "auto" and token_cost <= AUTO_MAX_TOKEN_COST)
-        if speculation != "off":
-            log.info("%s: a drafted token costs %.2f of a one-token step here; prompt-lookup speculation %s",
-                     path.name, token_cost, "on" if drafts else f"off (auto: on at <= {AUTO_MAX_TOKEN_COST})")
+        drafts = speculation == "ngram"
+        if drafts:
+            log.info("%s: prompt-lookup speculation on; a drafted token costs %.2f of a one-token step here",
+                     path.name, token_cost)
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                    template=template, specials=specials, decode_loop=decode_loop,
                    max_draft=DRAFT_MAX if drafts else 0, token_cost=token_cost)

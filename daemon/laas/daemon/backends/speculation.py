@@ -16,9 +16,9 @@ it loads (batching.time_token_cost: one more token's cost relative to a one-toke
 step), Q8_0 0.44, F16 0.23 (batched GEMM kernels). `plan_drafts` decodes a draft token only where it
 raises the step's expected tokens per unit of time, from that cost and each sequence's measured
 acceptance rate: so a sequence whose drafts keep being rejected stops paying for them, and a copying one
-drafts long runs. `speculation = "auto"` speculates only where a token costs at most AUTO_MAX_TOKEN_COST
-(at the acceptance grounded work measured, about 0.75, that still wins about 1.3x; a dearer token leaves
-little: 1.09x at best at 0.6, before the verification's own work).
+drafts long runs. At the acceptance grounded work measured (about 0.75) a token costing 0.35 of a step
+still wins about 1.3x in theory, one costing 0.6 at most 1.09x before the verification's own work: so
+speculation is off by default (bench/speculation.py measured it slower on the default model here).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ PRIOR_ACCEPTANCE = 0.8  # a new sequence's acceptance rate, worth PRIOR_WEIGHT t
 PRIOR_WEIGHT = 2.0
 DECAY = 0.9  # per draft token tried: the last few dozen say what the text being produced now is like
 PRIOR_MARGINAL = 0.5  # a token's cost relative to a one-token step, where it could not be timed
-AUTO_MAX_TOKEN_COST = 0.35  # speculation "auto" drafts where a token costs at most this (see above)
 
 
 class NgramDrafter:
