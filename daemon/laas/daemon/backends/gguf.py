@@ -106,6 +106,7 @@ class GgufEngine(Engine):
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
+        drafts = speculation == "ngram"
 
         def _load() -> tuple[Any, Any, float]:
             import llama_cpp  # deferred: importing it loads the native library
@@ -145,7 +146,7 @@ class GgufEngine(Engine):
             except (ValueError, RuntimeError, OSError) as e:
                 raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
             try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
-                token_cost = time_token_cost(ctx) if speculation == "ngram" else PRIOR_MARGINAL
+                token_cost = time_token_cost(ctx) if drafts else PRIOR_MARGINAL
             except BaseException:
                 ctx.close()  # type: ignore[no-untyped-call]
                 model.close()  # type: ignore[no-untyped-call]
@@ -161,7 +162,6 @@ class GgufEngine(Engine):
                 await asyncio.to_thread(template.close)
             raise
         specials = await asyncio.to_thread(special_texts, model)
-        drafts = speculation == "ngram"
         if drafts:
             log.info("%s: prompt-lookup speculation on; a drafted token costs %.2f of a one-token step here",
                      path.name, token_cost)
