@@ -72,12 +72,16 @@ def daemon(make_home: Callable[..., Path], proxy: FaultProxy, flaky: FaultProxy,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     config = tmp_path_factory.mktemp("routing") / "laasd.toml"
     # The device serves one request at a time (parallel = 1): what is ahead of a request in its queue counts.
+# On one thread, as the test cloud is: the device and the cloud then run at about the same speed, each on a
+# core of its own, as a device and a cloud elsewhere would (with every core, the device slowed the cloud's
+# answers so much under a burst that the router rightly kept the burst on a 2-core device).
     config.write_text(f"""
 [[models]]
 name = "{LOCAL}"
 path = "SmolLM2-135M-Instruct.Q4_1.gguf"
 context_length = 512
 parallel = 1
+threads = 1  # as many as the test cloud's: each has a core of its own, neither slows the other's answers
 
 [[remotes]]
 name = "cloud"
