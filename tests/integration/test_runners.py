@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 
 from laas.client import Client
@@ -209,3 +210,20 @@ def test_the_memory_budget_counts_the_runners_resident_memory(start_daemon: Call
         # The estimate or the runner's RSS, whichever is more, read at the call: within what the process holds.
         assert model.memory_bytes >= rss * 0.9, (model.memory_bytes, rss)
         assert resident_bytes(daemon.proc.pid if daemon.proc else 0) < 120 << 20  # no llama.cpp in the daemon
+
+
+def test_the_daemon_maps_no_engine_library_while_its_runners_serve(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """The engines' native code and numpy stay in the runners, even once a constrained request with logprobs
+    has been served: the daemon's own memory is the front end's (the idle figure issue 15 asks for)."""
+    daemon = start_daemon()
+    runner = runner_pid(daemon, DEFAULT)
+    sdk = openai.OpenAI(base_url=daemon.http_url, api_key="none", max_retries=0, timeout=120)
+    reply = sdk.chat.completions.create(model=DEFAULT, messages=[{"role": "user", "content": "A JSON object:"}],
+                                        max_tokens=12, temperature=0, response_format={"type": "json_object"},
+                                        logprobs=True, top_logprobs=2)
+    choice = reply.choices[0]
+    assert (choice.message.content or "").startswith("{") and choice.logprobs and choice.logprobs.content
+    engines = ("libllama", "libggml", "onnxruntime", "_multiarray_umath")
+    mapped = Path(f"/proc/{daemon.proc.pid if daemon.proc else 0}/maps").read_text()
+    assert [name for name in engines if name in mapped] == []
+    assert all(name in Path(f"/proc/{runner}/maps").read_text() for name in ("libllama", "_multiarray_umath"))

@@ -51,6 +51,7 @@ FILE_TYPES = {
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
     36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
 }
+POOLINGS = {1: "mean", 2: "cls", 3: "last", 4: "rank"}  # llama.cpp's enum llama_pooling_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,14 @@ class GgufHeader:
     def chat_template(self) -> str | None:
         value = self.metadata.get("tokenizer.chat_template")
         return value if isinstance(value, str) else None
+
+    @property
+    def pooling(self) -> str | None:
+        """The pooling the file declares for its embeddings; None: none (a generative model)."""
+        value = self.metadata.get(f"{self.architecture}.pooling_type")
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return POOLINGS.get(value)
 
 
 class _Cursor:

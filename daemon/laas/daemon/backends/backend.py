@@ -67,3 +67,22 @@ class Backend:
     native_check: bool = False
     # A line for the log at the first load in this process (which native build runs); None: none.
     runtime: Callable[[int], str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What a batching engine (gguf.py) is doing now, and has done (counters since load). Here, not with the
+    engine, so that a runner's report of it unpickles in the daemon without importing the engine."""
+
+    parallel: int
+    active: int
+    waiting: int
+    kv_cells: int
+    kv_used: int
+    steps: int
+    prefix_hits: int
+    prefix_cached_tokens: int
+    prompt_tokens: int
+    decoded_tokens: int
+    draft_tokens: int = 0  # drafted by prompt lookup and decoded to be verified
+    draft_accepted: int = 0  # of those, the tokens the model produced itself (kept)

@@ -12,7 +12,7 @@ numbers do not depend on which others share the step: a greedy stream says the s
 alone. A finished sequence's tokens stay in its slot as a prefix cache: the next request whose prompt
 starts the same way (a follow-up chat turn) takes that slot and prefills only the rest.
 
-Constrained sequences (a JSON schema, a regex, a grammar: constraints.py) carry a Matcher: before their
+Constrained sequences (a JSON schema, a regex, a grammar: constraint_masks.py) carry a Matcher: before their
 token is sampled, the logits of the tokens the constraint does not allow are set to -inf in llama.cpp's
 own buffer (the sampler chain then draws among the rest); unconstrained sequences in the same step are
 not touched. A sequence that asked for logprobs gets each token's log-probability (logprobs.py) with the
@@ -42,7 +42,7 @@ from laas.core.errors import InvalidArgument, LaasError, ModelLoadError
 from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, TokenLogprob, Usage
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.speculation import PRIOR_MARGINAL, NgramDrafter, plan_drafts, relative_token_cost
-from laas.daemon.constraints import Matcher
+from laas.daemon.constraint_masks import Matcher
 from laas.daemon.logprobs import token_logprob
 from laas.daemon.stops import StopMatcher
 

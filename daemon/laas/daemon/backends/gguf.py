@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from laas.core.engine import Engine
 from laas.core.errors import LaasError, ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
+from laas.daemon.backends.backend import BatchStats
 from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt, time_token_cost
 from laas.daemon.backends.batching import Sequence as BatchSequence
 from laas.daemon.backends.decode_loop import DecodeLoop
@@ -33,31 +33,13 @@ from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.speculation import PRIOR_MARGINAL
 from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
-from laas.daemon.constraints import ConstraintCompiler, Matcher, llama_tokenizer
+from laas.daemon.constraint_masks import ConstraintCompiler, Matcher, llama_tokenizer
 from laas.daemon.gguf_header import GgufHeader
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
 DRAFT_MAX = 16  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchStats:
-    """What the engine is doing now, and has done (counters since load)."""
-
-    parallel: int
-    active: int
-    waiting: int
-    kv_cells: int
-    kv_used: int
-    steps: int
-    prefix_hits: int
-    prefix_cached_tokens: int
-    prompt_tokens: int
-    decoded_tokens: int
-    draft_tokens: int = 0  # drafted by prompt lookup and decoded to be verified
-    draft_accepted: int = 0  # of those, the tokens the model produced itself (kept)
 
 
 class GgufEngine(Engine):

@@ -36,15 +36,6 @@ from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.gguf_header import GgufHeader
 
 BATCH = 32  # sequences per llama.cpp batch
-POOLINGS = {1: "mean", 2: "cls", 3: "last", 4: "rank"}  # llama.cpp's enum llama_pooling_type
-
-
-def declared_pooling(header: GgufHeader) -> str | None:
-    """The pooling the file declares for its embeddings; None: none (a generative model)."""
-    value = header.metadata.get(f"{header.architecture}.pooling_type")
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return POOLINGS.get(value)
 
 
 class GgufEmbeddingEngine(EmbeddingEngine):
@@ -59,7 +50,7 @@ class GgufEmbeddingEngine(EmbeddingEngine):
 
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int) -> GgufEmbeddingEngine:
-        pooling = declared_pooling(header)
+        pooling = header.pooling
         if pooling not in ("mean", "cls", "last"):
             raise ModelLoadError(f"{path.name}: pooling {pooling!r} does not give one vector per input")
         window = min(context_length, header.context_length or context_length)

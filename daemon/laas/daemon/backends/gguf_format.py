@@ -65,9 +65,7 @@ def describe(path: Path, config: ModelConfig) -> Described:
 
 def _embeds(header: GgufHeader) -> bool:
     """The file declares a pooling type: an embedding model (served by gguf_embed.py)."""
-    from laas.daemon.backends.gguf_embed import declared_pooling  # pure: no llama.cpp at import
-
-    return declared_pooling(header) is not None
+    return header.pooling is not None
 
 
 def verify(path: Path, config: ModelConfig) -> None:

@@ -41,7 +41,7 @@ from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
 from laas.daemon.backends.worker import NativeClaims, stream_from_worker
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
-from laas.daemon.constraints import ConstraintCompiler, json_tokenizer
+from laas.daemon.constraint_masks import ConstraintCompiler, json_tokenizer
 from laas.daemon.logprobs import token_logprob
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
 from laas.daemon.sampling import Sampler
