@@ -151,6 +151,36 @@ def test_not_found_and_unprocessable(daemon: DaemonProcess) -> None:
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "invalid_argument"
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool(daemon: DaemonProcess) -> None:
+    """A pooled connection idle past httpx's expiry (5 s, the openai SDK's) is still open: the server never
+    closes one just as a client reuses it (a POST would fail with "Server disconnected")."""
+    request = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{daemon.http_port}\r\n\r\n".encode()
+
+    def answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        return data
+
+    with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as sock:
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(6.5)  # the behaviour under test is the passage of idle time: past the clients' 5 s
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def _length(response: bytes) -> int:
+    for line in response.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 def test_curl_sees_server_sent_events(daemon: DaemonProcess) -> None:
     body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True})
     done = subprocess.run(["curl", "-sN", f"{daemon.http_url}/completions", "-H", "content-type: application/json",

@@ -32,6 +32,11 @@ from laas.daemon.metrics_http import split_address
 log = logging.getLogger(__name__)
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # "Started server process": the daemon says it
 Tls = tuple[str, str, str]  # cert, key, client CA ("" : none)
+# How long an idle keep-alive connection stays open. uvicorn's default (5 s) equals httpx's pool expiry (the
+# openai SDK's client): a client then reuses a connection just as the server closes it, and a POST fails with
+# "Server disconnected without sending a response". Longer than the clients' pools keep theirs, as load
+# balancers ask of their backends.
+KEEP_ALIVE_S = 75
 
 
 def _with_client_cert(protocol: type[Any]) -> type[Any]:
@@ -147,7 +152,8 @@ class HttpServer:
                 options |= {"ssl_ca_certs": ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
         protocol = _with_client_cert(_http_protocol()) if tls and self._tls and self._tls[2] else _http_protocol()
         config = uvicorn.Config(self._app, lifespan="off", log_config=None, access_log=False, server_header=False,
-                                timeout_graceful_shutdown=self._grace_s, http=protocol, **options)
+                                timeout_graceful_shutdown=self._grace_s, timeout_keep_alive=KEEP_ALIVE_S,
+                                http=protocol, **options)
         config.load()  # a bad certificate fails the start here
         return config
 
