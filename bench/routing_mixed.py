@@ -10,10 +10,12 @@ its own cloud server and daemon:
          faster than the device where two cores are free (on a shared 2-core machine a 2-thread
          llama_cpp.server was measured 5-15x slower a token than the 1-thread device, so 1 is the default)
 
-Per profile, the same seeded workloads (one per --seeds) go through four strategies (their order
+Per profile, the same seeded workloads (one per --seeds) go through five strategies (their order
 rotates with the seed, so that a drift of the machine's load favours none):
 
   auto          policy AUTO with the request's latency budget (the router decides)
+  hedged        the same, on a second daemon with `hedge = true` (router/hedge.py): a late first token
+                starts the request on the other target too, and the first to answer streams
   local_only    always the device; oversized requests fail (counted as missed deadlines)
   cloud_only    always the cloud
   by_length     client-side: the cloud when prompt tokens > --length-threshold, else local_only
@@ -70,8 +72,8 @@ TIGHT, LOOSE = 1.5, 4.0
 OVERSIZED_OUT = 8
 OUTPUTS = (8, 16, 24)
 EOS_TOKEN = 2  # SmolLM2's end of text
-STRATEGIES = ("auto", "local_only", "cloud_only", "by_length")
-STATIC = STRATEGIES[1:]
+STRATEGIES = ("auto", "hedged", "local_only", "cloud_only", "by_length")
+STATIC = STRATEGIES[2:]
 # profile -> (cloud threads, delay proxy's mean and jitter in seconds, or None); --wan-cloud-threads
 PROFILES: dict[str, tuple[int, tuple[float, float] | None]] = {"same": (1, None), "wan": (1, (0.080, 0.040))}
 TOPICS = ("a lighthouse keeper", "the first snow of winter", "a robot learning to paint", "an old map",
@@ -103,6 +105,7 @@ class Outcome:
     first_kind: str  # where the router sent it first (its prediction is for that target); "" when it failed
     target_kind: str  # where the answer came from (the last route)
     finish: str
+    hedged: bool = False  # the answer came from a hedge's backup
 
     @property
     def met(self) -> bool:
@@ -138,8 +141,9 @@ def workload(requests: int, seed: int) -> list[Job]:
 
 
 class Bench:
-    def __init__(self, client: Client, length_threshold: int) -> None:
+    def __init__(self, client: Client, hedging: Client, length_threshold: int) -> None:
         self.client = client
+        self.hedging = hedging  # the daemon with hedge = true
         self.length_threshold = length_threshold
         self.tokens: dict[str, int] = {}
         self.solo: dict[str, tuple[float, float]] = {}  # kind -> (fixed ms, ms per output token)
@@ -164,13 +168,15 @@ class Bench:
             return f"#w{next(salt)} Notes. " + FILLER * 6 + "Summarize the notes."
 
         self.calibration_tokens = len(self.client.tokenize(oversized(), model=LOCAL))
-        for policy in ("local_only", "cloud_only", "local_only", "cloud_only"):
-            self._complete(short(), 16, policy)
-        self._complete(oversized(), OVERSIZED_OUT, "cloud_only")
-        pairs = (["local_only"] * 2, ["cloud_only"] * 2, ["local_only", "cloud_only"], ["local_only", "cloud_only"])
-        for policies in pairs:  # two at once on each target, then one on each at the same time
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                list(pool.map(self._complete, [short(), short()], [16, 16], policies))
+        for client in (self.client, self.hedging):  # both daemons learn the same
+            for policy in ("local_only", "cloud_only", "local_only", "cloud_only"):
+                self._complete(short(), 16, policy, client)
+            self._complete(oversized(), OVERSIZED_OUT, "cloud_only", client)
+            pairs = (["local_only"] * 2, ["cloud_only"] * 2, ["local_only", "cloud_only"],
+                     ["local_only", "cloud_only"])
+            for policies in pairs:  # two at once on each target, then one on each at the same time
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    list(pool.map(self._complete, [short(), short()], [16, 16], policies, [client] * 2))
         lines = {}
         for policy in ("local_only", "cloud_only"):
             lo = statistics.median(self._solo(short(), 8, policy) for _ in range(3))
@@ -205,21 +211,22 @@ class Bench:
             fixed, per_token = self.solo["short"]
         return (TIGHT if job.tight else LOOSE) * (fixed + job.max_tokens * per_token)
 
-    def _complete(self, prompt: str, max_tokens: int, policy: str) -> None:
-        self.client.complete(prompt, model=LOCAL, max_tokens=max_tokens, temperature=0.7, seed=1,
+    def _complete(self, prompt: str, max_tokens: int, policy: str, client: Client | None = None) -> None:
+        (client or self.client).complete(prompt, model=LOCAL, max_tokens=max_tokens, temperature=0.7, seed=1,
                              ignore_eos=True, policy=policy, timeout=120)
 
     def policy_for(self, strategy: str, job: Job) -> str:
         if strategy == "by_length":
             return "cloud_only" if self.tokens[job.prompt] > self.length_threshold else "local_only"
-        return strategy
+        return "auto" if strategy == "hedged" else strategy
 
     def one(self, strategy: str, job: Job) -> Outcome:
         budget = self.budget_ms(job)
         policy = self.policy_for(strategy, job)
+        client = self.hedging if strategy == "hedged" else self.client
         start = time.perf_counter()
         try:
-            result = self.client.complete(job.prompt, model=LOCAL, max_tokens=job.max_tokens, temperature=0.7,
+            result = client.complete(job.prompt, model=LOCAL, max_tokens=job.max_tokens, temperature=0.7,
                                           seed=job.index, ignore_eos=True, policy=policy,
                                           latency_budget_ms=budget, timeout=120)
         except LaasError as e:
@@ -227,7 +234,8 @@ class Bench:
         actual = (time.perf_counter() - start) * 1000
         routes = result.routes
         return Outcome(job, budget, True, actual, routes[0].predicted_ms if routes else None,
-                       routes[0].kind if routes else "", routes[-1].kind if routes else "", result.finish_reason)
+                       routes[0].kind if routes else "", routes[-1].kind if routes else "", result.finish_reason,
+                       any(r.reason.startswith("hedged") for r in routes))
 
     def run(self, strategy: str, jobs: list[Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -296,6 +304,11 @@ def report(profile: str, seeds: list[int], results: dict[int, dict[str, list[Out
         print(f"{s:12} {len(outs):4} {sum(not o.ok for o in outs):6} {percentile(lat, 0.5):8.0f} "
               f"{percentile(lat, 0.95):8.0f} {cloud / max(len(lat), 1):11.0%}")
 
+    hedged = [o for seed in seeds for o in results[seed]["hedged"]]
+    print(f"hedged: {sum(o.hedged for o in hedged)} of {len(hedged)} answers came from a hedge's backup; "
+          f"deadlines met {share['hedged']:.0%} vs auto {share['auto']:.0%}; seeds where hedged >= auto: "
+          f"{sum(sum(o.met for o in results[x]['hedged']) >= sum(o.met for o in results[x]['auto']) for x in seeds)}"
+          f" of {len(seeds)}")
     print(f"\ndeadlines met by kind   {'  '.join(f'{k:>11}' for k in STRATEGIES)}")
     for kind in ("short", "burst", "oversized"):
         for tight in (True, False):
@@ -366,8 +379,9 @@ read_timeout_s = 60
 
 
 @contextmanager
-def profile_daemon(profile: str, model: Path) -> Iterator[Client]:
-    """The profile's cloud (and delay proxy), and a daemon routing to it; a client of the daemon."""
+def profile_daemon(profile: str, model: Path) -> Iterator[tuple[Client, Client]]:
+    """The profile's cloud (and delay proxy), and two daemons routing to it, the second with hedged requests;
+    a client of each."""
     threads, delay = PROFILES[profile]
     os.environ["N_THREADS_BATCH"] = str(threads)  # llama_cpp.server prefills with every core unless told
     cloud = CloudServer(model, threads=threads)
@@ -381,21 +395,25 @@ def profile_daemon(profile: str, model: Path) -> Iterator[Client]:
         if delay is not None:
             proxy.delay_s, proxy.jitter_s = delay
         url = proxy.url
-        with tempfile.TemporaryDirectory(prefix="laas-bench-") as home:
-            store = Path(home) / "models"
-            store.mkdir()
+        with tempfile.TemporaryDirectory(prefix="laas-bench-") as tmp:
+            daemons = []
             try:
-                os.link(model, store / model.name)
-            except OSError:
-                ModelStore(store).add_file(model)
-            config = Path(home) / "laasd.toml"
-            config.write_text(daemon_config(url))
-            daemon = DaemonProcess(Path(home), config).start()
-            try:
-                with Client(daemon.target) as client:
-                    yield client
+                for name, extra in (("plain", ""), ("hedged", "hedge = true\n")):
+                    home = Path(tmp) / name
+                    store = home / "models"
+                    store.mkdir(parents=True)
+                    try:
+                        os.link(model, store / model.name)
+                    except OSError:
+                        ModelStore(store).add_file(model)
+                    config = home / "laasd.toml"
+                    config.write_text(extra + daemon_config(url))
+                    daemons.append(DaemonProcess(home, config).start())
+                with Client(daemons[0].target) as client, Client(daemons[1].target) as hedging:
+                    yield client, hedging
             finally:
-                daemon.stop()
+                for daemon in daemons:
+                    daemon.stop()
     finally:
         if proxy is not None:
             proxy.stop()
@@ -420,8 +438,8 @@ def main() -> int:
     began = time.perf_counter()
     verdicts: dict[str, dict[str, bool]] = {}
     for profile in profiles:
-        with profile_daemon(profile, model) as client:
-            bench = Bench(client, args.length_threshold)
+        with profile_daemon(profile, model) as (client, hedging):
+            bench = Bench(client, hedging, args.length_threshold)
             print(f"\n##### profile {profile}: cloud threads {PROFILES[profile][0]}, delay proxy "
                   f"{PROFILES[profile][1] or 'none'}")
             bench.calibrate()
@@ -435,7 +453,7 @@ def main() -> int:
                 kinds = ", ".join(f"{sum(j.kind == kind for j in jobs)} {kind}" for kind in ("short", "burst",
                                                                                              "oversized"))
                 print(f"seed {seed}: {len(jobs)} requests ({kinds}; {sum(j.tight for j in jobs)} tight), "
-                      f"4 strategies in {time.perf_counter() - t0:.0f} s")
+                      f"{len(STRATEGIES)} strategies in {time.perf_counter() - t0:.0f} s")
             verdicts[profile] = report(profile, seeds, results, args.details)
     print(f"\nwhole run {time.perf_counter() - began:.0f} s")
     for profile, v in verdicts.items():

@@ -60,8 +60,11 @@ class LocalTarget:
         servable = entry.servable  # a model that is not loaded loads on use: it costs its load time
         reason = "" if servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
         max_tokens = admitted.max_tokens(self.context_length, self.kind)
-        predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, self._clock()) + self.load_ms()
-        return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason)
+        now, load = self._clock(), self.load_ms()
+        predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, now) + load
+        first = self.estimator.first_token_ms(admitted.prompt_tokens, now) + load
+        return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason,
+                        first_token_ms=first)
 
     def reserve(self, admitted: Admitted) -> Hold:
         """A place in the queue estimate: this request's own service time, not the queue ahead of it."""

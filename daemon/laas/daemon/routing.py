@@ -21,6 +21,7 @@ from laas.daemon.registry import ModelRegistry
 from laas.daemon.settings import RemoteConfig, Settings, SettingsError
 from laas.router.cloud import CloudConfig, CloudEngine, read_api_key
 from laas.router.dispatch import Router
+from laas.router.hedge import HedgeConfig
 from laas.router.latency import CircuitBreaker, Rates, RemoteEstimator, calibrate_rates, decode_floor_tps
 from laas.router.load import InFlight
 from laas.router.peer import PeerEngine
@@ -72,7 +73,9 @@ def build_router(settings: Settings, registry: ModelRegistry, device: LocalModel
     return Router(device, remotes, aliases, {r.name: r.models for r in settings.remotes},
                   settings.default_max_tokens, clock=time.monotonic,
                   embedding_models={r.name: dict(r.embedding_models) for r in settings.remotes},
-                  local_digest=functools.partial(local_digest, registry))
+                  local_digest=functools.partial(local_digest, registry),
+                  hedging=HedgeConfig(after=settings.hedge_after, share=settings.hedge_share) if settings.hedge
+                  else None)
 
 
 def local_digest(registry: ModelRegistry, name: str) -> str | None:

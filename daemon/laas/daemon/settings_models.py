@@ -293,6 +293,15 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
         "The largest max_tokens a request may ask for."))
     max_streams_per_token: Int = Field(default=4, ge=1, json_schema_extra=RESTART, description=(
         "Streams one token (or client certificate) may have in flight."))
+    # --- Hedged requests (router/hedge.py) ---
+    hedge: bool = Field(default=False, json_schema_extra=RESTART, description=(
+        "When a request with a latency budget has no first token from its target within hedge_after times the "
+        "predicted time, also start it on the next target that can still meet the budget; the first to "
+        "answer streams, the other is cancelled."))
+    hedge_after: Float = Field(default=1.5, ge=1.0, json_schema_extra=RESTART, description=(
+        "When a hedge starts: this multiple of the chosen target's predicted time to first token."))
+    hedge_share: Float = Field(default=0.1, gt=0, le=1, json_schema_extra=RESTART, description=(
+        "The most hedges a target takes: this share of the requests routed (a cloud bill grows by at most it)."))
     # --- LAN discovery (mDNS/DNS-SD, discovery.py) ---
     discovery: Literal["auto", "on", "off"] = Field(default="auto", json_schema_extra=RESTART, description=(
         "auto (advertise when listening beyond loopback), on, or off."))

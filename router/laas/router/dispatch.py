@@ -14,9 +14,12 @@ object it holds.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from laas.core.errors import OutOfRange, ResourceExhausted, TargetFailed, Unavailable
 from laas.core.types import (
@@ -30,10 +33,15 @@ from laas.core.types import (
     Usage,
 )
 from laas.router.embedding import EmbedCandidate, choose_embedding, peer_serves
+from laas.router.hedge import Hedge, HedgeBudget, HedgeConfig, plan_hedge
+from laas.router.load import Hold
 from laas.router.policy import Decision, Policy, Query, TargetKind, choose
 from laas.router.redact import Redaction
 from laas.router.remote import RemoteTarget
-from laas.router.targets import Admitted, Device, DeviceTarget, RoutedRequest, Target
+from laas.router.targets import Admitted, Device, DeviceTarget, RoutedRequest, Streamed, Target
+
+# Errors of a target that the next target may recover from (a request's own errors are raised at once).
+FAILOVER_ERRORS = (TargetFailed, OutOfRange, Unavailable, ResourceExhausted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,41 @@ class RouteChange:
     predicted_ms: float
     failover: bool
     model: str
+
+
+class _Attempt:
+    """One target running the request under its hold; `first` reads up to its first chunk (keeping it and
+    what came before, a Redaction), so that two attempts can race to answer first."""
+
+    def __init__(self, target: Target, hold: Hold, admitted: Admitted) -> None:
+        self.target = target
+        self.hold = hold
+        self._items = target.stream(admitted, hold)
+        self._head: list[Streamed] = []
+
+    async def first(self) -> None:
+        async for item in self._items:
+            self._head.append(item)
+            if not isinstance(item, Redaction):
+                return
+
+    def __aiter__(self) -> AsyncIterator[Streamed]:
+        return self._all()
+
+    async def _all(self) -> AsyncGenerator[Streamed, None]:
+        head, self._head = self._head, []
+        for item in head:
+            yield item
+        async for item in self._items:
+            yield item
+
+    async def close(self) -> None:
+        """Stops it (the target sees the request cancelled) and releases its hold."""
+        closing = getattr(self._items, "aclose", None)
+        if closing is not None:
+            with contextlib.suppress(Exception):
+                await closing()
+        self.hold.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +113,10 @@ class Router:
                  remote_models: dict[str, tuple[str, ...]], default_max_tokens: int,
                  clock: Callable[[], float] = time.monotonic,
                  embedding_models: dict[str, dict[str, str]] | None = None,
-                 local_digest: Callable[[str], str | None] | None = None) -> None:
+                 local_digest: Callable[[str], str | None] | None = None,
+                 hedging: HedgeConfig | None = None) -> None:
+        # Hedged requests (hedge.py): None turns them off.
+        self._hedge_budget = HedgeBudget(hedging) if hedging is not None else None
         # Per remote target: requested embedding model -> the endpoint's own name for it ([[remotes]]).
         self._embedding_models = embedding_models or {}
         # Per discovered peer: embedding model -> the digest it advertises; and the device's digest of a model.
@@ -194,7 +240,11 @@ class Router:
         failures: list[str] = []
         completion_tokens = 0
         admitted = plan.admitted
+        hedge = self._plan_hedge(plan)
+        tried: set[str] = set()
         for estimate in plan.decision.order:
+            if estimate.target in tried:  # the backup of a hedge that lost, or failed
+                continue
             target = self._target(estimate.kind, estimate.target)
             if target is None:  # a discovered peer that went away since the plan
                 failures.append(f"{estimate.target}: gone")
@@ -208,18 +258,25 @@ class Router:
                     return
                 admitted = plan.admitted.continued(resumed, completion_tokens)
             reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
+            tried.add(target.name)
             # Reserved before anything is yielded: the caller starts the run right after the plan, with no
             # await between, so the next request's plan sees this one's load.
-            hold = target.reserve(admitted)
+            attempt = _Attempt(target, target.reserve(admitted), admitted)
             try:
                 yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures),
                                   plan.model)
-                async for chunk in target.stream(admitted, hold):
+                if hedge is not None and not failures:
+                    attempt = await self._hedged(attempt, hedge, admitted, tried, failures)
+                    if attempt.target is not target:
+                        yield RouteChange(attempt.target.name, attempt.target.kind,
+                                          f"hedged: {target.name} had not answered after {hedge.after_ms:.0f} ms",
+                                          hedge.backup.predicted_ms, True, plan.model)
+                async for chunk in attempt:
                     if isinstance(chunk, TextDelta):
                         delivered.append(chunk.text)
                         completion_tokens += 1
                     elif isinstance(chunk, Completion):
-                        hold.release()  # now: a caller may stop reading at the completion, never closing us
+                        attempt.hold.release()  # now: a caller may stop reading at the completion, never closing us
                         if resumed:
                             chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
                     yield chunk
@@ -231,7 +288,56 @@ class Router:
                 # its estimate, or no room in the memory budget: the next target, if any, takes it
                 if not failures and estimate is plan.decision.order[-1]:
                     raise
-                failures.append(f"{target.name}: {e}")
+                failures.append(f"{attempt.target.name}: {e}")
             finally:  # completed, cancelled, failed or failing over: its load leaves the target
-                hold.release()
+                attempt.hold.release()
         raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")
+
+    def _plan_hedge(self, plan: Plan) -> Hedge | None:
+        if self._hedge_budget is None:
+            return None
+        self._hedge_budget.routed([e.target for e in plan.decision.order])
+        return plan_hedge(plan.decision, plan.query, self._hedge_budget.config)
+
+    async def _hedged(self, primary: _Attempt, hedge: Hedge, admitted: Admitted, tried: set[str],
+                      failures: list[str]) -> _Attempt:
+        """The attempt that answers first: `primary`, or the hedge's backup started once `primary` has not
+        answered within hedge.after_ms. The other is cancelled (its stream closed, its hold released). A
+        failure of one while the other runs goes to `failures`; when both fail, the last error is raised."""
+        first = asyncio.ensure_future(primary.first())
+        racing = {first: primary}
+        try:
+            done, _ = await asyncio.wait({first}, timeout=hedge.after_ms / 1000)
+            backup_target = None if done else self._target(hedge.backup.kind, hedge.backup.target)
+            if backup_target is None or hedge.backup.target in tried or not (
+                    self._hedge_budget and self._hedge_budget.take(backup_target.name)):
+                await first
+                return primary
+            tried.add(backup_target.name)
+            backup = _Attempt(backup_target, backup_target.reserve(admitted), admitted)
+            racing[asyncio.ensure_future(backup.first())] = backup
+            pending = set(racing)
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                answered = [task for task in done if task.exception() is None]
+                if answered:
+                    winner = racing[answered[0]]
+                    for task, attempt in racing.items():
+                        if attempt is not winner:
+                            task.cancel()
+                            await asyncio.gather(task, return_exceptions=True)
+                            await attempt.close()
+                    return winner
+                for task in done:
+                    error = task.exception()
+                    if not isinstance(error, FAILOVER_ERRORS) or not pending:
+                        raise cast(BaseException, error)
+                    failures.append(str(error) if isinstance(error, TargetFailed)
+                                    else f"{racing[task].target.name}: {error}")
+                    await racing[task].close()
+        except BaseException:
+            for task, attempt in racing.items():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await attempt.close()
+            raise

@@ -124,6 +124,10 @@ class LocalEstimator:
         return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
                                                     self.in_flight.elsewhere)
 
+    def first_token_ms(self, prompt_tokens: int, now: float) -> float:
+        """Predicted time to the first token: the queue, the prompt's prefill and one decode step."""
+        return self.service_ms(prompt_tokens, 1, self.batch_for_next(), self.in_flight.elsewhere) + self.queue_ms(now)
+
     def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
         """Reserves the request's own service time (not the queue ahead of it) until released."""
         return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
@@ -218,6 +222,10 @@ class RemoteEstimator:
         and `elsewhere` on its other targets."""
         itl = self.inter_token_ms + self.itl_per_request * others + self.itl_per_elsewhere * elsewhere
         return self.ttft_for(prompt_tokens) + max_tokens * itl
+
+    def first_token_ms(self, prompt_tokens: int, now: float = 0.0) -> float:
+        """Predicted time to the first token: the wait ahead and the endpoint's time to first token."""
+        return self.wait_ms(now) + self.ttft_for(prompt_tokens)
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float = 0.0) -> float:
         expected = self.wait_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.in_flight.count,

@@ -97,6 +97,7 @@ class Estimate:
     predicted_ms: float
     unavailable_reason: str = ""
     missing: tuple[str, ...] = ()  # capabilities the request needs that the target lacks (CAPABILITIES)
+    first_token_ms: float = 0.0  # predicted time to its first token (0: not predicted); hedge.py reads it
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,7 +96,8 @@ class RemoteTarget:
         predicted = self.estimator.predict_ms(admitted.prompt_tokens,
                                               admitted.max_tokens(self.context_length, self.kind), self._clock())
         missing = tuple(sorted(admitted.request.needs() - self.capabilities))
-        return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason, missing)
+        first = self.estimator.first_token_ms(admitted.prompt_tokens, self._clock())
+        return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason, missing, first)
 
     def reserve(self, admitted: Admitted) -> Hold:
         return self.estimator.hold(admitted.prompt_tokens, admitted.max_tokens(self.context_length, self.kind),
