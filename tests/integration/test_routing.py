@@ -39,13 +39,6 @@ HOSTILE_READ_TIMEOUT_S = 5
 
 
 @pytest.fixture(scope="module")
-def cloud(model_file: Path) -> Iterator[CloudServer]:
-    server = CloudServer(model_file).wait_ready()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def proxy(cloud: CloudServer) -> Iterator[FaultProxy]:
     p = FaultProxy(cloud.url).start()
     yield p

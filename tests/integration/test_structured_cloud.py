@@ -26,13 +26,6 @@ CLOUD_ONLY = pb.Routing(policy=pb.ROUTING_POLICY_CLOUD_ONLY)
 
 
 @pytest.fixture(scope="module")
-def cloud(model_file: Path) -> Iterator[CloudServer]:
-    server = CloudServer(model_file).wait_ready()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def stub(cloud: CloudServer, daemon: DaemonProcess, make_home: Callable[..., Path],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.RuntimeStub]:
     config = tmp_path_factory.mktemp("structured-cloud") / "laasd.toml"

@@ -152,7 +152,7 @@ async def test_a_late_first_token_starts_the_backup_and_the_first_to_answer_stre
 
 async def test_a_first_token_in_time_starts_no_hedge(tmp_path: Path) -> None:
     quick, backup = Held("quick", answer_now=True), Held("backup", answer_now=True)
-    router, targets = _router(tmp_path, {"quick": quick, "backup": backup})
+    router, _ = _router(tmp_path, {"quick": quick, "backup": backup})
     routes, text = await _run(router, _plan(router))
     assert (text, [r.target for r in routes], backup.started) == ("quick", ["quick"], 0)
 
