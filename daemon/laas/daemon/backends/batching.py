@@ -1,7 +1,8 @@
 """Continuous batching over one llama.cpp context: the scheduler thread of the batched GGUF engine.
 
-Layer: infrastructure. One thread owns the context. Every step it admits waiting sequences into free
-slots (llama.cpp sequence ids), builds one batch holding the next token of every decoding sequence
+Layer: infrastructure. The decode thread runs it (what every engine's scheduler does is in
+slot_scheduler.py): every step it admits waiting sequences into free slots (llama.cpp sequence ids),
+builds one batch holding the next token of every decoding sequence
 plus a bounded chunk of the prompts still being prefilled, decodes it once, and samples each
 sequence's next token with that sequence's own sampler chain. Finished and cancelled sequences leave
 between steps; a long prompt is prefilled `prefill_chunk` tokens a step, so the streams already
@@ -9,8 +10,7 @@ running keep receiving a token every step.
 
 KV cache: each sequence id has a KV stream of its own (`kv_tokens` split evenly), so a sequence's
 numbers do not depend on which others share the step: a greedy stream says the same in company as
-alone. A finished sequence's tokens stay in its slot as a prefix cache: the next request whose prompt
-starts the same way (a follow-up chat turn) takes that slot and prefills only the rest.
+alone. A finished sequence's tokens stay in its slot as a prefix cache (slot_scheduler.py).
 
 Constrained sequences (a JSON schema, a regex, a grammar: constraint_masks.py) carry a Matcher: before their
 token is sampled, the logits of the tokens the constraint does not allow are set to -inf in llama.cpp's
@@ -28,87 +28,24 @@ deliver several tokens of a sequence, and what it delivers is what plain decodin
 
 from __future__ import annotations
 
-import codecs
 import logging
-import queue
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from laas.core.errors import InvalidArgument, LaasError, ModelLoadError
-from laas.core.types import Completion, FinishReason, GenerationRequest, TextDelta, Timings, TokenLogprob, Usage
+from laas.core.errors import ModelLoadError
+from laas.core.types import GenerationRequest
 from laas.daemon.backends.decode_loop import DecodeLoop
+from laas.daemon.backends.slot_scheduler import Sequence, Slot, SlotScheduler
 from laas.daemon.backends.speculation import PRIOR_MARGINAL, NgramDrafter, plan_drafts, relative_token_cost
-from laas.daemon.constraint_masks import Matcher
-from laas.daemon.logprobs import token_logprob
-from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[object], None]
-END = object()  # sentinel: the sequence has left the scheduler
 
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the scheduler. Only the scheduler thread touches it after submission."""
-
-    request: GenerationRequest
-    prompt: list[int]
-    max_tokens: int
-    emit: Emit
-    cancel: threading.Event = field(default_factory=threading.Event)
-    slot: Slot | None = None
-    sampler: Any = None
-    evaluated: int = 0  # prompt tokens in the KV cache (cached prefix included)
-    next_token: int | None = None  # sampled, not yet decoded
-    completion: int = 0
-    cached: int = 0
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float = 0.0
-    decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
-    matcher: Matcher | None = None  # the request's constraint, at this sequence's point in it
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
-    drafter: NgramDrafter | None = None  # prompt lookup, when the engine speculates
-
-
-@dataclass(eq=False)
-class Slot:
-    seq_id: int
-    tokens: list[int] = field(default_factory=list)  # what this sequence id holds in the KV cache
-    seq: Sequence | None = None
-    last_used: float = 0.0
-
-
-@dataclass
-class SchedulerStats:
-    """Counters the engine reports (metrics read them; only the scheduler thread writes)."""
-
-    steps: int = 0
-    prefix_hits: int = 0
-    prefix_cached_tokens: int = 0
-    prompt_tokens: int = 0
-    decoded_tokens: int = 0
-    draft_tokens: int = 0  # drafted tokens decoded for verification
-    draft_accepted: int = 0  # of which the target produced the same
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class Scheduler:
+class Scheduler(SlotScheduler):
     """Owns the llama.cpp context; the decode loop runs it until it is closed."""
+
+    runtime = "llama.cpp"
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
@@ -116,6 +53,8 @@ class Scheduler:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
+        super().__init__(parallel=parallel, n_ctx=int(llama_cpp.llama_n_ctx_seq(ctx.ctx)), on_token=on_token,
+                         loop=loop, relay_name="gguf-relay")  # n_ctx: cells of each sequence's own KV stream
         self._lib = llama_cpp
         self._numpy = numpy
         self._model = model
@@ -124,7 +63,6 @@ class Scheduler:
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(model.vocab))
         self._pieces: dict[int, bytes] = {}  # token id -> its text's bytes (detokenized once)
         self.kv_cells = int(llama_cpp.llama_n_ctx(ctx.ctx))
-        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))  # cells of each sequence's own KV stream
         self._n_batch = n_batch
         self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
         # Drafted tokens per sequence and step (0: no speculation); every sequence's fit in one batch.
@@ -132,164 +70,29 @@ class Scheduler:
         self._token_cost = token_cost  # a drafted token's cost relative to a one-token step (time_token_cost)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
-        self._on_token = on_token
-        self.slots = [Slot(i) for i in range(parallel)]
-        self._pending: deque[Sequence] = deque()
-        self._loop = loop
-        self._cond = loop.cond
-        self.closing = False
-        self._closed = threading.Event()
-        self.stats = SchedulerStats()
-        # What the scheduler emits is handed to the event loop by a relay thread. Waking the loop is a write
-        # to its self-pipe, which releases the GIL; the loop's thread takes it and runs the whole stream's
-        # handlers, and the writer waits for it to give the GIL back. The relay does that waiting, so the
-        # scheduler goes straight on to its next decode (measured: 7% of its time went to that wait).
-        self._outbox: queue.SimpleQueue[tuple[Emit, object] | None] = queue.SimpleQueue()
-        self._relay = threading.Thread(target=self._relay_main, name="gguf-relay", daemon=True)
         try:
-            loop.add(self)
+            self._begin_serving()
         except BaseException:
             llama_cpp.llama_batch_free(self._batch)
             raise
-        self._relay.start()
 
-    # --- called from the event loop -------------------------------------------------------------
-
-    def submit(self, seq: Sequence) -> None:
-        with self._cond:
-            if self.closing:
-                raise ModelLoadError("engine is closed")
-            self._pending.append(seq)
-            self._cond.notify()
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify()
-
-    @property
-    def active(self) -> int:
-        return sum(1 for s in self.slots if s.seq is not None)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._pending)
-
-    @property
-    def kv_used(self) -> int:
-        return sum(len(s.tokens) for s in self.slots)
-
-    @property
-    def alive(self) -> bool:
-        return self._loop.alive and not self.closing
-
-    def close(self) -> None:
-        """Leaves the decode loop (sequences still running end with an error) and frees the batch."""
-        with self._cond:
-            self.closing = True
-            self._cond.notify()
-        self._closed.wait()
-        self._outbox.put(None)  # after everything the scheduler emitted
-        self._relay.join()
+    def _free(self) -> None:
         self._lib.llama_batch_free(self._batch)
 
-    # --- the relay thread -----------------------------------------------------------------------
-
-    def _emit(self, seq: Sequence, item: object) -> None:
-        self._outbox.put((seq.emit, item))
-
-    def _relay_main(self) -> None:
-        while (entry := self._outbox.get()) is not None:
-            emit, item = entry
-            emit(item)
-
-    # --- the scheduler thread -------------------------------------------------------------------
-
-    def has_work(self) -> bool:
-        """Called with the loop's lock held."""
-        return self.closing or bool(self._pending) or self.active > 0
-
-    def run_once(self) -> None:
-        """One turn in the decode loop: drop cancelled sequences, admit waiting ones, decode a step."""
-        if self.closing:
-            self._fail_all(ModelLoadError("engine is closed"))
-            self._closed.set()
-            return
-        try:
-            self._drop_cancelled()
-            self._admit()
-            if self.active:
-                self._step()
-        except Exception as e:  # a native failure: end every stream with a clear error, not a hang
-            log.exception("the batch scheduler failed")
-            with self._cond:
-                self.closing = True
-            self._fail_all(ModelLoadError(f"generation failed in llama.cpp: {e}"))
-
-    def _fail_all(self, error: LaasError) -> None:
-        with self._cond:
-            pending, self._pending = list(self._pending), deque()
-        for seq in [*pending, *(s.seq for s in self.slots if s.seq is not None)]:
-            if seq.slot is not None:
-                self._release(seq)
-            self._emit(seq, error)
-            self._emit(seq, END)
-
-    def _drop_cancelled(self) -> None:
-        for slot in self.slots:
-            if slot.seq is not None and slot.seq.cancel.is_set():
-                seq = slot.seq
-                self._release(seq)
-                self._emit(seq, END)
-        with self._cond:
-            gone = [s for s in self._pending if s.cancel.is_set()]
-            for seq in gone:
-                self._pending.remove(seq)
-        for seq in gone:
-            self._emit(seq, END)
-
-    def _admit(self) -> None:
-        """Moves waiting sequences into free slots, in arrival order."""
-        while True:
-            with self._cond:
-                if not self._pending:
-                    return
-                seq = self._pending[0]
-            free = [s for s in self.slots if s.seq is None]
-            if not free:
-                return
-            with self._cond:
-                self._pending.popleft()
-            # The free slot holding the longest prefix of this prompt; else the least recently used.
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, seq.prompt), -s.last_used))
-            self._start(seq, slot)
-
-    def _start(self, seq: Sequence, slot: Slot) -> None:
-        keep = min(_common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)  # the last is evaluated again
-        self._truncate(slot, keep)
-        seq.slot, slot.seq = slot, seq
-        seq.evaluated = seq.cached = keep
-        seq.stops = StopMatcher(seq.request.sampling.stop + seq.request.template_stops)
+    def _begin(self, seq: Sequence) -> None:
         seq.sampler = self._make_sampler(seq.request)
         if self._max_draft:
             seq.drafter = NgramDrafter(seq.prompt, self._max_draft)
-        seq.submitted_at = time.perf_counter()
-        self.stats.prompt_tokens += len(seq.prompt)
-        if keep:
-            self.stats.prefix_hits += 1
-            self.stats.prefix_cached_tokens += keep
+
+    def _end(self, seq: Sequence) -> None:
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
 
     def _truncate(self, slot: Slot, keep: int) -> None:
         if len(slot.tokens) > keep:
             self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
             del slot.tokens[keep:]
-
-    def _release(self, seq: Sequence) -> None:
-        slot = seq.slot
-        if slot is not None:
-            slot.seq, slot.last_used, seq.slot = None, time.monotonic(), None
-        if seq.sampler is not None:
-            seq.sampler.close()
-            seq.sampler = None
 
     def _step(self) -> None:
         """One llama_decode over every active sequence: a token each, plus a chunk of prompt."""
@@ -388,8 +191,7 @@ class Scheduler:
         b.logits[i] = logits
 
     def _sample(self, seq: Sequence, index: int) -> int:
-        """Samples the sequence's next token from output `index`, sends its text, finishes the sequence
-        where it ends; returns the token."""
+        """Samples the sequence's next token from output `index` and delivers it; returns the token."""
         s = seq.request.sampling
         logits = None
         if seq.sampler is None or seq.matcher is not None or s.logprobs:
@@ -401,35 +203,7 @@ class Scheduler:
             token = int(logits.argmax())
         else:
             token = int(seq.sampler.sample(self._ctx, index))
-        now = time.perf_counter()
-        if seq.completion == 0:
-            seq.first_token_at = now
-        seq.completion += 1
-        seq.next_token = token
-        self.stats.decoded_tokens += 1
-        self._on_token()
-        assert seq.slot is not None
-        if not s.ignore_eos and self._lib.llama_vocab_is_eog(self._model.vocab, token):
-            self._finish(seq, FinishReason.STOP)
-            return token
-        if seq.drafter is not None:
-            seq.drafter.extend([token])
-        if logits is not None and s.logprobs:
-            seq.logprobs.append(token_logprob(logits, token, s, self._text_of))
-        complete = False
-        if seq.matcher is not None:
-            # A token the constraint refuses cannot be drawn (its logit is -inf); refusing one anyway
-            # ends the output where it still is.
-            complete = not seq.matcher.accept(token) or seq.matcher.done
-        piece = self._piece(token)
-        text = seq.stops.feed(seq.decoder.decode(piece))
-        if text:
-            self._emit(seq, TextDelta(text, tuple(seq.logprobs)))
-            seq.logprobs.clear()
-        if seq.stops.stopped or complete:
-            self._finish(seq, FinishReason.STOP)
-        elif seq.completion >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.n_ctx:
-            self._finish(seq, FinishReason.LENGTH)
+        self._deliver(seq, token, logits)
         return token
 
     def _piece(self, token: int) -> bytes:
@@ -441,22 +215,11 @@ class Scheduler:
     def _text_of(self, token: int) -> str:
         return self._piece(token).decode("utf-8", errors="replace")
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        # Bytes of a character cut off by max_tokens are dropped, not sent as U+FFFD.
-        tail = seq.stops.flush()
-        if tail:
-            self._emit(seq, TextDelta(tail, tuple(seq.logprobs)))
-        seq.logprobs.clear()
-        end = time.perf_counter()
-        first = seq.first_token_at or end
-        self._release(seq)
-        self._emit(seq, Completion(
-            finish_reason=reason,
-            usage=Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.completion,
-                        cached_prompt_tokens=seq.cached),
-            timings=Timings(prompt_ms=(first - seq.submitted_at) * 1000, decode_ms=(end - first) * 1000),
-        ))
-        self._emit(seq, END)
+    def _text(self, seq: Sequence, token: int) -> str:
+        return seq.decoder.decode(self._piece(token))
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._model.vocab, token))
 
 
 def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 5) -> float:
@@ -490,9 +253,3 @@ def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 5) -> float:
         llama_cpp.llama_memory_clear(mem, True)
         llama_cpp.llama_batch_free(batch)
     return relative_token_cost(sorted(ones)[rounds // 2], sorted(manys)[rounds // 2], tokens)
-
-
-def check_prompt(prompt: list[int]) -> None:
-    if not prompt:
-        raise InvalidArgument("prompt: it has no tokens", field="prompt")
-

@@ -19,19 +19,20 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from laas.core.engine import Engine
-from laas.core.errors import LaasError, ModelLoadError, OutOfRange
+from laas.core.errors import ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
 from laas.daemon.backends.backend import BatchStats
-from laas.daemon.backends.batching import END, Scheduler, SchedulerStats, check_prompt, time_token_cost
-from laas.daemon.backends.batching import Sequence as BatchSequence
+from laas.daemon.backends.batching import Scheduler, time_token_cost
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
+from laas.daemon.backends.slot_scheduler import Emit, SchedulerStats, check_prompt, stream_sequence
+from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
 from laas.daemon.backends.speculation import PRIOR_MARGINAL
-from laas.daemon.backends.worker import NativeClaims, wait_through_cancellation
+from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.constraint_masks import ConstraintCompiler, Matcher, llama_tokenizer
 from laas.daemon.gguf_header import GgufHeader
@@ -204,7 +205,6 @@ class GgufEngine(Engine):
         return sampler
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        loop = asyncio.get_running_loop()
         prompt = list(request.prompt_tokens or await self.tokenize(request.prompt, add_special=request.add_special))
         check_prompt(prompt)
         if len(prompt) >= self._info.context_length:
@@ -214,29 +214,13 @@ class GgufEngine(Engine):
         if request.sampling.constraint is not None:  # compiled (or taken from the cache) before it queues
             constraint = request.sampling.constraint
             matcher = await self._native.run(lambda: self.constraints.matcher(constraint))
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        left = loop.create_future()
+        def sequence(emit: Emit) -> BatchSequence:
+            return BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1,
+                                 emit=emit, matcher=matcher)
 
-        def emit(item: object) -> None:
-            # A stream abandoned at shutdown: the loop is closed and nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, queue, left, item)
-
-        seq = BatchSequence(request=request, prompt=prompt, max_tokens=request.sampling.max_tokens or 1, emit=emit,
-                            matcher=matcher)
-        self._scheduler.submit(seq)
-        try:
-            while True:
-                item = await queue.get()
-                if item is END:
-                    break
-                if isinstance(item, LaasError):
-                    raise item
-                yield cast(GenerationChunk, item)
-        finally:
-            seq.cancel.set()
-            self._scheduler.wake()
-            await wait_through_cancellation(left)
+        async with contextlib.aclosing(stream_sequence(self._scheduler, sequence)) as chunks:  # closed with this
+            async for chunk in chunks:
+                yield chunk
 
     async def check_health(self) -> None:
         if not self._scheduler.alive:
@@ -271,9 +255,3 @@ def special_texts(model: Any) -> SpecialTexts:
     texts = (llama_cpp.llama_vocab_get_text(vocab, i) for i in range(int(llama_cpp.llama_vocab_n_tokens(vocab)))
              if llama_cpp.llama_vocab_get_attr(vocab, i) & control)
     return SpecialTexts(t.decode("utf-8", errors="replace") for t in texts if t)
-
-
-def _deliver(queue: asyncio.Queue[object], left: asyncio.Future[None], item: object) -> None:
-    queue.put_nowait(item)
-    if item is END and not left.done():
-        left.set_result(None)
