@@ -70,8 +70,9 @@ async def _gguf_batched_runner(request: pytest.FixtureRequest) -> Engine:
 
 
 async def _onnx_runner(request: pytest.FixtureRequest) -> Engine:
+    """With the sequences the daemon's automatic `parallel` gives it (in-process, `_onnx` has one)."""
     export: OnnxExport = request.getfixturevalue("onnx_export")
-    return await _in_runner(export.package("int4"), format="onnx")
+    return await _in_runner(export.package("int4"), format="onnx", parallel=4)
 
 
 async def _fake(request: pytest.FixtureRequest) -> Engine:
@@ -80,7 +81,8 @@ async def _fake(request: pytest.FixtureRequest) -> Engine:
 
 @pytest.fixture(scope="module", params=[_gguf, _gguf_batched, _onnx, _gguf_runner, _gguf_batched_runner, _onnx_runner,
                                         pytest.param(_fake, marks=pytest.mark.fast)],
-                ids=["gguf", "gguf-batched", "onnx", "gguf-runner", "gguf-batched-runner", "onnx-runner", "fake"])
+                ids=["gguf", "gguf-batched", "onnx", "gguf-runner", "gguf-batched-runner", "onnx-batched-runner",
+                     "fake"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     factory: EngineFactory = request.param
     eng = await factory(request)

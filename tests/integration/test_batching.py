@@ -1,5 +1,6 @@
-"""Continuous batching (GgufEngine with parallel > 1) with the real model, in-process: streams that share decode
-steps produce what each produces alone, leave and join between steps, and reuse cached prefixes."""
+"""Continuous batching (GgufEngine and OnnxEngine with parallel > 1) with the real model, in-process: streams
+that share decode steps produce what each produces alone, leave and join between steps, and reuse cached
+prefixes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from laas.client import Client, ResourceExhausted
 from laas.core.types import ChatMessage, Completion, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from laas.daemon.backends.gguf import GgufEngine
+from laas.daemon.backends.onnx import OnnxEngine
 from laas.daemon.gguf_header import read_gguf_header
+from tests.conftest import OnnxExport
 from tests.daemon_process import DaemonProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -21,12 +24,21 @@ pytestmark = pytest.mark.timeout(240)
 PROMPTS = ("Once upon a time", "1, 2, 3,", "The capital of France is", "def fib(n):")
 
 
-@pytest.fixture(scope="module", params=["on", "off"])
-async def engine(model_file: Path, request: pytest.FixtureRequest) -> AsyncIterator[GgufEngine]:
-    """With flash attention (the default: llama.cpp's auto is on, on a CPU) and without it: either way a
-    stream in company decodes what it decodes alone."""
-    eng = await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
-                                parallel=4, prefill_chunk=64, flash_attn=request.param)
+Batching = GgufEngine | OnnxEngine
+
+
+@pytest.fixture(scope="module", params=["gguf-flash-on", "gguf-flash-off", "onnx-fp32"])
+async def engine(model_file: Path, request: pytest.FixtureRequest) -> AsyncIterator[Batching]:
+    """GGUF with flash attention (the default: llama.cpp's auto is on, on a CPU) and without it: either way a
+    stream in company decodes what it decodes alone. The ONNX engine on the fp32 package, whose numbers do
+    not depend on the company (int4: test_onnx_int4_streams_say_the_same_in_any_company)."""
+    eng: Batching
+    if request.param == "onnx-fp32":
+        export: OnnxExport = request.getfixturevalue("onnx_export")
+        eng = await OnnxEngine.load(export.package("fp32"), context_length=2048, threads=2, parallel=4)
+    else:
+        eng = await GgufEngine.load(model_file, read_gguf_header(model_file), context_length=2048, threads=2,
+                                    parallel=4, prefill_chunk=64, flash_attn=request.param.removeprefix("gguf-flash-"))
     yield eng
     await eng.aclose()
 
@@ -35,7 +47,7 @@ def _greedy(prompt: str, n: int = 16) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
 
-async def _collect(engine: GgufEngine, request: GenerationRequest) -> tuple[str, Completion]:
+async def _collect(engine: Batching, request: GenerationRequest) -> tuple[str, Completion]:
     text, done = [], None
     async for chunk in engine.generate(request):
         if isinstance(chunk, TextDelta):
@@ -46,7 +58,7 @@ async def _collect(engine: GgufEngine, request: GenerationRequest) -> tuple[str,
     return "".join(text), done
 
 
-async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine: GgufEngine) -> None:
+async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine: Batching) -> None:
     alone = [(await _collect(engine, _greedy(p)))[0] for p in PROMPTS]
     steps = engine.stats().steps
     together = await asyncio.gather(*(_collect(engine, _greedy(p)) for p in PROMPTS))
@@ -56,7 +68,7 @@ async def test_concurrent_greedy_streams_produce_what_each_produces_alone(engine
     assert engine.stats().steps - steps < 30
 
 
-async def test_streams_joining_at_different_steps_are_unaffected(engine: GgufEngine) -> None:
+async def test_streams_joining_at_different_steps_are_unaffected(engine: Batching) -> None:
     alone = {p: (await _collect(engine, _greedy(p, 12)))[0] for p in PROMPTS}
 
     async def late(p: str, delay: float) -> str:
@@ -67,7 +79,7 @@ async def test_streams_joining_at_different_steps_are_unaffected(engine: GgufEng
     assert dict(zip(PROMPTS, got, strict=True)) == alone
 
 
-async def test_a_cancelled_stream_frees_its_sequence(engine: GgufEngine) -> None:
+async def test_a_cancelled_stream_frees_its_sequence(engine: Batching) -> None:
     long = GenerationRequest(prompt="Once upon a time", sampling=SamplingParams(max_tokens=400, ignore_eos=True))
     streams = [engine.generate(long) for _ in range(4)]
     for s in streams:
@@ -83,7 +95,7 @@ async def test_a_cancelled_stream_frees_its_sequence(engine: GgufEngine) -> None
     assert engine.stats().active == 0
 
 
-async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: GgufEngine) -> None:
+async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: Batching) -> None:
     arrivals: list[float] = []
     first_of_long: list[float] = []
 
@@ -111,7 +123,7 @@ async def test_a_long_prompt_joining_does_not_stall_the_running_streams(engine: 
     assert len(during) >= 4, f"the running stream got {len(during)} tokens while the long prompt was prefilled"
 
 
-async def test_a_follow_up_chat_turn_reuses_the_cached_prefix(engine: GgufEngine) -> None:
+async def test_a_follow_up_chat_turn_reuses_the_cached_prefix(engine: Batching) -> None:
     history = [ChatMessage("system", "You are a helpful assistant. " * 20), ChatMessage("user", "Name a colour.")]
     first = await engine.render_chat(history)
     first_tokens = await engine.tokenize(first.prompt, add_special=first.add_special)
@@ -138,6 +150,24 @@ async def test_the_kv_budget_is_split_among_the_sequences(model_file: Path) -> N
         assert eng.stats().kv_used <= 256
     finally:
         await eng.aclose()
+
+
+async def test_onnx_int4_streams_say_the_same_in_any_company(onnx_export: OnnxExport) -> None:
+    """int4 (onnxruntime's MatMulNBits) rounds one row differently from several, so an int4 stream alone may
+    part from itself in company (onnx_batching.py); in any company of two or more it says the same, and
+    the company shares steps."""
+    async def fresh() -> OnnxEngine:  # no prefix cached: every prompt is prefilled whole
+        return await OnnxEngine.load(onnx_export.package("int4"), context_length=1024, threads=2, parallel=4)
+
+    in_pairs, in_four = await fresh(), await fresh()
+    try:
+        pairs = [await asyncio.gather(*(_collect(in_pairs, _greedy(p, 24)) for p in PROMPTS[i:i + 2])) for i in (0, 2)]
+        four = await asyncio.gather(*(_collect(in_four, _greedy(p, 24)) for p in PROMPTS))
+        assert [t for t, _ in four] == [t for pair in pairs for t, _ in pair]
+        assert in_four.stats().steps < 40  # 4 prefills and 4 x 24 tokens in about 24 batched steps
+    finally:
+        await in_pairs.aclose()
+        await in_four.aclose()
 
 
 def test_the_daemon_runs_parallel_requests_together(start_daemon: Callable[..., DaemonProcess]) -> None:

@@ -135,8 +135,9 @@ def test_decode_steps_write_the_preallocated_cache_in_place(onnx_export: OnnxExp
 
     manifest = read_manifest(onnx_export.package("fp32"))  # fp32: step and batch logits agree closely
     assert manifest.decoder is not None
-    decoder = OnnxDecoder.open(onnx_export.package("fp32") / manifest.graph, manifest.decoder, 64, threads=2)
-    buffers = [v.data_ptr() for v in decoder._cache]  # allocated once, at load
+    decoder = OnnxDecoder.open(onnx_export.package("fp32") / manifest.graph, manifest.decoder, 64, threads=2,
+                               rows=2)
+    buffers = [int(c.ctypes.data) for c in decoder._cache]  # allocated once, at load
     assert len(buffers) == 2 * manifest.decoder.num_layers
     full = decoder.all_logits([1, 2, 3, 4, 5, 6])
     decoder.prefill([1, 2, 3, 4])
@@ -144,6 +145,16 @@ def test_decode_steps_write_the_preallocated_cache_in_place(onnx_export: OnnxExp
         step = decoder.forward([token], position)
         assert abs(step[0] - full[position]).max() < 1e-2  # token by token == all at once (float sums)
         assert step[0].argmax() == full[position].argmax()
-        presents = decoder._binding.get_outputs()[1:]
+        presents = decoder._row(0)[0].get_outputs()[1:]
         # onnxruntime wrote each layer's new position into the bound buffer: no new cache tensor.
         assert [v.data_ptr() for v in presents] == buffers
+    # Row 1 holds another sequence; one batched step decodes both rows in place, each at its own length.
+    decoder.prefill([1, 2, 3, 4, 5, 6])  # row 0 again: positions 0..5
+    decoder.forward([1, 2, 3], 0, row=1)
+    both = decoder.decode([7, 4], [6, 3])
+    assert both[1].argmax() == full[3].argmax() and abs(both[1] - full[3]).max() < 1e-2
+    alone = OnnxDecoder.open(onnx_export.package("fp32") / manifest.graph, manifest.decoder, 64, threads=2)
+    expected = alone.all_logits([1, 2, 3, 4, 5, 6, 7])[6]
+    assert both[0].argmax() == expected.argmax() and abs(both[0] - expected).max() < 1e-2
+    presents = decoder._batch_bindings[2][0].get_outputs()[1:]
+    assert [v.data_ptr() for v in presents] == buffers

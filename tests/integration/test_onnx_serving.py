@@ -8,8 +8,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import openai
 import pytest
 
 from laas.client import Client, LaasError
@@ -121,3 +123,34 @@ def test_broken_packages_are_refused_and_the_daemon_keeps_serving(
             text = "".join(c.text for c in client.generate("1, 2, 3,", model=name, max_tokens=6, temperature=0))
             assert text
         assert daemon.health() == "SERVING"
+
+
+def test_the_daemon_batches_an_onnx_model_and_reuses_its_prefix(
+        onnx_export: OnnxExport, make_home: Callable[..., Path], start_daemon: Callable[..., DaemonProcess]) -> None:
+    """`parallel = 0` (the default) gives an ONNX package sequences as it gives a GGUF model: four requests
+    decode at once, and a follow-up chat turn over the OpenAI API prefills only what the cache lacks."""
+    home = make_home()
+    copy_package(onnx_export.package("int4"), home / "models")
+    daemon = start_daemon("memory_budget_mb = 8192\n", home=home)  # room for 4 f32 KV caches on any machine
+    with Client(daemon.target) as client:
+        streams = [client.generate(f"{i} Once upon a time", model=INT4, max_tokens=400, ignore_eos=True, timeout=120)
+                   for i in range(4)]
+        try:
+            for s in streams:
+                next(s)  # each one's first token arrives while the others still run
+            model = client.model(INT4)
+            assert (model.parallel, model.active_requests, model.queued_requests) == (4, 4, 0)
+        finally:
+            for s in streams:
+                s.close()
+    sdk = openai.OpenAI(base_url=daemon.http_url, api_key="none", max_retries=0, timeout=120)
+    history: list[Any] = [{"role": "system", "content": "You are a helpful assistant. " * 20},
+                          {"role": "user", "content": "Name a colour."}]
+    first = sdk.chat.completions.create(model=INT4, messages=history, max_tokens=8, temperature=0)
+    assert first.usage is not None
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Another."}]
+    second = sdk.chat.completions.create(model=INT4, messages=history, max_tokens=8, temperature=0)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens or 0
+    assert first.usage.prompt_tokens - 1 <= cached < second.usage.prompt_tokens

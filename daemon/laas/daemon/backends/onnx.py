@@ -3,53 +3,40 @@
 Layer: infrastructure. It behaves as the GGUF engine does (same sampling parameters, streaming, stop
 strings, chat template, cancellation within one decode step) so the servicer cannot tell them apart.
 Serving needs onnxruntime, tokenizers, numpy and jinja2 only: never torch, transformers or optimum
-(the exporters' extra). Each generation runs in the engine's worker thread, which checks a stop flag
-before every decode step; onnxruntime releases the GIL while it computes, so the event loop keeps
-serving. The KV cache lives in :class:`OnnxDecoder`, preallocated for the context length.
+(the exporters' extra). Up to `parallel` requests decode at once: a scheduler (onnx_batching.py) in
+a decode thread of the engine's own batches their steps, and keeps a finished request's tokens as a
+prefix cache; onnxruntime releases the GIL while it computes, so the event loop keeps serving. The KV
+cache lives in :class:`OnnxDecoder`, preallocated for the context length, a row per sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
-import threading
-import time
-from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
 from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError, OutOfRange
-from laas.core.types import (
-    ChatMessage,
-    Completion,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelFormat,
-    ModelInfo,
-    TextDelta,
-    Timings,
-    TokenLogprob,
-    Tool,
-    Usage,
-)
-from laas.daemon.backends.detokenize import IncrementalDetokenizer
+from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
+from laas.daemon.backends.backend import BatchStats
+from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
+from laas.daemon.backends.onnx_batching import OnnxScheduler
 from laas.daemon.backends.onnx_decoder import OnnxDecoder
-from laas.daemon.backends.worker import NativeClaims, stream_from_worker
+from laas.daemon.backends.slot_scheduler import Emit, stream_sequence
+from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
+from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
-from laas.daemon.constraint_masks import ConstraintCompiler, json_tokenizer
-from laas.daemon.logprobs import token_logprob
+from laas.daemon.constraint_masks import ConstraintCompiler, Matcher, json_tokenizer
 from laas.daemon.onnx_package import Manifest, read_manifest, verify_files
-from laas.daemon.sampling import Sampler
-from laas.daemon.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread, off the event loop
+PREFILL_CHUNK = 128  # prompt tokens per step beside running streams
 
 
 class OnnxEngine(Engine):
@@ -67,7 +54,9 @@ class OnnxEngine(Engine):
         self._specials = SpecialTexts(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
         self._template = template
         self._eos = frozenset(manifest.eos_token_ids)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._loop = DecodeLoop()  # the engine's own decode thread (onnxruntime's threads are its own)
+        self._scheduler = OnnxScheduler(decoder, tokenizer, self._eos, prefill_chunk=PREFILL_CHUNK,
+                                        on_token=self._count_token, loop=self._loop)
         vocab = decoder.shape.vocab_size  # the logits' width (may exceed the tokenizer's ids)
         self.constraints = ConstraintCompiler(lambda: json_tokenizer(tokenizer.to_str(), vocab, manifest.eos_token_ids),
                                               vocab, lambda text: self._tokenize(text, False))
@@ -83,11 +72,12 @@ class OnnxEngine(Engine):
         )
 
     @classmethod
-    async def load(cls, folder: Path, *, context_length: int, threads: int) -> OnnxEngine:
-        return await asyncio.to_thread(cls._load, folder, context_length, threads)
+    async def load(cls, folder: Path, *, context_length: int, threads: int, parallel: int = 1) -> OnnxEngine:
+        """`parallel`: requests decoded at once (the KV cache holds a full context for each)."""
+        return await asyncio.to_thread(cls._load, folder, context_length, threads, parallel)
 
     @classmethod
-    def _load(cls, folder: Path, context_length: int, threads: int) -> OnnxEngine:
+    def _load(cls, folder: Path, context_length: int, threads: int, parallel: int) -> OnnxEngine:
         from tokenizers import Tokenizer
 
         manifest = read_manifest(folder)
@@ -109,7 +99,7 @@ class OnnxEngine(Engine):
         template = compile_template(source, model=folder.name, bos_token=text(manifest.bos_token_id),
                                     eos_token=text(eos))
         n_ctx = min(context_length, manifest.context_length)
-        decoder = OnnxDecoder.open(folder / manifest.graph, manifest.decoder, n_ctx, threads)
+        decoder = OnnxDecoder.open(folder / manifest.graph, manifest.decoder, n_ctx, threads, max(parallel, 1))
         return cls(folder, manifest, decoder, tokenizer, template)
 
     @property
@@ -139,98 +129,61 @@ class OnnxEngine(Engine):
         return self._native.call(lambda: self._tokenize(text, False))
 
     def decoder_logits(self, tokens: Sequence[int]) -> Any:
-        """Logits [n, vocab] at every position of `tokens` from an empty cache (for evaluation; not while
-        a generation runs)."""
+        """Logits [n, vocab] at every position of `tokens` from an empty cache (for evaluation, while no
+        generation runs: see OnnxScheduler.exclusive)."""
         def logits() -> Any:
             if self._decoder is None:
                 raise ModelLoadError("engine is closed")
-            return self._decoder.all_logits(tokens)
+            decoder = self._decoder
+            return self._scheduler.exclusive(lambda: decoder.all_logits(tokens))
 
         return self._native.call(logits)
+
+    def stats(self) -> BatchStats:
+        s, sch = self._scheduler.stats, self._scheduler
+        return BatchStats(
+            parallel=len(sch.slots), active=sch.active, waiting=sch.waiting, kv_cells=sch.kv_cells,
+            kv_used=sch.kv_used, steps=s.steps, prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens,
+            prompt_tokens=s.prompt_tokens, decoded_tokens=s.decoded_tokens,
+        )
+
+    def _count_token(self) -> None:
+        self.decoded_tokens += 1
 
     async def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> GenerationRequest:
         return await render_chat(self._template, messages, self._specials, self._manifest.name, tools)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        constraint = request.sampling.constraint
-        if constraint is not None:  # compiled (or taken from the cache) before the generation starts
-            await self._native.run(lambda: self.constraints.matcher(constraint))  # warms the cache, checks
-        blocking = functools.partial(self._generate_blocking, request)
-        async for chunk in stream_from_worker(self._executor, blocking, "onnxruntime"):
-            yield chunk
-
-    def _generate_blocking(self, request: GenerationRequest, stop_flag: threading.Event,
-                           emit: Callable[[object], None]) -> None:
-        decoder = self._decoder
-        if decoder is None:
+        if self._decoder is None:
             raise ModelLoadError("engine is closed")
         s = request.sampling
-        prompt = list(request.prompt_tokens or self._tokenize(request.prompt, request.add_special))
+        prompt = list(request.prompt_tokens or await self.tokenize(request.prompt, add_special=request.add_special))
         if not prompt:
             prompt = [self._manifest.bos_token_id or 0]
-        if len(prompt) >= decoder.max_length:
-            raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of {decoder.max_length}",
-                             field="prompt")
-        max_tokens = min(s.max_tokens or 1, decoder.max_length - len(prompt))
-        matcher = self.constraints.matcher(s.constraint) if s.constraint is not None else None
-        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
-        sampler = Sampler(s, prompt)
-        detok = IncrementalDetokenizer(self._tokenizer, prompt)
-        stops = StopMatcher(s.stop + request.template_stops)
-        start = time.perf_counter()
-        first_token_at = 0.0
-        completion = 0
-        finish = FinishReason.LENGTH
-        position = len(prompt)
-        logits = decoder.prefill(prompt)
-        while completion < max_tokens and not stop_flag.is_set():
-            if matcher is not None:
-                logits = logits.copy()
-                matcher.mask(logits)
-            token = sampler.sample(logits)
-            sampler.accept(token)
-            if completion == 0:
-                first_token_at = time.perf_counter()
-            completion += 1
-            self.decoded_tokens += 1
-            if not s.ignore_eos and token in self._eos:
-                finish = FinishReason.STOP
-                break
-            if s.logprobs:
-                pending.append(token_logprob(logits, token, s, self._token_text))
-            complete = matcher is not None and (not matcher.accept(token) or matcher.done)
-            text = stops.feed(detok.add(token))
-            if text:
-                emit(TextDelta(text, tuple(pending)))
-                pending.clear()
-            if stops.stopped or complete:
-                finish = FinishReason.STOP
-                break
-            if completion < max_tokens and not stop_flag.is_set():
-                logits = decoder.forward((token,), position)[-1]
-                position += 1
-        # Bytes of a character cut off by max_tokens never left the detokenizer: nothing to drop here.
-        tail = stops.flush()
-        if tail:
-            emit(TextDelta(tail, tuple(pending)))
-        end = time.perf_counter()
-        first_token_at = first_token_at or end
-        emit(Completion(
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion),
-            timings=Timings(prompt_ms=(first_token_at - start) * 1000, decode_ms=(end - first_token_at) * 1000),
-        ))
+        n_ctx = self._decoder.max_length
+        if len(prompt) >= n_ctx:
+            raise OutOfRange(f"prompt: {len(prompt)} tokens leave no room in the context of {n_ctx}", field="prompt")
+        matcher: Matcher | None = None
+        if s.constraint is not None:  # compiled (or taken from the cache) before it queues
+            constraint = s.constraint
+            matcher = await self._native.run(lambda: self.constraints.matcher(constraint))
+        max_tokens = min(s.max_tokens or 1, n_ctx - len(prompt))
 
-    def _token_text(self, token: int) -> str:
-        return str(self._tokenizer.decode([token], skip_special_tokens=False))
+        def sequence(emit: Emit) -> BatchSequence:
+            return BatchSequence(request=request, prompt=prompt, max_tokens=max_tokens, emit=emit, matcher=matcher)
+
+        async with contextlib.aclosing(stream_sequence(self._scheduler, sequence)) as chunks:  # closed with this
+            async for chunk in chunks:
+                yield chunk
 
     async def check_health(self) -> None:
-        if self._decoder is None or self._executor._shutdown:
+        if self._decoder is None or not self._scheduler.alive:
             raise ModelLoadError("engine is closed")
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._native.close)
-        await asyncio.to_thread(self._executor.shutdown, True)  # a generation's last step, off the event loop
+        await asyncio.to_thread(self._scheduler.close)  # a generation's last step, off the event loop
+        await asyncio.to_thread(self._loop.stop)
         self._decoder = None
         if self._template is not None:
             await asyncio.to_thread(self._template.close)

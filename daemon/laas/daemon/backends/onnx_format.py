@@ -3,7 +3,7 @@ onnxruntime (backends/onnx.py).
 
 Layer: infrastructure. Describing reads the manifest and checks that every file it lists is there with
 its size (a truncated package fails now; the digests are checked at load); the resident bytes are the
-package's files and the f32 KV cache the engine preallocates for the context. onnxruntime, tokenizers and
+package's files and the f32 KV cache the engine preallocates: a context for each of `parallel` sequences. onnxruntime, tokenizers and
 numpy load only in ``load``.
 """
 
@@ -21,14 +21,17 @@ from laas.daemon.settings import ModelConfig
 from laas.daemon.store import ModelStore
 
 
-def onnx_memory(manifest: Manifest, context_length: int) -> int:
-    """Resident bytes of a loaded ONNX package: its files, and the f32 KV cache preallocated for the context
-    (an embedding package: its files and the activations of one batch, within the compute overhead)."""
+def onnx_kv_bytes(manifest: Manifest, context_length: int) -> int:
+    """The f32 KV cache of one sequence of `context_length` tokens (0 for an embedding package)."""
     d = manifest.decoder
-    if d is None:
-        return manifest.size_bytes + COMPUTE_OVERHEAD
-    kv = d.num_layers * context_length * d.num_kv_heads * d.head_dim * 2 * 4
-    return manifest.size_bytes + kv + COMPUTE_OVERHEAD
+    return d.num_layers * context_length * d.num_kv_heads * d.head_dim * 2 * 4 if d is not None else 0
+
+
+def onnx_memory(manifest: Manifest, context_length: int, parallel: int = 1) -> int:
+    """Resident bytes of a loaded ONNX package: its files, and the KV cache preallocated for `parallel`
+    sequences of the context (an embedding package: its files and the activations of one batch, within the
+    compute overhead)."""
+    return manifest.size_bytes + onnx_kv_bytes(manifest, context_length) * parallel + COMPUTE_OVERHEAD
 
 
 def locate(store: ModelStore, config: ModelConfig) -> Path:
@@ -47,7 +50,10 @@ def describe(path: Path, config: ModelConfig) -> Described:
     info = ModelInfo(ModelFormat.ONNX, manifest.quantization, n_ctx, manifest.context_length, manifest.size_bytes,
                      manifest.architecture, embedding_dimensions=e.dimensions if e else 0,
                      matryoshka_dimensions=e.matryoshka_dimensions if e else ())
-    return Described(info, onnx_memory(manifest, n_ctx), manifest)
+    if manifest.decoder is None:
+        return Described(info, onnx_memory(manifest, n_ctx), manifest)
+    return Described(info, onnx_memory(manifest, n_ctx, config.parallel or 1), manifest,
+                     kv_bytes_per_sequence=onnx_kv_bytes(manifest, n_ctx))
 
 
 async def load(path: Path, described: Described, config: ModelConfig, threads: int, shared: Shared) -> Engine:
@@ -58,7 +64,8 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
         return await OnnxEmbeddingEngine.load(path, threads=threads)
     from laas.daemon.backends.onnx import OnnxEngine
 
-    return await OnnxEngine.load(path, context_length=config.context_length, threads=threads)
+    return await OnnxEngine.load(path, context_length=config.context_length, threads=threads,
+                                 parallel=config.parallel or 1)
 
 
 FORMAT = Backend("onnx", locate, describe, load)

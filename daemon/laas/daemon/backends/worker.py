@@ -1,9 +1,7 @@
-"""The ONNX engine's bridge: blocking generation in the engine's worker thread, streamed to asyncio.
+"""Native calls on a model outside its scheduler, and waiting for a sequence to leave the scheduler.
 
-Layer: infrastructure. The worker hands chunks to the event loop one by one and checks a stop flag
-before every decode step; closing or cancelling the stream sets the flag and waits for the worker to
-stop, so the model is never released while native code still runs on it. (The GGUF engine's scheduler
-thread relays its own streams, and waits the same way: wait_through_cancellation.)
+Layer: infrastructure. A stream that is closed or cancelled waits (wait_through_cancellation) until its
+sequence has left the scheduler, so the model is never released while native code still runs for it.
 
 Every other native call on a model (tokenizing, evaluation) runs under a :class:`NativeClaims` claim: the
 claim ends when the native call returns, not when its caller gives up, and closing the engine refuses new
@@ -15,19 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import Executor
+from collections.abc import Callable
 from typing import Generic, TypeVar, cast
 
-from laas.core.errors import LaasError, ModelLoadError, Unavailable
-from laas.core.types import GenerationChunk
+from laas.core.errors import LaasError, Unavailable
 
 log = logging.getLogger(__name__)
 
-_END = object()  # sentinel: the worker has finished
-
-Emit = Callable[[object], None]
-Blocking = Callable[[threading.Event, Emit], None]
 T = TypeVar("T")
 
 
@@ -120,41 +112,6 @@ class _Job(Generic[T]):
             self._state = "dropped"
         self._release()
         return True
-
-
-async def stream_from_worker(executor: Executor, blocking: Blocking, runtime: str
-                             ) -> AsyncGenerator[GenerationChunk, None]:
-    """Runs `blocking(stop_flag, emit)` in `executor` and yields what it emits; `runtime` names the native
-    library in the error a failure of the worker becomes."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    stop_flag = threading.Event()
-
-    def emit(item: object) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def run() -> None:
-        try:
-            blocking(stop_flag, emit)
-        except LaasError:
-            raise
-        except Exception as e:  # native failures become a clear error, not a dead worker
-            log.exception("generation failed")
-            raise ModelLoadError(f"generation failed in {runtime}: {e}") from e
-        finally:
-            emit(_END)
-
-    future = loop.run_in_executor(executor, run)
-    try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                break
-            yield cast(GenerationChunk, item)
-        await future  # re-raises a failure of the worker
-    finally:
-        stop_flag.set()
-        await wait_through_cancellation(future)
 
 
 async def wait_through_cancellation(future: asyncio.Future[None]) -> None:
