@@ -3,8 +3,8 @@ onnxruntime (backends/onnx.py).
 
 Layer: infrastructure. Describing reads the manifest and checks that every file it lists is there with
 its size (a truncated package fails now; the digests are checked at load); the resident bytes are the
-package's files and the f32 KV cache the engine preallocates: a context for each of `parallel` sequences. onnxruntime, tokenizers and
-numpy load only in ``load``.
+package's files and the f32 KV cache the engine preallocates: a context for each of `parallel` sequences.
+onnxruntime, tokenizers and numpy load only in ``load``.
 """
 
 from __future__ import annotations
