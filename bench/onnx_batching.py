@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from onnx_vs_llamacpp import ensure_packages  # type: ignore[import-not-found]  # noqa: E402  (a script beside this one)
+from onnx_vs_llamacpp import ensure_packages, greedy  # type: ignore[import-not-found]  # noqa: E402  (a script beside this one)
 
-from laas.core.types import Completion, GenerationRequest, SamplingParams  # noqa: E402
 from laas.daemon.backends.onnx import OnnxEngine  # noqa: E402
 from laas.daemon.settings import default_home  # noqa: E402
 from laas.daemon.store import DEFAULT_MODEL, ModelStore  # noqa: E402
@@ -42,28 +41,18 @@ LEVELS = (1, 2, 4)
 TARGET_SCALING_4 = 1.5  # 4-stream aggregate / the same engine's single stream
 
 
-async def _stream(engine: OnnxEngine, prompt: str, tokens: int) -> Completion:
-    request = GenerationRequest(prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
-    done = None
-    async for chunk in engine.generate(request):
-        if isinstance(chunk, Completion):
-            done = chunk
-    assert done is not None and done.usage.completion_tokens == tokens
-    return done
-
-
 def aggregate(engine: OnnxEngine, streams: int, tokens: int, salt: str) -> float:
     """All streams' tokens over the wall time from the first start to the last end."""
     async def level() -> float:
         start = time.perf_counter()
-        await asyncio.gather(*(_stream(engine, f"{salt}{i} {PROMPT}", tokens) for i in range(streams)))
+        await asyncio.gather(*(greedy(engine, f"{salt}{i} {PROMPT}", tokens) for i in range(streams)))
         return streams * tokens / (time.perf_counter() - start)
 
     return asyncio.run(level())
 
 
 def first_token_ms(engine: OnnxEngine, salt: str) -> float:
-    return asyncio.run(_stream(engine, f"{salt} {LONG_PROMPT}", 2)).timings.prompt_ms
+    return float(asyncio.run(greedy(engine, f"{salt} {LONG_PROMPT}", 2)).timings.prompt_ms)
 
 
 def main() -> int:

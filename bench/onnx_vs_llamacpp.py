@@ -61,20 +61,22 @@ def ensure_packages(home: Path, model: Path, threads: int) -> tuple[dict[str, Pa
     return packages, optimum_export(describe_source(model), cache, progress=lambda m: None)
 
 
+async def greedy(engine: OnnxEngine, prompt: str, tokens: int) -> Completion:
+    """Decodes exactly `tokens` tokens greedily (end-of-sequence ignored); the Completion."""
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+    done = None
+    async for chunk in engine.generate(request):
+        if isinstance(chunk, Completion):
+            done = chunk
+    assert done is not None and done.usage.completion_tokens == tokens
+    return done
+
+
 def onnx_runner(folder: Path, threads: int, tokens: int) -> Runner:
     engine = asyncio.run(OnnxEngine.load(folder, context_length=1024, threads=threads))
-    request = GenerationRequest(PROMPT, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
-
-    async def once() -> Completion:
-        done = None
-        async for chunk in engine.generate(request):
-            if isinstance(chunk, Completion):
-                done = chunk
-        assert done is not None and done.usage.completion_tokens == tokens
-        return done
 
     def run() -> Measure:
-        t = asyncio.run(once()).timings
+        t = asyncio.run(greedy(engine, PROMPT, tokens)).timings
         return t.prompt_ms, (tokens - 1) * 1000.0 / t.decode_ms
 
     return run
