@@ -140,7 +140,7 @@ def test_decode_steps_write_the_preallocated_cache_in_place(onnx_export: OnnxExp
     buffers = [int(c.ctypes.data) for c in decoder._cache]  # allocated once, at load
     assert len(buffers) == 2 * manifest.decoder.num_layers
     full = decoder.all_logits([1, 2, 3, 4, 5, 6])
-    decoder.prefill([1, 2, 3, 4])
+    decoder.forward([1, 2, 3, 4], 0)
     for position, token in ((4, 5), (5, 6)):
         step = decoder.forward([token], position)
         assert abs(step[0] - full[position]).max() < 1e-2  # token by token == all at once (float sums)
@@ -149,7 +149,7 @@ def test_decode_steps_write_the_preallocated_cache_in_place(onnx_export: OnnxExp
         # onnxruntime wrote each layer's new position into the bound buffer: no new cache tensor.
         assert [v.data_ptr() for v in presents] == buffers
     # Row 1 holds another sequence; one batched step decodes both rows in place, each at its own length.
-    decoder.prefill([1, 2, 3, 4, 5, 6])  # row 0 again: positions 0..5
+    decoder.forward([1, 2, 3, 4, 5, 6], 0)  # row 0 again: positions 0..5
     decoder.forward([1, 2, 3], 0, row=1)
     both = decoder.decode([7, 4], [6, 3])
     assert both[1].argmax() == full[3].argmax() and abs(both[1] - full[3]).max() < 1e-2

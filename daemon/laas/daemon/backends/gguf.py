@@ -29,7 +29,7 @@ from laas.daemon.backends.batching import Scheduler, time_token_cost
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
-from laas.daemon.backends.slot_scheduler import Emit, SchedulerStats, check_prompt, stream_sequence
+from laas.daemon.backends.slot_scheduler import Emit, check_prompt, stream_sequence
 from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
 from laas.daemon.backends.speculation import PRIOR_MARGINAL
 from laas.daemon.backends.worker import NativeClaims
@@ -157,13 +157,7 @@ class GgufEngine(Engine):
         return self._info
 
     def stats(self) -> BatchStats:
-        s: SchedulerStats = self._scheduler.stats
-        return BatchStats(
-            parallel=len(self._scheduler.slots), active=self._scheduler.active, waiting=self._scheduler.waiting,
-            kv_cells=self._scheduler.kv_cells, kv_used=self._scheduler.kv_used, steps=s.steps,
-            prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens, prompt_tokens=s.prompt_tokens,
-            decoded_tokens=s.decoded_tokens, draft_tokens=s.draft_tokens, draft_accepted=s.draft_accepted,
-        )
+        return self._scheduler.report()
 
     def _count_token(self) -> None:
         self.decoded_tokens += 1

@@ -140,12 +140,7 @@ class OnnxEngine(Engine):
         return self._native.call(logits)
 
     def stats(self) -> BatchStats:
-        s, sch = self._scheduler.stats, self._scheduler
-        return BatchStats(
-            parallel=len(sch.slots), active=sch.active, waiting=sch.waiting, kv_cells=sch.kv_cells,
-            kv_used=sch.kv_used, steps=s.steps, prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens,
-            prompt_tokens=s.prompt_tokens, decoded_tokens=s.decoded_tokens,
-        )
+        return self._scheduler.report()
 
     def _count_token(self) -> None:
         self.decoded_tokens += 1

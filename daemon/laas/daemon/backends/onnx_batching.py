@@ -99,7 +99,8 @@ class OnnxScheduler(SlotScheduler):
             take = min(budget, len(seq.prompt) - seq.evaluated)
             chunk = seq.prompt[seq.evaluated: seq.evaluated + take]
             logits = self._decoder.forward(chunk, seq.evaluated, slot.seq_id)
-            self.stats.steps += not decoding
+            if not decoding:  # a prompt chunk alone is a step of its own; beside decoding, part of that step
+                self.stats.steps += 1
             slot.tokens.extend(chunk)
             seq.evaluated += take
             budget -= take

@@ -145,15 +145,6 @@ class OnnxDecoder:
             buffer[a, :, :length] = buffer[b, :, :length]
             buffer[b, :, :length] = held
 
-    def prefill(self, tokens: Sequence[int], chunk: int = PREFILL_CHUNK) -> npt.NDArray[np.float32]:
-        """Runs a prompt from position 0 of row 0, in chunks; the logits of its last position."""
-        last: npt.NDArray[np.float32] | None = None
-        for start in range(0, len(tokens), chunk):
-            last = self.forward(tokens[start:start + chunk], start)[-1]
-        if last is None:
-            raise OutOfRange("the prompt is empty")
-        return last
-
     def all_logits(self, tokens: Sequence[int], chunk: int = PREFILL_CHUNK) -> npt.NDArray[np.float32]:
         """Logits at every position of `tokens` (from position 0 of row 0): what perplexity needs."""
         parts = [self.forward(tokens[s:s + chunk], s) for s in range(0, len(tokens), chunk)]

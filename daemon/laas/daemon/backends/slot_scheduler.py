@@ -35,6 +35,7 @@ from laas.core.types import (
     TokenLogprob,
     Usage,
 )
+from laas.daemon.backends.backend import BatchStats
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.worker import wait_through_cancellation
 from laas.daemon.constraint_masks import Matcher
@@ -112,6 +113,7 @@ class SlotScheduler:
     """The engine-independent part of a scheduler; a subclass does the native steps (see the hooks)."""
 
     runtime = "the engine"  # named in the error a native failure ends the streams with
+    kv_cells = 0  # KV cells in all (the subclass sets it from its cache)
 
     def __init__(self, *, parallel: int, n_ctx: int, on_token: Callable[[], None], loop: DecodeLoop,
                  relay_name: str) -> None:
@@ -195,6 +197,16 @@ class SlotScheduler:
     @property
     def alive(self) -> bool:
         return self._loop.alive and not self.closing
+
+    def report(self) -> BatchStats:
+        """What the engine reports to the metrics (its `stats()`)."""
+        s = self.stats
+        return BatchStats(
+            parallel=len(self.slots), active=self.active, waiting=self.waiting, kv_cells=self.kv_cells,
+            kv_used=self.kv_used, steps=s.steps, prefix_hits=s.prefix_hits, prefix_cached_tokens=s.prefix_cached_tokens,
+            prompt_tokens=s.prompt_tokens, decoded_tokens=s.decoded_tokens, draft_tokens=s.draft_tokens,
+            draft_accepted=s.draft_accepted,
+        )
 
     def close(self) -> None:
         """Leaves the decode loop (sequences still running end with an error) and frees the native state."""
