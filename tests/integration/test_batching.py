@@ -152,17 +152,29 @@ async def test_the_kv_budget_is_split_among_the_sequences(model_file: Path) -> N
         await eng.aclose()
 
 
+async def _together(engine: OnnxEngine, requests: list[GenerationRequest]) -> list[tuple[str, Completion]]:
+    """Runs the requests as one company from their first step: the scheduler thread waits on the decode
+    loop's lock (an RLock, held here on the event loop's thread) until every one is queued, then admits
+    them all at once. Started one by one, the first could decode a step alone while the others prefill."""
+    scheduler = engine._scheduler
+    with scheduler._cond:
+        tasks = [asyncio.ensure_future(_collect(engine, r)) for r in requests]
+        while scheduler.waiting < len(requests) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0)  # lets each request tokenize and submit itself
+    return list(await asyncio.gather(*tasks))
+
+
 async def test_onnx_int4_streams_say_the_same_in_any_company(onnx_export: OnnxExport) -> None:
     """int4 (onnxruntime's MatMulNBits) rounds one row differently from several, so an int4 stream alone may
-    part from itself in company (onnx_batching.py); in any company of two or more it says the same, and
-    the company shares steps."""
+    part from itself in company (onnx_batching.py); in any company of two or more, started together, it
+    says the same, and the company shares steps."""
     async def fresh() -> OnnxEngine:  # no prefix cached: every prompt is prefilled whole
         return await OnnxEngine.load(onnx_export.package("int4"), context_length=1024, threads=2, parallel=4)
 
     in_pairs, in_four = await fresh(), await fresh()
     try:
-        pairs = [await asyncio.gather(*(_collect(in_pairs, _greedy(p, 24)) for p in PROMPTS[i:i + 2])) for i in (0, 2)]
-        four = await asyncio.gather(*(_collect(in_four, _greedy(p, 24)) for p in PROMPTS))
+        pairs = [await _together(in_pairs, [_greedy(p, 24) for p in PROMPTS[i:i + 2]]) for i in (0, 2)]
+        four = await _together(in_four, [_greedy(p, 24) for p in PROMPTS])
         assert [t for t, _ in four] == [t for pair in pairs for t, _ in pair]
         assert in_four.stats().steps < 40  # 4 prefills and 4 x 24 tokens in about 24 batched steps
     finally:
