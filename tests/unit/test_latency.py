@@ -527,3 +527,20 @@ def test_a_remote_endpoint_learns_how_laasd_s_work_elsewhere_slows_its_tokens() 
     for hold in held:
         hold.release()
     assert cloud.predict_ms(0, 10, now=0.0) == pytest.approx(alone)
+
+
+def test_prefill_in_a_batch_or_beside_other_work_does_not_teach_the_lone_rate() -> None:
+    """A prompt's time in a batch holds the other streams' steps: only a lone request says how fast the
+    model prefills (else every lone request after a burst is predicted too slow)."""
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=40.0, parallel=4)
+    est.observe(prompt_tokens=100, prompt_ms=400.0, decoded_tokens=11, decode_ms=500.0, batch=3)
+    est.observe(prompt_tokens=100, prompt_ms=400.0, decoded_tokens=11, decode_ms=500.0, elsewhere=2)
+    assert est.prefill_tps == 1000.0
+    est.observe(prompt_tokens=100, prompt_ms=50.0, decoded_tokens=11, decode_ms=250.0)  # alone: 2000 tok/s
+    assert est.prefill_tps == pytest.approx((1 - ALPHA) * 1000 + ALPHA * 2000)
+
+
+def test_with_no_prefill_rate_yet_a_batched_request_still_gives_one() -> None:
+    est = LocalEstimator(parallel=4)
+    est.observe(prompt_tokens=100, prompt_ms=100.0, decoded_tokens=11, decode_ms=250.0, batch=2)
+    assert est.prefill_tps == pytest.approx(1000)

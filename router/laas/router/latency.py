@@ -144,16 +144,22 @@ class LocalEstimator:
     def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float,
                 batch: int = 1, elsewhere: float = 0.0) -> None:
         """Learns from a finished request that decoded among `batch` streams while `elsewhere` requests ran
-        on other targets (prefill of fewer than 8 tokens says little about the rate)."""
-        if prompt_tokens >= 8 and prompt_ms > 0:
+        on other targets (prefill of fewer than 8 tokens says little about the rate).
+
+        The prefill rate is learned from requests that ran alone: an engine's prompt time runs from the
+        request's arrival to its first token, so in a batch it holds the other streams' steps too, and a
+        rate learned there made every later lone request look slower than it was (issue 21: short requests
+        predicted 20-60% too slow after a burst)."""
+        batch = min(max(batch, 1), self.parallel)
+        alone = batch == 1 and elsewhere < 0.5
+        if prompt_tokens >= 8 and prompt_ms > 0 and (alone or self.prefill_tps is None):
             rate = prompt_tokens * 1000 / prompt_ms
             self.prefill_tps = rate if self.seeded_prefill else _ewma(self.prefill_tps, rate)
             self.seeded_prefill = False
         if decoded_tokens < 2 or decode_ms <= 0:
             return
         rate = (decoded_tokens - 1) * 1000 / decode_ms
-        batch = min(max(batch, 1), self.parallel)
-        if self.decode_tps is None or (batch == 1 and elsewhere < 0.5):
+        if self.decode_tps is None or alone:
             self.decode_tps = rate if self.seeded_decode else _ewma(self.decode_tps, rate)
             self.seeded_decode = False
         elif batch == 1:  # alone on the model, beside laasd's other work: how much slower, per request there
