@@ -99,10 +99,15 @@ def replace_on_grid(model: onnx.ModelProto, block: int, *, skip: set[str], accur
             helper.make_node("Add", [f"{y}_grid", f"{y}_offset"], [y], name=f"{node.name}_G4Add"),
         ]
         done.add(node.name)
+    set_nodes(graph, nodes)
+    return done
+
+
+def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Makes `nodes` the graph's nodes, and drops the initializers none of them reads any more."""
     used = {i for n in nodes for i in n.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return done

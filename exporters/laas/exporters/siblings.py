@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from laas.exporters.grid4 import set_nodes
+
 
 def merge_siblings(model: onnx.ModelProto, *, skip: Collection[str] = ()) -> int:
     """Rewrites `model` in place; returns how many groups it merged. A group is every MatMul (outside
@@ -45,12 +47,7 @@ def merge_siblings(model: onnx.ModelProto, *, skip: Collection[str] = ()) -> int
             continue  # written with the group's first member
         nodes += _merge(graph, members, [numpy_helper.to_array(inits[m.input[1]]) for m in members])
         count += 1
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    set_nodes(graph, nodes)
     return count
 
 
