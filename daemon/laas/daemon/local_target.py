@@ -54,15 +54,19 @@ class LocalTarget:
     def check_servable(self) -> None:
         self.entry.check_servable()
 
-    def estimate(self, admitted: Admitted) -> Estimate:
+    def estimate(self, admitted: Admitted, hold: Hold | None = None) -> Estimate:
         entry = self.entry
         self.estimator.parallel = entry.parallel  # an automatic value is known once the model is described
         servable = entry.servable  # a model that is not loaded loads on use: it costs its load time
         reason = "" if servable else ("model is loading" if entry.fetching else f"model is {entry.state.value}")
         max_tokens = admitted.max_tokens(self.context_length, self.kind)
-        now, load = self._clock(), self.load_ms()
-        predicted = self.estimator.predict_ms(admitted.prompt_tokens, max_tokens, now) + load
-        first = self.estimator.first_token_ms(admitted.prompt_tokens, now) + load
+        now, load, e = self._clock(), self.load_ms(), self.estimator
+        if hold is None:
+            predicted = e.predict_ms(admitted.prompt_tokens, max_tokens, now) + load
+            first = e.first_token_ms(admitted.prompt_tokens, now) + load
+        else:
+            predicted = e.predict_held(hold, admitted.prompt_tokens, max_tokens) + load
+            first = e.predict_held(hold, admitted.prompt_tokens, max_tokens, first_token=True) + load
         return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason,
                         first_token_ms=first)
 
@@ -144,7 +148,7 @@ class LocalTarget:
                 if isinstance(chunk, Completion):
                     t, u = chunk.timings, chunk.usage
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
-                                           u.completion_tokens, t.decode_ms, batch=hold.started_with,
+                                           u.completion_tokens, t.decode_ms, batch=hold.batch_during(),
                                            elsewhere=hold.elsewhere_during())
                     if own:
                         hold.release()  # a caller may stop reading at the completion

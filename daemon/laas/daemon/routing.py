@@ -75,7 +75,7 @@ def build_router(settings: Settings, registry: ModelRegistry, device: LocalModel
                   embedding_models={r.name: dict(r.embedding_models) for r in settings.remotes},
                   local_digest=functools.partial(local_digest, registry),
                   hedging=HedgeConfig(after=settings.hedge_after, share=settings.hedge_share) if settings.hedge
-                  else None)
+                  else None, gather_s=settings.route_together_ms / 1000)
 
 
 def local_digest(registry: ModelRegistry, name: str) -> str | None:

@@ -32,6 +32,7 @@ from laas.core.types import (
     Timings,
     Usage,
 )
+from laas.router.cohort import Cohorts
 from laas.router.embedding import EmbedCandidate, choose_embedding, peer_serves
 from laas.router.hedge import Hedge, HedgeBudget, HedgeConfig, plan_hedge
 from laas.router.load import Hold
@@ -97,6 +98,7 @@ class Plan:
     query: Query
     decision: Decision
     model: str
+    hold: Hold | None = None  # the chosen target's reservation, when the decision was made in a cohort
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +116,10 @@ class Router:
                  clock: Callable[[], float] = time.monotonic,
                  embedding_models: dict[str, dict[str, str]] | None = None,
                  local_digest: Callable[[str], str | None] | None = None,
-                 hedging: HedgeConfig | None = None) -> None:
+                 hedging: HedgeConfig | None = None, gather_s: float = 0.0) -> None:
+        # Requests whose route depends on the load, arriving within gather_s of each other, are decided
+        # together (cohort.py); 0 decides each at once.
+        self._cohorts = Cohorts(gather_s) if gather_s > 0 else None
         # Hedged requests (hedge.py): None turns them off.
         self._hedge_budget = HedgeBudget(hedging) if hedging is not None else None
         # Per remote target: requested embedding model -> the endpoint's own name for it ([[remotes]]).
@@ -169,7 +174,10 @@ class Router:
             return Admitted(request, request.text_tokens(), self.default_max_tokens)
         return Admitted(request, len(bound.prompt_tokens or ()), self.default_max_tokens, bound, counter.name)
 
-    async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None) -> Plan:
+    async def plan(self, model: str, request: RoutedRequest, policy: Policy, budget_ms: float | None,
+                   run: bool = False) -> Plan:
+        """Where the request goes. `run`: the caller runs the plan at once (Router.run), so it may be
+        decided with its cohort and carry its reservation; an explanation is decided alone, reserving nothing."""
         local, remotes = self.targets_for(model)
         if local is not None and (not remotes or policy is Policy.LOCAL_ONLY):
             local.check_servable()  # the device alone: its own error (fetching, failed) is the answer
@@ -178,8 +186,13 @@ class Router:
         query = Query(admitted.prompt_tokens, request.sampling.max_tokens, self.default_max_tokens, policy,
                       budget_ms)
         targets: list[Target] = [*([local] if local is not None else []), *remotes]
+        name = model or self._device.default_model
+        if (run and self._cohorts is not None and len(targets) > 1 and budget_ms is not None
+                and policy in (Policy.AUTO, Policy.PREFER_LOCAL)):
+            decision, hold = await self._cohorts.decide(query, admitted, targets)
+            return Plan(admitted, query, decision, name, hold)
         decision = choose(query, [t.estimate(admitted) for t in targets])
-        return Plan(admitted, query, decision, model or self._device.default_model)
+        return Plan(admitted, query, decision, name)
 
     def embed_plan(self, model: str, policy: Policy) -> EmbedPlan:
         """The targets that serve `model`'s embeddings (embedding.py), judged; raises when none may."""
@@ -242,56 +255,66 @@ class Router:
         admitted = plan.admitted
         hedge = self._plan_hedge(plan)
         tried: set[str] = set()
-        for estimate in plan.decision.order:
-            if estimate.target in tried:  # the backup of a hedge that lost, or failed
-                continue
-            target = self._target(estimate.kind, estimate.target)
-            if target is None:  # a discovered peer that went away since the plan
-                failures.append(f"{estimate.target}: gone")
-                continue
-            if plan.query.policy is Policy.LOCAL_ONLY and target.kind is not TargetKind.LOCAL:
-                raise AssertionError(f"a local-only request was routed to {target.name}")  # policy.choose bug
-            resumed = "".join(delivered)
-            if resumed:
-                if plan.admitted.budget - completion_tokens < 1:  # the broken stream delivered every token asked for
-                    yield Completion(FinishReason.LENGTH, Usage(0, completion_tokens), Timings())
+        reserved = plan.hold  # the cohort's reservation on the route (plan.decision.chosen), if it decided
+        try:
+            for estimate in plan.decision.order:
+                if estimate.target in tried:  # the backup of a hedge that lost, or failed
+                    continue
+                target = self._target(estimate.kind, estimate.target)
+                if target is None:  # a discovered peer that went away since the plan
+                    failures.append(f"{estimate.target}: gone")
+                    if reserved is not None and estimate is plan.decision.chosen:
+                        reserved.release()
+                    continue
+                if plan.query.policy is Policy.LOCAL_ONLY and target.kind is not TargetKind.LOCAL:
+                    raise AssertionError(f"a local-only request was routed to {target.name}")  # policy.choose bug
+                resumed = "".join(delivered)
+                if resumed:
+                    if plan.admitted.budget - completion_tokens < 1:  # the broken stream delivered all asked for
+                        yield Completion(FinishReason.LENGTH, Usage(0, completion_tokens), Timings())
+                        return
+                    admitted = plan.admitted.continued(resumed, completion_tokens)
+                reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
+                tried.add(target.name)
+                # Reserved before anything is yielded: the caller starts the run right after the plan, with no
+                # await between, so the next request's plan sees this one's load (a cohort reserved the route
+                # when it decided).
+                hold = reserved if reserved is not None and estimate is plan.decision.chosen else None
+                hold = hold or target.reserve(admitted)
+                attempt = _Attempt(target, hold, admitted)
+                try:
+                    yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures),
+                                      plan.model)
+                    if hedge is not None and not failures:
+                        attempt = await self._hedged(attempt, hedge, admitted, tried, failures)
+                        if attempt.target is not target:
+                            yield RouteChange(attempt.target.name, attempt.target.kind,
+                                              f"hedged: {target.name} had not answered after {hedge.after_ms:.0f} ms",
+                                              hedge.backup.predicted_ms, True, plan.model)
+                    async for chunk in attempt:
+                        if isinstance(chunk, TextDelta):
+                            delivered.append(chunk.text)
+                            completion_tokens += 1
+                        elif isinstance(chunk, Completion):
+                            attempt.hold.release()  # now: a caller may stop reading at the completion, not closing us
+                            if resumed:
+                                chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
+                        yield chunk
                     return
-                admitted = plan.admitted.continued(resumed, completion_tokens)
-            reason = plan.decision.reason if not failures else f"failover after {failures[-1]}"
-            tried.add(target.name)
-            # Reserved before anything is yielded: the caller starts the run right after the plan, with no
-            # await between, so the next request's plan sees this one's load.
-            attempt = _Attempt(target, target.reserve(admitted), admitted)
-            try:
-                yield RouteChange(target.name, target.kind, reason, estimate.predicted_ms, bool(failures),
-                                  plan.model)
-                if hedge is not None and not failures:
-                    attempt = await self._hedged(attempt, hedge, admitted, tried, failures)
-                    if attempt.target is not target:
-                        yield RouteChange(attempt.target.name, attempt.target.kind,
-                                          f"hedged: {target.name} had not answered after {hedge.after_ms:.0f} ms",
-                                          hedge.backup.predicted_ms, True, plan.model)
-                async for chunk in attempt:
-                    if isinstance(chunk, TextDelta):
-                        delivered.append(chunk.text)
-                        completion_tokens += 1
-                    elif isinstance(chunk, Completion):
-                        attempt.hold.release()  # now: a caller may stop reading at the completion, never closing us
-                        if resumed:
-                            chunk = replace(chunk, usage=Usage(chunk.usage.prompt_tokens, completion_tokens))
-                    yield chunk
-                return
-            except TargetFailed as e:
-                failures.append(str(e))
-            except (OutOfRange, Unavailable, ResourceExhausted) as e:
-                # e.g. the continued prompt no longer fits; a model not loaded found the prompt longer than
-                # its estimate, or no room in the memory budget: the next target, if any, takes it
-                if not failures and estimate is plan.decision.order[-1]:
-                    raise
-                failures.append(f"{attempt.target.name}: {e}")
-            finally:  # completed, cancelled, failed or failing over: its load leaves the target
-                attempt.hold.release()
-        raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")
+                except TargetFailed as e:
+                    failures.append(str(e))
+                except (OutOfRange, Unavailable, ResourceExhausted) as e:
+                    # e.g. the continued prompt no longer fits; a model not loaded found the prompt longer
+                    # than its estimate, or no room in the memory budget: the next target, if any, takes it
+                    if not failures and estimate is plan.decision.order[-1]:
+                        raise
+                    failures.append(f"{attempt.target.name}: {e}")
+                finally:  # completed, cancelled, failed or failing over: its load leaves the target
+                    attempt.hold.release()
+            raise Unavailable("every target failed: " + " | ".join(failures) if failures else "no target left")
+        finally:
+            if reserved is not None:
+                reserved.release()  # idempotent: the route's attempt released it, unless it never ran
 
     def _plan_hedge(self, plan: Plan) -> Hedge | None:
         if self._hedge_budget is None:

@@ -133,6 +133,15 @@ class LocalEstimator:
         return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
                                                    self.in_flight.elsewhere), now)
 
+    def predict_held(self, hold: Hold, prompt_tokens: int, max_tokens: int, first_token: bool = False) -> float:
+        """A reserved request's time with what is reserved now beside it: the queue it saw when it was
+        reserved, then its service in the batch the model holds now (itself and the requests reserved
+        since, up to the slots), with the requests now in flight elsewhere. `first_token`: to its first token."""
+        queue = 0.0 if hold.others < self.parallel else hold.ahead_ms / self.parallel
+        batch = min(max(self.in_flight.count, 1), self.parallel)
+        return queue + self.service_ms(prompt_tokens, 1 if first_token else max_tokens, batch,
+                                       self.in_flight.elsewhere)
+
     def seed(self, rates: Rates, floor_tps: float = 0.0) -> None:
         """Sets the rates a calibration measured, never below `floor_tps`; the first live request that
         measures a rate replaces its seed."""
@@ -142,7 +151,7 @@ class LocalEstimator:
             self.decode_tps, self.seeded_decode = max(rates.decode_tps, floor_tps), True
 
     def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float,
-                batch: int = 1, elsewhere: float = 0.0) -> None:
+                batch: float = 1, elsewhere: float = 0.0) -> None:
         """Learns from a finished request that decoded among `batch` streams while `elsewhere` requests ran
         on other targets (prefill of fewer than 8 tokens says little about the rate).
 
@@ -243,6 +252,21 @@ class RemoteEstimator:
         """Reserves the request's own service time until released."""
         return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.in_flight.count,
                                                    self.in_flight.elsewhere), now)
+
+    def predict_held(self, hold: Hold, prompt_tokens: int, max_tokens: int, now: float,
+                     first_token: bool = False) -> float:
+        """A reserved request's time with what is reserved now beside it: the wait for the work that was
+        ahead of it when it was reserved (a FIFO server does not make it wait for later ones), then its
+        service beside the rest of laasd's requests there now. `first_token`: to its first token."""
+        advertised = 0.0
+        if self.advertised_at is not None:
+            advertised = max(self.advertised_ms - (now - self.advertised_at) * 1000, 0.0)
+        wait = advertised + self.queue_factor * hold.ahead_ms
+        if first_token:
+            return wait + self.ttft_for(prompt_tokens)
+        others = max(self.in_flight.count - 1, 0)
+        expected = wait + self.service_ms(prompt_tokens, max_tokens, others, self.in_flight.elsewhere)
+        return expected * (1 + 2 * self.error_rate)
 
     def advertise(self, wait_ms: float, now: float) -> None:
         self.advertised_ms, self.advertised_at = wait_ms, now

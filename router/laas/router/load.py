@@ -110,6 +110,12 @@ class Hold:
             self.started_with = self.in_flight.started
             self.elsewhere_at_start = self.in_flight.elsewhere
 
+    def batch_during(self) -> float:
+        """Requests started there while it ran, itself included: the mean of its start and now. A burst's
+        first request starts alone and ends beside the rest (issue 21: counted as alone, its batched steps
+        taught the device a lone stream's rate 20-30% too slow)."""
+        return (max(self.started_with, 1) + max(self.in_flight.started, 1)) / 2
+
     def elsewhere_during(self) -> float:
         """Requests in flight on the host's other targets while it ran: the mean of its start and now."""
         return (self.elsewhere_at_start + self.in_flight.elsewhere) / 2

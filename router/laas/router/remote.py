@@ -91,12 +91,16 @@ class RemoteTarget:
         self.breaker.on_success()
         return result
 
-    def estimate(self, admitted: Admitted) -> Estimate:
+    def estimate(self, admitted: Admitted, hold: Hold | None = None) -> Estimate:
         allowed, reason = self._circuit()
-        predicted = self.estimator.predict_ms(admitted.prompt_tokens,
-                                              admitted.max_tokens(self.context_length, self.kind), self._clock())
+        max_tokens, now, e = admitted.max_tokens(self.context_length, self.kind), self._clock(), self.estimator
+        if hold is None:
+            predicted = e.predict_ms(admitted.prompt_tokens, max_tokens, now)
+            first = e.first_token_ms(admitted.prompt_tokens, now)
+        else:
+            predicted = e.predict_held(hold, admitted.prompt_tokens, max_tokens, now)
+            first = e.predict_held(hold, admitted.prompt_tokens, max_tokens, now, first_token=True)
         missing = tuple(sorted(admitted.request.needs() - self.capabilities))
-        first = self.estimator.first_token_ms(admitted.prompt_tokens, self._clock())
         return Estimate(self.name, self.kind, self.context_length, allowed, predicted, reason, missing, first)
 
     def reserve(self, admitted: Admitted) -> Hold:

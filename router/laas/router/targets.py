@@ -125,8 +125,10 @@ class Target(Protocol):
     @property
     def kind(self) -> TargetKind: ...
 
-    def estimate(self, admitted: Admitted) -> Estimate:
-        """Its context window, whether it can take a request now, and how long it would take (no I/O)."""
+    def estimate(self, admitted: Admitted, hold: Hold | None = None) -> Estimate:
+        """Its context window, whether it can take a request now, and how long it would take (no I/O).
+        With `hold` (the request's reservation here): how long the reserved request takes beside what is
+        reserved now, the requests decided after it included (cohort.py)."""
         ...
 
     def reserve(self, admitted: Admitted) -> Hold:

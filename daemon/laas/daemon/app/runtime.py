@@ -173,7 +173,7 @@ class Runtime:
             self._lifecycle.check()
             admitted = self._admit(request, call.principal)
             await _check_constraints(admitted)
-            plan, run = await self._route(admitted, call.principal)
+            plan, run = await self._route(admitted, call.principal, run=True)
             local_only = admitted.policy is Policy.LOCAL_ONLY
             ttft_ms: float | None = None
             route: RouteChange | None = None
@@ -301,15 +301,16 @@ class Runtime:
         choice = request.tool_choice if tools else ToolChoice(ToolChoiceMode.NONE)
         return Admitted(model, sampling, prompt, messages, keep_alive, policy, budget, tools, choice)
 
-    async def _route(self, admitted: Admitted, principal: Principal
+    async def _route(self, admitted: Admitted, principal: Principal, run: bool = False
                      ) -> tuple[Plan, Callable[[], AsyncGenerator[RouterItem, None]]]:
         """The one place the application layer calls the router: the plan (the prompt counted, every
-        target's estimate, the policy's decision) and the run it starts on demand (the route, failover)."""
+        target's estimate, the policy's decision) and the run it starts on demand (the route, failover).
+        `run`: the caller starts the run at once (it may be decided with its cohort, reserving its route)."""
         routed = RoutedRequest(admitted.sampling, prompt=admitted.prompt, messages=admitted.messages,
                                keep_alive_s=admitted.keep_alive_s, tools=admitted.tools,
                                tool_choice=admitted.tool_choice)
         with _names_hidden(admitted.model, "model", principal):
-            plan = await self._router.plan(admitted.model, routed, admitted.policy, admitted.budget_ms)
+            plan = await self._router.plan(admitted.model, routed, admitted.policy, admitted.budget_ms, run)
         return plan, lambda: self._router.run(plan)
 
     def _request_keep_alive(self, model: str, requested: float | None, principal: Principal) -> float | None:
