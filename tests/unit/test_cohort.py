@@ -37,7 +37,7 @@ class Batching(_Decided):
     def estimate(self, admitted: Admitted, hold: Hold | None = None) -> Estimate:
         e, n = self.estimator, admitted.max_tokens(4096, self.kind)
         predicted = (e.predict_ms(admitted.prompt_tokens, n, 0.0) if hold is None
-                     else e.predict_held(hold, admitted.prompt_tokens, n))
+                     else e.predict_held(hold, admitted.prompt_tokens, n, 0.0))
         return Estimate(self.name, self.kind, 4096, True, predicted)
 
     def reserve(self, admitted: Admitted) -> Hold:
@@ -81,8 +81,9 @@ async def test_a_burst_on_the_device_is_predicted_as_the_batch_it_decodes_in() -
     decided = await asyncio.gather(*(cohorts.decide(*_request(5000), both) for _ in range(3)))
     assert [d.chosen.target for d, _ in decided] == ["device"] * 3
     assert device.estimator.in_flight.count == 3 and cloud.estimator.in_flight.count == 0
-    # Each of the three decodes beside the other two, the first included: 20 steps of 20 ms x (1 + 0.5 * 2).
-    assert [d.chosen.predicted_ms for d, _ in decided] == [pytest.approx(10 + 20 * 40)] * 3
+    # Each of the three waits for the three prompts (10 ms each) and decodes beside the other two, the first
+    # included: 20 steps of 20 ms x (1 + 0.5 * 2).
+    assert [d.chosen.predicted_ms for d, _ in decided] == [pytest.approx(3 * 10 + 20 * 40)] * 3
     assert alone == pytest.approx(410)
     assert all(d.reason.endswith("(decided with 2 other requests that arrived with it)") for d, _ in decided)
     assert (cohorts.decided, cohorts.requests) == (1, 3)
@@ -93,14 +94,14 @@ async def test_a_burst_on_the_device_is_predicted_as_the_batch_it_decodes_in() -
 
 async def test_each_decision_sees_the_holds_of_the_members_before_it() -> None:
     device, cloud, both = _targets()
-    # The device meets 700 ms for one or two streams (410, 610 ms) but not for three (810 ms); the cloud
+    # The device meets 700 ms for one or two streams (410, 620 ms) but not for three (830 ms); the cloud
     # takes 500 ms for one, 1000 ms for the one after it.
     cohorts = Cohorts(window_s=0.01)
     decided = await asyncio.gather(*(cohorts.decide(*_request(700), both) for _ in range(4)))
     assert [d.chosen.target for d, _ in decided] == ["device", "device", "cloud", "device"]
     assert "no target meets the 700 ms deadline" in decided[3][0].reason  # the fourth: the faster miss
     # predicted as they will run: three streams on the device, one on the cloud
-    assert [d.chosen.predicted_ms for d, _ in decided] == [pytest.approx(p) for p in (810, 810, 500, 810)]
+    assert [d.chosen.predicted_ms for d, _ in decided] == [pytest.approx(p) for p in (830, 830, 500, 830)]
     assert (device.estimator.in_flight.count, cloud.estimator.in_flight.count) == (3, 1)
 
 

@@ -544,3 +544,46 @@ def test_with_no_prefill_rate_yet_a_batched_request_still_gives_one() -> None:
     est = LocalEstimator(parallel=4)
     est.observe(prompt_tokens=100, prompt_ms=100.0, decoded_tokens=11, decode_ms=250.0, batch=2)
     assert est.prefill_tps == pytest.approx(1000)
+
+
+def test_in_a_batch_the_shortest_finishes_first_and_the_rest_go_on_faster() -> None:
+    """Processor sharing: a stream decodes among those with tokens left, not among its first batch-mates
+    for its whole run (issue 21)."""
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, parallel=4, batch_cost=0.5)
+    short = est.hold(0, 5, now=0.0)
+    long = est.hold(0, 20, now=0.0)
+    assert est.predict_held(short, 0, 5, now=0.0) == pytest.approx(5 * 30.0)  # beside the long one throughout
+    # 5 steps of 30 ms beside the short one, then 15 alone at 20 ms
+    assert est.predict_held(long, 0, 20, now=0.0) == pytest.approx(5 * 30.0 + 15 * 20.0)
+    short.start(now=0.0)
+    long.start(now=0.0)
+    # a started one's tokens left shrink with the share of its reserved time it has run (the short one was
+    # reserved alone, for 100 ms; the long one beside it, for 450 ms)
+    assert [m.tokens for m in est.in_flight.members(0.05)] == pytest.approx([5 * 0.5, 20 * 400 / 450])
+    assert all(m.prefill_ms == 0.0 for m in est.in_flight.members(0.05))  # their prompts ran
+
+
+def test_every_prompt_in_the_batch_holds_every_stream() -> None:
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, parallel=4, batch_cost=0.5)
+    est.hold(100, 10, now=0.0)  # a 100 ms prompt, not started
+    # to its first token, a 20-token prompt waits for the other's as far as its own goes; by its end, for all
+    assert est.first_token_ms(20, now=0.0) == pytest.approx(20 + 20 + 30)
+    assert est.predict_ms(20, 10, now=0.0) == pytest.approx(20 + 100 + 10 * 30)
+
+
+def test_a_decode_step_is_learned_without_the_prompts_that_held_it() -> None:
+    """Another request's prompt ran while this one decoded: its time comes off the decode before the batch's
+    cost is learned (counted in the step, it made a batch of two look far slower than it decodes)."""
+    est = LocalEstimator(prefill_tps=1000.0, decode_tps=50.0, overhead_ms=0.0, parallel=4)
+    first = est.hold(0, 10, now=0.0)
+    first.start(now=0.0)
+    second = est.hold(200, 10, now=0.05)  # a 200 ms prompt
+    second.start(now=0.3)  # its first token: its prompt ran while the first decoded
+    assert first.stalled_ms == pytest.approx(200.0) and second.stalled_ms == 0.0
+    # 11 tokens in 500 ms, 200 of them the other's prompt: 300 ms for 10 steps, 1.5x a lone step, beside
+    # the other for about half its run (batch 1.5): a whole lone step per extra stream (2.5x, were the
+    # prompt counted: the cap, 2)
+    assert first.batch_during() == pytest.approx(1.5)
+    est.observe(0, 0.0, 11, 500.0, batch=first.batch_during(), stalled_ms=first.stalled_ms)
+    assert est.batch_cost == pytest.approx(1.0)
+    assert est.decode_tps == pytest.approx(50.0)

@@ -65,8 +65,8 @@ class LocalTarget:
             predicted = e.predict_ms(admitted.prompt_tokens, max_tokens, now) + load
             first = e.first_token_ms(admitted.prompt_tokens, now) + load
         else:
-            predicted = e.predict_held(hold, admitted.prompt_tokens, max_tokens) + load
-            first = e.predict_held(hold, admitted.prompt_tokens, max_tokens, first_token=True) + load
+            predicted = e.predict_held(hold, admitted.prompt_tokens, max_tokens, now) + load
+            first = e.predict_held(hold, admitted.prompt_tokens, max_tokens, now, first_token=True) + load
         return Estimate(self.name, self.kind, self.context_length, servable, predicted, reason,
                         first_token_ms=first)
 
@@ -149,7 +149,7 @@ class LocalTarget:
                     t, u = chunk.timings, chunk.usage
                     self.estimator.observe(u.prompt_tokens - u.cached_prompt_tokens, t.prompt_ms,
                                            u.completion_tokens, t.decode_ms, batch=hold.batch_during(),
-                                           elsewhere=hold.elsewhere_during())
+                                           elsewhere=hold.elsewhere_during(), stalled_ms=hold.stalled_ms)
                     if own:
                         hold.release()  # a caller may stop reading at the completion
                 for item in parser.feed(chunk) if parser is not None else (chunk,):

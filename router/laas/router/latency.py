@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from laas.router.load import Hold, InFlight
+from laas.router.load import Hold, InFlight, Member
 
 ALPHA = 0.3  # weight of the newest observation
 # Decoding reads every weight once per token; 1 GB/s is far below any device laas targets (a Raspberry
@@ -100,11 +100,34 @@ class LocalEstimator:
         return (1000 / (self.decode_tps or 20.0) * (1 + self.batch_cost * (max(batch, 1) - 1))
                 * (1 + self.host_cost * elsewhere))
 
+    def prefill_ms(self, prompt_tokens: int) -> float:
+        return prompt_tokens * 1000 / (self.prefill_tps or 500.0)
+
     def service_ms(self, prompt_tokens: int, max_tokens: int, batch: int = 1, elsewhere: float = 0.0) -> float:
         """Time to run the request once it has the model, sharing each step with `batch - 1` others."""
-        prefill = self.prefill_tps or 500.0
-        return (self.overhead_ms + prompt_tokens * 1000 / prefill
-                + max_tokens * self.step_ms(batch, elsewhere))
+        return self.overhead_ms + self.prefill_ms(prompt_tokens) + max_tokens * self.step_ms(batch, elsewhere)
+
+    def in_batch_ms(self, prompt_tokens: int, max_tokens: int, mates: list[Member], elsewhere: float = 0.0,
+                    first_token: bool = False) -> float:
+        """Time to run the request beside `mates`, the others in its batch (issue 21: a burst predicted with
+        every member in the batch for its whole run was 36-100% too slow on the device).
+
+        Every prompt in the batch still to prefill holds every stream's steps (the steps carry prompt
+        chunks): to its first token a request waits for each other prompt as far as its own goes, and for
+        all of them by its end. Then the batch shrinks as its members finish: a stream decodes among those
+        with tokens left (the shortest finishes first and the rest go on faster)."""
+        own = self.prefill_ms(prompt_tokens)
+        if first_token:
+            held = sum(min(m.prefill_ms, own) for m in mates)
+            return self.overhead_ms + own + held + self.step_ms(len(mates) + 1, elsewhere)
+        total = self.overhead_ms + own + sum(m.prefill_ms for m in mates)
+        done, batch = 0.0, len(mates) + 1
+        for left in sorted(m.tokens for m in mates):
+            if left >= max_tokens:
+                break
+            total += (left - done) * self.step_ms(batch, elsewhere)
+            done, batch = left, batch - 1
+        return total + (max_tokens - done) * self.step_ms(batch, elsewhere)
 
     def batch_for_next(self) -> int:
         """The batch a request decided now would decode in: the requests in flight, itself included, up
@@ -120,27 +143,39 @@ class LocalEstimator:
             return 0.0
         return self.in_flight.work_ms(now) / self.parallel
 
+    def _next_ms(self, prompt_tokens: int, max_tokens: int, now: float, first_token: bool = False) -> float:
+        """A request decided now: beside the requests in flight when a slot is free, else after the queue
+        in a full batch."""
+        elsewhere = self.in_flight.elsewhere
+        if self.in_flight.count < self.parallel:
+            mates = self.in_flight.members(now, limit=self.parallel - 1)
+            return self.in_batch_ms(prompt_tokens, max_tokens, mates, elsewhere, first_token)
+        return self.queue_ms(now) + self.service_ms(prompt_tokens, 1 if first_token else max_tokens,
+                                                    self.parallel, elsewhere)
+
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float) -> float:
-        return self.queue_ms(now) + self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
-                                                    self.in_flight.elsewhere)
+        return self._next_ms(prompt_tokens, max_tokens, now)
 
     def first_token_ms(self, prompt_tokens: int, now: float) -> float:
-        """Predicted time to the first token: the queue, the prompt's prefill and one decode step."""
-        return self.service_ms(prompt_tokens, 1, self.batch_for_next(), self.in_flight.elsewhere) + self.queue_ms(now)
+        """Predicted time to the first token: the queue, the prompts' prefill and one decode step."""
+        return self._next_ms(prompt_tokens, 1, now, first_token=True)
 
     def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
         """Reserves the request's own service time (not the queue ahead of it) until released."""
-        return self.in_flight.hold(self.service_ms(prompt_tokens, max_tokens, self.batch_for_next(),
-                                                   self.in_flight.elsewhere), now)
+        service = self._next_ms(prompt_tokens, max_tokens, now) - self.queue_ms(now)
+        return self.in_flight.hold(service, now, prefill_ms=self.prefill_ms(prompt_tokens), tokens=max_tokens)
 
-    def predict_held(self, hold: Hold, prompt_tokens: int, max_tokens: int, first_token: bool = False) -> float:
-        """A reserved request's time with what is reserved now beside it: the queue it saw when it was
-        reserved, then its service in the batch the model holds now (itself and the requests reserved
-        since, up to the slots), with the requests now in flight elsewhere. `first_token`: to its first token."""
-        queue = 0.0 if hold.others < self.parallel else hold.ahead_ms / self.parallel
-        batch = min(max(self.in_flight.count, 1), self.parallel)
-        return queue + self.service_ms(prompt_tokens, 1 if first_token else max_tokens, batch,
-                                       self.in_flight.elsewhere)
+    def predict_held(self, hold: Hold, prompt_tokens: int, max_tokens: int, now: float,
+                     first_token: bool = False) -> float:
+        """A reserved request's time with what is reserved now beside it (the requests reserved since
+        included): in a free slot, beside the others in the batch (in_batch_ms); else after the queue it
+        saw when it was reserved, in a full batch. `first_token`: to its first token."""
+        elsewhere = self.in_flight.elsewhere
+        if hold.others < self.parallel:
+            mates = self.in_flight.members(now, besides=hold.ticket, limit=self.parallel - 1)
+            return self.in_batch_ms(prompt_tokens, max_tokens, mates, elsewhere, first_token)
+        return hold.ahead_ms / self.parallel + self.service_ms(prompt_tokens, 1 if first_token else max_tokens,
+                                                               self.parallel, elsewhere)
 
     def seed(self, rates: Rates, floor_tps: float = 0.0) -> None:
         """Sets the rates a calibration measured, never below `floor_tps`; the first live request that
@@ -151,9 +186,11 @@ class LocalEstimator:
             self.decode_tps, self.seeded_decode = max(rates.decode_tps, floor_tps), True
 
     def observe(self, prompt_tokens: int, prompt_ms: float, decoded_tokens: int, decode_ms: float,
-                batch: float = 1, elsewhere: float = 0.0) -> None:
+                batch: float = 1, elsewhere: float = 0.0, stalled_ms: float = 0.0) -> None:
         """Learns from a finished request that decoded among `batch` streams while `elsewhere` requests ran
-        on other targets (prefill of fewer than 8 tokens says little about the rate).
+        on other targets, its steps held `stalled_ms` by others' prompts (prefill of fewer than 8 tokens
+        says little about the rate). A decode step is learned without those stalls: in_batch_ms predicts
+        them on their own (counted in the step, they made a batch of two look 2.9x as slow as one stream).
 
         The prefill rate is learned from requests that ran alone: an engine's prompt time runs from the
         request's arrival to its first token, so in a batch it holds the other streams' steps too, and a
@@ -167,6 +204,7 @@ class LocalEstimator:
             self.seeded_prefill = False
         if decoded_tokens < 2 or decode_ms <= 0:
             return
+        decode_ms = max(decode_ms - stalled_ms, decode_ms / 2)
         rate = (decoded_tokens - 1) * 1000 / decode_ms
         if self.decode_tps is None or alone:
             self.decode_tps = rate if self.seeded_decode else _ewma(self.decode_tps, rate)

@@ -8,11 +8,14 @@ cancelled, fails, or fails over to another target (each target's reservation is 
 in-flight count never leaks.
 
 What the estimators (latency.py) read from here, per target:
-- `count`: requests in flight; `started`: those that have the model (device) or a first token (remote);
+- `count`: requests in flight (a request starts when it has the model's first token, or the remote's);
 - `work_ms(now)`: their predicted service time still to run, the work a FIFO server does before a new
   request's turn (a started request's remaining part shrinks with the time it has run).
 A `Hold` remembers what it saw when it was made (work ahead, others in flight), so that its request's
-measured latency can teach the estimator how much of that load delayed it.
+measured latency can teach the estimator how much of that load delayed it. On the device a reservation
+also says what it is made of (its predicted prefill, the tokens it decodes), so that a request can be
+predicted beside each of the others in its batch (`members`), and a request that decoded while others
+prefilled knows how long their prompts held its steps (`Hold.stalled_ms`).
 
 A `HostLoad` counts the requests in flight on every target of one daemon: the device's cores also run
 what laasd does for the others (streaming them, and any model server on the same machine), so the
@@ -30,6 +33,18 @@ class _Reserved:
     service_ms: float
     reserved_at: float
     started_at: float | None = None
+    prefill_ms: float = 0.0  # its prompt's predicted time (device)
+    tokens: int = 0  # the tokens it decodes (device)
+    stalled_ms: float = 0.0  # others' prefill that ran while it decoded
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A request in flight on the device as a batch-mate sees it: its prefill still to run (none once it
+    has its first token) and its tokens still to decode."""
+
+    prefill_ms: float
+    tokens: float
 
 
 @dataclass
@@ -56,10 +71,6 @@ class InFlight:
     def count(self) -> int:
         return len(self._held)
 
-    @property
-    def started(self) -> int:
-        return sum(r.started_at is not None for r in self._held.values())
-
     def remaining_ms(self, now: float, since: float | None = None) -> list[float]:
         """Each reservation's service time still to run (those reserved after `since`, when given)."""
         return [max(r.service_ms - (now - r.started_at) * 1000, 0.0) if r.started_at is not None else r.service_ms
@@ -68,18 +79,38 @@ class InFlight:
     def work_ms(self, now: float, since: float | None = None) -> float:
         return sum(self.remaining_ms(now, since))
 
-    def hold(self, service_ms: float, now: float) -> Hold:
-        """Reserves a request's predicted service time from now on; `Hold.release` gives it back."""
+    def hold(self, service_ms: float, now: float, prefill_ms: float = 0.0, tokens: int = 0) -> Hold:
+        """Reserves a request's predicted service time from now on (of it, `prefill_ms` for its prompt and
+        `tokens` decoded, when known); `Hold.release` gives it back."""
         ticket = next(self._ids)
-        hold = Hold(self, ticket, service_ms, ahead_ms=self.work_ms(now), others=self.count)
-        self._held[ticket] = _Reserved(service_ms, now)
+        reserved = _Reserved(service_ms, now, prefill_ms=prefill_ms, tokens=tokens)
+        hold = Hold(self, ticket, service_ms, ahead_ms=self.work_ms(now), others=self.count, _reserved=reserved)
+        self._held[ticket] = reserved
         self.host.count += 1
         return hold
+
+    def members(self, now: float, besides: int | None = None, limit: int | None = None) -> list[Member]:
+        """The reservations other than ticket `besides`, earliest first (at most `limit`), as batch-mates: a
+        started one's tokens still to decode shrink with the share of its service time it has run."""
+        out = []
+        for ticket, r in self._held.items():
+            if ticket == besides:
+                continue
+            if r.started_at is None:
+                out.append(Member(r.prefill_ms, float(r.tokens)))
+            else:
+                left = max(r.service_ms - (now - r.started_at) * 1000, 0.0) / r.service_ms if r.service_ms > 0 else 0.0
+                out.append(Member(0.0, r.tokens * left))
+        return out[:limit]
 
     def _start(self, ticket: int, now: float) -> None:
         reserved = self._held.get(ticket)
         if reserved is not None and reserved.started_at is None:
             reserved.started_at = now
+            # its prompt ran just before its first token: the requests decoding then waited for it
+            for other in self._held.values():
+                if other is not reserved and other.started_at is not None and other.started_at < now:
+                    other.stalled_ms += min(reserved.prefill_ms, (now - other.started_at) * 1000)
 
     def _release(self, ticket: int) -> None:
         if self._held.pop(ticket, None) is not None:
@@ -96,8 +127,14 @@ class Hold:
     service_ms: float
     ahead_ms: float  # the work in flight there when it was reserved
     others: int  # requests in flight there when it was reserved
-    started_with: int = 0  # requests that had started there (itself included) when it started
+    batch_at_start: int = 0  # requests in flight there (itself included) when it started
     elsewhere_at_start: int = 0  # requests in flight on the host's other targets when it started
+    _reserved: _Reserved | None = field(default=None, repr=False)
+
+    @property
+    def stalled_ms(self) -> float:
+        """The others' prefill that ran while it decoded (their predicted prompt times), so far."""
+        return self._reserved.stalled_ms if self._reserved is not None else 0.0
 
     @property
     def held(self) -> bool:
@@ -107,14 +144,15 @@ class Hold:
         """Its request started (took the model; the first token came): its remaining work shrinks from now."""
         if self.held and self.in_flight._held[self.ticket].started_at is None:
             self.in_flight._start(self.ticket, now)
-            self.started_with = self.in_flight.started
+            self.batch_at_start = self.in_flight.count
             self.elsewhere_at_start = self.in_flight.elsewhere
 
     def batch_during(self) -> float:
-        """Requests started there while it ran, itself included: the mean of its start and now. A burst's
-        first request starts alone and ends beside the rest (issue 21: counted as alone, its batched steps
-        taught the device a lone stream's rate 20-30% too slow)."""
-        return (max(self.started_with, 1) + max(self.in_flight.started, 1)) / 2
+        """Requests in flight there while it ran, itself included: the mean of its start and now. Those
+        still prefilling count: their prompts share its steps (issue 21: counted from the requests that
+        had their first token, a burst's first was taken to decode alone beside two others' prompts,
+        and taught the device a batch step 1.5-1.9x too slow per extra stream)."""
+        return (max(self.batch_at_start, 1) + max(self.in_flight.count, 1)) / 2
 
     def elsewhere_during(self) -> float:
         """Requests in flight on the host's other targets while it ran: the mean of its start and now."""
