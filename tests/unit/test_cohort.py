@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from laas.core.types import SamplingParams
-from laas.router.cohort import Cohorts
+from laas.router.cohort import CAP_WINDOWS, Cohorts, closes_at
 from laas.router.latency import LocalEstimator, RemoteEstimator
 from laas.router.load import Hold, HostLoad, InFlight
 from laas.router.policy import Estimate, Policy, Query, TargetKind
@@ -146,3 +146,30 @@ async def test_a_remote_fifo_member_waits_only_for_those_ahead_of_it() -> None:
     assert predicted == [pytest.approx(own), pytest.approx(2 * own), pytest.approx(3 * own)]
     for _, hold in decided:
         hold.release()
+
+
+def test_a_cohort_stays_open_a_window_after_its_latest_arrival_up_to_a_cap() -> None:
+    """A lone request waits one window; a burst spread by a busy client, with gaps under a window, gathers
+    whole (closing a window after the first split a burst of four into one and three); none waits past
+    the cap."""
+    assert closes_at(10.0, 10.0, 0.005) == pytest.approx(10.005)  # alone
+    assert closes_at(10.0, 10.004, 0.005) == pytest.approx(10.009)  # the second extends it
+    assert closes_at(10.0, 10.012, 0.005) == pytest.approx(10.017)  # and the fourth, 3 ms after the third
+    assert CAP_WINDOWS == 4 and closes_at(10.0, 10.018, 0.005) == pytest.approx(10.020)  # never past the cap
+
+
+async def test_arrivals_within_a_window_of_each_other_are_one_cohort() -> None:
+    device, _cloud, both = _targets()
+    cohorts = Cohorts(window_s=60.0)  # decided when the test says so
+    tasks = [asyncio.create_task(cohorts.decide(*_request(5000), both))]
+    await asyncio.sleep(0)
+    timer = cohorts._timer
+    tasks.append(asyncio.create_task(cohorts.decide(*_request(5000), both)))
+    await asyncio.sleep(0)
+    assert timer is not None and timer.cancelled() and cohorts._timer is not timer  # the window moved on
+    cohorts.close()
+    decided = await asyncio.gather(*tasks)
+    assert all(d.reason.endswith("(decided with 1 other request that arrived with it)") for d, _ in decided)
+    for _, hold in decided:
+        hold.release()
+    assert device.estimator.in_flight.count == 0

@@ -296,8 +296,8 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
     # --- Requests routed together (router/cohort.py) ---
     route_together_ms: Float = Field(default=5.0, ge=0, le=1000, json_schema_extra=RESTART, description=(
         "Requests with a latency budget that could go more than one way wait until this long after the "
-        "first of them arrived, then are routed together: each sees where the others go, and its time is "
-        "predicted beside them. 0 routes each at once."))
+        "latest of them arrived (at most 4 times this long after the first), then are routed together: "
+        "each sees where the others go, and its time is predicted beside them. 0 routes each at once."))
     # --- Hedged requests (router/hedge.py) ---
     hedge: bool = Field(default=False, json_schema_extra=RESTART, description=(
         "When a request with a latency budget has no first token from its target within hedge_after times the "
