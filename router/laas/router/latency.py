@@ -129,11 +129,6 @@ class LocalEstimator:
             done, batch = left, batch - 1
         return total + (max_tokens - done) * self.step_ms(batch, elsewhere)
 
-    def batch_for_next(self) -> int:
-        """The batch a request decided now would decode in: the requests in flight, itself included, up
-        to the slots."""
-        return min(self.in_flight.count + 1, self.parallel)
-
     def queue_ms(self, now: float) -> float:
         """Predicted time until the model is free for a new request.
 
@@ -143,26 +138,33 @@ class LocalEstimator:
             return 0.0
         return self.in_flight.work_ms(now) / self.parallel
 
-    def _next_ms(self, prompt_tokens: int, max_tokens: int, now: float, first_token: bool = False) -> float:
-        """A request decided now: beside the requests in flight when a slot is free, else after the queue
-        in a full batch."""
+    def _run_ms(self, prompt_tokens: int, max_tokens: int, now: float, queued_ms: float | None,
+                besides: int | None = None, first_token: bool = False) -> float:
+        """A request's time: in a free slot (`queued_ms` None), beside the others in the batch but ticket
+        `besides` (in_batch_ms); else after `queued_ms` of queue, in a full batch."""
         elsewhere = self.in_flight.elsewhere
-        if self.in_flight.count < self.parallel:
-            mates = self.in_flight.members(now, limit=self.parallel - 1)
+        if queued_ms is None:
+            mates = self.in_flight.members(now, besides=besides, limit=self.parallel - 1)
             return self.in_batch_ms(prompt_tokens, max_tokens, mates, elsewhere, first_token)
-        return self.queue_ms(now) + self.service_ms(prompt_tokens, 1 if first_token else max_tokens,
-                                                    self.parallel, elsewhere)
+        return queued_ms + self.service_ms(prompt_tokens, 1 if first_token else max_tokens, self.parallel, elsewhere)
+
+    def _queued_ms(self, now: float) -> float | None:
+        """The queue a request decided now waits in; None when a slot is free."""
+        return None if self.in_flight.count < self.parallel else self.queue_ms(now)
 
     def predict_ms(self, prompt_tokens: int, max_tokens: int, now: float) -> float:
-        return self._next_ms(prompt_tokens, max_tokens, now)
+        """A request decided now: beside the requests in flight when a slot is free, else after the queue
+        in a full batch."""
+        return self._run_ms(prompt_tokens, max_tokens, now, self._queued_ms(now))
 
     def first_token_ms(self, prompt_tokens: int, now: float) -> float:
         """Predicted time to the first token: the queue, the prompts' prefill and one decode step."""
-        return self._next_ms(prompt_tokens, 1, now, first_token=True)
+        return self._run_ms(prompt_tokens, 1, now, self._queued_ms(now), first_token=True)
 
     def hold(self, prompt_tokens: int, max_tokens: int, now: float) -> Hold:
         """Reserves the request's own service time (not the queue ahead of it) until released."""
-        service = self._next_ms(prompt_tokens, max_tokens, now) - self.queue_ms(now)
+        free = self.in_flight.count < self.parallel
+        service = self._run_ms(prompt_tokens, max_tokens, now, None if free else 0.0)
         return self.in_flight.hold(service, now, prefill_ms=self.prefill_ms(prompt_tokens), tokens=max_tokens)
 
     def predict_held(self, hold: Hold, prompt_tokens: int, max_tokens: int, now: float,
@@ -170,12 +172,8 @@ class LocalEstimator:
         """A reserved request's time with what is reserved now beside it (the requests reserved since
         included): in a free slot, beside the others in the batch (in_batch_ms); else after the queue it
         saw when it was reserved, in a full batch. `first_token`: to its first token."""
-        elsewhere = self.in_flight.elsewhere
-        if hold.others < self.parallel:
-            mates = self.in_flight.members(now, besides=hold.ticket, limit=self.parallel - 1)
-            return self.in_batch_ms(prompt_tokens, max_tokens, mates, elsewhere, first_token)
-        return hold.ahead_ms / self.parallel + self.service_ms(prompt_tokens, 1 if first_token else max_tokens,
-                                                               self.parallel, elsewhere)
+        queued = None if hold.others < self.parallel else hold.ahead_ms / self.parallel
+        return self._run_ms(prompt_tokens, max_tokens, now, queued, hold.ticket, first_token)
 
     def seed(self, rates: Rates, floor_tps: float = 0.0) -> None:
         """Sets the rates a calibration measured, never below `floor_tps`; the first live request that

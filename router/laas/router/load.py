@@ -37,6 +37,12 @@ class _Reserved:
     tokens: int = 0  # the tokens it decodes (device)
     stalled_ms: float = 0.0  # others' prefill that ran while it decoded
 
+    def left_ms(self, now: float) -> float:
+        """Its service time still to run: all of it until it starts, then shrinking with the time it has run."""
+        if self.started_at is None:
+            return self.service_ms
+        return max(self.service_ms - (now - self.started_at) * 1000, 0.0)
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -73,8 +79,7 @@ class InFlight:
 
     def remaining_ms(self, now: float, since: float | None = None) -> list[float]:
         """Each reservation's service time still to run (those reserved after `since`, when given)."""
-        return [max(r.service_ms - (now - r.started_at) * 1000, 0.0) if r.started_at is not None else r.service_ms
-                for r in self._held.values() if since is None or r.reserved_at > since]
+        return [r.left_ms(now) for r in self._held.values() if since is None or r.reserved_at > since]
 
     def work_ms(self, now: float, since: float | None = None) -> float:
         return sum(self.remaining_ms(now, since))
@@ -99,8 +104,7 @@ class InFlight:
             if r.started_at is None:
                 out.append(Member(r.prefill_ms, float(r.tokens)))
             else:
-                left = max(r.service_ms - (now - r.started_at) * 1000, 0.0) / r.service_ms if r.service_ms > 0 else 0.0
-                out.append(Member(0.0, r.tokens * left))
+                out.append(Member(0.0, r.tokens * r.left_ms(now) / r.service_ms if r.service_ms > 0 else 0.0))
         return out[:limit]
 
     def _start(self, ticket: int, now: float) -> None:
@@ -108,7 +112,7 @@ class InFlight:
         if reserved is not None and reserved.started_at is None:
             reserved.started_at = now
             # its prompt ran just before its first token: the requests decoding then waited for it
-            for other in self._held.values():
+            for other in self._held.values() if reserved.prefill_ms else ():
                 if other is not reserved and other.started_at is not None and other.started_at < now:
                     other.stalled_ms += min(reserved.prefill_ms, (now - other.started_at) * 1000)
 
@@ -127,14 +131,14 @@ class Hold:
     service_ms: float
     ahead_ms: float  # the work in flight there when it was reserved
     others: int  # requests in flight there when it was reserved
+    _reserved: _Reserved = field(repr=False)
     batch_at_start: int = 0  # requests in flight there (itself included) when it started
     elsewhere_at_start: int = 0  # requests in flight on the host's other targets when it started
-    _reserved: _Reserved | None = field(default=None, repr=False)
 
     @property
     def stalled_ms(self) -> float:
         """The others' prefill that ran while it decoded (their predicted prompt times), so far."""
-        return self._reserved.stalled_ms if self._reserved is not None else 0.0
+        return self._reserved.stalled_ms
 
     @property
     def held(self) -> bool:
@@ -142,7 +146,7 @@ class Hold:
 
     def start(self, now: float) -> None:
         """Its request started (took the model; the first token came): its remaining work shrinks from now."""
-        if self.held and self.in_flight._held[self.ticket].started_at is None:
+        if self.held and self._reserved.started_at is None:
             self.in_flight._start(self.ticket, now)
             self.batch_at_start = self.in_flight.count
             self.elsewhere_at_start = self.in_flight.elsewhere
