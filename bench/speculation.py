@@ -6,7 +6,7 @@ in the prompt (TASKS x PASSAGES below), through /v1/chat/completions, greedy, ea
 the model ends it or at --tokens. The same model file (the default GGUF model), threads and context per
 slot for every contender:
   - llama-server -np 4 (plain), and with --spec-type ngram-simple at its defaults (a 12-token lookup,
-    48-token drafts) and with a 3-token lookup and 16-token drafts (laasd's sizes);
+    48-token drafts) and with a 3-token lookup and 16-token drafts (laasd's lookup size);
   - laasd at its defaults (parallel automatic, speculation off: plain decoding), and with
     speculation = "ngram";
   - llama-bench's tg figure for --tokens tokens (plain decoding, no server), as a reference line.

@@ -144,7 +144,7 @@ def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarti
 def test_a_crafted_gguf_that_aborts_at_its_first_decode_fails_at_load_where_the_step_cost_is_timed(
         start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Any]) -> None:
     """speculation = "ngram" times decode steps while the model loads (backends/batching.py
-    time_token_cost), so the crafted file aborts its runner during the load: the model fails to load with
+    time_step_cost), so the crafted file aborts its runner during the load: the model fails to load with
     the cause, no stream was ever started on it, and it stays failed (no load loop) until its file changes."""
     home = make_home()
     edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", ODD_ROPE)

@@ -83,7 +83,9 @@ async def test_greedy_output_is_plain_decodings_and_drafts_are_kept(engines: tup
     after = spec.stats()
     assert plain.stats().draft_tokens == 0
     kept = after.draft_accepted - before.draft_accepted
-    assert kept > 100, f"only {kept} drafted tokens were kept on copying tasks"
+    # How many are drafted follows the step cost timed at load (steep for Q4_1 weights on a CPU); a copying
+    # task still pays for long drafts.
+    assert kept > 50, f"only {kept} drafted tokens were kept on copying tasks"
     # Kept drafts are tokens the step delivered beyond one per sequence: fewer steps than tokens.
     assert after.steps - before.steps < (after.decoded_tokens - before.decoded_tokens) - kept // 2
 

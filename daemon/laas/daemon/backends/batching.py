@@ -37,7 +37,7 @@ from laas.core.errors import ModelLoadError
 from laas.core.types import GenerationRequest
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.slot_scheduler import Sequence, Slot, SlotScheduler
-from laas.daemon.backends.speculation import PRIOR_MARGINAL, NgramDrafter, plan_drafts, relative_token_cost
+from laas.daemon.backends.speculation import NgramDrafter, StepCost, plan_drafts
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Scheduler(SlotScheduler):
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
-                 loop: DecodeLoop, max_draft: int = 0, token_cost: float = PRIOR_MARGINAL) -> None:
+                 loop: DecodeLoop, max_draft: int = 0, step_cost: StepCost | None = None) -> None:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
@@ -67,7 +67,7 @@ class Scheduler(SlotScheduler):
         self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
         # Drafted tokens per sequence and step (0: no speculation); every sequence's fit in one batch.
         self._max_draft = max(0, min(max_draft, n_batch // max(parallel, 1) - 1))
-        self._token_cost = token_cost  # a drafted token's cost relative to a one-token step (time_token_cost)
+        self._step_cost = step_cost or StepCost.linear()  # a step's time by its tokens (time_step_cost)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
         try:
@@ -159,7 +159,7 @@ class Scheduler(SlotScheduler):
             drafts.append(seq.drafter.draft(room))
         if not any(drafts):
             return drafts
-        take = plan_drafts([d.acceptance for d in drafters], [len(d) for d in drafts], self._token_cost)
+        take = plan_drafts([f.survival(len(d)) for f, d in zip(drafters, drafts, strict=True)], self._step_cost)
         return [d[:k] for d, k in zip(drafts, take, strict=True)]
 
     def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:
@@ -222,13 +222,18 @@ class Scheduler(SlotScheduler):
         return bool(self._lib.llama_vocab_is_eog(self._model.vocab, token))
 
 
-def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 5) -> float:
-    """Times decode steps of one token and of `tokens` tokens (every one with logits, as a verification
-    step has) on a fresh context's sequence 0, which is cleared after: one more token's cost relative to a
-    one-token step, on this model and machine (speculation.relative_token_cost)."""
+STEP_SIZES = (1, 2, 3, 5, 9, 17, 33, 49)  # the step sizes timed at load (StepCost interpolates between them)
+
+
+def time_step_cost(ctx: Any, sizes: tuple[int, ...] = STEP_SIZES, rounds: int = 3) -> StepCost:
+    """Times decode steps of each of `sizes` tokens (every one with logits, as a verification step has) on
+    a fresh context's sequence 0, which is cleared after: a step's time by its tokens, relative to a
+    one-token step, on this model and machine (speculation.StepCost). Sizes past the context's batch are
+    left out."""
     import llama_cpp
 
-    batch = llama_cpp.llama_batch_init(tokens, 0, 1)
+    sizes = tuple(n for n in sizes if n <= int(llama_cpp.llama_n_batch(ctx.ctx)))
+    batch = llama_cpp.llama_batch_init(max(sizes), 0, 1)
     mem = llama_cpp.llama_get_memory(ctx.ctx)
 
     def step(n: int) -> float:
@@ -245,11 +250,11 @@ def time_token_cost(ctx: Any, tokens: int = 9, rounds: int = 5) -> float:
 
     try:
         step(1)  # the first step after loading pays for faulting the weights in
-        ones, manys = [], []
+        times: dict[int, list[float]] = {n: [] for n in sizes}
         for _ in range(rounds):
-            ones.append(step(1))
-            manys.append(step(tokens))
+            for n in sizes:
+                times[n].append(step(n))
     finally:
         llama_cpp.llama_memory_clear(mem, True)
         llama_cpp.llama_batch_free(batch)
-    return relative_token_cost(sorted(ones)[rounds // 2], sorted(manys)[rounds // 2], tokens)
+    return StepCost([(n, sorted(t)[rounds // 2]) for n, t in times.items()])

@@ -25,13 +25,13 @@ from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
 from laas.daemon.backends.backend import BatchStats
-from laas.daemon.backends.batching import Scheduler, time_token_cost
+from laas.daemon.backends.batching import Scheduler, time_step_cost
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.slot_scheduler import Emit, check_prompt, stream_sequence
 from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
-from laas.daemon.backends.speculation import PRIOR_MARGINAL
+from laas.daemon.backends.speculation import StepCost
 from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.constraint_masks import ConstraintCompiler, Matcher, llama_tokenizer
@@ -40,7 +40,7 @@ from laas.daemon.gguf_header import GgufHeader
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
-DRAFT_MAX = 16  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
+DRAFT_MAX = 48  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
 
 
 class GgufEngine(Engine):
@@ -49,7 +49,7 @@ class GgufEngine(Engine):
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
                  specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None,
-                 max_draft: int = 0, token_cost: float = PRIOR_MARGINAL) -> None:
+                 max_draft: int = 0, step_cost: StepCost | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -65,7 +65,7 @@ class GgufEngine(Engine):
             decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                                     make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop,
-                                    max_draft=max_draft, token_cost=token_cost)
+                                    max_draft=max_draft, step_cost=step_cost)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
             format=ModelFormat.GGUF, quantization=header.quantization,
             context_length=min(context_length, self._scheduler.n_ctx),
@@ -91,7 +91,7 @@ class GgufEngine(Engine):
         n_batch = min(512, max(n_ctx, parallel))
         drafts = speculation == "ngram"
 
-        def _load() -> tuple[Any, Any, float]:
+        def _load() -> tuple[Any, Any, StepCost | None]:
             import llama_cpp  # deferred: importing it loads the native library
             from llama_cpp import _internals
             from llama_cpp._logger import set_verbose
@@ -129,28 +129,28 @@ class GgufEngine(Engine):
             except (ValueError, RuntimeError, OSError) as e:
                 raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
             try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
-                token_cost = time_token_cost(ctx) if drafts else PRIOR_MARGINAL
+                step_cost = time_step_cost(ctx) if drafts else None
             except BaseException:
                 ctx.close()  # type: ignore[no-untyped-call]
                 model.close()  # type: ignore[no-untyped-call]
                 raise
-            return model, ctx, token_cost
+            return model, ctx, step_cost
 
         # The chat template compiles first: a broken one fails the model before any native object exists.
         template = await asyncio.to_thread(lambda: compile_template(header.chat_template, model=path.name))
         try:
-            model, ctx, token_cost = await asyncio.to_thread(_load)
+            model, ctx, step_cost = await asyncio.to_thread(_load)
         except BaseException:
             if template is not None:
                 await asyncio.to_thread(template.close)
             raise
         specials = await asyncio.to_thread(special_texts, model)
         if drafts:
-            log.info("%s: prompt-lookup speculation on; a drafted token costs %.2f of a one-token step here",
-                     path.name, token_cost)
+            log.info("%s: prompt-lookup speculation on; a step's time by its tokens here (one token: 1): %s",
+                     path.name, step_cost.describe() if step_cost is not None else "not timed")
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                    template=template, specials=specials, decode_loop=decode_loop,
-                   max_draft=DRAFT_MAX if drafts else 0, token_cost=token_cost)
+                   max_draft=DRAFT_MAX if drafts else 0, step_cost=step_cost)
 
     @property
     def info(self) -> ModelInfo:

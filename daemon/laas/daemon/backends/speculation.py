@@ -10,29 +10,42 @@ draft: sampling from the target and keeping a draft token only where the sample 
 standard acceptance rule, so greedy output is token for token what plain decoding gives, and sampled
 output keeps the target's distribution).
 
-A drafted token is not free: on a CPU a step's time grows with its tokens. The engine times that when
-it loads (batching.time_token_cost: one more token's cost relative to a one-token step). Measured on a
-2-core AVX2 machine: SmolLM2-135M Q4_1 0.6 (its matmuls run a row at a time: each token adds most of a
-step), Q8_0 0.44, F16 0.23 (batched GEMM kernels). `plan_drafts` decodes a draft token only where it
-raises the step's expected tokens per unit of time, from that cost and each sequence's measured
-acceptance rate: so a sequence whose drafts keep being rejected stops paying for them, and a copying one
-drafts long runs. At the acceptance grounded work measured (about 0.75) a token costing 0.35 of a step
-still wins about 1.3x in theory, one costing 0.6 at most 1.09x before the verification's own work: so
-speculation is off by default (bench/speculation.py measured it slower on the default model here).
+A drafted token is not free: on a CPU a step's time grows with its tokens, and not in a straight line.
+The engine times steps of 1, 2, 3, 5, 9, 17, 33 and 49 tokens when it loads (batching.time_step_cost) and
+plans with that curve (StepCost). Measured on a 2-core AMD EPYC with SmolLM2-135M: with F16 weights a
+second token costs 0.67 of a step (ggml leaves its one-row kernel for the batched one) but each token
+after the third only 0.2; with Q4_1 weights each token adds 0.5-0.8 of a step. So a one-token draft
+rarely pays, and a long one may where a short one does not.
+
+How likely a draft token is to be kept is not the same at every position: a text being copied keeps
+whole runs and diverges at a point. Each drafter keeps, for positions 1, 2, 3-4, 5-8, 9-16 and 17 on, a
+recent (decayed) count of the draft tokens verified there and kept (their conditional acceptance, given
+the ones before were kept); the chance that the j-th is kept is the product up to j (`survival`).
+`plan_drafts` decodes the draft tokens, likeliest first, up to the count that gives the step the most
+expected tokens per unit of time: a sequence whose drafts keep being rejected stops paying for them, and
+a copying one drafts long runs. On the default Q4_1 model speculation is off by default
+(bench/speculation.py measured it slower there).
 """
 
 from __future__ import annotations
 
+import itertools
+
 MAX_NGRAM = 3  # the longest n-gram looked up (longer matches are rarer and barely more accurate)
 MIN_NGRAM = 2  # a single repeated token is too weak a hint
-PRIOR_ACCEPTANCE = 0.8  # a new sequence's acceptance rate, worth PRIOR_WEIGHT tokens (optimistic: drafts teach it)
-PRIOR_WEIGHT = 2.0
-DECAY = 0.9  # per draft token tried: the last few dozen say what the text being produced now is like
-PRIOR_MARGINAL = 0.5  # a token's cost relative to a one-token step, where it could not be timed
+PRIOR_ACCEPTANCE = 0.8  # a new sequence's conditional acceptance at every position (optimistic: drafts teach it)
+PRIOR_WEIGHT = 2.0  # ... worth this many verified tokens
+DECAY = 0.9  # per draft token verified at a position: the last dozen or so say what the text is like now
+BUCKETS = 6  # positions 1, 2, 3-4, 5-8, 9-16, 17+
+PRIOR_MARGINAL = 0.5  # a token's cost relative to a one-token step, where steps could not be timed
+
+
+def _bucket(position: int) -> int:
+    return min(BUCKETS - 1, (position - 1).bit_length())
 
 
 class NgramDrafter:
-    """One sequence's index of its own tokens (updated as they are appended) and its acceptance rate."""
+    """One sequence's index of its own tokens (updated as they are appended) and its acceptance by position."""
 
     __slots__ = ("_index", "_kept", "_seen", "_tokens", "accepted", "drafted", "max_draft")
 
@@ -40,16 +53,27 @@ class NgramDrafter:
         self._tokens: list[int] = []
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ended
         self.max_draft = max_draft
-        self._kept = PRIOR_ACCEPTANCE * PRIOR_WEIGHT  # decayed counts of draft tokens kept / verified
-        self._seen = PRIOR_WEIGHT
+        # Per position bucket, decayed counts of the draft tokens verified there (the ones before kept)
+        # and of those kept.
+        self._kept = [PRIOR_ACCEPTANCE * PRIOR_WEIGHT] * BUCKETS
+        self._seen = [PRIOR_WEIGHT] * BUCKETS
         self.drafted = 0
         self.accepted = 0
         self.extend(prompt)
 
-    @property
-    def acceptance(self) -> float:
-        """The estimated chance that a draft token is kept, given the ones before it were."""
-        return self._kept / self._seen
+    def acceptance(self, position: int) -> float:
+        """The estimated chance that the draft token at `position` (1-based) is kept, given the ones before
+        it were."""
+        b = _bucket(position)
+        return self._kept[b] / self._seen[b]
+
+    def survival(self, length: int) -> list[float]:
+        """For j = 1..length: the estimated chance that a draft's first j tokens are all kept."""
+        out, p = [], 1.0
+        for j in range(1, length + 1):
+            p *= self.acceptance(j)
+            out.append(p)
+        return out
 
     def extend(self, tokens: list[int]) -> None:
         t = self._tokens
@@ -82,34 +106,67 @@ class NgramDrafter:
             return
         self.drafted += drafted
         self.accepted += accepted
-        tried = accepted + (1 if accepted < drafted else 0)
-        forget = DECAY ** tried
-        self._kept = self._kept * forget + accepted
-        self._seen = self._seen * forget + tried
+        for position in range(1, min(drafted, accepted + 1) + 1):
+            b = _bucket(position)
+            self._kept[b] = self._kept[b] * DECAY + (position <= accepted)
+            self._seen[b] = self._seen[b] * DECAY + 1
 
 
-def plan_drafts(acceptance: list[float], available: list[int], marginal: float) -> list[int]:
-    """How many tokens of each sequence's draft a step decodes. Sequence i's j-th draft token is kept with
-    chance acceptance[i] ** j and costs `marginal` (a one-token step costing 1); every decoding sequence
-    already has its next token in the step. Draft tokens are taken most likely first while each raises
-    the expected tokens per unit of time of the whole step."""
-    m = len(acceptance)
+class StepCost:
+    """A decode step's time as a function of its tokens, relative to a one-token step's: linear between the
+    timed sizes, and past the largest one at the slope of the last segment."""
+
+    __slots__ = ("_points",)
+
+    def __init__(self, points: list[tuple[int, float]]) -> None:
+        """`points`: (tokens, seconds) of timed steps, one of them of one token. A step never costs less than
+        a smaller one (timing noise), nor a token less than 2% of a step."""
+        points = sorted(points)
+        if not points or points[0][0] != 1 or points[0][1] <= 0.0:
+            raise ValueError("a step of one token must be timed")
+        one = points[0][1]
+        curve = [(1, 1.0)]
+        for n, seconds in points[1:]:
+            if n > curve[-1][0]:
+                last_n, last = curve[-1]
+                curve.append((n, max(seconds / one, last + 0.02 * (n - last_n))))
+        self._points = curve
+
+    @classmethod
+    def linear(cls, marginal: float = PRIOR_MARGINAL) -> StepCost:
+        """Each token past the first costs `marginal` of a step (where steps could not be timed)."""
+        return cls([(1, 1.0), (2, 1.0 + marginal)])
+
+    def __call__(self, tokens: int) -> float:
+        points = self._points
+        if tokens <= 1 or len(points) == 1:
+            return float(max(tokens, 0))
+        for (n0, c0), (n1, c1) in itertools.pairwise(points):
+            if tokens <= n1:
+                return c0 + (c1 - c0) * (tokens - n0) / (n1 - n0)
+        (n0, c0), (n1, c1) = points[-2], points[-1]
+        return c1 + (c1 - c0) / (n1 - n0) * (tokens - n1)
+
+    def describe(self) -> str:
+        return ", ".join(f"{n}: {c:.2f}" for n, c in self._points)
+
+
+def plan_drafts(survival: list[list[float]], cost: StepCost) -> list[int]:
+    """How many tokens of each sequence's draft a step decodes. survival[i][j-1] is the chance that sequence
+    i's first j draft tokens are all kept (never rising with j; its length is what the draft offers); every
+    decoding sequence already has its next token in the step, which costs cost(tokens in the step). Draft
+    tokens are taken likeliest first, as many as give the step the most expected tokens per unit of time."""
+    m = len(survival)
+    order = sorted(((p, j, i) for i, chances in enumerate(survival) for j, p in enumerate(chances)),
+                   key=lambda g: (-g[0], g[1]))  # a sequence's j-th token never before its (j-1)-th
+    best_rate, best_k = (m / cost(m) if m else 0.0), 0
+    tokens = float(m)
+    for k, (p, _, _) in enumerate(order, 1):
+        tokens += p
+        rate = tokens / cost(m + k)
+        if rate > best_rate * (1 + 1e-9):
+            best_rate, best_k = rate, k
     take = [0] * m
-    tokens = float(m)  # expected tokens the step delivers
-    cost = 1.0 + marginal * (m - 1)
-    gains = sorted(((acceptance[i] ** j, i) for i in range(m) for j in range(1, available[i] + 1)),
-                   reverse=True)
-    for gain, i in gains:  # a sequence's j-th token comes after its (j-1)-th: its gain is never larger
-        if gain * cost <= tokens * marginal:  # gain / marginal <= tokens / cost: it would not pay
-            break
+    for _, _, i in order[:best_k]:
         take[i] += 1
-        tokens += gain
-        cost += marginal
     return take
-
-
-def relative_token_cost(one: float, many: float, tokens: int) -> float:
-    """From a one-token step's time and a `tokens`-token step's: one more token's cost relative to the first."""
-    if one <= 0.0 or tokens <= 1:
-        return PRIOR_MARGINAL
-    return min(1.0, max(0.02, (many - one) / (tokens - 1) / one))
