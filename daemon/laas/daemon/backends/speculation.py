@@ -116,7 +116,7 @@ class StepCost:
     """A decode step's time as a function of its tokens, relative to a one-token step's: linear between the
     timed sizes, and past the largest one at the slope of the last segment."""
 
-    __slots__ = ("_points",)
+    __slots__ = ("_points", "_table")
 
     def __init__(self, points: list[tuple[int, float]]) -> None:
         """`points`: (tokens, seconds) of timed steps, one of them of one token. A step never costs less than
@@ -131,6 +131,7 @@ class StepCost:
                 last_n, last = curve[-1]
                 curve.append((n, max(seconds / one, last + 0.02 * (n - last_n))))
         self._points = curve
+        self._table: list[float] = []  # cost by tokens, filled as far as asked: plan_drafts asks every step
 
     @classmethod
     def linear(cls, marginal: float = PRIOR_MARGINAL) -> StepCost:
@@ -138,6 +139,12 @@ class StepCost:
         return cls([(1, 1.0), (2, 1.0 + marginal)])
 
     def __call__(self, tokens: int) -> float:
+        table = self._table
+        while len(table) <= tokens:
+            table.append(self._at(len(table)))
+        return table[tokens] if tokens >= 0 else 0.0
+
+    def _at(self, tokens: int) -> float:
         points = self._points
         if tokens <= 1 or len(points) == 1:
             return float(max(tokens, 0))
