@@ -5,10 +5,12 @@ each round (the order alternates). Each serves the default model's file as "one"
 "four" (parallel = 4). Per round and daemon: a single greedy stream on "one" with "four" unloaded (decode
 tok/s as the daemon timed it; time to first token at the client), the time LoadModel takes to load "four"
 (a runner starts a process), 4 concurrent streams on "four" once loaded (aggregate tok/s over the wall
-time), and a single stream on "one" again with "four" resident (two resident models). Medians over
-the rounds, and the ratios runner / in-process. Then resident memory: each daemon's own RSS, each
-runner's, and the overhead of a runner (what runner mode holds in all, less what the in-process daemon
-holds, per runner), and the runner daemon's idle RSS with no model loaded.
+time), and a single stream on "one" again with "four" resident (two resident models). Medians over the
+rounds, and the ratios runner / in-process: of the medians, and the median of each round's own ratio
+("paired": a round's two turns run back to back, so the host's drift between rounds cancels out). Then
+resident memory: each daemon's own RSS, each runner's, and the overhead of a runner (what runner mode
+holds in all, less what the in-process daemon holds, per runner), and the runner daemon's idle RSS with
+no model loaded.
 
 Usage: nice .venv/bin/python bench/runners.py [--tokens 64] [--rounds 3] [--threads N]
 """
@@ -131,12 +133,16 @@ def main() -> int:
     def med(mode: str, key: str) -> float:
         return statistics.median(results[mode][key])
 
+    def paired(key: str) -> float:  # a round's two turns ran back to back: the host's drift cancels out
+        return statistics.median(r / i for r, i in zip(results["runner"][key], results["in_process"][key],
+                                                         strict=True))
+
     print(f"{args.tokens} tokens, {args.threads} threads, {args.rounds} rounds (alternating), medians")
-    print(f"{'':34} {'in_process':>11} {'runner':>11} {'ratio':>7}")
+    print(f"{'':34} {'in_process':>11} {'runner':>11} {'ratio':>7} {'paired':>7}")
     for key, label in (("decode", "single stream decode tok/s"), ("beside", "  with a 2nd model resident"),
                        ("four", "4 streams aggregate tok/s")):
         print(f"{label:34} {med('in_process', key):11.1f} {med('runner', key):11.1f} "
-              f"{med('runner', key) / med('in_process', key):7.3f}")
+              f"{med('runner', key) / med('in_process', key):7.3f} {paired(key):7.3f}")
     for key, label in (("ttft", "time to first token ms (client)"), ("load", "loading a model ms (LoadModel)")):
         before, after = med("in_process", key), med("runner", key)
         print(f"{label:34} {before:11.1f} {after:11.1f} {after - before:+7.1f} ms")

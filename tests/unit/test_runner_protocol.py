@@ -4,7 +4,10 @@ residency's crash transitions (backoff, the crash-loop limit, a served request r
 from __future__ import annotations
 
 import asyncio
+import pickle
 import signal
+import socket
+import threading
 
 import pytest
 
@@ -12,7 +15,17 @@ from laas.core.errors import EngineCrashed, InvalidArgument, LaasError, OutOfRan
 from laas.core.types import ModelFormat, ModelInfo
 from laas.daemon.residency import ModelState, Residency
 from laas.daemon.runners.causes import death_cause
-from laas.daemon.runners.frames import encode, pack_error, read_frame, unpack_error
+from laas.daemon.runners.frames import (
+    HEADER,
+    MAX_FRAME,
+    FrameParser,
+    FrameWriter,
+    encode,
+    pack_error,
+    read_frame,
+    read_frames,
+    unpack_error,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -49,6 +62,60 @@ async def test_frames_round_trip_and_end_at_eof() -> None:
     assert await read_frame(reader) == ("item", 1, "text", 7)
     assert await read_frame(reader) == ("end", 1, 7)
     assert await read_frame(reader) is None
+
+
+def test_the_parser_takes_frames_however_the_bytes_are_cut() -> None:
+    frames = [("item", 1, "a" * n, n) for n in (0, 1, 300, 70_000)] + [("end", 1, 9)]
+    data = b"".join(encode(f) for f in frames)
+    for step in (1, 7, 4096, len(data)):
+        parser = FrameParser()
+        got = [f for i in range(0, len(data), step) for f in parser.feed(data[i:i + step])]
+        assert got == frames
+
+
+def test_the_parser_waits_for_a_body_and_refuses_an_oversized_or_malformed_frame() -> None:
+    assert FrameParser().feed(encode(("end", 1, 7))[:HEADER.size + 1]) == []
+    with pytest.raises(LaasError, match="over the limit"):
+        FrameParser().feed(HEADER.pack(MAX_FRAME + 1))
+    not_a_tuple = pickle.dumps(["end"])
+    with pytest.raises(LaasError, match="malformed frame: list"):
+        FrameParser().feed(HEADER.pack(len(not_a_tuple)) + not_a_tuple)
+
+
+async def test_read_frames_returns_what_has_arrived_then_none_at_eof() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(encode(("item", 1, "text", 7)) + encode(("end", 1, 7)) + encode(("stats", 7, None))[:3])
+    parser = FrameParser()
+    assert await read_frames(reader, parser) == [("item", 1, "text", 7), ("end", 1, 7)]
+    reader.feed_data(encode(("stats", 7, None))[3:])
+    reader.feed_eof()
+    assert await read_frames(reader, parser) == [("stats", 7, None)]
+    assert await read_frames(reader, parser) is None
+
+
+def test_the_writer_keeps_frames_whole_from_two_threads_past_a_full_buffer() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)  # as the runner's event loop leaves it
+    writer = FrameWriter(ours)
+    big = "x" * 300_000  # over the socket's buffer: the writer waits for room
+    def write(tag: str) -> None:
+        for i in range(50):
+            writer.send((tag, i, big if i % 10 == 0 else "y"))
+    threads = [threading.Thread(target=write, args=(tag,)) for tag in ("a", "b")]
+    for t in threads:
+        t.start()
+    parser, got = FrameParser(), list[tuple[object, ...]]()
+    while len(got) < 100:
+        got += parser.feed(theirs.recv(1 << 16))
+    for t in threads:
+        t.join()
+    for tag in ("a", "b"):
+        assert [f[1] for f in got if f[0] == tag] == list(range(50))  # whole and in each thread's order
+    theirs.close()
+    writer.send(("after", 0))  # a broken channel drops the frame, raises nothing
+    writer.send(("after", 1))
+    assert writer.broken
+    ours.close()
 
 
 def test_crashes_back_off_then_stop_until_the_file_changes() -> None:

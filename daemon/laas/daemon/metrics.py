@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -87,15 +88,21 @@ class StreamRecorder:
         self._arrived = time.perf_counter()
         self._last = 0.0
         self._done = False
+        self._inter_token = metrics.inter_token.labels(model)
+        self._tokens: tuple[str, Any] = ("", None)  # the counter of the route the tokens go by (set late)
 
     def on_delta(self) -> None:
         now = time.perf_counter()
         if self._last:
-            self._m.inter_token.labels(self.model).observe(now - self._last)
+            self._inter_token.observe(now - self._last)
         else:
             self._m.ttft.labels(self.model).observe(now - self._arrived)
         self._last = now
-        self._m.tokens.labels(self.model, self.route).inc()
+        route, counter = self._tokens
+        if counter is None or route != self.route:  # labels() costs a lookup under a lock: once per stream
+            counter = self._m.tokens.labels(self.model, self.route)
+            self._tokens = (self.route, counter)
+        counter.inc()
 
     def finish(self, status: str) -> None:
         if not self._done:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -46,6 +47,12 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[object], None]
 END = object()  # sentinel: the sequence has left the scheduler
+# A consumer that takes a stream's text deltas straight from the relay thread, in order, instead of through
+# the event loop: the runner (runners/child.py) sets it in the task that iterates the engine's `generate`,
+# and writes each delta to its channel, so the runner's loop does no work per token. It is only for a
+# `generate` that passes the deltas of stream_sequence through unchanged (both engines' do). The end, its
+# Completion and errors still come through the loop, after every delta.
+relay_sink: ContextVar[Callable[[TextDelta], None] | None] = ContextVar("relay_sink", default=None)
 
 
 @dataclass(eq=False)
@@ -363,12 +370,17 @@ async def stream_sequence(scheduler: SlotScheduler, make: Callable[[Emit], Seque
                           ) -> AsyncGenerator[GenerationChunk, None]:
     """Submits the sequence `make` builds around an emit function and yields what the scheduler emits for
     it. Closing the iterator cancels the sequence; the scheduler drops it before its next step, and this
-    waits for that, so no token is decoded for it afterwards."""
+    waits for that, so no token is decoded for it afterwards. With a `relay_sink` set, the text deltas go
+    to it instead."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[object] = asyncio.Queue()
     left = loop.create_future()
+    sink = relay_sink.get()
 
     def emit(item: object) -> None:
+        if sink is not None and type(item) is TextDelta:
+            sink(item)
+            return
         # A stream abandoned at shutdown: the loop is closed and nobody is listening.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_deliver, chunks, left, item)

@@ -31,8 +31,11 @@ T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps builds one per call with these
+
+
 def event(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _JSON.encode(data).encode() + b"\n\n"
 
 
 async def _disconnected(request: Request) -> None:

@@ -9,6 +9,7 @@ it over the channel until told to close or the channel ends.
 Frames, daemon -> runner: ("load", path, described, config, threads); ("call", id, method, args, kwargs);
 ("stream", id, method, args, kwargs); ("cancel", id); ("close",).
 Runner -> daemon: ("loaded", info, runtime line, stats) or ("failed", error); ("result", id, value);
+("delta", id, text delta's field values, decoded_tokens) (from the engine's relay thread);
 ("item", id, chunk, decoded_tokens); ("end", id, decoded_tokens); ("error", id, error, decoded_tokens);
 ("stats", decoded_tokens, stats); ("closed",).
 Methods are called by name, so an engine method another change adds is served with no change here.
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -30,10 +32,19 @@ from pathlib import Path
 from typing import Any, cast
 
 from laas.core.engine import Engine
-from laas.core.types import Completion
+from laas.core.types import Completion, TextDelta
 from laas.daemon.backends.backend import Described, Shared
 from laas.daemon.backends.loader import backend_for
-from laas.daemon.runners.frames import Frame, encode, pack_error, read_frame
+from laas.daemon.backends.slot_scheduler import relay_sink
+from laas.daemon.runners.frames import (
+    Frame,
+    FrameParser,
+    FrameWriter,
+    delta_values,
+    pack_error,
+    read_frame,
+    read_frames,
+)
 from laas.daemon.settings import ModelConfig
 
 log = logging.getLogger("laas.runner")
@@ -52,7 +63,7 @@ def die_with_parent(parent: int) -> None:
 
 
 class Runner:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: FrameWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._engine: Engine | None = None
@@ -61,7 +72,7 @@ class Runner:
         self._busy = asyncio.Event()  # a stream runs: the stats go out every STATS_INTERVAL_S
 
     def _send(self, frame: Frame) -> None:
-        self._writer.write(encode(frame))
+        self._writer.send(frame)
 
     @property
     def engine(self) -> Engine:
@@ -78,7 +89,6 @@ class Runner:
                                             cast(int, threads))
         except Exception as e:
             self._send(("failed", pack_error(e)))
-            await self._writer.drain()
             return
         backend = backend_for(cast(ModelConfig, config))
         runtime = backend.runtime(cast(int, threads)) if backend.runtime is not None else ""
@@ -92,31 +102,47 @@ class Runner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.engine.aclose()
         self._send(("closed",))
-        with contextlib.suppress(ConnectionError):
-            await self._writer.drain()
 
     async def _load(self, path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         return await backend_for(config).load(path, described, config, threads, Shared())
 
     async def _dispatch(self) -> None:
-        while (frame := await read_frame(self._reader)) is not None:
-            kind = frame[0]
-            if kind == "call":
-                _, ident, name, args, kwargs = frame
-                self._spawn(self._call(cast(int, ident), cast(str, name), cast(tuple[Any, ...], args),
-                                       cast(dict[str, Any], kwargs)))
-            elif kind == "stream":
-                _, ident, name, args, kwargs = frame
-                stream = self._spawn(self._stream(cast(int, ident), cast(str, name), cast(tuple[Any, ...], args),
-                                                cast(dict[str, Any], kwargs)))
-                self._streams[cast(int, ident)] = stream
-                self._busy.set()
-            elif kind == "cancel":
-                cancelled = self._streams.get(cast(int, frame[1]))
-                if cancelled is not None:
-                    cancelled.cancel()
-            elif kind == "close":
-                return
+        parser = FrameParser()
+        while (frames := await read_frames(self._reader, parser)) is not None:
+            for frame in frames:
+                if not self._handle(frame):
+                    return
+
+    def _handle(self, frame: Frame) -> bool:
+        """Acts on one frame from the daemon; False for the close."""
+        kind = frame[0]
+        if kind == "call":
+            _, ident, name, args, kwargs = frame
+            self._spawn(self._call(cast(int, ident), cast(str, name), cast(tuple[Any, ...], args),
+                                   cast(dict[str, Any], kwargs)))
+        elif kind == "stream":
+            _, ident, name, args, kwargs = frame
+            sid = cast(int, ident)
+            stream = self._spawn(self._stream(sid, cast(str, name), cast(tuple[Any, ...], args),
+                                            cast(dict[str, Any], kwargs)))
+            self._streams[sid] = stream
+            self._busy.set()
+            stream.add_done_callback(functools.partial(self._cancelled_early, sid))
+        elif kind == "cancel":
+            cancelled = self._streams.get(cast(int, frame[1]))
+            if cancelled is not None:
+                cancelled.cancel()
+        elif kind == "close":
+            return False
+        return True
+
+    def _cancelled_early(self, ident: int, task: asyncio.Task[None]) -> None:
+        """A stream cancelled in the same read as it came (before its task ran) still ends."""
+        if task.cancelled():
+            self._streams.pop(ident, None)
+            if not self._streams:
+                self._busy.clear()
+            self._send(("end", ident, self.engine.decoded_tokens))
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -135,6 +161,11 @@ class Runner:
 
     async def _stream(self, ident: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         engine = self.engine
+
+        def direct(item: TextDelta) -> None:  # from the engine's relay thread: this loop does no work per token
+            self._send(("delta", ident, delta_values(item), engine.decoded_tokens))
+
+        relay_sink.set(direct)  # this task's own context
         try:
             method = cast(Callable[..., AsyncGenerator[object, None]], getattr(engine, name))
             async with contextlib.aclosing(method(*args, **kwargs)) as stream:
@@ -175,9 +206,9 @@ class Runner:
 
 async def _main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)  # reads; FrameWriter writes (any thread)
     try:
-        await Runner(reader, writer).serve()
+        await Runner(reader, FrameWriter(sock)).serve()
     finally:
         writer.close()
 

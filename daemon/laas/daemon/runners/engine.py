@@ -36,7 +36,7 @@ from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, Mod
 from laas.daemon.backends.backend import Described
 from laas.daemon.memory import resident_bytes
 from laas.daemon.runners.causes import death_cause
-from laas.daemon.runners.frames import Frame, PackedError, encode, read_frame, unpack_error
+from laas.daemon.runners.frames import Frame, FrameProtocol, PackedError, delta_from, encode, unpack_error
 from laas.daemon.settings import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,14 @@ class _Stream:
 class RunnerEngine(Engine):
     """One model in a runner process. Construct with :meth:`start`."""
 
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, stderr: _StderrTail, native: str, info: ModelInfo,
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, channel: FrameProtocol,
+                 stderr: _StderrTail, native: str, info: ModelInfo,
                  stats: object) -> None:
         self._name = name
         self._proc = proc
-        self._reader = reader
-        self._writer = writer
+        self._channel = channel
+        assert channel.transport is not None
+        self._transport = channel.transport
         self._stderr = stderr
         self._native = native
         self._info = info
@@ -81,7 +82,7 @@ class RunnerEngine(Engine):
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._closing = False
         self.cause = ""  # why the runner died; "" while it lives (or after a clean close)
-        self._reading = asyncio.create_task(self._read(), name=f"runner-{name}")
+        self._reading = asyncio.create_task(self._watch(), name=f"runner-{name}")
 
     @property
     def pid(self) -> int:
@@ -107,11 +108,11 @@ class RunnerEngine(Engine):
         assert proc.stderr is not None
         stderr = _StderrTail(proc.stderr, name, proc.pid)
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=ours)
-            writer.write(encode(("load", path, described, config, threads)))
-            reply = await read_frame(reader)
+            transport, channel = await asyncio.get_running_loop().create_unix_connection(FrameProtocol, sock=ours)
+            transport.write(encode(("load", path, described, config, threads)))
+            reply = await channel.first
             if reply is None or reply[0] != "loaded":
-                writer.close()
+                transport.close()
                 code = await proc.wait()
                 await stderr.finished()
                 if reply is not None and reply[0] == "failed":
@@ -128,7 +129,7 @@ class RunnerEngine(Engine):
         if runtime:
             log.info("%s", runtime)
         log.info("model %s runs in runner pid %d", name, proc.pid)
-        return cls(name, proc, reader, writer, stderr, native, cast(ModelInfo, info), stats)
+        return cls(name, proc, channel, stderr, native, cast(ModelInfo, info), stats)
 
     # -- the Engine ----------------------------------------------------------------------------------
 
@@ -183,9 +184,9 @@ class RunnerEngine(Engine):
             raise ModelLoadError("engine is closed")
 
     def _send(self, frame: Frame) -> None:
-        if self._writer.is_closing():
+        if self._transport.is_closing():
             raise ConnectionError("the runner's channel is closed")
-        self._writer.write(encode(frame))
+        self._transport.write(encode(frame))
 
     async def call(self, method: str, *args: object, **kwargs: object) -> object:
         """Calls the runner's engine's coroutine method `method` and returns its result (or raises its
@@ -225,15 +226,14 @@ class RunnerEngine(Engine):
                     await _wait_through_cancellation(stream.ended)
             self._streams.pop(ident, None)
 
-    # -- the channel's reader ---------------------------------------------------------------------
+    # -- the channel: frames from the runner, and its end -------------------------------------------
 
-    async def _read(self) -> None:
-        try:
-            while (frame := await read_frame(self._reader)) is not None:
-                self._handle(frame)
-        except LaasError as e:
-            log.error("runner of model %s: %s", self._name, e)
-        self._writer.close()
+    async def _watch(self) -> None:
+        self._channel.attach(self._handle)
+        await self._channel.closed
+        if self._channel.error is not None:
+            log.error("runner of model %s: %s", self._name, self._channel.error)
+        self._transport.close()
         code = await self._proc.wait()
         await self._stderr.finished()
         if self._closing:  # closed (or killed after a close that did not finish): not a crash
@@ -250,7 +250,13 @@ class RunnerEngine(Engine):
 
     def _handle(self, frame: Frame) -> None:
         kind = frame[0]
-        if kind == "item":
+        if kind == "delta":  # the most frequent: a stream's text
+            _, ident, values, decoded = frame
+            self.decoded_tokens = cast(int, decoded)
+            stream = self._streams.get(cast(int, ident))
+            if stream is not None:
+                stream.queue.put_nowait(("item", delta_from(values)))
+        elif kind == "item":
             _, ident, item, decoded = frame
             self.decoded_tokens = cast(int, decoded)
             stream = self._streams.get(cast(int, ident))
