@@ -53,7 +53,7 @@ def test_drafts_kept_by_speculation_show_in_the_metrics(start_daemon: Callable[.
     """speculation = "ngram" drafts by prompt lookup (in the runner): a greedy answer that repeats its prompt
     says what it says without speculation (tests/integration/test_speculation.py checks that token for
     token), and the drafts kept show in the metrics."""
-    daemon = start_daemon('speculation = "ngram"\n')
+    daemon = start_daemon('speculation = "ngram"\nspeculation_draft_min = 4\n')  # drafts whatever the timed cost
     passage = "Ships passing in the dark saw the beam turn once every twelve seconds, and knew where the rocks were."
     before = _stats(daemon.target)
     key = (("model", MODEL),)

@@ -47,11 +47,12 @@ class ModelDefaults:
     threads: int = 1
     flash_attn: str = "auto"
     speculation: str = "off"
+    speculation_draft_min: int = 0
 
     @staticmethod
     def of(settings: Settings) -> ModelDefaults:
         return ModelDefaults(settings.max_queue, settings.parallel, settings.keep_alive_s, settings.threads,
-                             settings.flash_attn, settings.speculation)
+                             settings.flash_attn, settings.speculation, settings.speculation_draft_min)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class ModelSpec:
     threads: int
     flash_attn: str
     speculation: str = "off"
+    speculation_draft_min: int = 0
     fetch: bool = False  # the built-in default model: fetched into the store when missing
 
     @property
@@ -77,7 +79,10 @@ class ModelSpec:
         entry resolves: ModelEntry.load_config), flash attention and speculation resolved."""
         return self.config.model_copy(update={"parallel": self.parallel,
                                               "flash_attn": self.config.flash_attn or self.flash_attn,
-                                              "speculation": self.config.speculation or self.speculation})
+                                              "speculation": self.config.speculation or self.speculation,
+                                              "speculation_draft_min": self.speculation_draft_min
+                                              if self.config.speculation_draft_min is None
+                                              else self.config.speculation_draft_min})
 
     @staticmethod
     def of(config: ModelConfig, defaults: ModelDefaults, fetch: bool = False) -> ModelSpec:
@@ -87,7 +92,8 @@ class ModelSpec:
             defaults.max_queue if config.max_queue is None else config.max_queue,
             defaults.parallel if config.parallel is None else config.parallel,
             defaults.keep_alive_s if config.keep_alive_s is None else config.keep_alive_s,
-            config.threads or defaults.threads, defaults.flash_attn, defaults.speculation, fetch)
+            config.threads or defaults.threads, defaults.flash_attn, defaults.speculation,
+            defaults.speculation_draft_min, fetch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,9 @@ class ModelConfig(_Table, frozen=True):
         default=None, description="GGUF: llama.cpp's flash attention, auto/on/off; None: the daemon's `flash_attn`.")
     speculation: Literal["ngram", "off"] | None = Field(
         default=None, description="GGUF: speculative decoding, ngram/off; None: the daemon's `speculation`.")
+    speculation_draft_min: Int | None = Field(default=None, ge=0, le=48, description=(
+        "GGUF, with speculation: draft tokens a step decodes at least where the lookup offers them; None: the "
+        "daemon's `speculation_draft_min`."))
 
 
 class RemoteConfig(_Table, frozen=True):
@@ -233,6 +236,9 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
         "verified in the same batch step; output as without it), a draft token decoded only where its measured "
         "acceptance pays for its cost in the step, timed at load; off (the default: on the default model on a "
         "small CPU a drafted token costs most of a step, and ngram measured slower)."))
+    speculation_draft_min: Int = Field(default=0, ge=0, le=48, json_schema_extra=RESTART, description=(
+        "GGUF, with speculation: draft tokens a step decodes at least wherever the lookup offers them, whatever "
+        "the measured cost says (llama-server's --draft-min); 0: only what the plan expects to pay."))
     keep_alive_s: Float = Field(default=300.0, json_schema_extra=RESTART, description=(
         "Seconds a model stays loaded after its last request (< 0: forever; 0: unload at once)."))
     memory_budget_mb: Int = Field(default=0, ge=0, json_schema_extra=RESTART, description=(

@@ -49,7 +49,8 @@ class Scheduler(SlotScheduler):
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
-                 loop: DecodeLoop, max_draft: int = 0, step_cost: StepCost | None = None) -> None:
+                 loop: DecodeLoop, max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None
+                 ) -> None:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
@@ -67,6 +68,7 @@ class Scheduler(SlotScheduler):
         self._prefill_chunk = max(1, min(prefill_chunk, n_batch))
         # Drafted tokens per sequence and step (0: no speculation); every sequence's fit in one batch.
         self._max_draft = max(0, min(max_draft, n_batch // max(parallel, 1) - 1))
+        self._min_draft = min(min_draft, self._max_draft)  # decoded where offered, whatever the plan says
         self._step_cost = step_cost or StepCost.linear()  # a step's time by its tokens (time_step_cost)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
@@ -148,7 +150,7 @@ class Scheduler(SlotScheduler):
 
     def _drafts(self, decoding: list[Sequence]) -> list[list[int]]:
         """Each decoding sequence's draft for this step (never past its context or its output), cut to what
-        pays for its place in the step (speculation.plan_drafts)."""
+        pays for its place in the step (speculation.plan_drafts), and never under `min_draft` where offered."""
         if not self._max_draft:
             return [[] for _ in decoding]
         drafters, drafts = [], []
@@ -160,7 +162,7 @@ class Scheduler(SlotScheduler):
         if not any(drafts):
             return drafts
         take = plan_drafts([f.survival(len(d)) for f, d in zip(drafters, drafts, strict=True)], self._step_cost)
-        return [d[:k] for d, k in zip(drafts, take, strict=True)]
+        return [d[:max(k, self._min_draft)] for d, k in zip(drafts, take, strict=True)]
 
     def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:
         """Samples the outputs from `index` on in order, keeping each draft token the sample equals; the

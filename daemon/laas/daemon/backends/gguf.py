@@ -49,7 +49,7 @@ class GgufEngine(Engine):
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
                  specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None,
-                 max_draft: int = 0, step_cost: StepCost | None = None) -> None:
+                 max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -65,7 +65,7 @@ class GgufEngine(Engine):
             decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                                     make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop,
-                                    max_draft=max_draft, step_cost=step_cost)
+                                    max_draft=max_draft, min_draft=min_draft, step_cost=step_cost)
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
             format=ModelFormat.GGUF, quantization=header.quantization,
             context_length=min(context_length, self._scheduler.n_ctx),
@@ -82,10 +82,12 @@ class GgufEngine(Engine):
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
-                   speculation: str = "off", decode_loop: DecodeLoop | None = None) -> GgufEngine:
+                   speculation: str = "off", draft_min: int = 0, decode_loop: DecodeLoop | None = None
+                   ) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
         `speculation`: "ngram" drafts by prompt lookup (batching.py), planned with a drafted token's cost
-        timed here at load; "off" does not.
+        timed here at load; "off" does not. `draft_min`: draft tokens a step decodes at least where the
+        lookup offers them, whatever that cost says.
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
@@ -150,7 +152,7 @@ class GgufEngine(Engine):
                      path.name, step_cost.describe() if step_cost is not None else "not timed")
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                    template=template, specials=specials, decode_loop=decode_loop,
-                   max_draft=DRAFT_MAX if drafts else 0, step_cost=step_cost)
+                   max_draft=DRAFT_MAX if drafts else 0, min_draft=draft_min, step_cost=step_cost)
 
     @property
     def info(self) -> ModelInfo:

@@ -86,7 +86,7 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
                                  flash_attn=config.flash_attn or "auto", speculation=config.speculation or "off",
-                                 decode_loop=shared.decode_loop)
+                                 draft_min=config.speculation_draft_min or 0, decode_loop=shared.decode_loop)
 
 
 def runtime(threads: int) -> str:
