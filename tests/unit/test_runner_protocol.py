@@ -11,10 +11,12 @@ import threading
 
 import pytest
 
+from laas.core.engine import Engine
 from laas.core.errors import EngineCrashed, InvalidArgument, LaasError, OutOfRange
-from laas.core.types import ModelFormat, ModelInfo
+from laas.core.types import GenerationRequest, ModelFormat, ModelInfo, SamplingParams
 from laas.daemon.residency import ModelState, Residency
 from laas.daemon.runners.causes import death_cause
+from laas.daemon.runners.child import Runner
 from laas.daemon.runners.frames import (
     HEADER,
     MAX_FRAME,
@@ -26,6 +28,7 @@ from laas.daemon.runners.frames import (
     read_frames,
     unpack_error,
 )
+from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.fast
 
@@ -116,6 +119,46 @@ def test_the_writer_keeps_frames_whole_from_two_threads_past_a_full_buffer() -> 
     writer.send(("after", 1))
     assert writer.broken
     ours.close()
+
+
+class _FakeRunner(Runner):
+    async def _load(self, *args: object) -> Engine:
+        return FakeEngine()
+
+    def _runtime(self, *args: object) -> str:
+        return "fake"
+
+
+async def test_a_stream_cancelled_in_the_same_read_as_it_came_still_ends() -> None:
+    """The daemon waits for a cancelled stream's end frame: a cancel that arrives with its stream, before the
+    stream's task ran, must still send one; and a stream that runs sends its text, then its end."""
+    ours, theirs = socket.socketpair()
+    reader, _ = await asyncio.open_unix_connection(sock=theirs)
+    ours.setblocking(False)
+    runner = _FakeRunner(reader, FrameWriter(theirs))
+    serving = asyncio.ensure_future(runner.serve())
+    loop = asyncio.get_running_loop()
+    parser = FrameParser()
+
+    async def frames(until: str) -> list[tuple[object, ...]]:
+        got: list[tuple[object, ...]] = []
+        while not got or got[-1][0] != until:
+            got += parser.feed(await asyncio.wait_for(loop.sock_recv(ours, 1 << 16), 10))
+        return got
+
+    await loop.sock_sendall(ours, encode(("load", "m.gguf", None, None, 1)))
+    assert (await frames("loaded"))[-1][0] == "loaded"
+    request = GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=3))
+    await loop.sock_sendall(ours, encode(("stream", 1, "generate", (request,), {})) + encode(("cancel", 1)))
+    assert [f[:2] for f in await frames("end") if f[0] != "stats"] == [("end", 1)]
+    await loop.sock_sendall(ours, encode(("stream", 2, "generate", (request,), {})))
+    got = [f for f in await frames("end") if f[0] != "stats"]
+    assert [f[0] for f in got] == ["item"] * (len(got) - 2) + ["item", "end"] and len(got) > 2
+    await loop.sock_sendall(ours, encode(("close",)))
+    await asyncio.wait_for(serving, 10)
+    assert (await frames("closed"))[-1] == ("closed",)
+    ours.close()
+    theirs.close()
 
 
 def test_crashes_back_off_then_stop_until_the_file_changes() -> None:

@@ -90,8 +90,7 @@ class Runner:
         except Exception as e:
             self._send(("failed", pack_error(e)))
             return
-        backend = backend_for(cast(ModelConfig, config))
-        runtime = backend.runtime(cast(int, threads)) if backend.runtime is not None else ""
+        runtime = self._runtime(cast(ModelConfig, config), cast(int, threads))
         self._send(("loaded", self.engine.info, runtime, self._stats()))
         self._spawn(self._report_stats())
         try:
@@ -105,6 +104,11 @@ class Runner:
 
     async def _load(self, path: Path, described: Described, config: ModelConfig, threads: int) -> Engine:
         return await backend_for(config).load(path, described, config, threads, Shared())
+
+    def _runtime(self, config: ModelConfig, threads: int) -> str:
+        """The native runtime's line for the daemon's log (its version and build)."""
+        backend = backend_for(config)
+        return backend.runtime(threads) if backend.runtime is not None else ""
 
     async def _dispatch(self) -> None:
         parser = FrameParser()
