@@ -1,4 +1,4 @@
-"""Runners' pure parts: why a runner died (causes.py), errors across the channel (frames.py), and the
+"""Runners' pure parts: why a runner died (causes.py), frames and errors across the channel (frames.py), and the
 residency's crash transitions (backoff, the crash-loop limit, a served request resets the count)."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from laas.daemon.runners.frames import (
     FrameWriter,
     encode,
     pack_error,
-    read_frame,
     read_frames,
     unpack_error,
 )
@@ -56,15 +55,6 @@ def test_errors_cross_the_channel_with_their_class_and_field() -> None:
     bug = unpack_error(pack_error(ZeroDivisionError("division by zero")))
     assert type(bug) is LaasError and "ZeroDivisionError" in str(bug)
     assert type(unpack_error(("os", "system", "rm -rf", None))) is LaasError  # only laas' own classes
-
-
-async def test_frames_round_trip_and_end_at_eof() -> None:
-    reader = asyncio.StreamReader()
-    reader.feed_data(encode(("item", 1, "text", 7)) + encode(("end", 1, 7)))
-    reader.feed_eof()
-    assert await read_frame(reader) == ("item", 1, "text", 7)
-    assert await read_frame(reader) == ("end", 1, 7)
-    assert await read_frame(reader) is None
 
 
 def test_the_parser_takes_frames_however_the_bytes_are_cut() -> None:

@@ -42,7 +42,6 @@ from laas.daemon.runners.frames import (
     FrameWriter,
     delta_values,
     pack_error,
-    read_frame,
     read_frames,
 )
 from laas.daemon.settings import ModelConfig
@@ -80,10 +79,11 @@ class Runner:
         return self._engine
 
     async def serve(self) -> None:
-        first = await read_frame(self._reader)
-        if first is None or first[0] != "load":
+        parser = FrameParser()
+        frames = await read_frames(self._reader, parser)
+        if frames is None or frames[0][0] != "load":
             return
-        _, path, described, config, threads = first
+        _, path, described, config, threads = frames[0]
         try:
             self._engine = await self._load(cast(Path, path), cast(Described, described), cast(ModelConfig, config),
                                             cast(int, threads))
@@ -94,7 +94,7 @@ class Runner:
         self._send(("loaded", self.engine.info, runtime, self._stats()))
         self._spawn(self._report_stats())
         try:
-            await self._dispatch()
+            await self._dispatch(parser, frames[1:])
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -110,12 +110,15 @@ class Runner:
         backend = backend_for(config)
         return backend.runtime(threads) if backend.runtime is not None else ""
 
-    async def _dispatch(self) -> None:
-        parser = FrameParser()
-        while (frames := await read_frames(self._reader, parser)) is not None:
+    async def _dispatch(self, parser: FrameParser, frames: list[Frame]) -> None:
+        """Acts on `frames` (what came with the load), then on every frame read, until the close."""
+        while True:
             for frame in frames:
                 if not self._handle(frame):
                     return
+            if (read := await read_frames(self._reader, parser)) is None:
+                return
+            frames = read
 
     def _handle(self, frame: Frame) -> bool:
         """Acts on one frame from the daemon; False for the close."""
@@ -143,10 +146,13 @@ class Runner:
     def _cancelled_early(self, ident: int, task: asyncio.Task[None]) -> None:
         """A stream cancelled in the same read as it came (before its task ran) still ends."""
         if task.cancelled():
-            self._streams.pop(ident, None)
-            if not self._streams:
-                self._busy.clear()
+            self._forget(ident)
             self._send(("end", ident, self.engine.decoded_tokens))
+
+    def _forget(self, ident: int) -> None:
+        self._streams.pop(ident, None)
+        if not self._streams:
+            self._busy.clear()
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -183,9 +189,7 @@ class Runner:
             self._send(("error", ident, pack_error(e), engine.decoded_tokens))
             return
         finally:
-            self._streams.pop(ident, None)
-            if not self._streams:
-                self._busy.clear()
+            self._forget(ident)
         self._send(("end", ident, engine.decoded_tokens))
 
     def _stats(self) -> object:

@@ -38,20 +38,6 @@ def encode(frame: Frame) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
-    """The next frame, or None when the other end has closed the channel (or died)."""
-    try:
-        size, = HEADER.unpack(await reader.readexactly(HEADER.size))
-        if size > MAX_FRAME:
-            raise LaasError(f"a runner frame of {size} bytes is over the limit of {MAX_FRAME}")
-        frame = pickle.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    if not isinstance(frame, tuple) or not frame:
-        raise LaasError(f"a runner sent a malformed frame: {type(frame).__name__}")
-    return frame
-
-
 class FrameParser:
     """Frames out of the bytes read from the channel, however they were cut: one read takes every frame
     that has arrived (a stream's tokens come in bursts), not two awaits per frame."""
