@@ -49,3 +49,22 @@ def convert(folder: Path, out: Path, cache: Path, outtype: str = "f16") -> Path:
                     "--outtype", outtype], check=True, capture_output=True, env=env)
     partial.rename(out)
     return out
+
+
+def requantize(model: Path, weights: str, out: Path) -> Path:
+    """`out`: a copy of the GGUF `model` with its weights in `weights` (q8_0 or f16), written by llama.cpp's
+    own quantizer (llama_model_quantize, in this process) unless it is there already."""
+    import ctypes
+
+    import llama_cpp
+
+    if out.is_file():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}[weights]
+    params.allow_requantize = True
+    partial = out.with_name(f".{out.name}.partial")
+    if llama_cpp.llama_model_quantize(str(model).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize could not write {out}")
+    partial.rename(out)
+    return out

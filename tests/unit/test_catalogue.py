@@ -69,3 +69,12 @@ def test_residency_transitions_replace_a_frozen_value(tmp_path: Path) -> None:
     assert (now.state, now.error, now.memory_bytes) == (ModelState.FAILED, "broken", 0)
     with pytest.raises(AttributeError):
         now.state = ModelState.READY  # type: ignore[misc]
+
+
+def test_a_draft_model_turns_on_draft_speculation_unless_the_model_says_otherwise(tmp_path: Path) -> None:
+    cat = _catalogue(ModelStore(tmp_path), ModelConfig(name="a", path="a.gguf", speculation_draft="small.gguf"),
+                     ModelConfig(name="b", path="a.gguf", speculation_draft="small.gguf", speculation="off"),
+                     ModelConfig(name="c", path="a.gguf"))
+    assert cat.models["a"].load_config.speculation == "draft" and cat.models["a"].config.speculation is None
+    assert cat.models["b"].load_config.speculation == "off"
+    assert cat.models["c"].load_config.speculation == "off"  # the daemon's default

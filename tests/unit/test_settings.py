@@ -178,6 +178,16 @@ def test_bad_types_refused_naming_the_field(tmp_path: Path, text: str, field: st
     assert field in str(err)
 
 
+@pytest.mark.parametrize(("table", "field"), [
+    ('speculation = "draft"', "speculation_draft"),
+    ('speculation = "ngram"\nspeculation_draft = "small.gguf"', "speculation"),
+    ('speculation_draft = ""', "speculation_draft"),
+])
+def test_a_draft_model_is_named_with_draft_speculation_only(tmp_path: Path, table: str, field: str) -> None:
+    err = refused(config(tmp_path, f'[[models]]\nname = "m"\npath = "m.gguf"\n{table}\n'), environ=HOME_ENV)
+    assert field in str(err)
+
+
 @pytest.mark.parametrize(("text", "field"), [
     ("threads = 0", "threads"),
     ("threads = -1", "threads"),

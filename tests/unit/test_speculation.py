@@ -16,6 +16,7 @@ from laas.daemon.backends.speculation import (
     NgramDrafter,
     StepCost,
     plan_drafts,
+    plan_model_drafts,
 )
 
 
@@ -135,3 +136,22 @@ def test_in_a_batch_the_likelier_sequence_drafts_more_and_none_gets_more_than_it
     take = plan_drafts([[0.95 ** j for j in range(1, 7)], [0.4 ** j for j in range(1, 7)], [0.8, 0.64]], linear)
     assert take[0] > take[2] >= take[1]
     assert take[2] <= 2
+
+
+def test_a_draft_model_drafts_what_pays_for_its_rounds_and_its_place_in_the_step() -> None:
+    sure = [1.0] * 16
+    free = lambda n: 0.0  # noqa: E731
+    assert plan_model_drafts([sure], F16, free) == plan_drafts([sure], F16) == [16]  # free drafts: as lookup
+    assert plan_model_drafts([sure], F16, lambda n: 0.1 * n) == [16]  # a tenth of a step a round
+    assert plan_model_drafts([sure], F16, lambda n: 1.0 * n) == [0]  # as slow as the model: never
+    likely = [0.9 ** j for j in range(1, 17)]
+    cheap = plan_model_drafts([likely], F16, lambda n: 0.1 * n)[0]
+    dear = plan_model_drafts([likely], F16, lambda n: 0.3 * n)[0]
+    assert 0 < dear < cheap < 16  # the dearer a round, the shorter the draft
+    assert plan_model_drafts([], F16, free) == []
+    # A round of the draft model batches its sequences: where a second sequence's round costs little more
+    # than the first's, two sequences draft further than where each costs a round of its own.
+    batched = lambda n: 0.0 if n == 0 else 0.3 + 0.02 * (n - 1)  # noqa: E731
+    together = plan_model_drafts([likely] * 2, F16, batched)
+    apart = plan_model_drafts([likely] * 2, F16, lambda n: 0.3 * n)
+    assert min(together) > max(apart)

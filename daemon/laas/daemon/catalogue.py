@@ -79,7 +79,8 @@ class ModelSpec:
         entry resolves: ModelEntry.load_config), flash attention and speculation resolved."""
         return self.config.model_copy(update={"parallel": self.parallel,
                                               "flash_attn": self.config.flash_attn or self.flash_attn,
-                                              "speculation": self.config.speculation or self.speculation,
+                                              "speculation": self.config.speculation
+                                              or ("draft" if self.config.speculation_draft else self.speculation),
                                               "speculation_draft_min": self.speculation_draft_min
                                               if self.config.speculation_draft_min is None
                                               else self.config.speculation_draft_min})

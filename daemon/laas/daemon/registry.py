@@ -38,7 +38,7 @@ from laas.daemon.memory import MiB, budget_bytes
 from laas.daemon.model_digest import model_digest
 from laas.daemon.model_entry import ModelEntry, ModelSnapshot, ModelState
 from laas.daemon.residency import file_signature
-from laas.daemon.settings import Settings
+from laas.daemon.settings import ModelConfig, Settings
 from laas.daemon.store import DEFAULT_MODEL, ModelStore
 
 __all__ = ["EngineLoader", "ModelEntry", "ModelRegistry", "ModelState"]
@@ -200,12 +200,12 @@ class ModelRegistry:
 
     def _describe_file(self, entry: ModelEntry, path: Path) -> Described:
         backend = backend_for(entry.config)
-        described = backend.describe(path, entry.spec.load_config)
+        described = backend.describe(path, self._in_store(entry.spec.load_config))
         if entry.spec.parallel == 0:  # automatic: from the KV cache a sequence needs and the memory budget
             parallel = auto_parallel(described.memory_bytes, described.kv_bytes_per_sequence, self.budget_bytes)
             entry.resolve_parallel(parallel)
             if parallel > 1:
-                described = backend.describe(path, entry.load_config)
+                described = backend.describe(path, self._in_store(entry.load_config))
         entry.residency.described(described.info)
         return described
 
@@ -253,7 +253,8 @@ class ModelRegistry:
             described = await asyncio.to_thread(self._describe_file, entry, path)
             residency.reserve(described.memory_bytes)
             await self._make_room(entry, described.memory_bytes)
-            engine = await self._loader(path, described, entry.load_config, entry.spec.threads)
+            config = await asyncio.to_thread(self._in_store, entry.load_config)
+            engine = await self._loader(path, described, config, entry.spec.threads)
         except MemoryBudgetExceeded:
             residency.not_loaded()
             raise
@@ -295,6 +296,14 @@ class ModelRegistry:
         if dead is not None:
             self.unloads[(entry.name, "crashed")] += 1
             self._spawn(dead.aclose(), f"reap-{entry.name}")
+
+    def _in_store(self, config: ModelConfig) -> ModelConfig:
+        """`config` with its draft model's path (speculation_draft) made the real path of a file in the store:
+        NotFound, naming the field, where it is not there (the model fails, not the daemon)."""
+        if config.speculation != "draft" or not config.speculation_draft:
+            return config
+        draft = self._store.file_for(config.speculation_draft, field=f"models.{config.name}.speculation_draft")
+        return config.model_copy(update={"speculation_draft": str(draft)})
 
     async def _locate(self, entry: ModelEntry) -> Path:
         cfg = entry.config

@@ -135,11 +135,24 @@ class ModelConfig(_Table, frozen=True):
     keep_alive_s: Float | None = Field(default=None, description="Idle seconds before unloading; None: the daemon's.")
     flash_attn: Literal["auto", "on", "off"] | None = Field(
         default=None, description="GGUF: llama.cpp's flash attention, auto/on/off; None: the daemon's `flash_attn`.")
-    speculation: Literal["ngram", "off"] | None = Field(
-        default=None, description="GGUF: speculative decoding, ngram/off; None: the daemon's `speculation`.")
+    speculation: Literal["ngram", "draft", "off"] | None = Field(default=None, description=(
+        "GGUF: speculative decoding, ngram/draft/off (draft: `speculation_draft` drafts); None: the daemon's "
+        "`speculation`, or draft where `speculation_draft` is set."))
+    speculation_draft: str | None = Field(default=None, min_length=1, description=(
+        "GGUF: a draft model, a GGUF file in the model store with this model's vocabulary (a smaller or more "
+        "quantized one), that proposes tokens the model verifies in its next step; output as without it."))
     speculation_draft_min: Int | None = Field(default=None, ge=0, le=48, description=(
         "GGUF, with speculation: draft tokens a step decodes at least where the lookup offers them; None: the "
         "daemon's `speculation_draft_min`."))
+
+    @model_validator(mode="after")
+    def _draft_model(self) -> Self:
+        if self.speculation == "draft" and not self.speculation_draft:
+            raise refusal('speculation "draft" needs speculation_draft (the draft model\'s file)', "speculation_draft")
+        if self.speculation_draft and self.speculation == "ngram":
+            raise refusal('speculation_draft drafts with a model; speculation "ngram" drafts by prompt lookup: '
+                          "choose one", "speculation")
+        return self
 
 
 class RemoteConfig(_Table, frozen=True):

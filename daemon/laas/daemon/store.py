@@ -117,7 +117,7 @@ class ModelStore:
     def file_for(self, relative: str, *, field: str = "path") -> Path:
         path = self.resolve(relative, field=field)
         if not path.is_file():
-            raise NotFound(f"model file {relative!r} is not in the model store {self.root}", field=field)
+            raise NotFound(f"{field}: model file {relative!r} is not in the model store {self.root}", field=field)
         return path
 
     def add_stream(self, filename: str, source: IO[bytes], *, sha256: str | None = None,

@@ -31,13 +31,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from laas.core.errors import ModelLoadError
 from laas.core.types import GenerationRequest
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.slot_scheduler import Sequence, Slot, SlotScheduler
-from laas.daemon.backends.speculation import NgramDrafter, StepCost, plan_drafts
+from laas.daemon.backends.speculation import DraftAcceptance, NgramDrafter, StepCost, plan_drafts, plan_model_drafts
+
+if TYPE_CHECKING:
+    from laas.daemon.backends.draft_model import DraftModel
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ class Scheduler(SlotScheduler):
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
-                 loop: DecodeLoop, max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None
-                 ) -> None:
+                 loop: DecodeLoop, max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None,
+                 draft_model: DraftModel | None = None, draft_cost: StepCost | None = None) -> None:
         import llama_cpp
         import numpy  # deferred with llama_cpp (which needs it): the daemon idles without either
 
@@ -70,6 +73,12 @@ class Scheduler(SlotScheduler):
         self._max_draft = max(0, min(max_draft, n_batch // max(parallel, 1) - 1))
         self._min_draft = min(min_draft, self._max_draft)  # decoded where offered, whatever the plan says
         self._step_cost = step_cost or StepCost.linear()  # a step's time by its tokens (time_step_cost)
+        # A draft model drafts instead of prompt lookup; a round of its steps costs draft_cost, which is
+        # timed as this model's step cost is, and scaled to this model's one-token step.
+        self._draft_model = draft_model
+        draft_cost = draft_cost or StepCost.linear()
+        scale = draft_cost.seconds / self._step_cost.seconds
+        self._draft_cost = lambda n: draft_cost(n) * scale
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
         try:
@@ -80,10 +89,14 @@ class Scheduler(SlotScheduler):
 
     def _free(self) -> None:
         self._lib.llama_batch_free(self._batch)
+        if self._draft_model is not None:
+            self._draft_model.free()
 
     def _begin(self, seq: Sequence) -> None:
         seq.sampler = self._make_sampler(seq.request)
-        if self._max_draft:
+        if self._draft_model is not None:
+            seq.drafter = DraftAcceptance(self._max_draft)
+        elif self._max_draft:
             seq.drafter = NgramDrafter(seq.prompt, self._max_draft)
 
     def _end(self, seq: Sequence) -> None:
@@ -153,6 +166,8 @@ class Scheduler(SlotScheduler):
         pays for its place in the step (speculation.plan_drafts), and never under `min_draft` where offered."""
         if not self._max_draft:
             return [[] for _ in decoding]
+        if self._draft_model is not None:
+            return self._model_drafts(decoding)
         drafters, drafts = [], []
         for seq in decoding:  # with speculation on, every sequence got a drafter when it started
             assert seq.slot is not None and seq.drafter is not None
@@ -163,6 +178,22 @@ class Scheduler(SlotScheduler):
             return drafts
         take = plan_drafts([f.survival(len(d)) for f, d in zip(drafters, drafts, strict=True)], self._step_cost)
         return [d[:max(k, self._min_draft)] for d, k in zip(drafts, take, strict=True)]
+
+    def _model_drafts(self, decoding: list[Sequence]) -> list[list[int]]:
+        """The draft model's drafts, as long as each sequence's record says pays for its draft rounds and
+        its place in the step (speculation.plan_model_drafts), and never under `min_draft`."""
+        survival, rooms = [], []
+        for seq in decoding:
+            assert seq.slot is not None and seq.drafter is not None
+            room = min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1, self._max_draft)
+            rooms.append(max(room, 0))
+            survival.append(seq.drafter.survival(rooms[-1]))
+        take = plan_model_drafts(survival, self._step_cost, self._draft_cost)
+        assert self._draft_model is not None
+        return self._draft_model.draft([
+            (seq.slot.seq_id, [*seq.slot.tokens, seq.next_token], min(max(k, self._min_draft), room))
+            for seq, k, room in zip(decoding, take, rooms, strict=True)
+            if seq.slot is not None and seq.next_token is not None])
 
     def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:
         """Samples the outputs from `index` on in order, keeping each draft token the sample equals; the

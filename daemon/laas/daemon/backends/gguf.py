@@ -27,6 +27,7 @@ from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, Mod
 from laas.daemon.backends.backend import BatchStats
 from laas.daemon.backends.batching import Scheduler, time_step_cost
 from laas.daemon.backends.decode_loop import DecodeLoop
+from laas.daemon.backends.draft_model import DraftModel, check_compatible
 from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.slot_scheduler import Emit, check_prompt, stream_sequence
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
 DRAFT_MAX = 48  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
+DRAFT_MODEL_MAX = 16  # a draft model's tokens per sequence and step (speculation.plan_model_drafts: what pays)
+DRAFT_STEP_SIZES = (1, 2, 3, 5)  # a draft model's rounds batch one token per sequence: timed up to a few
 
 
 class GgufEngine(Engine):
@@ -49,7 +52,8 @@ class GgufEngine(Engine):
     def __init__(self, model: Any, ctx: Any, header: GgufHeader, context_length: int, *, parallel: int,
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
                  specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None,
-                 max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None) -> None:
+                 max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None,
+                 draft: tuple[DraftModel, StepCost] | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -65,7 +69,9 @@ class GgufEngine(Engine):
             decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                                     make_sampler=self._make_sampler, on_token=self._count_token, loop=decode_loop,
-                                    max_draft=max_draft, min_draft=min_draft, step_cost=step_cost)
+                                    max_draft=max_draft, min_draft=min_draft, step_cost=step_cost,
+                                    draft_model=draft[0] if draft else None, draft_cost=draft[1] if draft else None)
+        self._draft = draft[0] if draft else None
         self._info = ModelInfo(  # a request gets at most its sequence's share of the KV cache
             format=ModelFormat.GGUF, quantization=header.quantization,
             context_length=min(context_length, self._scheduler.n_ctx),
@@ -82,20 +88,22 @@ class GgufEngine(Engine):
     @classmethod
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
-                   speculation: str = "off", draft_min: int = 0, decode_loop: DecodeLoop | None = None
-                   ) -> GgufEngine:
+                   speculation: str = "off", draft_min: int = 0, draft_path: Path | None = None,
+                   decode_loop: DecodeLoop | None = None) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
-        `speculation`: "ngram" drafts by prompt lookup (batching.py), planned with a drafted token's cost
-        timed here at load; "off" does not. `draft_min`: draft tokens a step decodes at least where the
-        lookup offers them, whatever that cost says.
+        `speculation`: "ngram" drafts by prompt lookup (batching.py), "draft" with the GGUF at `draft_path`
+        (draft_model.py: it must share this model's vocabulary), both planned with what a drafted token
+        costs, timed here at load; "off" does not. `draft_min`: draft tokens a step decodes at least where
+        they are offered, whatever that cost says.
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
-        drafts = speculation == "ngram"
+        drafts = speculation in ("ngram", "draft")
+        if speculation == "draft" and draft_path is None:
+            raise ModelLoadError(f"{path.name}: speculation \"draft\" needs a draft model (speculation_draft)")
 
-        def _load() -> tuple[Any, Any, StepCost | None]:
+        def _load() -> tuple[Any, Any, StepCost | None, tuple[DraftModel, StepCost] | None]:
             import llama_cpp  # deferred: importing it loads the native library
-            from llama_cpp import _internals
             from llama_cpp._logger import set_verbose
 
             set_verbose(False)
@@ -121,38 +129,44 @@ class GgufEngine(Engine):
             cparams.flash_attn_type = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                                        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-            try:
-                model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
-                try:
-                    ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
-                except BaseException:
-                    model.close()  # type: ignore[no-untyped-call]
-                    raise
-            except (ValueError, RuntimeError, OSError) as e:
-                raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
+            model, ctx = _open(path, mparams, cparams)
+            opened = [ctx, model]
             try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
                 step_cost = time_step_cost(ctx) if drafts else None
+                draft = None
+                if speculation == "draft" and draft_path is not None:
+                    draft_model, draft_ctx = _open(draft_path, mparams, cparams)
+                    opened[:0] = [draft_ctx, draft_model]
+                    check_compatible(model, draft_model, draft_path.name)
+                    draft_cost = time_step_cost(draft_ctx, DRAFT_STEP_SIZES)
+                    draft = (DraftModel(draft_model, draft_ctx, parallel=parallel, n_batch=n_batch,
+                                        catch_up=prefill_chunk), draft_cost)
             except BaseException:
-                ctx.close()  # type: ignore[no-untyped-call]
-                model.close()  # type: ignore[no-untyped-call]
+                for native in opened:
+                    native.close()
                 raise
-            return model, ctx, step_cost
+            return model, ctx, step_cost, draft
 
         # The chat template compiles first: a broken one fails the model before any native object exists.
         template = await asyncio.to_thread(lambda: compile_template(header.chat_template, model=path.name))
         try:
-            model, ctx, step_cost = await asyncio.to_thread(_load)
+            model, ctx, step_cost, draft = await asyncio.to_thread(_load)
         except BaseException:
             if template is not None:
                 await asyncio.to_thread(template.close)
             raise
         specials = await asyncio.to_thread(special_texts, model)
-        if drafts:
-            log.info("%s: prompt-lookup speculation on; a step's time by its tokens here (one token: 1): %s",
-                     path.name, step_cost.describe() if step_cost is not None else "not timed")
+        if step_cost is not None:
+            kind = "prompt-lookup" if draft is None or draft_path is None else f"draft-model ({draft_path.name})"
+            log.info("%s: %s speculation on; a step's time by its tokens here (one token: %.1f ms): %s",
+                     path.name, kind, step_cost.seconds * 1000, step_cost.describe())
+        if draft is not None:
+            log.info("%s: the draft model's step (one token: %.1f ms): %s", path.name, draft[1].seconds * 1000,
+                     draft[1].describe())
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                    template=template, specials=specials, decode_loop=decode_loop,
-                   max_draft=DRAFT_MAX if drafts else 0, min_draft=draft_min, step_cost=step_cost)
+                   max_draft=(DRAFT_MODEL_MAX if draft else DRAFT_MAX) if drafts else 0, min_draft=draft_min,
+                   step_cost=step_cost, draft=draft)
 
     @property
     def info(self) -> ModelInfo:
@@ -233,8 +247,28 @@ class GgufEngine(Engine):
         model, self._model = self._model, None
         if model is not None:
             await asyncio.to_thread(model.close)
+        draft, self._draft = self._draft, None
+        if draft is not None:
+            await asyncio.to_thread(draft.ctx.close)
+            await asyncio.to_thread(draft.model.close)
         if self._template is not None:
             await asyncio.to_thread(self._template.close)
+
+
+def _open(path: Path, mparams: Any, cparams: Any) -> tuple[Any, Any]:
+    """A llama.cpp model and a context on it; ModelLoadError where llama.cpp refuses the file."""
+    from llama_cpp import _internals
+
+    try:
+        model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+        try:
+            ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
+        except BaseException:
+            model.close()  # type: ignore[no-untyped-call]
+            raise
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ModelLoadError(f"llama.cpp could not load {path.name}: {e}") from e
+    return model, ctx
 
 
 def _token_text(model: Any, token_id: int) -> str:

@@ -50,17 +50,35 @@ def locate(store: ModelStore, config: ModelConfig) -> Path:
 
 
 def describe(path: Path, config: ModelConfig) -> Described:
+    """With a draft model (`speculation_draft`, the real path the registry resolved in the store), its file
+    is validated too, and what it takes loaded (its weights, and a KV cache of as many cells) is counted."""
     header = read_gguf_header(path)
     n_ctx = min(config.context_length, header.context_length or config.context_length)
     parallel = config.parallel or 1
     cells = (config.kv_tokens or n_ctx * parallel) if parallel > 1 else n_ctx
+    draft = _draft_header(config)
     info = ModelInfo(ModelFormat.GGUF, header.quantization, n_ctx, header.context_length, header.size_bytes,
                      header.architecture, header.chat_template)
     if _embeds(header):  # a sentence encoder: no KV cache to keep, one batch of activations
         embd = header.metadata.get(f"{header.architecture}.embedding_length")
         info = replace(info, chat_template=None, embedding_dimensions=embd if isinstance(embd, int) else 0)
         return Described(info, header.size_bytes + COMPUTE_OVERHEAD, header)
-    return Described(info, gguf_memory(header, cells), header, kv_bytes_per_sequence=gguf_kv_bytes(header, n_ctx))
+    memory, per_sequence = gguf_memory(header, cells), gguf_kv_bytes(header, n_ctx)
+    if draft is not None:
+        memory += gguf_memory(draft, cells)
+        per_sequence += gguf_kv_bytes(draft, n_ctx)
+    return Described(info, memory, header, kv_bytes_per_sequence=per_sequence)
+
+
+def _draft_header(config: ModelConfig) -> GgufHeader | None:
+    """The draft model's header (read as the model's is: a hostile file fails here, not in llama.cpp)."""
+    if config.speculation != "draft" or not config.speculation_draft:
+        return None
+    header = read_gguf_header(Path(config.speculation_draft))
+    if _embeds(header):
+        raise ModelLoadError(f"speculation_draft {Path(config.speculation_draft).name} is an embedding model, not "
+                             "one that generates")
+    return header
 
 
 def _embeds(header: GgufHeader) -> bool:
@@ -86,7 +104,9 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
                                  flash_attn=config.flash_attn or "auto", speculation=config.speculation or "off",
-                                 draft_min=config.speculation_draft_min or 0, decode_loop=shared.decode_loop)
+                                 draft_min=config.speculation_draft_min or 0,
+                                 draft_path=Path(config.speculation_draft) if config.speculation_draft else None,
+                                 decode_loop=shared.decode_loop)
 
 
 def runtime(threads: int) -> str:

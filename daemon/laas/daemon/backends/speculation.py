@@ -30,6 +30,7 @@ a copying one drafts long runs. On the default Q4_1 model speculation is off by 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 MAX_NGRAM = 3  # the longest n-gram looked up (longer matches are rarer and barely more accurate)
 MIN_NGRAM = 2  # a single repeated token is too weak a hint
@@ -44,22 +45,19 @@ def _bucket(position: int) -> int:
     return min(BUCKETS - 1, (position - 1).bit_length())
 
 
-class NgramDrafter:
-    """One sequence's index of its own tokens (updated as they are appended) and its acceptance by position."""
+class DraftAcceptance:
+    """One sequence's record of how its drafts fare: for each position bucket, decayed counts of the draft
+    tokens verified there (the ones before them kept) and of those kept. A draft model's sequences keep
+    only this; prompt lookup (NgramDrafter) adds its index."""
 
-    __slots__ = ("_index", "_kept", "_seen", "_tokens", "accepted", "drafted", "max_draft")
+    __slots__ = ("_kept", "_seen", "accepted", "drafted", "max_draft")
 
-    def __init__(self, prompt: list[int], max_draft: int) -> None:
-        self._tokens: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ended
+    def __init__(self, max_draft: int) -> None:
         self.max_draft = max_draft
-        # Per position bucket, decayed counts of the draft tokens verified there (the ones before kept)
-        # and of those kept.
         self._kept = [PRIOR_ACCEPTANCE * PRIOR_WEIGHT] * BUCKETS
         self._seen = [PRIOR_WEIGHT] * BUCKETS
         self.drafted = 0
         self.accepted = 0
-        self.extend(prompt)
 
     def acceptance(self, position: int) -> float:
         """The estimated chance that the draft token at `position` (1-based) is kept, given the ones before
@@ -74,6 +72,33 @@ class NgramDrafter:
             p *= self.acceptance(j)
             out.append(p)
         return out
+
+    def extend(self, tokens: list[int]) -> None:
+        """The sequence appended `tokens` (a lookup drafter indexes them)."""
+
+    def settle(self, drafted: int, accepted: int) -> None:
+        """Records that `accepted` of `drafted` tokens were kept (the first rejected one, if any, is a
+        failure; those after it were never tried)."""
+        if drafted <= 0:
+            return
+        self.drafted += drafted
+        self.accepted += accepted
+        for position in range(1, min(drafted, accepted + 1) + 1):
+            b = _bucket(position)
+            self._kept[b] = self._kept[b] * DECAY + (position <= accepted)
+            self._seen[b] = self._seen[b] * DECAY + 1
+
+
+class NgramDrafter(DraftAcceptance):
+    """One sequence's index of its own tokens (updated as they are appended) and its acceptance by position."""
+
+    __slots__ = ("_index", "_tokens")
+
+    def __init__(self, prompt: list[int], max_draft: int) -> None:
+        super().__init__(max_draft)
+        self._tokens: list[int] = []
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ended
+        self.extend(prompt)
 
     def extend(self, tokens: list[int]) -> None:
         t = self._tokens
@@ -99,24 +124,12 @@ class NgramDrafter:
                 return t[start:start + limit]
         return []
 
-    def settle(self, drafted: int, accepted: int) -> None:
-        """Records that `accepted` of `drafted` tokens were kept (the first rejected one, if any, is a
-        failure; those after it were never tried)."""
-        if drafted <= 0:
-            return
-        self.drafted += drafted
-        self.accepted += accepted
-        for position in range(1, min(drafted, accepted + 1) + 1):
-            b = _bucket(position)
-            self._kept[b] = self._kept[b] * DECAY + (position <= accepted)
-            self._seen[b] = self._seen[b] * DECAY + 1
-
 
 class StepCost:
     """A decode step's time as a function of its tokens, relative to a one-token step's: linear between the
     timed sizes, and past the largest one at the slope of the last segment."""
 
-    __slots__ = ("_points", "_table")
+    __slots__ = ("_points", "_table", "seconds")
 
     def __init__(self, points: list[tuple[int, float]]) -> None:
         """`points`: (tokens, seconds) of timed steps, one of them of one token. A step never costs less than
@@ -125,6 +138,7 @@ class StepCost:
         if not points or points[0][0] != 1 or points[0][1] <= 0.0:
             raise ValueError("a step of one token must be timed")
         one = points[0][1]
+        self.seconds = one  # a one-token step's time, as timed (another model's curve is scaled by it)
         curve = [(1, 1.0)]
         for n, seconds in points[1:]:
             if n > curve[-1][0]:
@@ -171,6 +185,32 @@ def plan_drafts(survival: list[list[float]], cost: StepCost) -> list[int]:
     for k, (p, _, _) in enumerate(order, 1):
         tokens += p
         rate = tokens / cost(m + k)
+        if rate > best_rate * (1 + 1e-9):
+            best_rate, best_k = rate, k
+    take = [0] * m
+    for _, _, i in order[:best_k]:
+        take[i] += 1
+    return take
+
+
+def plan_model_drafts(survival: list[list[float]], cost: StepCost, draft_cost: Callable[[int], float]
+                      ) -> list[int]:
+    """How many tokens a draft model drafts for each sequence, which the next step then verifies. As
+    plan_drafts, but a drafted token also costs its draft step: the draft model decodes a round per
+    position, every sequence drafting that far in one batch, and `draft_cost(n)` is a round of n sequences'
+    time relative to the target's one-token step. survival[i][j-1]: the chance that sequence i's first j
+    draft tokens are all kept (its length is as far as it may draft)."""
+    m = len(survival)
+    order = sorted(((p, j, i) for i, chances in enumerate(survival) for j, p in enumerate(chances)),
+                   key=lambda g: (-g[0], g[1]))
+    best_rate, best_k = (m / cost(m) if m else 0.0), 0
+    tokens, drafting = float(m), [0] * (max(map(len, survival), default=0) + 1)  # sequences per round
+    rounds = 0.0  # the draft rounds' time so far
+    for k, (p, j, _) in enumerate(order, 1):
+        rounds += draft_cost(drafting[j] + 1) - draft_cost(drafting[j])
+        drafting[j] += 1
+        tokens += p
+        rate = tokens / (rounds + cost(m + k))
         if rate > best_rate * (1 + 1e-9):
             best_rate, best_k = rate, k
     take = [0] * m
