@@ -164,18 +164,22 @@ def level(stream: Stream, n: int, salt: str) -> dict[str, float]:
     return {"tok_s": sum(r[1] for r in results) / wall, "ttft_s": statistics.median(r[0] for r in results)}
 
 
-def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | None, extra: str = "") -> Path:
+def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | None, extra: str = "",
+               draft: Path | None = None) -> Path:
+    """`draft`: a draft model for the model (speculation_draft), put in the store beside it."""
     store = home / "models"
     store.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(model, store / model.name)
-    except OSError:
-        ModelStore(store).add_file(model)
+    for file in (model, draft) if draft else (model,):
+        try:
+            os.link(file, store / file.name)
+        except OSError:
+            ModelStore(store).add_file(file)
     batching = f"parallel = {parallel}\nmax_queue = 16\n" if parallel else ""
     kv = f"kv_tokens = {ctx * parallel}\n" if parallel else ""
     config = home / "laasd.toml"
     config.write_text(f"threads = {threads}\n{batching}{extra}default_model = \"bench\"\n"
-                      f"[[models]]\nname = \"bench\"\npath = \"{model.name}\"\ncontext_length = {ctx}\n{kv}")
+                      f"[[models]]\nname = \"bench\"\npath = \"{model.name}\"\ncontext_length = {ctx}\n{kv}"
+                      + (f"speculation_draft = \"{draft.name}\"\n" if draft else ""))
     return config
 
 

@@ -26,9 +26,12 @@ of llama-server's n-gram speculation.
 With --weights f16 (or q8_0) every contender serves a copy of the default model's weights in that type,
 written by llama.cpp's own quantizer (llama_model_quantize, requantizing the Q4_1 file): where a step's
 matmuls batch (F16), a drafted token costs far less than a one-token step and speculation pays more.
+With --draft as well, the default Q4_1 model drafts for that copy: laasd with speculation_draft (its plan
+decides how far to draft, from each sequence's acceptance and the two models' step costs timed at load)
+against llama-server -md --spec-type draft-simple (its defaults), both compared with plain decoding.
 
 Usage: .venv/bin/python bench/speculation.py [--tokens 192] [--rounds 3] [--threads 2] [--ctx 2048]
-                                             [--levels 1,2,4,8] [--weights q4_1|q8_0|f16]
+                                             [--levels 1,2,4,8] [--weights q4_1|q8_0|f16] [--draft]
                                              [--llama-server PATH] [--no-llama-bench]
 """
 
@@ -63,8 +66,10 @@ from http_vs_llama_server import (  # type: ignore[import-not-found]  # noqa: E4
 )
 
 from tests.daemon_process import DaemonProcess  # noqa: E402
+from tests.gguf_convert import requantize  # noqa: E402
 
 TARGET_SPEEDUP = 1.4  # laasd with speculation / laasd plain, one stream
+DRAFT_OURS, DRAFT_THEIRS = "laasd speculation_draft=q4_1", "llama-server -md q4_1"
 PASSAGES = (
     "The lighthouse stood on a rock at the edge of the bay. Every night the keeper climbed the ninety steps, "
     "wound the clockwork, trimmed the wick and lit the lamp. Ships passing in the dark saw the beam turn once "
@@ -145,21 +150,6 @@ def llama_bench_tg(model: Path, threads: int, tokens: int) -> float | None:
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def requantized(model: Path, weights: str, folder: Path) -> Path:
-    """A copy of `model` with its weights in `weights` (llama.cpp's quantizer, in this process)."""
-    import ctypes
-
-    import llama_cpp
-
-    out = folder / f"{model.stem}-{weights}.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}[weights]
-    params.allow_requantize = True
-    if llama_cpp.llama_model_quantize(str(model).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize could not write {out}")
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=192)
@@ -171,15 +161,20 @@ def main() -> int:
     parser.add_argument("--no-llama-bench", action="store_true")
     parser.add_argument("--weights", default="q4_1", choices=["q4_1", "q8_0", "f16"],
                         help="the default model as it is (q4_1), or its weights requantized")
+    parser.add_argument("--draft", action="store_true",
+                        help="with --weights q8_0 or f16: also the default Q4_1 model drafting for them (laasd's "
+                             "speculation_draft, llama-server's -md)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     binary = llama_server_binary(args.llama_server)
     if binary is None:
         return 2
-    model = default_model()
+    model = draft = default_model()
+    if args.draft and args.weights == "q4_1":
+        parser.error("--draft needs --weights q8_0 or f16 (the Q4_1 model drafts for them)")
     scratch = tempfile.TemporaryDirectory(prefix="laas-bench-weights-")
     if args.weights != "q4_1":
-        model = requantized(model, args.weights, Path(scratch.name))
+        model = requantize(model, args.weights, Path(scratch.name) / f"{model.stem}-{args.weights}.gguf")
     print(f"model {model.name}, {args.threads} threads, up to {args.tokens} tokens a stream, context {args.ctx} "
           f"a slot, {SLOTS} slots, levels {','.join(map(str, levels))}, {args.rounds} alternating rounds")
     tg = None if args.no_llama_bench else llama_bench_tg(model, args.threads, args.tokens)
@@ -188,6 +183,8 @@ def main() -> int:
                "llama-server ngram-simple": ["--spec-type", "ngram-simple"],
                "llama-server ngram-simple n3 m16": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                                                     "--spec-ngram-simple-size-m", "16"]}
+    if args.draft:
+        servers[DRAFT_THEIRS] = ["-md", str(draft), "--spec-type", "draft-simple"]
     with tempfile.TemporaryDirectory(prefix="laas-bench-") as tmp:
         root = Path(tmp)
         running: list[LlamaServer] = []
@@ -198,10 +195,13 @@ def main() -> int:
                 server = LlamaServer(binary, model, args.threads, args.ctx, root / f"{len(running)}.log", extra)
                 running.append(server)
                 urls[name] = server.wait_ready().url
-            for name, setting in (("laasd defaults", ""), ("laasd speculation=ngram", 'speculation = "ngram"\n')):
+            laasds = [("laasd defaults", "", None), ("laasd speculation=ngram", 'speculation = "ngram"\n', None)]
+            if args.draft:
+                laasds.append((DRAFT_OURS, "", draft))
+            for name, setting, drafter in laasds:
                 home = root / re.sub(r"\W+", "-", name)
                 daemons[name] = DaemonProcess(home, write_home(home, model, args.threads, args.ctx, None,
-                                                               setting)).start()
+                                                               setting, drafter)).start()
                 urls[name] = daemons[name].http_url
             with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=2 * max(levels))) as http:
                 streams = {name: chat_stream(http, url, args.tokens) for name, url in urls.items()}
@@ -245,8 +245,11 @@ def main() -> int:
         return medians[a, n][key] / medians[b, n][key], paired
 
     for n in levels:
-        for a, b in ((spec, plain), (plain, theirs), (spec, theirs), (spec, "llama-server ngram-simple"),
-                     (spec, "llama-server ngram-simple n3 m16"), ("llama-server ngram-simple", theirs)):
+        pairs = [(spec, plain), (plain, theirs), (spec, theirs), (spec, "llama-server ngram-simple"),
+                 (spec, "llama-server ngram-simple n3 m16"), ("llama-server ngram-simple", theirs)]
+        if args.draft:
+            pairs += [(DRAFT_OURS, plain), (DRAFT_OURS, DRAFT_THEIRS), (DRAFT_THEIRS, theirs)]
+        for a, b in pairs:
             for key in ("decode_tok_s", "tok_s") if n == 1 else ("tok_s",):
                 got, paired = ratio(a, b, n, key)
                 verdict = ""
@@ -257,13 +260,14 @@ def main() -> int:
                 what = "decode tok/s" if key == "decode_tok_s" else "aggregate tok/s"
                 print(f"{a} / {b}, {n} stream{'s' if n > 1 else ''}: {got:.2f}x {what} ({paired:.2f}x paired){verdict}")
                 summary[f"{a} / {b} x{n} {key}"] = {"ratio": got, "paired": paired}
-    same, total = 0, 0
-    for n in levels:
-        for x, y in zip(runs[spec, n], runs[plain, n], strict=True):
-            same += sum(a == b for a, b in zip(x["texts"], y["texts"], strict=True))
-            total += len(x["texts"])
-    print(f"greedy outputs with speculation identical to laasd's without: {same}/{total}")
-    summary["identical_outputs"] = [same, total]
+    for drafting in (spec, DRAFT_OURS) if args.draft else (spec,):
+        same, total = 0, 0
+        for n in levels:
+            for x, y in zip(runs[drafting, n], runs[plain, n], strict=True):
+                same += sum(a == b for a, b in zip(x["texts"], y["texts"], strict=True))
+                total += len(x["texts"])
+        print(f"greedy outputs of {drafting} identical to laasd's without speculation: {same}/{total}")
+        summary[f"identical_outputs {drafting}"] = [same, total]
     print("\n" + json.dumps(summary))
     scratch.cleanup()
     return 0
