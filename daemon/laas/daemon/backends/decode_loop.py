@@ -6,9 +6,13 @@ Layer: infrastructure. Owned by the composition root (the Server), which stops i
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Protocol, TypeVar
 
 from laas.core.errors import ModelLoadError
+
+T = TypeVar("T")
 
 
 class Steppable(Protocol):
@@ -30,6 +34,10 @@ class DecodeLoop:
     decode of every model got 30-45% slower (measured on 2 cores). One thread keeps one team; the steps
     of different models take turns, and no step waits for a hand-over to another thread.
 
+    Native work outside a scheduler that computes (the step timings a model takes when it loads) runs here
+    too (`call`), for the same reason: one decode in a loader thread, and that thread's team halved the
+    decode speed of the model it loaded, for as long as it served.
+
     Whoever creates it owns it: the daemon's Server makes one for all its engines and stops it on shutdown;
     an engine loaded without one (tests, `laas eval`) makes its own and stops it when closed. The thread
     starts with the first scheduler; stop() ends the schedulers still in it and joins the thread.
@@ -38,17 +46,32 @@ class DecodeLoop:
     def __init__(self) -> None:
         self.cond = threading.Condition()  # guards every scheduler's pending queue and closing flag
         self._schedulers: list[Steppable] = []
+        self._calls: list[tuple[Callable[[], object], Future[object]]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     def add(self, scheduler: Steppable) -> None:
         with self.cond:
-            if self._stopping:
-                raise ModelLoadError("the decode loop is stopped")
+            self._start()
             self._schedulers.append(scheduler)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._main, name="llama-decode", daemon=True)
-                self._thread.start()
+
+    def call(self, work: Callable[[], T]) -> T:
+        """Runs `work` in the loop's thread, between steps, and returns what it returns (or raises what it
+        raises). Blocks: call it off the event loop, never from the loop's own thread."""
+        done: Future[object] = Future()
+        with self.cond:
+            self._start()
+            self._calls.append((work, done))
+            self.cond.notify_all()
+        return done.result()  # type: ignore[return-value]
+
+    def _start(self) -> None:
+        """With the lock held: refuses a stopped loop; starts the thread where it is not running."""
+        if self._stopping:
+            raise ModelLoadError("the decode loop is stopped")
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._main, name="llama-decode", daemon=True)
+            self._thread.start()
 
     @property
     def alive(self) -> bool:
@@ -61,19 +84,28 @@ class DecodeLoop:
             self._stopping = True
             for scheduler in self._schedulers:
                 scheduler.closing = True
+            calls, self._calls = self._calls, []
             self.cond.notify_all()
             thread = self._thread
+        for _, done in calls:
+            done.set_exception(ModelLoadError("the decode loop is stopped"))
         if thread is not None:
             thread.join()
 
     def _main(self) -> None:
         while True:
             with self.cond:
-                while not (ready := [s for s in self._schedulers if s.has_work()]):
+                while not (ready := [s for s in self._schedulers if s.has_work()]) and not self._calls:
                     if self._stopping:
                         return
                     self.cond.wait()
                 for gone in (s for s in ready if s.closing):
                     self._schedulers.remove(gone)
+                calls, self._calls = self._calls, []
+            for work, done in calls:
+                try:
+                    done.set_result(work())
+                except BaseException as e:  # the caller raises it
+                    done.set_exception(e)
             for scheduler in ready:
                 scheduler.run_once()

@@ -32,7 +32,7 @@ from laas.daemon.backends.literal_text import SpecialTexts, segments
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.slot_scheduler import Emit, check_prompt, stream_sequence
 from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
-from laas.daemon.backends.speculation import StepCost
+from laas.daemon.backends.speculation import StepCost, draft_model_can_pay, relative_to
 from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.constraint_masks import ConstraintCompiler, Matcher, llama_tokenizer
@@ -53,7 +53,8 @@ class GgufEngine(Engine):
                  n_batch: int, prefill_chunk: int, template: ChatTemplate | None = None,
                  specials: SpecialTexts | None = None, decode_loop: DecodeLoop | None = None,
                  max_draft: int = 0, min_draft: int = 0, step_cost: StepCost | None = None,
-                 draft: tuple[DraftModel, StepCost] | None = None) -> None:
+                 draft: tuple[DraftModel, StepCost] | None = None, owns_loop: bool = False) -> None:
+        """`owns_loop`: `decode_loop` was made for this engine alone (aclose stops it)."""
         import llama_cpp
 
         self._lib = llama_cpp
@@ -64,7 +65,7 @@ class GgufEngine(Engine):
         self._random_seed = llama_cpp.LLAMA_DEFAULT_SEED
         self._native = NativeClaims()  # tokenizing outside the scheduler: aclose waits for it
         self._specials = specials or special_texts(model)  # what message contents may not turn into
-        self._own_loop: DecodeLoop | None = None  # the engine's own decode thread, stopped by aclose()
+        self._own_loop = decode_loop if owns_loop else None  # the engine's own decode thread, stopped by aclose()
         if decode_loop is None:
             decode_loop = self._own_loop = DecodeLoop()
         self._scheduler = Scheduler(model, ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
@@ -101,6 +102,9 @@ class GgufEngine(Engine):
         drafts = speculation in ("ngram", "draft")
         if speculation == "draft" and draft_path is None:
             raise ModelLoadError(f"{path.name}: speculation \"draft\" needs a draft model (speculation_draft)")
+        # Timing steps decodes: in the decode thread, as every decode (decode_loop.DecodeLoop says why).
+        owns_loop = decode_loop is None
+        loop = decode_loop or DecodeLoop()
 
         def _load() -> tuple[Any, Any, StepCost | None, tuple[DraftModel, StepCost] | None]:
             import llama_cpp  # deferred: importing it loads the native library
@@ -132,13 +136,13 @@ class GgufEngine(Engine):
             model, ctx = _open(path, mparams, cparams)
             opened = [ctx, model]
             try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
-                step_cost = time_step_cost(ctx) if drafts else None
+                step_cost = loop.call(lambda: time_step_cost(ctx)) if drafts else None
                 draft = None
                 if speculation == "draft" and draft_path is not None:
                     draft_model, draft_ctx = _open(draft_path, mparams, cparams)
                     opened[:0] = [draft_ctx, draft_model]
                     check_compatible(model, draft_model, draft_path.name)
-                    draft_cost = time_step_cost(draft_ctx, DRAFT_STEP_SIZES)
+                    draft_cost = loop.call(lambda: time_step_cost(draft_ctx, DRAFT_STEP_SIZES))
                     draft = (DraftModel(draft_model, draft_ctx, parallel=parallel, n_batch=n_batch,
                                         catch_up=prefill_chunk), draft_cost)
             except BaseException:
@@ -154,17 +158,23 @@ class GgufEngine(Engine):
         except BaseException:
             if template is not None:
                 await asyncio.to_thread(template.close)
+            if owns_loop:
+                await asyncio.to_thread(loop.stop)
             raise
         specials = await asyncio.to_thread(special_texts, model)
         if step_cost is not None:
             kind = "prompt-lookup" if draft is None or draft_path is None else f"draft-model ({draft_path.name})"
             log.info("%s: %s speculation on; a step's time by its tokens here (one token: %.1f ms): %s",
                      path.name, kind, step_cost.seconds * 1000, step_cost.describe())
-        if draft is not None:
+        if draft is not None and step_cost is not None:
             log.info("%s: the draft model's step (one token: %.1f ms): %s", path.name, draft[1].seconds * 1000,
                      draft[1].describe())
+            if not draft_model_can_pay(step_cost, relative_to(draft[1], step_cost), DRAFT_MODEL_MAX):
+                log.warning("%s: its draft model's step costs %.2f of its own here, too much to pay even when every "
+                            "draft is kept: it drafts only what speculation_draft_min asks (%d)", path.name,
+                            draft[1].seconds / step_cost.seconds, draft_min)
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
-                   template=template, specials=specials, decode_loop=decode_loop,
+                   template=template, specials=specials, decode_loop=loop, owns_loop=owns_loop,
                    max_draft=(DRAFT_MODEL_MAX if draft else DRAFT_MAX) if drafts else 0, min_draft=draft_min,
                    step_cost=step_cost, draft=draft)
 
