@@ -15,8 +15,10 @@ from laas.daemon.backends.speculation import (
     PRIOR_MARGINAL,
     NgramDrafter,
     StepCost,
+    draft_model_can_pay,
     plan_drafts,
     plan_model_drafts,
+    relative_to,
 )
 
 
@@ -155,3 +157,10 @@ def test_a_draft_model_drafts_what_pays_for_its_rounds_and_its_place_in_the_step
     together = plan_model_drafts([likely] * 2, F16, batched)
     apart = plan_model_drafts([likely] * 2, F16, lambda n: 0.3 * n)
     assert min(together) > max(apart)
+
+
+def test_a_draft_model_that_cannot_pay_even_when_always_right_is_told_apart() -> None:
+    assert draft_model_can_pay(F16, lambda n: 0.3 * n, 16)
+    assert not draft_model_can_pay(F16, lambda n: 1.0 * n, 16)
+    half = StepCost([(1, 0.005), (2, 0.010)])  # a draft model half as fast per token, timed in seconds
+    assert relative_to(half, F16)(1) == pytest.approx(0.005 / F16.seconds)

@@ -37,7 +37,14 @@ from laas.core.errors import ModelLoadError
 from laas.core.types import GenerationRequest
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.slot_scheduler import Sequence, Slot, SlotScheduler
-from laas.daemon.backends.speculation import DraftAcceptance, NgramDrafter, StepCost, plan_drafts, plan_model_drafts
+from laas.daemon.backends.speculation import (
+    DraftAcceptance,
+    NgramDrafter,
+    StepCost,
+    plan_drafts,
+    plan_model_drafts,
+    relative_to,
+)
 
 if TYPE_CHECKING:
     from laas.daemon.backends.draft_model import DraftModel
@@ -76,9 +83,7 @@ class Scheduler(SlotScheduler):
         # A draft model drafts instead of prompt lookup; a round of its steps costs draft_cost, which is
         # timed as this model's step cost is, and scaled to this model's one-token step.
         self._draft_model = draft_model
-        draft_cost = draft_cost or StepCost.linear()
-        scale = draft_cost.seconds / self._step_cost.seconds
-        self._draft_cost = lambda n: draft_cost(n) * scale
+        self._draft_cost = relative_to(draft_cost or StepCost.linear(), self._step_cost)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._make_sampler = make_sampler
         try:

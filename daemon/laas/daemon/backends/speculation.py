@@ -217,3 +217,15 @@ def plan_model_drafts(survival: list[list[float]], cost: StepCost, draft_cost: C
     for _, _, i in order[:best_k]:
         take[i] += 1
     return take
+
+
+def relative_to(cost: StepCost, model: StepCost) -> Callable[[int], float]:
+    """`cost` (another model's steps, as timed) in units of `model`'s one-token step."""
+    scale = cost.seconds / model.seconds
+    return lambda tokens: cost(tokens) * scale
+
+
+def draft_model_can_pay(cost: StepCost, draft_cost: Callable[[int], float], max_draft: int) -> bool:
+    """Whether a draft model that is always right pays for its rounds at one stream: if not, a plan never
+    drafts with it (only `draft_min` would)."""
+    return plan_model_drafts([[1.0] * max_draft], cost, draft_cost) != [0]
