@@ -228,7 +228,10 @@ def main() -> int:
             if not args.no_defaults:
                 daemons["laasd defaults"] = DaemonProcess(
                     root / "defaults", write_home(root / "defaults", model, args.threads, args.ctx, None)).start()
-            with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=2 * SLOTS)) as http:
+            # A connection per stream: a kept-alive one may be closed by its server while other contenders run
+            # (uvicorn's keep-alive is 5 s), and reusing it then fails the stream.
+            with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=2 * SLOTS, max_keepalive_connections=0)
+                              ) as http:
                 streams: dict[str, Stream] = {"llama-server": chat_stream(http, server.url, "bench", args.tokens)}
                 for name, daemon in daemons.items():
                     streams[name] = chat_stream(http, daemon.http_url, "bench", args.tokens)

@@ -203,7 +203,10 @@ def main() -> int:
                 daemons[name] = DaemonProcess(home, write_home(home, model, args.threads, args.ctx, None,
                                                                setting, drafter)).start()
                 urls[name] = daemons[name].http_url
-            with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=2 * max(levels))) as http:
+            # A connection per stream: a kept-alive one may be closed by its server while other contenders run
+            # (uvicorn's keep-alive is 5 s), and reusing it then fails the stream.
+            limits = httpx.Limits(max_connections=2 * max(levels), max_keepalive_connections=0)
+            with httpx.Client(timeout=600, limits=limits) as http:
                 streams = {name: chat_stream(http, url, args.tokens) for name, url in urls.items()}
                 names = list(streams)
                 for name in names:  # warm-up
