@@ -164,3 +164,22 @@ def test_a_draft_model_that_cannot_pay_even_when_always_right_is_told_apart() ->
     assert not draft_model_can_pay(F16, lambda n: 1.0 * n, 16)
     half = StepCost([(1, 0.005), (2, 0.010)])  # a draft model half as fast per token, timed in seconds
     assert relative_to(half, F16)(1) == pytest.approx(0.005 / F16.seconds)
+
+
+def test_acceptance_is_kept_apart_by_how_long_the_match_is() -> None:
+    """A draft after a 12-token match is text being copied; one after a 3-token match may be a common phrase:
+    each kind learns its own acceptance."""
+    passage = list(range(100, 130))
+    d = NgramDrafter([*passage, 1, 2], max_draft=8)
+    d.extend(passage[:14])  # the output copies 14 tokens of the passage: the match goes back 12 and more
+    assert d.draft(room=8) == passage[14:22] and d.kind == 2
+    for _ in range(20):
+        d.settle(drafted=8, accepted=8)
+    copying = d.survival(8)[-1]
+    e = NgramDrafter([7, 8, 9, 50, 51, 3, 4, 5, 6], max_draft=4)
+    e.extend([1, 8, 9])  # only [8, 9] matches, and the token before differs (1, not 7)
+    assert e.draft(room=4) == [50, 51, 3, 4] and e.kind == 0
+    d.kind = 0  # the short kind of the copying drafter learnt nothing from the long matches
+    assert d.survival(8)[-1] == pytest.approx(PRIOR_ACCEPTANCE ** 8) and PRIOR_ACCEPTANCE ** 8 < copying
+    mid = NgramDrafter([*passage[:8], 9, *passage[:7]], max_draft=2)  # the output so far repeats 7 tokens
+    assert mid.draft(room=2) == [passage[7], 9] and mid.kind == 1

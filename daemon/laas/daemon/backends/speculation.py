@@ -20,7 +20,10 @@ rarely pays, and a long one may where a short one does not.
 How likely a draft token is to be kept is not the same at every position: a text being copied keeps
 whole runs and diverges at a point. Each drafter keeps, for positions 1, 2, 3-4, 5-8, 9-16 and 17 on, a
 recent (decayed) count of the draft tokens verified there and kept (their conditional acceptance, given
-the ones before were kept); the chance that the j-th is kept is the product up to j (`survival`).
+the ones before were kept); the chance that the j-th is kept is the product up to j (`survival`). A
+lookup drafter keeps these apart by how long its match is (the n-gram extended backwards while the
+earlier text agrees: up to 5 tokens, 6-11, 12 or more): a long match is text being copied, and its drafts
+are kept far more often than those after a short one, which may be a common phrase.
 `plan_drafts` decodes the draft tokens, likeliest first, up to the count that gives the step the most
 expected tokens per unit of time: a sequence whose drafts keep being rejected stops paying for them, and
 a copying one drafts long runs. On the default Q4_1 model speculation is off by default
@@ -38,6 +41,10 @@ PRIOR_ACCEPTANCE = 0.8  # a new sequence's conditional acceptance at every posit
 PRIOR_WEIGHT = 2.0  # ... worth this many verified tokens
 DECAY = 0.9  # per draft token verified at a position: the last dozen or so say what the text is like now
 BUCKETS = 6  # positions 1, 2, 3-4, 5-8, 9-16, 17+
+# How long the text's match with its earlier occurrence is (the n-gram looked up, extended backwards): a
+# draft after a 12-token match is copying, after a 3-token one it may be a common phrase. A drafter keeps
+# its acceptance apart for matches of up to 5 tokens, 6-11 and 12 or more.
+MATCH_KINDS = (6, 12)  # where the second and the third kind begin
 PRIOR_MARGINAL = 0.5  # a token's cost relative to a one-token step, where steps could not be timed
 
 
@@ -50,12 +57,13 @@ class DraftAcceptance:
     tokens verified there (the ones before them kept) and of those kept. A draft model's sequences keep
     only this; prompt lookup (NgramDrafter) adds its index."""
 
-    __slots__ = ("_kept", "_seen", "accepted", "drafted", "max_draft")
+    __slots__ = ("_kept", "_seen", "accepted", "drafted", "kind", "max_draft")
 
-    def __init__(self, max_draft: int) -> None:
+    def __init__(self, max_draft: int, kinds: int = 1) -> None:
         self.max_draft = max_draft
-        self._kept = [PRIOR_ACCEPTANCE * PRIOR_WEIGHT] * BUCKETS
-        self._seen = [PRIOR_WEIGHT] * BUCKETS
+        self._kept = [[PRIOR_ACCEPTANCE * PRIOR_WEIGHT] * BUCKETS for _ in range(kinds)]
+        self._seen = [[PRIOR_WEIGHT] * BUCKETS for _ in range(kinds)]
+        self.kind = 0  # the kind of draft the estimates and records are of (NgramDrafter: its match's length)
         self.drafted = 0
         self.accepted = 0
 
@@ -63,7 +71,7 @@ class DraftAcceptance:
         """The estimated chance that the draft token at `position` (1-based) is kept, given the ones before
         it were."""
         b = _bucket(position)
-        return self._kept[b] / self._seen[b]
+        return self._kept[self.kind][b] / self._seen[self.kind][b]
 
     def survival(self, length: int) -> list[float]:
         """For j = 1..length: the estimated chance that a draft's first j tokens are all kept."""
@@ -83,10 +91,11 @@ class DraftAcceptance:
             return
         self.drafted += drafted
         self.accepted += accepted
+        kept, seen = self._kept[self.kind], self._seen[self.kind]
         for position in range(1, min(drafted, accepted + 1) + 1):
             b = _bucket(position)
-            self._kept[b] = self._kept[b] * DECAY + (position <= accepted)
-            self._seen[b] = self._seen[b] * DECAY + 1
+            kept[b] = kept[b] * DECAY + (position <= accepted)
+            seen[b] = seen[b] * DECAY + 1
 
 
 class NgramDrafter(DraftAcceptance):
@@ -95,7 +104,7 @@ class NgramDrafter(DraftAcceptance):
     __slots__ = ("_index", "_tokens")
 
     def __init__(self, prompt: list[int], max_draft: int) -> None:
-        super().__init__(max_draft)
+        super().__init__(max_draft, kinds=len(MATCH_KINDS) + 1)
         self._tokens: list[int] = []
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ended
         self.extend(prompt)
@@ -110,7 +119,8 @@ class NgramDrafter(DraftAcceptance):
             t.append(token)
 
     def draft(self, room: int) -> list[int]:
-        """Up to min(room, max_draft) tokens that followed the longest n-gram ending the text, or []."""
+        """Up to min(room, max_draft) tokens that followed the longest n-gram ending the text, or []; sets
+        `kind` by how far the match goes back (MATCH_KINDS)."""
         t = self._tokens
         limit = min(room, self.max_draft)
         if limit <= 0:
@@ -121,6 +131,10 @@ class NgramDrafter(DraftAcceptance):
                 continue
             start = self._index.get(tuple(t[end - n:]))
             if start is not None:
+                matched = n
+                while matched < MATCH_KINDS[-1] and start > matched and t[start - matched - 1] == t[end - matched - 1]:
+                    matched += 1
+                self.kind = sum(matched >= k for k in MATCH_KINDS)
                 return t[start:start + limit]
         return []
 
