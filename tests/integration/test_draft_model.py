@@ -11,7 +11,6 @@ way, so the comparison is exact.)"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from laas.core.errors import ModelLoadError
-from laas.core.types import Constraint, ConstraintKind, GenerationRequest, SamplingParams, TextDelta
+from laas.core.types import Constraint, ConstraintKind
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.gguf_header import read_gguf_header
 from tests.conftest import link_or_copy
@@ -28,7 +27,7 @@ from tests.daemon_process import DaemonProcess
 from tests.gguf_convert import requantize
 from tests.gguf_edit import edit_gguf
 from tests.integration.test_metrics import _stats
-from tests.integration.test_speculation import PASSAGE, RECORDS, TASKS, _request, _run
+from tests.integration.test_speculation import PASSAGE, TASKS, _request, _run, in_company
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,31 +73,7 @@ async def test_greedy_output_is_plain_decodings_and_drafts_are_kept(engines: tup
 async def test_drafting_streams_in_a_batch_say_what_they_say_alone(engines: tuple[GgufEngine, GgufEngine]) -> None:
     """Four streams draft at once (the draft model decodes their rounds in one batch, each in its own KV
     stream), joining at different times: each says what it says alone, undrafted."""
-    plain, spec = engines
-
-    def greedy(prompt: str, n: int) -> GenerationRequest:
-        return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=n, temperature=0.0,
-                                                                        ignore_eos=True))
-
-    lead, others = greedy(RECORDS[1], 120), [greedy(p, 32) for p in (RECORDS[0], *RECORDS[2:])]
-    alone = [(await _run(plain, r))[0] for r in (lead, *others)]
-    started = asyncio.Event()
-    lead_text: list[str] = []
-
-    async def run_lead() -> str:
-        async for chunk in spec.generate(lead):
-            if isinstance(chunk, TextDelta):
-                lead_text.append(chunk.text)
-                if len(lead_text) >= 12:
-                    started.set()
-        return "".join(lead_text)
-
-    task = asyncio.create_task(run_lead())
-    await asyncio.wait_for(started.wait(), 60)
-    joined = spec.stats()
-    company = await asyncio.gather(*(_run(spec, r) for r in others))
-    assert spec.stats().draft_accepted > joined.draft_accepted
-    assert [await task, *(t for t, _, _ in company)] == alone
+    await in_company(*engines, lead_tokens=120, other_tokens=32)
 
 
 async def test_seeded_sampling_logprobs_and_constraints_are_unchanged(engines: tuple[GgufEngine, GgufEngine]) -> None:

@@ -103,13 +103,19 @@ RECORDS = ("Name: Alice Smith. Age: 31. City: Paris. Job: painter.\nName: Alice 
 async def test_speculating_streams_in_a_batch_say_what_they_say_alone(engines: tuple[GgufEngine, GgufEngine]) -> None:
     """A copying stream that speculates keeps drafting when three others join it (its acceptance is high by
     then), and every stream says what it says alone on the plain engine."""
-    plain, spec = engines
+    await in_company(*engines, lead_tokens=160, other_tokens=24)
+
+
+async def in_company(plain: GgufEngine, spec: GgufEngine, *, lead_tokens: int, other_tokens: int) -> None:
+    """A greedy stream runs on `spec`, and once it has said 12 pieces three more join it: drafts are kept
+    while they share the steps, and each stream says what it says alone on `plain`."""
 
     def greedy(prompt: str, n: int) -> GenerationRequest:
         return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=n, temperature=0.0,
                                                                         ignore_eos=True))
 
-    lead, others = greedy(RECORDS[1], 160), [greedy(p, 24) for p in (RECORDS[0], *RECORDS[2:])]
+    lead = greedy(RECORDS[1], lead_tokens)
+    others = [greedy(p, other_tokens) for p in (RECORDS[0], *RECORDS[2:])]
     alone = [(await _run(plain, r))[0] for r in (lead, *others)]
     tokens_seen = asyncio.Event()
     lead_text: list[str] = []

@@ -17,7 +17,6 @@ from laas.daemon.backends.speculation import (
     StepCost,
     draft_model_can_pay,
     plan_drafts,
-    plan_model_drafts,
     relative_to,
 )
 
@@ -143,19 +142,19 @@ def test_in_a_batch_the_likelier_sequence_drafts_more_and_none_gets_more_than_it
 def test_a_draft_model_drafts_what_pays_for_its_rounds_and_its_place_in_the_step() -> None:
     sure = [1.0] * 16
     free = lambda n: 0.0  # noqa: E731
-    assert plan_model_drafts([sure], F16, free) == plan_drafts([sure], F16) == [16]  # free drafts: as lookup
-    assert plan_model_drafts([sure], F16, lambda n: 0.1 * n) == [16]  # a tenth of a step a round
-    assert plan_model_drafts([sure], F16, lambda n: 1.0 * n) == [0]  # as slow as the model: never
+    assert plan_drafts([sure], F16, free) == plan_drafts([sure], F16) == [16]  # free rounds: as a lookup
+    assert plan_drafts([sure], F16, lambda n: 0.1 * n) == [16]  # a tenth of a step a round
+    assert plan_drafts([sure], F16, lambda n: 1.0 * n) == [0]  # as slow as the model: never
     likely = [0.9 ** j for j in range(1, 17)]
-    cheap = plan_model_drafts([likely], F16, lambda n: 0.1 * n)[0]
-    dear = plan_model_drafts([likely], F16, lambda n: 0.3 * n)[0]
+    cheap = plan_drafts([likely], F16, lambda n: 0.1 * n)[0]
+    dear = plan_drafts([likely], F16, lambda n: 0.3 * n)[0]
     assert 0 < dear < cheap < 16  # the dearer a round, the shorter the draft
-    assert plan_model_drafts([], F16, free) == []
+    assert plan_drafts([], F16, free) == []
     # A round of the draft model batches its sequences: where a second sequence's round costs little more
     # than the first's, two sequences draft further than where each costs a round of its own.
     batched = lambda n: 0.0 if n == 0 else 0.3 + 0.02 * (n - 1)  # noqa: E731
-    together = plan_model_drafts([likely] * 2, F16, batched)
-    apart = plan_model_drafts([likely] * 2, F16, lambda n: 0.3 * n)
+    together = plan_drafts([likely] * 2, F16, batched)
+    apart = plan_drafts([likely] * 2, F16, lambda n: 0.3 * n)
     assert min(together) > max(apart)
 
 
@@ -180,6 +179,6 @@ def test_acceptance_is_kept_apart_by_how_long_the_match_is() -> None:
     e.extend([1, 8, 9])  # only [8, 9] matches, and the token before differs (1, not 7)
     assert e.draft(room=4) == [50, 51, 3, 4] and e.kind == 0
     d.kind = 0  # the short kind of the copying drafter learnt nothing from the long matches
-    assert d.survival(8)[-1] == pytest.approx(PRIOR_ACCEPTANCE ** 8) and PRIOR_ACCEPTANCE ** 8 < copying
+    assert d.survival(8)[-1] == pytest.approx(PRIOR_ACCEPTANCE ** 8) and copying > PRIOR_ACCEPTANCE ** 8
     mid = NgramDrafter([*passage[:8], 9, *passage[:7]], max_draft=2)  # the output so far repeats 7 tokens
     assert mid.draft(room=2) == [passage[7], 9] and mid.kind == 1

@@ -31,23 +31,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from laas.core.errors import ModelLoadError
 from laas.core.types import GenerationRequest
 from laas.daemon.backends.decode_loop import DecodeLoop
+from laas.daemon.backends.draft_model import DraftModel, put_token
 from laas.daemon.backends.slot_scheduler import Sequence, Slot, SlotScheduler
 from laas.daemon.backends.speculation import (
     DraftAcceptance,
     NgramDrafter,
     StepCost,
     plan_drafts,
-    plan_model_drafts,
     relative_to,
 )
-
-if TYPE_CHECKING:
-    from laas.daemon.backends.draft_model import DraftModel
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +183,14 @@ class Scheduler(SlotScheduler):
 
     def _model_drafts(self, decoding: list[Sequence]) -> list[list[int]]:
         """The draft model's drafts, as long as each sequence's record says pays for its draft rounds and
-        its place in the step (speculation.plan_model_drafts), and never under `min_draft`."""
+        its place in the step (speculation.plan_drafts), and never under `min_draft`."""
         survival, rooms = [], []
         for seq in decoding:
             assert seq.slot is not None and seq.drafter is not None
             room = min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1, self._max_draft)
             rooms.append(max(room, 0))
             survival.append(seq.drafter.survival(rooms[-1]))
-        take = plan_model_drafts(survival, self._step_cost, self._draft_cost)
+        take = plan_drafts(survival, self._step_cost, self._draft_cost)
         assert self._draft_model is not None
         return self._draft_model.draft([
             (seq.slot.seq_id, [*seq.slot.tokens, seq.next_token], min(max(k, self._min_draft), room))
@@ -221,12 +218,7 @@ class Scheduler(SlotScheduler):
         self.stats.draft_accepted += kept
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        b = self._batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
-        b.logits[i] = logits
+        put_token(self._batch, i, token, pos, seq_id, logits)
 
     def _sample(self, seq: Sequence, index: int) -> int:
         """Samples the sequence's next token from output `index` and delivers it; returns the token."""

@@ -102,12 +102,16 @@ class DraftModel:
         return int(self._numpy.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).argmax())
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        b = self._batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
-        b.logits[i] = logits
+        put_token(self._batch, i, token, pos, seq_id, logits)
+
+
+def put_token(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    """Row `i` of a llama_batch: `token` at `pos` of sequence `seq_id`, with its logits or not."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
 
 
 def check_compatible(target: Any, draft: Any, draft_name: str) -> None:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens per step: a long prompt delays the running streams by about this much
 DRAFT_MAX = 48  # prompt-lookup tokens a sequence may draft per step (speculation.plan_drafts decodes what pays)
-DRAFT_MODEL_MAX = 16  # a draft model's tokens per sequence and step (speculation.plan_model_drafts: what pays)
+DRAFT_MODEL_MAX = 16  # a draft model's tokens per sequence and step (speculation.plan_drafts: what pays)
 DRAFT_STEP_SIZES = (1, 2, 3, 5)  # a draft model's rounds batch one token per sequence: timed up to a few
 
 

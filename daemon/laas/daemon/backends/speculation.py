@@ -186,43 +186,27 @@ class StepCost:
         return ", ".join(f"{n}: {c:.2f}" for n, c in self._points)
 
 
-def plan_drafts(survival: list[list[float]], cost: StepCost) -> list[int]:
+def plan_drafts(survival: list[list[float]], cost: StepCost,
+                draft_cost: Callable[[int], float] | None = None) -> list[int]:
     """How many tokens of each sequence's draft a step decodes. survival[i][j-1] is the chance that sequence
     i's first j draft tokens are all kept (never rising with j; its length is what the draft offers); every
     decoding sequence already has its next token in the step, which costs cost(tokens in the step). Draft
-    tokens are taken likeliest first, as many as give the step the most expected tokens per unit of time."""
+    tokens are taken likeliest first, as many as give the step the most expected tokens per unit of time.
+
+    `draft_cost`: where the drafts are still to be made by a draft model, which decodes a round per
+    position (every sequence drafting that far in one batch): a round of n sequences' time relative to
+    the step's one-token time; then the plan is how far each sequence drafts. None: drafts are free (a
+    lookup)."""
     m = len(survival)
     order = sorted(((p, j, i) for i, chances in enumerate(survival) for j, p in enumerate(chances)),
                    key=lambda g: (-g[0], g[1]))  # a sequence's j-th token never before its (j-1)-th
     best_rate, best_k = (m / cost(m) if m else 0.0), 0
-    tokens = float(m)
-    for k, (p, _, _) in enumerate(order, 1):
-        tokens += p
-        rate = tokens / cost(m + k)
-        if rate > best_rate * (1 + 1e-9):
-            best_rate, best_k = rate, k
-    take = [0] * m
-    for _, _, i in order[:best_k]:
-        take[i] += 1
-    return take
-
-
-def plan_model_drafts(survival: list[list[float]], cost: StepCost, draft_cost: Callable[[int], float]
-                      ) -> list[int]:
-    """How many tokens a draft model drafts for each sequence, which the next step then verifies. As
-    plan_drafts, but a drafted token also costs its draft step: the draft model decodes a round per
-    position, every sequence drafting that far in one batch, and `draft_cost(n)` is a round of n sequences'
-    time relative to the target's one-token step. survival[i][j-1]: the chance that sequence i's first j
-    draft tokens are all kept (its length is as far as it may draft)."""
-    m = len(survival)
-    order = sorted(((p, j, i) for i, chances in enumerate(survival) for j, p in enumerate(chances)),
-                   key=lambda g: (-g[0], g[1]))
-    best_rate, best_k = (m / cost(m) if m else 0.0), 0
-    tokens, drafting = float(m), [0] * (max(map(len, survival), default=0) + 1)  # sequences per round
-    rounds = 0.0  # the draft rounds' time so far
+    tokens, rounds = float(m), 0.0  # expected tokens; the draft rounds' time so far
+    drafting = [0] * (max(map(len, survival), default=0) + 1)  # sequences drafting in each round
     for k, (p, j, _) in enumerate(order, 1):
-        rounds += draft_cost(drafting[j] + 1) - draft_cost(drafting[j])
-        drafting[j] += 1
+        if draft_cost is not None:
+            rounds += draft_cost(drafting[j] + 1) - draft_cost(drafting[j])
+            drafting[j] += 1
         tokens += p
         rate = tokens / (rounds + cost(m + k))
         if rate > best_rate * (1 + 1e-9):
@@ -242,4 +226,4 @@ def relative_to(cost: StepCost, model: StepCost) -> Callable[[int], float]:
 def draft_model_can_pay(cost: StepCost, draft_cost: Callable[[int], float], max_draft: int) -> bool:
     """Whether a draft model that is always right pays for its rounds at one stream: if not, a plan never
     drafts with it (only `draft_min` would)."""
-    return plan_model_drafts([[1.0] * max_draft], cost, draft_cost) != [0]
+    return plan_drafts([[1.0] * max_draft], cost, draft_cost) != [0]
