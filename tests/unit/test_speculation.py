@@ -18,6 +18,7 @@ from laas.daemon.backends.speculation import (
     draft_model_can_pay,
     plan_drafts,
     relative_to,
+    split_cost,
 )
 
 
@@ -182,3 +183,18 @@ def test_acceptance_is_kept_apart_by_how_long_the_match_is() -> None:
     assert d.survival(8)[-1] == pytest.approx(PRIOR_ACCEPTANCE ** 8) and copying > PRIOR_ACCEPTANCE ** 8
     mid = NgramDrafter([*passage[:8], 9, *passage[:7]], max_draft=2)  # the output so far repeats 7 tokens
     assert mid.draft(room=2) == [passage[7], 9] and mid.kind == 1
+
+
+def test_a_step_costs_what_llama_cpps_equal_split_makes_of_it() -> None:
+    """A KV stream per sequence: llama.cpp decodes a step as sub-batches that take as many tokens from each
+    of their sequences, so a lone draft in company is a sub-batch of its own, and drafts of one length in
+    every sequence share one."""
+    assert split_cost([1], F16) == 1.0 and split_cost([9], F16) == F16(9)
+    assert split_cost([1, 1, 1, 1], F16) == F16(4)
+    assert split_cost([2, 1, 1, 1], F16) == pytest.approx(F16(4) + F16(1))
+    assert split_cost([2, 2, 2, 2], F16) == F16(8) < split_cost([5, 1, 1, 1], F16)
+    assert split_cost([5, 5, 1, 1], F16) == pytest.approx(F16(4) + F16(8))
+    assert split_cost([], F16) == 0.0
+    # So four streams take a draft token each where one stream alone would not draft at these odds.
+    assert plan_drafts([[0.8]] * 4, F16) == [1, 1, 1, 1]
+    assert plan_drafts([[0.8], [], [], []], F16) == [0, 0, 0, 0]
