@@ -300,9 +300,9 @@ class ModelRegistry:
     def _in_store(self, config: ModelConfig) -> ModelConfig:
         """`config` with its draft model's path (speculation_draft) made the real path of a file in the store:
         NotFound, naming the field, where it is not there (the model fails, not the daemon)."""
-        if config.speculation != "draft" or not config.speculation_draft:
+        if not config.draft_file:
             return config
-        draft = self._store.file_for(config.speculation_draft, field=f"models.{config.name}.speculation_draft")
+        draft = self._store.file_for(config.draft_file, field=f"models.{config.name}.speculation_draft")
         return config.model_copy(update={"speculation_draft": str(draft)})
 
     async def _locate(self, entry: ModelEntry) -> Path:

@@ -145,6 +145,12 @@ class ModelConfig(_Table, frozen=True):
         "GGUF, with speculation: draft tokens a step decodes at least where the lookup offers them; None: the "
         "daemon's `speculation_draft_min`."))
 
+    @property
+    def draft_file(self) -> str | None:
+        """`speculation_draft` where the model drafts with it (speculation "draft", as the catalogue resolves
+        it); None otherwise."""
+        return self.speculation_draft if self.speculation == "draft" else None
+
     @model_validator(mode="after")
     def _draft_model(self) -> Self:
         if self.speculation == "draft" and not self.speculation_draft:

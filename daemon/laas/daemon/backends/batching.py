@@ -172,10 +172,9 @@ class Scheduler(SlotScheduler):
             return self._model_drafts(decoding)
         drafters, drafts = [], []
         for seq in decoding:  # with speculation on, every sequence got a drafter when it started
-            assert seq.slot is not None and seq.drafter is not None
-            room = min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1)
+            assert seq.drafter is not None
             drafters.append(seq.drafter)
-            drafts.append(seq.drafter.draft(room))
+            drafts.append(seq.drafter.draft(self._room(seq)))
         if not any(drafts):
             return drafts
         take = plan_drafts([f.survival(len(d)) for f, d in zip(drafters, drafts, strict=True)], self._step_cost)
@@ -184,18 +183,23 @@ class Scheduler(SlotScheduler):
     def _model_drafts(self, decoding: list[Sequence]) -> list[list[int]]:
         """The draft model's drafts, as long as each sequence's record says pays for its draft rounds and
         its place in the step (speculation.plan_drafts), and never under `min_draft`."""
-        survival, rooms = [], []
-        for seq in decoding:
-            assert seq.slot is not None and seq.drafter is not None
-            room = min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1, self._max_draft)
-            rooms.append(max(room, 0))
-            survival.append(seq.drafter.survival(rooms[-1]))
+        rooms = [min(self._room(seq), self._max_draft) for seq in decoding]
+        survival = []
+        for seq, room in zip(decoding, rooms, strict=True):
+            assert seq.drafter is not None
+            survival.append(seq.drafter.survival(room))
         take = plan_drafts(survival, self._step_cost, self._draft_cost)
+        wants = []
+        for seq, k, room in zip(decoding, take, rooms, strict=True):
+            assert seq.slot is not None and seq.next_token is not None
+            wants.append((seq.slot.seq_id, seq.slot.tokens, seq.next_token, min(max(k, self._min_draft), room)))
         assert self._draft_model is not None
-        return self._draft_model.draft([
-            (seq.slot.seq_id, [*seq.slot.tokens, seq.next_token], min(max(k, self._min_draft), room))
-            for seq, k, room in zip(decoding, take, rooms, strict=True)
-            if seq.slot is not None and seq.next_token is not None])
+        return self._draft_model.draft(wants)
+
+    def _room(self, seq: Sequence) -> int:
+        """Draft tokens the sequence has room for: never past its context, nor past its output's length."""
+        assert seq.slot is not None
+        return max(0, min(self.n_ctx - len(seq.slot.tokens) - 2, seq.max_tokens - seq.completion - 1))
 
     def _verify(self, seq: Sequence, index: int, draft: list[int]) -> None:
         """Samples the outputs from `index` on in order, keeping each draft token the sample equals; the

@@ -10,7 +10,7 @@ the draft's likeliest token each time (a deterministic draft: the target's own s
 token is kept, so output is what plain decoding gives). A long prompt is caught up a chunk a step; until
 then the sequence decodes plainly.
 
-`compatible` says whether two loaded models share a vocabulary (a draft that does not cannot speak for
+`check_compatible` says whether two loaded models share a vocabulary (a draft that does not cannot speak for
 the target): the same kind of tokenizer, size, special tokens and the text of every token.
 """
 
@@ -43,15 +43,16 @@ class DraftModel:
     def free(self) -> None:
         self._lib.llama_batch_free(self._batch)
 
-    def draft(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
-        """For each (sequence id, the target's tokens with its next one last, tokens wanted): up to that many
-        tokens the draft model expects next ([] where it wants none, or has not caught up yet)."""
+    def draft(self, wants: list[tuple[int, list[int], int, int]]) -> list[list[int]]:
+        """For each (sequence id, the target's tokens, its next token, tokens wanted): up to that many tokens
+        the draft model expects next ([] where it wants none, or has not caught up yet)."""
         drafts: list[list[int]] = [[] for _ in wants]
         active: list[tuple[int, int]] = []  # (index in wants, its output's row in the batch)
         n, budget = 0, self._catch_up
-        for w, (seq_id, context, want) in enumerate(wants):
+        for w, (seq_id, tokens, next_token, want) in enumerate(wants):
             if want <= 0:
                 continue
+            context = [*tokens, next_token]  # copied only where it drafts: the plan often says none
             held = self._held[seq_id]
             keep = min(common_prefix(held, context), len(context) - 1)  # the last is evaluated for its logits
             if len(held) > keep:
@@ -79,7 +80,7 @@ class DraftModel:
                 token = self._likeliest(row)
                 draft = drafts[w]
                 draft.append(token)
-                if len(draft) < wants[w][2]:
+                if len(draft) < wants[w][3]:
                     seq_id = wants[w][0]
                     held = self._held[seq_id]
                     self._put(n, token, len(held), seq_id, True)

@@ -72,11 +72,11 @@ def describe(path: Path, config: ModelConfig) -> Described:
 
 def _draft_header(config: ModelConfig) -> GgufHeader | None:
     """The draft model's header (read as the model's is: a hostile file fails here, not in llama.cpp)."""
-    if config.speculation != "draft" or not config.speculation_draft:
+    if not config.draft_file:
         return None
-    header = read_gguf_header(Path(config.speculation_draft))
+    header = read_gguf_header(Path(config.draft_file))
     if _embeds(header):
-        raise ModelLoadError(f"speculation_draft {Path(config.speculation_draft).name} is an embedding model, not "
+        raise ModelLoadError(f"speculation_draft {Path(config.draft_file).name} is an embedding model, not "
                              "one that generates")
     return header
 
@@ -105,7 +105,7 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
                                  flash_attn=config.flash_attn or "auto", speculation=config.speculation or "off",
                                  draft_min=config.speculation_draft_min or 0,
-                                 draft_path=Path(config.speculation_draft) if config.speculation_draft else None,
+                                 draft_path=Path(config.draft_file) if config.draft_file else None,
                                  decode_loop=shared.decode_loop)
 
 
