@@ -11,7 +11,6 @@ way, so the comparison is exact.)"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import httpx
 import pytest
 
 from laas.core.errors import ModelLoadError
-from laas.core.types import Constraint, ConstraintKind
 from laas.daemon.backends.gguf import GgufEngine
 from laas.daemon.gguf_header import read_gguf_header
 from tests.conftest import link_or_copy
@@ -27,7 +25,14 @@ from tests.daemon_process import DaemonProcess
 from tests.gguf_convert import requantize
 from tests.gguf_edit import edit_gguf
 from tests.integration.test_metrics import _stats
-from tests.integration.test_speculation import PASSAGE, TASKS, _request, _run, in_company
+from tests.integration.test_speculation import (
+    TASKS,
+    _request,
+    _run,
+    constrained_like_plain,
+    in_company,
+    say_what_plain_says,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -55,13 +60,7 @@ async def engines(target_file: Path, model_file: Path) -> AsyncIterator[tuple[Gg
 async def test_greedy_output_is_plain_decodings_and_drafts_are_kept(engines: tuple[GgufEngine, GgufEngine]) -> None:
     plain, spec = engines
     before = spec.stats()
-    for task in TASKS:
-        request = await _request(plain, task)
-        want, want_done, _ = await _run(plain, request)
-        got, done, _ = await _run(spec, request)
-        assert got == want, task
-        assert (done.finish_reason, done.usage.completion_tokens) == (want_done.finish_reason,
-                                                                      want_done.usage.completion_tokens)
+    await say_what_plain_says(plain, spec, TASKS)
     after = spec.stats()
     drafted, kept = after.draft_tokens - before.draft_tokens, after.draft_accepted - before.draft_accepted
     decoded = after.decoded_tokens - before.decoded_tokens
@@ -86,14 +85,7 @@ async def test_seeded_sampling_logprobs_and_constraints_are_unchanged(engines: t
     want, _, want_lp = await _run(plain, request)
     got, _, got_lp = await _run(spec, request)
     assert (got, got_lp) == (want, want_lp)
-    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
-              "additionalProperties": False}
-    constrained = await _request(plain, f"Answer in JSON with the key text holding this text:\n\n{PASSAGE}",
-                                 max_tokens=100, constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
-    want, _, _ = await _run(plain, constrained)
-    got, _, _ = await _run(spec, constrained)
-    assert got == want
-    json.loads(got)
+    await constrained_like_plain(plain, spec, max_tokens=100)
 
 
 async def test_a_draft_without_the_models_vocabulary_is_refused(target_file: Path, model_file: Path,

@@ -72,16 +72,21 @@ async def _run(engine: GgufEngine, request: GenerationRequest) -> tuple[str, Com
     return "".join(text), done, logprobs
 
 
-async def test_greedy_output_is_plain_decodings_and_drafts_are_kept(engines: tuple[GgufEngine, GgufEngine]) -> None:
-    plain, spec = engines
-    before = spec.stats()
-    for task in TASKS:
+async def say_what_plain_says(plain: GgufEngine, spec: GgufEngine, tasks: tuple[str, ...]) -> None:
+    """Each task, greedy, says on `spec` what it says on `plain`, and ends the same way after as many tokens."""
+    for task in tasks:
         request = await _request(plain, task)
         want, want_done, _ = await _run(plain, request)
         got, done, _ = await _run(spec, request)
         assert got == want, task
         assert (done.finish_reason, done.usage.completion_tokens) == (want_done.finish_reason,
                                                                       want_done.usage.completion_tokens)
+
+
+async def test_greedy_output_is_plain_decodings_and_drafts_are_kept(engines: tuple[GgufEngine, GgufEngine]) -> None:
+    plain, spec = engines
+    before = spec.stats()
+    await say_what_plain_says(plain, spec, TASKS)
     after = spec.stats()
     assert plain.stats().draft_tokens == 0
     kept = after.draft_accepted - before.draft_accepted
@@ -150,11 +155,16 @@ async def test_seeded_sampling_penalties_and_logprobs_are_unchanged(engines: tup
 
 
 async def test_a_constrained_stream_speculates_within_its_grammar(engines: tuple[GgufEngine, GgufEngine]) -> None:
-    plain, spec = engines
+    await constrained_like_plain(*engines, max_tokens=120)
+
+
+async def constrained_like_plain(plain: GgufEngine, spec: GgufEngine, *, max_tokens: int) -> None:
+    """A JSON-schema stream says on `spec` what it says on `plain`, and the grammar ends it complete."""
     schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
               "additionalProperties": False}
     request = await _request(plain, f"Answer in JSON with the key text holding this text:\n\n{PASSAGE}",
-                             max_tokens=120, constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
+                             max_tokens=max_tokens,
+                             constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
     want, _, _ = await _run(plain, request)
     got, _, _ = await _run(spec, request)
     assert got == want
