@@ -198,16 +198,19 @@ class ModelRegistry:
             entry.residency.failed(str(e))
             log.error("model %s cannot be served: %s", entry.name, e)
 
-    def _describe_file(self, entry: ModelEntry, path: Path) -> Described:
+    def _describe_file(self, entry: ModelEntry, path: Path) -> tuple[Described, ModelConfig]:
+        """What the file takes loaded, and the config that was described: the one to load it with (its draft
+        model's path resolved in the store once, and the parallel in force)."""
         backend = backend_for(entry.config)
-        described = backend.describe(path, self._in_store(entry.spec.load_config))
+        config = self._in_store(entry.spec.load_config)
+        described = backend.describe(path, config)
         if entry.spec.parallel == 0:  # automatic: from the KV cache a sequence needs and the memory budget
             parallel = auto_parallel(described.memory_bytes, described.kv_bytes_per_sequence, self.budget_bytes)
             entry.resolve_parallel(parallel)
             if parallel > 1:
-                described = backend.describe(path, self._in_store(entry.load_config))
+                described = backend.describe(path, config.model_copy(update={"parallel": entry.parallel}))
         entry.residency.described(described.info)
-        return described
+        return described, config.model_copy(update={"parallel": entry.parallel})  # entry.load_config, in the store
 
     async def load(self, entry: ModelEntry) -> None:
         """Loads a model if it is not loaded (start, reload); its idle time starts now. Errors are not
@@ -250,10 +253,9 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             path = await self._locate(entry)
-            described = await asyncio.to_thread(self._describe_file, entry, path)
+            described, config = await asyncio.to_thread(self._describe_file, entry, path)
             residency.reserve(described.memory_bytes)
             await self._make_room(entry, described.memory_bytes)
-            config = await asyncio.to_thread(self._in_store, entry.load_config)
             engine = await self._loader(path, described, config, entry.spec.threads)
         except MemoryBudgetExceeded:
             residency.not_loaded()

@@ -162,17 +162,17 @@ class GgufEngine(Engine):
                 await asyncio.to_thread(loop.stop)
             raise
         specials = await asyncio.to_thread(special_texts, model)
-        if step_cost is not None:
+        if step_cost is not None:  # timed: speculation is on (a draft model is loaded only then)
             kind = "prompt-lookup" if draft is None or draft_path is None else f"draft-model ({draft_path.name})"
             log.info("%s: %s speculation on; a step's time by its tokens here (one token: %.1f ms): %s",
                      path.name, kind, step_cost.seconds * 1000, step_cost.describe())
-        if draft is not None and step_cost is not None:
-            log.info("%s: the draft model's step (one token: %.1f ms): %s", path.name, draft[1].seconds * 1000,
-                     draft[1].describe())
-            if not draft_model_can_pay(step_cost, relative_to(draft[1], step_cost), DRAFT_MODEL_MAX):
-                log.warning("%s: its draft model's step costs %.2f of its own here, too much to pay even when every "
-                            "draft is kept: it drafts only what speculation_draft_min asks (%d)", path.name,
-                            draft[1].seconds / step_cost.seconds, draft_min)
+            if draft is not None:
+                log.info("%s: the draft model's step (one token: %.1f ms): %s", path.name,
+                         draft[1].seconds * 1000, draft[1].describe())
+                if not draft_model_can_pay(step_cost, relative_to(draft[1], step_cost), DRAFT_MODEL_MAX):
+                    log.warning("%s: its draft model's step costs %.2f of its own here, too much to pay even when "
+                                "every draft is kept: it drafts only what speculation_draft_min asks (%d)",
+                                path.name, draft[1].seconds / step_cost.seconds, draft_min)
         return cls(model, ctx, header, n_ctx, parallel=parallel, n_batch=n_batch, prefill_chunk=prefill_chunk,
                    template=template, specials=specials, decode_loop=loop, owns_loop=owns_loop,
                    max_draft=(DRAFT_MODEL_MAX if draft else DRAFT_MAX) if drafts else 0, min_draft=draft_min,
