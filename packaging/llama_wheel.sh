@@ -6,6 +6,8 @@
 # says why. Wheels are kept in $LAAS_WHEEL_CACHE (default ~/.cache/laas/wheels) under a key naming the
 # version, the flags and (native) the CPU: a wheel built with other flags or for another CPU is never
 # taken, and pip's own cache is bypassed (it reuses a wheel whatever the build flags say).
+# laas' patches to the vendored llama.cpp (packaging/patches/*.patch, each saying why) are applied to
+# the sdist's tree before the build; their digests are part of the key.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 kind=${1:?usage: llama_wheel.sh native|portable [PYTHON]}
@@ -19,7 +21,7 @@ project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 deps = [*project["dependencies"], *(d for extra in project.get("optional-dependencies", {}).values() for d in extra)]
 print(next(re.fullmatch(r"llama-cpp-python==(\S+)", d).group(1) for d in deps if d.startswith("llama-cpp-python==")))
 ' "$repo/pyproject.toml")
-eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" "$kind" --version "$version")"
+eval "$("$python" "$repo/daemon/laas/daemon/native_build.py" "$kind" --version "$version" --patches "$repo/packaging/patches")"
 cache=${LAAS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/laas/wheels}
 dir=$cache/$LLAMA_BUILD_KEY
 wheel=$(find "$dir" -maxdepth 1 -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n1 || true)
@@ -27,10 +29,21 @@ if [ -z "$wheel" ]; then
   log "building llama-cpp-python $version ($kind: ${LLAMA_CMAKE_ARGS} ${LLAMA_CFLAGS}); several minutes on 2 cores"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
+  "$python" -m pip download -q --no-deps --no-cache-dir --no-binary llama-cpp-python --dest "$tmp/sdist" \
+    "llama-cpp-python==$version" >&2
+  tar -xzf "$tmp/sdist/llama_cpp_python-$version.tar.gz" -C "$tmp"
+  src=$tmp/llama_cpp_python-$version
+  applied=()
+  while IFS= read -r patch; do
+    [ -n "$patch" ] || continue
+    log "patching llama.cpp: $(basename "$patch")"
+    patch -p1 --forward --batch --silent -d "$src" < "$patch" >&2 \
+      || { log "$(basename "$patch") does not apply to llama-cpp-python $version: update or drop it"; exit 1; }
+    applied+=("$(basename "$patch")")
+  done <<< "$LLAMA_PATCHES"
   CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CFLAGS="$LLAMA_CFLAGS" CXXFLAGS="$LLAMA_CFLAGS" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "$python" -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
-    --config-settings=build-dir="$tmp/build" "llama-cpp-python==$version" -w "$tmp" >&2
+    "$python" -m pip wheel -q --no-deps --no-cache-dir --config-settings=build-dir="$tmp/build" "$src" -w "$tmp" >&2
   mkdir -p "$dir"
   # A portable build's CPU variants (libggml-cpu-<variant>.so) are built but not put into the wheel by
   # llama-cpp-python's install rules: they are kept beside it, and the .deb puts them beside libllama.so.
@@ -40,7 +53,8 @@ if [ -z "$wheel" ]; then
   fi
   mv "$tmp"/llama_cpp_python-*.whl "$dir/"
   printf '%s\n' "key=$LLAMA_BUILD_KEY" "cmake_args=$LLAMA_CMAKE_ARGS" "cflags=$LLAMA_CFLAGS" \
-    "excluded_variants=$LLAMA_EXCLUDED_VARIANTS" > "$dir/build.txt"
+    "excluded_variants=$LLAMA_EXCLUDED_VARIANTS" "patches=${applied[*]}" \
+    > "$dir/build.txt"
   wheel=$(find "$dir" -maxdepth 1 -name 'llama_cpp_python-*.whl' | head -n1)
 fi
 echo "$wheel"

@@ -28,6 +28,7 @@ missing=()
 PY=$(find_python) || missing+=(python3 python3-venv python3-dev)
 command -v cc >/dev/null && command -v c++ >/dev/null || missing+=(build-essential)
 command -v cmake >/dev/null || missing+=(cmake)
+command -v patch >/dev/null || missing+=(patch)  # laas' patches to llama.cpp (packaging/patches)
 command -v git >/dev/null || missing+=(git)
 # Packaging and its tests (issue 6): systemd-analyze for the unit, the system python3 with venv for the
 # .deb's virtual environment, lintian, bubblewrap and setpriv for the sandboxed run, adduser for dpkg -i.

@@ -6,10 +6,11 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from laas.daemon.doctor import effective_config, mask
-from laas.daemon.native_build import NO_AMX, cpu_flags, cpu_model, native_build, portable_build
+from laas.daemon.native_build import NO_AMX, cpu_flags, cpu_model, native_build, patches_in, portable_build
 from laas.daemon.native_probe import PROBE_TIMEOUT_S, interpret, probe_command, probe_timeout
 from laas.daemon.settings import RemoteConfig, Settings
 
@@ -72,8 +73,26 @@ def test_the_script_prints_shell_assignments() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "daemon/laas/daemon/native_build.py"), "native",
                           "--version", "0.3.36"], capture_output=True, text=True, check=True).stdout
     names = {line.split("=", 1)[0] for line in out.splitlines()}
-    assert names == {"LLAMA_CMAKE_ARGS", "LLAMA_CFLAGS", "LLAMA_BUILD_KEY", "LLAMA_EXCLUDED_VARIANTS"}
+    assert names == {"LLAMA_CMAKE_ARGS", "LLAMA_CFLAGS", "LLAMA_BUILD_KEY", "LLAMA_EXCLUDED_VARIANTS", "LLAMA_PATCHES"}
     assert "LLAMA_BUILD_KEY=0.3.36-native-" in out
+    assert "LLAMA_PATCHES=''" in out  # none unless asked (llama_wheel.sh passes --patches packaging/patches)
+
+
+def test_a_build_is_keyed_by_its_patches_contents(tmp_path: Path) -> None:
+    (tmp_path / "b.patch").write_text("second\n")
+    (tmp_path / "a.patch").write_text("first\n")
+    (tmp_path / "notes.txt").write_text("not a patch\n")
+    assert [p.name for p in patches_in(tmp_path)] == ["a.patch", "b.patch"]  # applied in name order
+    plain = native_build("x86_64", cpu_flags(ZEN4))
+    patched = replace(plain, patches=patches_in(tmp_path))
+    key = patched.key("0.3.36")
+    assert key != plain.key("0.3.36")  # a wheel built without the patches is never taken
+    (tmp_path / "b.patch").write_text("second, changed\n")
+    assert replace(plain, patches=patches_in(tmp_path)).key("0.3.36") != key  # nor one with an older patch
+    assert patched.env("0.3.36")["LLAMA_PATCHES"].splitlines() == [str(tmp_path / "a.patch"), str(tmp_path / "b.patch")]
+    out = subprocess.run([sys.executable, str(ROOT / "daemon/laas/daemon/native_build.py"), "portable", "--version",
+                          "0.3.36", "--patches", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "a.patch" in out and "notes.txt" not in out
 
 
 def test_a_dead_native_check_names_the_cause_and_the_fix() -> None:

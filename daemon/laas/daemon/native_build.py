@@ -16,8 +16,12 @@ Two builds:
   `GGML_CPU_ALL_VARIANTS`) and the best one the running CPU supports is picked at load time. The
   AMX variant (`sapphirerapids`) is left out of the package for the same reason as above.
 
-The build key names a build exactly (version, kind, flags and, for a native build, the CPU it was
-made for), so a wheel built with other flags or for another CPU is never reused for this one.
+Both builds carry laas' own patches to the vendored llama.cpp (`packaging/patches/*.patch`, applied
+by llama_wheel.sh before it builds; each says what it changes and why).
+
+The build key names a build exactly (version, kind, flags, the patches' digests and, for a native
+build, the CPU it was made for), so a wheel built with other flags, other patches or for another CPU
+is never reused for this one.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import platform
 import shlex
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Compiler flags that keep ggml's AMX kernels out of a native x86-64 build (ggml-org/llama.cpp#26954).
@@ -51,18 +55,21 @@ class Build:
     cflags: tuple[str, ...]
     excluded_variants: tuple[str, ...]
     cpu: str  # the CPU a native build is made for ("" for portable)
+    patches: tuple[Path, ...] = ()  # applied to the sdist's tree, in this order, before the build
 
     def key(self, version: str) -> str:
         """A name for this build of llama-cpp-python `version`: equal keys, interchangeable wheels."""
+        digests = (f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in self.patches)
         spec = "\n".join((version, self.kind, self.machine, *self.cmake_args, *self.cflags,
-                          *self.excluded_variants, self.cpu))
+                          *self.excluded_variants, self.cpu, *digests))
         return f"{version}-{self.kind}-{self.machine}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
     def env(self, version: str) -> dict[str, str]:
         """The variables setup.sh and build.sh build with (CMAKE_ARGS and the C/C++ flags pip passes on)."""
         flags = " ".join(self.cflags)
         return {"LLAMA_CMAKE_ARGS": " ".join(self.cmake_args), "LLAMA_CFLAGS": flags,
-                "LLAMA_BUILD_KEY": self.key(version), "LLAMA_EXCLUDED_VARIANTS": " ".join(self.excluded_variants)}
+                "LLAMA_BUILD_KEY": self.key(version), "LLAMA_EXCLUDED_VARIANTS": " ".join(self.excluded_variants),
+                "LLAMA_PATCHES": "\n".join(str(p) for p in self.patches)}  # a path a line
 
 
 def cpu_flags(cpuinfo: str) -> frozenset[str]:
@@ -113,6 +120,11 @@ def portable_build(machine: str) -> Build:
                  excluded_variants=EXCLUDED_VARIANTS.get(machine, ()), cpu="")
 
 
+def patches_in(folder: Path) -> tuple[Path, ...]:
+    """The patches in `folder`, in name order (absolute paths)."""
+    return tuple(sorted(p.resolve() for p in folder.glob("*.patch")))
+
+
 def this_machine() -> tuple[str, frozenset[str], str]:
     """(machine, CPU flags, CPU model) of the running machine."""
     try:
@@ -126,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="llama.cpp build flags for this machine, as shell assignments")
     parser.add_argument("kind", choices=("native", "portable"))
     parser.add_argument("--version", required=True, help="the llama-cpp-python version to build")
+    parser.add_argument("--patches", type=Path, metavar="DIR", help="apply DIR/*.patch (in name order)")
     args = parser.parse_args(argv)
     machine, flags, _model = this_machine()
     build = native_build(machine, flags) if args.kind == "native" else portable_build(machine)
+    if args.patches:
+        build = replace(build, patches=patches_in(args.patches))
     for name, value in build.env(args.version).items():
         print(f"{name}={shlex.quote(value)}")
     return 0
