@@ -3,7 +3,7 @@
 Run as a script (in a process of its own: ggml's CPU threads stay out of the test runner):
   python tests/ggml_matmul.py K ROWS COLS [SEED]
 prints one JSON object: whether the batched product is bit for bit the one-column products (on x86 with
-AVX2, ggml takes two rows by two columns at a time when ROWS and COLS are even: laas' patch,
+AVX2, ggml takes two rows by two columns at a time, a chunk's odd last column alone: laas' patch,
 packaging/patches/ggml-cpu-q4_1-dot-2x2-x86.patch; a one-column product always takes one by one), and
 the largest error of the batched product against float64 over the dequantized weights.
 """

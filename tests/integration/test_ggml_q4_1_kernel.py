@@ -3,8 +3,9 @@ build carries it, and a Q4_1 matrix times a batch comes out bit for bit as one c
 keeps batched decoding's answers those of upstream's kernel.
 
 Through the installed llama.cpp's own ggml (tests/ggml_matmul.py, in a process of its own), with shapes
-that take the two-by-two path (even rows and columns: a batch of 2, 4 or 6 sequences) and one that does not
-(3 columns), and rows that are not a multiple of ggml's 16-row blocks.
+that take the two-by-two path (even rows and columns: a batch of 2, 4 or 6 sequences), odd batches (3
+sequences, a prompt of 33 tokens: two by two but for the last column of a chunk), and rows that are not a
+multiple of ggml's 16-row blocks.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def test_the_installed_llama_cpp_is_built_with_laas_patches() -> None:
     (576, 1536, 4, 0),  # the default model's MLP up-projection, four sequences
     (1536, 576, 2, 1),  # its down-projection, two
     (576, 50, 6, 2),  # rows not a multiple of 16, six
-    (576, 64, 3, 3),  # an odd batch: one by one throughout
+    (576, 64, 3, 3),  # an odd batch: two by two, the last column alone
+    (576, 1536, 33, 4),  # a prompt: chunks of 16 columns, the last of one
 ])
 def test_a_q4_1_batch_is_bit_for_bit_one_column_at_a_time(k: int, rows: int, cols: int, seed: int) -> None:
     result = _matmul(k, rows, cols, seed)
