@@ -161,7 +161,7 @@ def _write_home(home: Path, model: Path, threads: int, parallel: int, flash_attn
             ModelStore(store).add_file(model)
     config = home / "laasd.toml"
     config.write_text(f"threads = {threads}\nparallel = {parallel}\nmax_queue = 16\n"
-                      f"flash_attn = \"{flash_attn}\"\n"
+                      f"flash_attn = \"{flash_attn}\"\nspeculation = \"off\"\n"  # plain decoding, as llama-bench
                       f"default_model = \"bench\"\n[[models]]\nname = \"bench\"\npath = \"{model.name}\"\n"
                       f"context_length = {CTX}\nkv_tokens = {KV_TOKENS}\n")
     return config

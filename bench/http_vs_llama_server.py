@@ -6,10 +6,11 @@ streamed /v1/chat/completions over HTTP read by the same client code (httpx, one
   - llama-server -np 4 -c 4*CTX (CTX a slot), built from the llama.cpp that the installed llama-cpp-python
     vendors (`bench/build_llama_bench.sh llama-server`), otherwise at its defaults (flash attention auto);
   - laasd with `parallel = 4` (continuous batching, CTX a slot: kv_tokens = 4*CTX), as bench/batching.py
-    configures it;
-  - laasd at its defaults (parallel automatic: 4 for this model; --no-defaults skips it);
+    configures it, and `speculation = "off"`: plain decoding, as llama-server decodes at its defaults;
+  - laasd at its defaults (parallel automatic: 4 for this model; speculation "ngram"; --no-defaults skips it);
   - with --parallel-1, laasd with `parallel = 1` (the streams queue: the single-stream reference the
-    automatic default must keep 0.97x of); with --flash-attn on|off, laasd `parallel = 4` with that setting.
+    automatic default must keep 0.97x of); with --flash-attn on|off, laasd `parallel = 4` with that setting
+    (both plain decoding too).
 Rounds alternate (the contenders' order rotates each round, so a slow stretch of the host hits all); a
 level starts its streams at once, each with a distinct first word (no prompt cache helps). Per level and
 contender: aggregate tokens/s (all tokens / wall time) and the median time to first token (from sending the
@@ -174,7 +175,7 @@ def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | 
             os.link(file, store / file.name)
         except OSError:
             ModelStore(store).add_file(file)
-    batching = f"parallel = {parallel}\nmax_queue = 16\n" if parallel else ""
+    batching = f"parallel = {parallel}\nmax_queue = 16\nspeculation = \"off\"\n" if parallel else ""
     kv = f"kv_tokens = {ctx * parallel}\n" if parallel else ""
     config = home / "laasd.toml"
     config.write_text(f"threads = {threads}\n{batching}{extra}default_model = \"bench\"\n"

@@ -7,8 +7,8 @@ the model ends it or at --tokens. The same model file (the default GGUF model), 
 slot for every contender:
   - llama-server -np 4 (plain), and with --spec-type ngram-simple at its defaults (a 12-token lookup,
     48-token drafts) and with a 3-token lookup and 16-token drafts (laasd's lookup size);
-  - laasd at its defaults (parallel automatic, speculation off: plain decoding), and with
-    speculation = "ngram";
+  - laasd with speculation = "off" (parallel automatic: plain decoding), and at its defaults (parallel
+    automatic, speculation = "ngram");
   - llama-bench's tg figure for --tokens tokens (plain decoding, no server), as a reference line.
 Rounds alternate (the order rotates each round); a level starts its streams at once, each on its own
 task and passage and with a distinct first line (no response cache helps; the shared system prompt is
@@ -195,7 +195,7 @@ def main() -> int:
                 server = LlamaServer(binary, model, args.threads, args.ctx, root / f"{len(running)}.log", extra)
                 running.append(server)
                 urls[name] = server.wait_ready().url
-            laasds = [("laasd defaults", "", None), ("laasd speculation=ngram", 'speculation = "ngram"\n', None)]
+            laasds = [("laasd speculation=off", 'speculation = "off"\n', None), ("laasd defaults (ngram)", "", None)]
             if args.draft:
                 laasds.append((DRAFT_OURS, "", draft))
             for name, setting, drafter in laasds:
@@ -224,7 +224,7 @@ def main() -> int:
             for server in running:
                 server.stop()
 
-    plain, spec, theirs = "laasd defaults", "laasd speculation=ngram", "llama-server"
+    plain, spec, theirs = "laasd speculation=off", "laasd defaults (ngram)", "llama-server"
     print(f"\n{'contender':34} {'streams':>7} {'agg tok/s':>10} {'decode tok/s':>12} {'TTFT p50 ms':>11} "
           f"{'tokens':>6}   agg tok/s per round")
     if tg is not None:

@@ -100,12 +100,13 @@ async def test_a_draft_without_the_models_vocabulary_is_refused(target_file: Pat
 def test_the_daemon_serves_a_model_with_its_draft(start_daemon: Callable[..., DaemonProcess], target_file: Path,
                                                   model_file: Path, make_home: Callable[..., Path]) -> None:
     """[[models]] speculation_draft names a file in the store: the daemon loads both (in the model's runner),
-    answers over HTTP what the model answers undrafted, and counts the drafts in the metrics. A draft that is
-    not in the store fails that model with the field named, and the daemon serves the others."""
+    answers over HTTP what the model answers undrafted (speculation off), and counts the drafts in the
+    metrics. A draft that is not in the store fails that model with the field named, and the daemon serves
+    the others."""
     home = make_home()
     link_or_copy(target_file, home / "models" / target_file.name)
     table = f'[[models]]\nname = "{{name}}"\npath = "{target_file.name}"\ncontext_length = 1024\nparallel = 2\n'
-    config = (table.format(name="q8") + table.format(name="q8-drafted")
+    config = (table.format(name="q8") + 'speculation = "off"\n' + table.format(name="q8-drafted")
               + f'speculation_draft = "{model_file.name}"\nspeculation_draft_min = 4\n'
               + table.format(name="q8-lost") + 'speculation_draft = "missing.gguf"\n')
     daemon = start_daemon(config, home=home)

@@ -71,8 +71,10 @@ def test_a_model_loads_on_first_use_and_evicts_the_idle_one(start_daemon: Callab
         models = {m.name: m for m in client.models()}
         a, b = models["a"], models["b"]
         assert (a.state, b.state) == ("ready", "not_loaded")
-        # The estimate, or the runner's resident memory when that is more (runners/, the default)
-        assert need <= a.memory_bytes < need + (100 << 20) and b.memory_bytes == 0
+        # The estimate, or the runner's resident memory when that is more (runners/, the default): the
+        # runner's own interpreter and libraries (about 50 MiB), and the buffers that speculation's step
+        # timing at load (decodes of up to 49 tokens) touches, as a first long request would.
+        assert need <= a.memory_bytes < need + (128 << 20) and b.memory_bytes == 0
         assert b.context_length == CTX and b.size_bytes == a.size_bytes  # from the header, before loading
         assert 290 < a.unloads_in_s <= 300 and a.keep_alive_s == 300
         first = client.complete(PROMPT, model="b", max_tokens=8, temperature=0, ignore_eos=True)

@@ -116,12 +116,12 @@ def test_a_runner_killed_mid_stream_fails_its_model_only_and_restarts(
 
 def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarting(
         start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Any]) -> None:
-    """With speculation off (the default) nothing decodes at load: the first request's decode aborts the runner."""
+    """With speculation off nothing decodes at load: the first request's decode aborts the runner."""
     home = make_home()
     edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", ODD_ROPE)
     daemon = start_daemon('runner_max_crashes = 2\nrunner_restart_backoff_s = 0.05\n'
-                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n',
-                          home=home)
+                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n'
+                          'speculation = "off"\n', home=home)
     with Client(daemon.target) as client:
         for _ in range(2):  # the first decode aborts the runner; the next request restarts it, once
             error = _error(lambda: client.generate("Hello", model="odd-rope", max_tokens=4))
@@ -143,14 +143,14 @@ def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarti
 
 def test_a_crafted_gguf_that_aborts_at_its_first_decode_fails_at_load_where_the_step_cost_is_timed(
         start_daemon: Callable[..., DaemonProcess], make_home: Callable[..., Any]) -> None:
-    """speculation = "ngram" times decode steps while the model loads (backends/batching.py
+    """speculation = "ngram" (the default) times decode steps while the model loads (backends/batching.py
     time_step_cost), so the crafted file aborts its runner during the load: the model fails to load with
     the cause, no stream was ever started on it, and it stays failed (no load loop) until its file changes."""
     home = make_home()
     edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", ODD_ROPE)
     daemon = start_daemon('runner_max_crashes = 2\nrunner_restart_backoff_s = 0.05\n'
-                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n'
-                          'speculation = "ngram"\n', home=home)
+                          '[[models]]\nname = "odd-rope"\npath = "odd-rope.gguf"\ncontext_length = 512\n',
+                          home=home)
     with Client(daemon.target) as client:
         for _ in range(3):
             error = _error(lambda: client.generate("Hello", model="odd-rope", max_tokens=4))

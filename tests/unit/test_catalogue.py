@@ -77,4 +77,4 @@ def test_a_draft_model_turns_on_draft_speculation_unless_the_model_says_otherwis
                      ModelConfig(name="c", path="a.gguf"))
     assert cat.models["a"].load_config.speculation == "draft" and cat.models["a"].config.speculation is None
     assert cat.models["b"].load_config.speculation == "off"
-    assert cat.models["c"].load_config.speculation == "off"  # the daemon's default
+    assert cat.models["c"].load_config.speculation == "ngram"  # the daemon's default

@@ -457,7 +457,7 @@ def test_every_field_is_described(model: type[Settings | ModelConfig | RemoteCon
 CHANGED: dict[str, object] = {
     "listen": "127.0.0.1:1", "http_listen": ("127.0.0.1:2",), "home": Path("/elsewhere"), "default_model": "m",
     "models": (ModelConfig(name="m", path="m.gguf"),), "remotes": (RemoteConfig(name="r", url="h:1", kind="peer"),),
-    "aliases": (("a", "m"),), "threads": 97, "max_queue": 3, "parallel": 2, "flash_attn": "on", "speculation": "ngram",
+    "aliases": (("a", "m"),), "threads": 97, "max_queue": 3, "parallel": 2, "flash_attn": "on", "speculation": "off",
     "speculation_draft_min": 2,
     "keep_alive_s": -1.0, "memory_budget_mb": 64, "engine_isolation": "in_process", "runner_max_crashes": 5,
     "runner_restart_backoff_s": 0.5, "preload": "all", "default_max_tokens": 9, "drain_grace_s": 1.5,

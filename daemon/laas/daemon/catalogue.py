@@ -46,7 +46,7 @@ class ModelDefaults:
     keep_alive_s: float = 300.0
     threads: int = 1
     flash_attn: str = "auto"
-    speculation: str = "off"
+    speculation: str = "ngram"
     speculation_draft_min: int = 0
 
     @staticmethod
@@ -65,7 +65,7 @@ class ModelSpec:
     keep_alive_s: float  # the model's idle seconds before unloading (< 0 never, 0 at once)
     threads: int
     flash_attn: str
-    speculation: str = "off"
+    speculation: str = "ngram"
     speculation_draft_min: int = 0
     fetch: bool = False  # the built-in default model: fetched into the store when missing
 

@@ -250,12 +250,12 @@ class Settings(_Frozen, BaseSettings, frozen=True):  # type: ignore[misc]
     flash_attn: Literal["auto", "on", "off"] = Field(default="auto", json_schema_extra=RESTART, description=(
         "GGUF: llama.cpp's flash attention kernel: on, off, or auto (llama.cpp's choice: on where the model's "
         "layers support it, every model on a CPU)."))
-    speculation: Literal["ngram", "off"] = Field(default="off", json_schema_extra=RESTART, description=(
-        "GGUF: speculative decoding. ngram: prompt lookup (drafts copied from the prompt and the output so far, "
-        "verified in the same batch step; output as without it), a draft token decoded only where its measured "
-        "acceptance pays for its cost in the step, timed at load; off (the default: on the default model on a "
-        "small CPU a drafted token costs most of a step: ngram measured level with plain decoding there, and 2.04x "
-        "with F16 weights). Per model, speculation_draft drafts with a smaller model instead."))
+    speculation: Literal["ngram", "off"] = Field(default="ngram", json_schema_extra=RESTART, description=(
+        "GGUF: speculative decoding. ngram (the default): prompt lookup (drafts copied from the prompt and the "
+        "output so far, verified in the same batch step; output as without it), a draft token decoded only where "
+        "its measured acceptance pays for its cost in the step, timed at load (about a second), so where drafts "
+        "do not pay it drafts nothing; off: plain decoding. Per model, speculation_draft drafts with a smaller "
+        "model instead."))
     speculation_draft_min: Int = Field(default=0, ge=0, le=48, json_schema_extra=RESTART, description=(
         "GGUF, with speculation: draft tokens a step decodes at least wherever the lookup offers them, whatever "
         "the measured cost says (llama-server's --draft-min); 0: only what the plan expects to pay."))

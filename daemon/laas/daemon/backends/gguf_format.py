@@ -103,7 +103,7 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
         return await GgufEmbeddingEngine.load(path, header, context_length=config.context_length, threads=threads)
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
-                                 flash_attn=config.flash_attn or "auto", speculation=config.speculation or "off",
+                                 flash_attn=config.flash_attn or "auto", speculation=config.speculation or "ngram",
                                  draft_min=config.speculation_draft_min or 0,
                                  draft_path=Path(config.draft_file) if config.draft_file else None,
                                  decode_loop=shared.decode_loop)
