@@ -53,8 +53,10 @@ def main() -> int:
         (home / "models").mkdir()
         os.link(model, home / "models" / model.name)
         config = home / "laasd.toml"
-        config.write_text(f'threads = {args.threads}\npreload = "none"\ndefault_model = "a"\n' + "".join(
-            f'[[models]]\nname = "{n}"\npath = "{model.name}"\ncontext_length = 2048\n' for n in ("a", "b")))
+        # Plain decoding: what is measured is two models sharing the decode thread, not speculation.
+        config.write_text(f'threads = {args.threads}\npreload = "none"\nspeculation = "off"\ndefault_model = "a"\n'
+                          + "".join(f'[[models]]\nname = "{n}"\npath = "{model.name}"\ncontext_length = 2048\n'
+                                    for n in ("a", "b")))
         daemon = DaemonProcess(home, config).start()
         try:
             assert daemon.proc is not None
