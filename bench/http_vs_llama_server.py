@@ -175,10 +175,11 @@ def write_home(home: Path, model: Path, threads: int, ctx: int, parallel: int | 
             os.link(file, store / file.name)
         except OSError:
             ModelStore(store).add_file(file)
-    batching = f"parallel = {parallel}\nmax_queue = 16\nspeculation = \"off\"\n" if parallel else ""
+    batching = f"parallel = {parallel}\nmax_queue = 16\n" if parallel else ""
+    plain = 'speculation = "off"\n' if parallel else ""  # a set parallel is a plain-decoding contender
     kv = f"kv_tokens = {ctx * parallel}\n" if parallel else ""
     config = home / "laasd.toml"
-    config.write_text(f"threads = {threads}\n{batching}{extra}default_model = \"bench\"\n"
+    config.write_text(f"threads = {threads}\n{batching}{plain}{extra}default_model = \"bench\"\n"
                       f"[[models]]\nname = \"bench\"\npath = \"{model.name}\"\ncontext_length = {ctx}\n{kv}"
                       + (f"speculation_draft = \"{draft.name}\"\n" if draft else ""))
     return config

@@ -65,8 +65,8 @@ class ModelSpec:
     keep_alive_s: float  # the model's idle seconds before unloading (< 0 never, 0 at once)
     threads: int
     flash_attn: str
-    speculation: str = "ngram"
-    speculation_draft_min: int = 0
+    speculation: str
+    speculation_draft_min: int
     fetch: bool = False  # the built-in default model: fetched into the store when missing
 
     @property
