@@ -61,6 +61,24 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+class _DeltaFrames:
+    """A stream's text deltas as frames on the channel, from the engine's threads (slot_scheduler.DeltaSink)."""
+
+    def __init__(self, writer: FrameWriter, ident: int, engine: Engine) -> None:
+        self._writer = writer
+        self._ident = ident
+        self._engine = engine
+
+    def _frame(self, delta: TextDelta) -> Frame:
+        return "delta", self._ident, delta_values(delta), self._engine.decoded_tokens
+
+    def try_send(self, delta: TextDelta) -> bool:
+        return self._writer.try_send(self._frame(delta))
+
+    def send(self, delta: TextDelta) -> None:
+        self._writer.send(self._frame(delta))
+
+
 class Runner:
     def __init__(self, reader: asyncio.StreamReader, writer: FrameWriter) -> None:
         self._reader = reader
@@ -172,10 +190,8 @@ class Runner:
     async def _stream(self, ident: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         engine = self.engine
 
-        def direct(item: TextDelta) -> None:  # from the engine's relay thread: this loop does no work per token
-            self._send(("delta", ident, delta_values(item), engine.decoded_tokens))
-
-        relay_sink.set(direct)  # this task's own context
+        relay_sink.set(_DeltaFrames(self._writer, ident, engine))  # this task's own context: this loop does no
+        # work per token
         try:
             method = cast(Callable[..., AsyncGenerator[object, None]], getattr(engine, name))
             async with contextlib.aclosing(method(*args, **kwargs)) as stream:

@@ -145,16 +145,42 @@ class FrameWriter:
     def send(self, frame: Frame) -> None:
         data = memoryview(encode(frame))
         with self._lock:
-            while data and not self.broken:
-                try:
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    self._room.poll()
-                    continue
-                except OSError:
-                    self.broken = True
-                    return
-                data = data[sent:]
+            self._write(data)
+
+    def try_send(self, frame: Frame) -> bool:
+        """Sends the frame where that does not wait: for the lock (another thread is writing) or for room
+        in the channel. False: nothing of it was sent. (Where the channel takes only part of it, the rest
+        waits for room, as `send` does: a frame is never left half written.)"""
+        data = memoryview(encode(frame))
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.broken:
+                return True  # dropped, as `send` drops it
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self.broken = True
+                return True
+            self._write(data[sent:])
+            return True
+        finally:
+            self._lock.release()
+
+    def _write(self, data: memoryview) -> None:
+        """With the lock held: writes all of `data`, waiting for room where the channel is full."""
+        while data and not self.broken:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                self._room.poll()
+                continue
+            except OSError:
+                self.broken = True
+                return
+            data = data[sent:]
 
 
 # A text delta crosses as its fields' values: unpickling a frozen dataclass runs dataclasses' setstate, which
