@@ -75,7 +75,7 @@ async def test_deltas_go_direct_where_the_sink_takes_them_and_stay_in_order(take
     request = GenerationRequest("", SamplingParams(max_tokens=60, ignore_eos=True))
     try:
         items = [item async for item in stream_sequence(
-            scheduler, lambda emit: Sequence(request, [1, 2], request.sampling.max_tokens, emit))]
+            scheduler, lambda emit: Sequence(request, [1, 2], 60, emit))]
     finally:
         scheduler.close()
         loop.stop()
