@@ -7,6 +7,7 @@ runner's resident memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -164,6 +165,9 @@ def test_a_crafted_gguf_that_aborts_at_its_first_decode_fails_at_load_where_the_
         edit_gguf(home / "models" / DEFAULT_MODEL.filename, home / "models" / "odd-rope.gguf", {})  # fixed
         assert client.complete("Hello", model="odd-rope", max_tokens=3, temperature=0).completion_tokens == 3
         assert client.model("odd-rope").state == "ready"
+    # The step costs timed are kept in the home (step_costs.py): the default model's and the fixed file's,
+    # none for the crafted one, whose runner died while timing them.
+    assert len(json.loads((home / "cache" / "step-costs.json").read_text())) == 2
 
 
 def _children(pid: int) -> list[int]:

@@ -188,3 +188,30 @@ async def test_a_follow_up_turn_reuses_only_what_was_kept(engines: tuple[GgufEng
     want, _, _ = await _run(plain, follow)
     assert got == want
     assert done.usage.cached_prompt_tokens > 0
+
+
+async def test_a_second_load_keeps_the_step_costs_timed_at_the_first(model_file: Path, tmp_path: Path) -> None:
+    """step_costs.py: the curve timed at the first load is kept in the cache folder and read at the next (a
+    one-token step agreeing); a kept curve whose one-token step the machine no longer matches is timed again."""
+    from laas.daemon.backends.step_costs import FILE, StepCosts
+
+    header = read_gguf_header(model_file)
+
+    async def curve() -> list[tuple[int, float]]:
+        engine = await GgufEngine.load(model_file, header, context_length=512, threads=2, parallel=2,
+                                       speculation="ngram", step_costs=StepCosts(tmp_path))
+        try:
+            return engine._scheduler._step_cost.points()
+        finally:
+            await engine.aclose()
+
+    first = await curve()
+    kept = json.loads((tmp_path / FILE).read_text())
+    assert len(kept) == 1 and [n for n, _ in first] == [1, 2, 3, 5, 9, 17, 33, 49]
+    assert await curve() == first  # read, not timed again (a timing never repeats to the nanosecond)
+    (key, entry), = kept.items()
+    entry["points"] = [[n, s * 10] for n, s in entry["points"]]  # as if steps were 10x slower when it was kept
+    (tmp_path / FILE).write_text(json.dumps(kept))
+    again = await curve()
+    assert again != first and again[0][1] < first[0][1] * 5  # timed afresh, at this machine's speed
+    assert json.loads((tmp_path / FILE).read_text())[key]["points"] == [list(p) for p in again]

@@ -84,8 +84,9 @@ class Server:
         self.decode_loop = DecodeLoop()  # the one llama.cpp decode thread of every GGUF engine (batching.py)
         self._on_exit("the decode thread", lambda: asyncio.to_thread(self.decode_loop.stop))
         # engine_isolation = "runner": each model in a process of its own (runners/), with its own decode thread.
+        shared = Shared(self.decode_loop, cache=settings.home / "cache")  # what engines measured is kept there
         self.registry = ModelRegistry(settings, ModelStore(settings.store),
-                                      engine_loader(self.native_gate, Shared(self.decode_loop),
+                                      engine_loader(self.native_gate, shared,
                                                     runners=settings.engine_isolation == "runner"))
         self.local_models = LocalModels(self.registry, time.monotonic)
         self.router = build_router(settings, self.registry, self.local_models)

@@ -45,6 +45,8 @@ class Shared:
 
     # The one thread that runs llama_decode for every GGUF engine; None: each engine runs its own.
     decode_loop: DecodeLoop | None = None
+    # Where engines keep what they measured of this machine (step_costs.py); None: nothing is kept.
+    cache: Path | None = None
 
 
 # An EngineLoader that also gets the process's shared resources.

@@ -25,14 +25,15 @@ from laas.core.engine import Engine
 from laas.core.errors import ModelLoadError, OutOfRange
 from laas.core.types import ChatMessage, GenerationChunk, GenerationRequest, ModelFormat, ModelInfo, Tool
 from laas.daemon.backends.backend import BatchStats
-from laas.daemon.backends.batching import Scheduler, time_step_cost
+from laas.daemon.backends.batching import STEP_SIZES, Scheduler, time_step_cost
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.draft_model import DraftModel, check_compatible
 from laas.daemon.backends.literal_text import SpecialTexts, segments
-from laas.daemon.backends.llama_lib import init_backends
+from laas.daemon.backends.llama_lib import build_identity, init_backends
 from laas.daemon.backends.slot_scheduler import Emit, check_prompt, stream_sequence
 from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
 from laas.daemon.backends.speculation import StepCost, draft_model_can_pay, relative_to
+from laas.daemon.backends.step_costs import StepCosts, kept_or_timed, step_cost_key
 from laas.daemon.backends.worker import NativeClaims
 from laas.daemon.chat_template import ChatTemplate, compile_template, render_chat
 from laas.daemon.constraint_masks import ConstraintCompiler, Matcher, llama_tokenizer
@@ -90,12 +91,12 @@ class GgufEngine(Engine):
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
                    speculation: str = "off", draft_min: int = 0, draft_path: Path | None = None,
-                   decode_loop: DecodeLoop | None = None) -> GgufEngine:
+                   decode_loop: DecodeLoop | None = None, step_costs: StepCosts | None = None) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
         `speculation`: "ngram" drafts by prompt lookup (batching.py), "draft" with the GGUF at `draft_path`
         (draft_model.py: it must share this model's vocabulary), both planned with what a drafted token
-        costs, timed here at load; "off" does not. `draft_min`: draft tokens a step decodes at least where
-        they are offered, whatever that cost says.
+        costs, timed here at load (or kept from an earlier load in `step_costs`: step_costs.py); "off" does
+        not. `draft_min`: draft tokens a step decodes at least where they are offered, whatever that cost says.
         `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
@@ -135,14 +136,27 @@ class GgufEngine(Engine):
                                        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
             model, ctx = _open(path, mparams, cparams)
             opened = [ctx, model]
+            system = llama_cpp.llama_print_system_info().decode(errors="replace")  # the CPU features in use
+            library = {"build": build_identity(), "system": system}
+            settings = {"n_ctx": cparams.n_ctx, "n_batch": n_batch, "n_seq_max": parallel, "threads": threads,
+                        "flash_attn": flash_attn, "kv_unified": False}
+
+            def costs_of(file: Path, context: Any, sizes: tuple[int, ...]) -> StepCost:
+                key = step_cost_key(file, settings | {"sizes": sizes}, library)
+                cost, kept = loop.call(lambda: kept_or_timed(lambda s: time_step_cost(context, s), sizes,
+                                                             step_costs, key))
+                if kept:
+                    log.info("%s: its step costs as kept from an earlier load (a one-token step agrees)", file.name)
+                return cost
+
             try:  # what a drafted token costs in a step, on this machine (speculation plans with it)
-                step_cost = loop.call(lambda: time_step_cost(ctx)) if drafts else None
+                step_cost = costs_of(path, ctx, STEP_SIZES) if drafts else None
                 draft = None
                 if speculation == "draft" and draft_path is not None:
                     draft_model, draft_ctx = _open(draft_path, mparams, cparams)
                     opened[:0] = [draft_ctx, draft_model]
                     check_compatible(model, draft_model, draft_path.name)
-                    draft_cost = loop.call(lambda: time_step_cost(draft_ctx, DRAFT_STEP_SIZES))
+                    draft_cost = costs_of(draft_path, draft_ctx, DRAFT_STEP_SIZES)
                     draft = (DraftModel(draft_model, draft_ctx, parallel=parallel, n_batch=n_batch,
                                         catch_up=prefill_chunk), draft_cost)
             except BaseException:

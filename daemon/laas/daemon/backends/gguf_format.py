@@ -93,6 +93,7 @@ def verify(path: Path, config: ModelConfig) -> None:
 
 async def load(path: Path, described: Described, config: ModelConfig, threads: int, shared: Shared) -> Engine:
     from laas.daemon.backends.gguf import GgufEngine  # deferred: llama.cpp loads only to serve GGUF
+    from laas.daemon.backends.step_costs import StepCosts
 
     header = described.metadata
     if not isinstance(header, GgufHeader):
@@ -106,7 +107,8 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
                                  flash_attn=config.flash_attn or "auto", speculation=config.speculation or "ngram",
                                  draft_min=config.speculation_draft_min or 0,
                                  draft_path=Path(config.draft_file) if config.draft_file else None,
-                                 decode_loop=shared.decode_loop)
+                                 decode_loop=shared.decode_loop,
+                                 step_costs=StepCosts(shared.cache) if shared.cache is not None else None)
 
 
 def runtime(threads: int) -> str:

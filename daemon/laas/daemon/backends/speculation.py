@@ -187,6 +187,10 @@ class StepCost:
     def describe(self) -> str:
         return ", ".join(f"{n}: {c:.2f}" for n, c in self._points)
 
+    def points(self) -> list[tuple[int, float]]:
+        """(tokens, seconds) of the curve: StepCost(cost.points()) is the same curve (to keep it in a file)."""
+        return [(n, c * self.seconds) for n, c in self._points]
+
 
 def plan_drafts(survival: list[list[float]], cost: StepCost,
                 draft_cost: Callable[[int], float] | None = None) -> list[int]:

@@ -89,10 +89,10 @@ class RunnerEngine(Engine):
         return self._proc.pid
 
     @classmethod
-    async def start(cls, name: str, path: Path, described: Described, config: ModelConfig, threads: int
-                    ) -> RunnerEngine:
+    async def start(cls, name: str, path: Path, described: Described, config: ModelConfig, threads: int, *,
+                    cache: Path | None = None) -> RunnerEngine:
         """Starts a runner and has it load the model; raises the load's error (ModelLoadError), or
-        EngineCrashed with the cause when the runner dies while loading."""
+        EngineCrashed with the cause when the runner dies while loading. `cache`: the daemon's (Shared.cache)."""
         ours, theirs = socket.socketpair()
         native = NATIVE.get(config.format, config.format)
         try:
@@ -109,7 +109,7 @@ class RunnerEngine(Engine):
         stderr = _StderrTail(proc.stderr, name, proc.pid)
         try:
             transport, channel = await asyncio.get_running_loop().create_unix_connection(FrameProtocol, sock=ours)
-            transport.write(encode(("load", path, described, config, threads)))
+            transport.write(encode(("load", path, described, config, threads, cache)))
             reply = await channel.first
             if reply is None or reply[0] != "loaded":
                 transport.close()
