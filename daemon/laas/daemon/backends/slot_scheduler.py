@@ -267,8 +267,10 @@ class SlotScheduler:
     def _relay_main(self) -> None:
         while (entry := self._outbox.get()) is not None:
             emit, item = entry
-            emit(item)
-            self._relayed += 1
+            try:
+                emit(item)
+            finally:
+                self._relayed += 1
 
     # --- the scheduler thread -------------------------------------------------------------------
 
