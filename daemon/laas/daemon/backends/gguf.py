@@ -29,7 +29,7 @@ from laas.daemon.backends.batching import STEP_SIZES, Scheduler, time_step_cost
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.draft_model import DraftModel, check_compatible
 from laas.daemon.backends.literal_text import SpecialTexts, segments
-from laas.daemon.backends.llama_lib import build_identity, init_backends
+from laas.daemon.backends.llama_lib import init_backends, native_digest
 from laas.daemon.backends.slot_scheduler import Emit, check_prompt, stream_sequence
 from laas.daemon.backends.slot_scheduler import Sequence as BatchSequence
 from laas.daemon.backends.speculation import StepCost, draft_model_can_pay, relative_to
@@ -137,14 +137,15 @@ class GgufEngine(Engine):
             model, ctx = _open(path, mparams, cparams)
             opened = [ctx, model]
             system = llama_cpp.llama_print_system_info().decode(errors="replace")  # the CPU features in use
-            library = {"build": build_identity(), "system": system}
+            library = {"build": native_digest(), "system": system}
             settings = {"n_ctx": cparams.n_ctx, "n_batch": n_batch, "n_seq_max": parallel, "threads": threads,
                         "flash_attn": flash_attn, "kv_unified": False}
 
             def costs_of(file: Path, context: Any, sizes: tuple[int, ...]) -> StepCost:
+                """The steps are timed in the decode thread; the kept curves are read and written here."""
                 key = step_cost_key(file, settings | {"sizes": sizes}, library)
-                cost, kept = loop.call(lambda: kept_or_timed(lambda s: time_step_cost(context, s), sizes,
-                                                             step_costs, key))
+                cost, kept = kept_or_timed(lambda s: loop.call(lambda: time_step_cost(context, s)), sizes,
+                                           step_costs, key)
                 if kept:
                     log.info("%s: its step costs as kept from an earlier load (a one-token step agrees)", file.name)
                 return cost

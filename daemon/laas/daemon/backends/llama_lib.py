@@ -31,15 +31,6 @@ def lib_dir() -> Path | None:
     return Path(spec.origin).parent / "lib"
 
 
-def build_identity(folder: Path | None = None) -> list[tuple[str, int, int]]:
-    """The native libraries of the installed build, as (name, size, modification time): what tells one
-    build from another without hashing them (another build, rebuilt or patched, is another identity)."""
-    folder = folder or lib_dir()
-    if folder is None or not folder.is_dir():
-        return []
-    return sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.glob("*.so*") if (st := p.stat()))
-
-
 def cpu_variants(folder: Path | None = None) -> list[str]:
     """The CPU backend variants a portable build ships (empty for a native build)."""
     folder = folder or lib_dir()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from laas.daemon.backends.speculation import StepCost
+from laas.daemon.native_build import this_machine
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,9 @@ MAX_ENTRIES = 64  # curves kept; the oldest go first
 def step_cost_key(model: Path, settings: dict[str, Any], library: dict[str, Any]) -> str:
     """The key of a model's curve: its file, the context's `settings` and the `library` in use (llama_lib)."""
     st = model.stat()
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text(errors="replace")
-                    .splitlines() if line.startswith(("model name", "CPU part"))), "")
+    machine, _, cpu = this_machine()
     identity = {"model": [model.name, st.st_size, st.st_mtime_ns], "settings": settings, "library": library,
-                "cpu": cpu, "cpus": os.cpu_count()}
+                "cpu": [machine, cpu], "cpus": os.cpu_count()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

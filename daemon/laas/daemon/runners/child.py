@@ -191,8 +191,8 @@ class Runner:
     async def _stream(self, ident: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         engine = self.engine
 
-        relay_sink.set(_DeltaFrames(self._writer, ident, engine))  # this task's own context: this loop does no
-        # work per token
+        # In this task's own context: the engine's threads write its deltas, and this loop does no work per token.
+        relay_sink.set(_DeltaFrames(self._writer, ident, engine))
         try:
             method = cast(Callable[..., AsyncGenerator[object, None]], getattr(engine, name))
             async with contextlib.aclosing(method(*args, **kwargs)) as stream:
