@@ -190,9 +190,12 @@ async def test_a_follow_up_turn_reuses_only_what_was_kept(engines: tuple[GgufEng
     assert done.usage.cached_prompt_tokens > 0
 
 
-async def test_a_second_load_keeps_the_step_costs_timed_at_the_first(model_file: Path, tmp_path: Path) -> None:
+async def test_a_second_load_keeps_the_step_costs_timed_at_the_first(model_file: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """step_costs.py: the curve timed at the first load is kept in the cache folder and read at the next (a
-    one-token step agreeing); a kept curve whose one-token step the machine no longer matches is timed again."""
+    one-token step agreeing); a kept curve whose one-token step the machine no longer matches is timed again.
+    (The tolerance itself is tested in tests/unit/test_step_costs.py.)"""
+    from laas.daemon.backends import step_costs
     from laas.daemon.backends.step_costs import FILE, StepCosts
 
     header = read_gguf_header(model_file)
@@ -208,7 +211,11 @@ async def test_a_second_load_keeps_the_step_costs_timed_at_the_first(model_file:
     first = await curve()
     kept = json.loads((tmp_path / FILE).read_text())
     assert len(kept) == 1 and [n for n, _ in first] == [1, 2, 3, 5, 9, 17, 33, 49]
+    # A loaded machine's one-token step can swing past the 25% at this second load: agreeing is made certain.
+    tolerance = step_costs.KEEP_TOLERANCE
+    monkeypatch.setattr(step_costs, "KEEP_TOLERANCE", 3.0)
     assert await curve() == first  # read, not timed again (a timing never repeats to the nanosecond)
+    monkeypatch.setattr(step_costs, "KEEP_TOLERANCE", tolerance)  # the default, for a curve kept 10x too slow
     (key, entry), = kept.items()
     entry["points"] = [[n, s * 10] for n, s in entry["points"]]  # as if steps were 10x slower when it was kept
     (tmp_path / FILE).write_text(json.dumps(kept))
