@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ import pytest
 
 from laas.client import Client
 from laas.core.errors import LaasError
+from laas.daemon.backends.compute_gate import FILE as COMPUTE_LOCK
+from laas.daemon.backends.compute_gate import ComputeGate
 from laas.daemon.memory import resident_bytes
 from laas.daemon.settings import DEFAULT_MODEL_NAME
 from laas.daemon.store import DEFAULT_MODEL
@@ -113,6 +116,40 @@ def test_a_runner_killed_mid_stream_fails_its_model_only_and_restarts(
         assert runner_pid(daemon, DEFAULT, after=mark) != pid
         assert client.model(DEFAULT).state == "ready"
         assert gone(pid)
+
+
+def test_models_in_runners_of_their_own_decode_in_turns_under_the_daemons_compute_lock(
+        two_models: DaemonProcess) -> None:
+    """Every runner's step holds the lock at <home>/compute.lock (compute_gate.py): held from here, no model
+    decodes a token; let go, both streams finish whole."""
+    daemon = two_models
+    counts = {DEFAULT: 0, "other": 0}
+    finished: dict[str, int] = {}
+    with Client(daemon.target) as client:
+        streams = {m: client.generate("Once upon a time", model=m, max_tokens=300, temperature=0, ignore_eos=True,
+                                      timeout=120) for m in counts}
+        for stream in streams.values():
+            next(stream)  # both are decoding
+
+        def read(model: str) -> None:
+            for chunk in streams[model]:
+                counts[model] += 1
+                if chunk.finish_reason:
+                    finished[model] = chunk.completion_tokens
+
+        readers = [threading.Thread(target=read, args=(m,)) for m in counts]
+        for reader in readers:
+            reader.start()
+        gate = ComputeGate.open(daemon.home / COMPUTE_LOCK)
+        with gate:
+            time.sleep(0.5)  # what steps finished before the lock was had reaches the client
+            before = dict(counts)
+            time.sleep(1.0)  # a window: alone, both models decode dozens of tokens in it
+            assert counts == before and not finished, (before, counts, finished)
+        gate.close()
+        for reader in readers:
+            reader.join(120)
+    assert finished == {DEFAULT: 300, "other": 300}
 
 
 def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarting(

@@ -40,6 +40,7 @@ from laas.daemon.app.calls import Lifecycle
 from laas.daemon.app.runtime import Runtime
 from laas.daemon.audit import AuditLog
 from laas.daemon.backends.backend import Shared
+from laas.daemon.backends.compute_gate import FILE as COMPUTE_LOCK
 from laas.daemon.backends.decode_loop import DecodeLoop
 from laas.daemon.backends.loader import engine_loader
 from laas.daemon.lan_peers import LanDiscovery
@@ -81,10 +82,11 @@ class Server:
         self.lifecycle = Lifecycle()
         self.native_gate = NativeGate(threads=min(settings.threads, 2),
                                       wrapper=shlex.split(os.environ.get(WRAPPER_ENV, "")))
-        self.decode_loop = DecodeLoop()  # the one llama.cpp decode thread of every GGUF engine (batching.py)
+        gate = settings.home / COMPUTE_LOCK  # models in runners of their own compute in turns (compute_gate.py)
+        self.decode_loop = DecodeLoop(gate)  # the one llama.cpp decode thread of every GGUF engine (batching.py)
         self._on_exit("the decode thread", lambda: asyncio.to_thread(self.decode_loop.stop))
         # engine_isolation = "runner": each model in a process of its own (runners/), with its own decode thread.
-        shared = Shared(self.decode_loop, cache=settings.home / "cache")  # what engines measured is kept there
+        shared = Shared(self.decode_loop, cache=settings.home / "cache", gate=gate)  # what engines measured: cache
         self.registry = ModelRegistry(settings, ModelStore(settings.store),
                                       engine_loader(self.native_gate, shared,
                                                     runners=settings.engine_isolation == "runner"))

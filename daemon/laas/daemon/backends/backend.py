@@ -47,6 +47,8 @@ class Shared:
     decode_loop: DecodeLoop | None = None
     # Where engines keep what they measured of this machine (step_costs.py); None: nothing is kept.
     cache: Path | None = None
+    # The daemon's compute lock (compute_gate.py): every decode loop of its processes steps holding it.
+    gate: Path | None = None
 
 
 # An EngineLoader that also gets the process's shared resources.

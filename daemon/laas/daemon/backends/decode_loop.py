@@ -8,9 +8,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from laas.core.errors import ModelLoadError
+from laas.daemon.backends.compute_gate import ComputeGate
 
 T = TypeVar("T")
 
@@ -41,9 +43,13 @@ class DecodeLoop:
     Whoever creates it owns it: the daemon's Server makes one for all its engines and stops it on shutdown;
     an engine loaded without one (tests, `laas eval`) makes its own and stops it when closed. The thread
     starts with the first scheduler; stop() ends the schedulers still in it and joins the thread.
+
+    Each step and each call holds the daemon's compute lock at `gate` (compute_gate.py), so that loops
+    in other processes (another model's runner) take turns with this one; None: no lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gate: Path | None = None) -> None:
+        self._gate = ComputeGate.open(gate)
         self.cond = threading.Condition()  # guards every scheduler's pending queue and closing flag
         self._schedulers: list[Steppable] = []
         self._calls: list[tuple[Callable[[], object], Future[object]]] = []
@@ -91,6 +97,7 @@ class DecodeLoop:
             done.set_exception(ModelLoadError("the decode loop is stopped"))
         if thread is not None:
             thread.join()
+        self._gate.close()
 
     def _main(self) -> None:
         while True:
@@ -104,8 +111,12 @@ class DecodeLoop:
                 calls, self._calls = self._calls, []
             for work, done in calls:
                 try:
-                    done.set_result(work())
+                    with self._gate:
+                        result = work()
                 except BaseException as e:  # the caller raises it
                     done.set_exception(e)
+                else:
+                    done.set_result(result)
             for scheduler in ready:
-                scheduler.run_once()
+                with self._gate:
+                    scheduler.run_once()

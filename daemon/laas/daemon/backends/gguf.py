@@ -91,13 +91,15 @@ class GgufEngine(Engine):
     async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int, parallel: int = 1,
                    kv_tokens: int = 0, prefill_chunk: int = PREFILL_CHUNK, flash_attn: str = "auto",
                    speculation: str = "off", draft_min: int = 0, draft_path: Path | None = None,
-                   decode_loop: DecodeLoop | None = None, step_costs: StepCosts | None = None) -> GgufEngine:
+                   decode_loop: DecodeLoop | None = None, gate: Path | None = None,
+                   step_costs: StepCosts | None = None) -> GgufEngine:
         """`kv_tokens`: KV cells in all, split evenly among the `parallel` sequences (0: a full context each).
         `speculation`: "ngram" drafts by prompt lookup (batching.py), "draft" with the GGUF at `draft_path`
         (draft_model.py: it must share this model's vocabulary), both planned with what a drafted token
         costs, timed here at load (or kept from an earlier load in `step_costs`: step_costs.py); "off" does
         not. `draft_min`: draft tokens a step decodes at least where they are offered, whatever that cost says.
-        `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own."""
+        `decode_loop`: the thread that decodes, shared with other engines; None: the engine runs its own,
+        its steps holding the daemon's compute lock at `gate` (Shared.gate) where one is given."""
         n_ctx = min(context_length, header.context_length or context_length)
         n_batch = min(512, max(n_ctx, parallel))
         drafts = speculation in ("ngram", "draft")
@@ -105,7 +107,7 @@ class GgufEngine(Engine):
             raise ModelLoadError(f"{path.name}: speculation \"draft\" needs a draft model (speculation_draft)")
         # Timing steps decodes: in the decode thread, as every decode (decode_loop.DecodeLoop says why).
         owns_loop = decode_loop is None
-        loop = decode_loop or DecodeLoop()
+        loop = decode_loop or DecodeLoop(gate)
 
         def _load() -> tuple[Any, Any, StepCost | None, tuple[DraftModel, StepCost] | None]:
             import llama_cpp  # deferred: importing it loads the native library

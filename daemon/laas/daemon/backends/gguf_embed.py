@@ -8,7 +8,8 @@ up to BATCH sequences or n_batch tokens, decoded, and read back pooled per seque
 that declares no pooling (a generative model) never gets here: gguf_format serves it with GgufEngine,
 whose embed is the Engine's FAILED_PRECONDITION. Calls run in a worker thread under a NativeClaims claim,
 one at a time (a lock: a llama.cpp context is not thread-safe); this engine does not share the GGUF
-decode thread, so it is best served beside generative models that are idle.
+decode thread, but each decode holds the daemon's compute lock (compute_gate.py), so it takes turns with
+the steps of the models beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from laas.core.types import (
     ModelFormat,
     ModelInfo,
 )
+from laas.daemon.backends.compute_gate import ComputeGate
 from laas.daemon.backends.embedding_engine import EmbeddingEngine
 from laas.daemon.backends.llama_lib import init_backends
 from laas.daemon.backends.pooling import check_dimensions, finish
@@ -39,8 +41,9 @@ BATCH = 32  # sequences per llama.cpp batch
 
 
 class GgufEmbeddingEngine(EmbeddingEngine):
-    def __init__(self, path: Path, llm: Any, info: ModelInfo, window: int) -> None:
+    def __init__(self, path: Path, llm: Any, info: ModelInfo, window: int, gate: Path | None = None) -> None:
         self._path = path
+        self._gate = ComputeGate.open(gate)  # the daemon's compute lock, held by each decode
         self._llm: Any = llm
         self._info = info
         self._window = window
@@ -49,7 +52,8 @@ class GgufEmbeddingEngine(EmbeddingEngine):
         self._native = NativeClaims()
 
     @classmethod
-    async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int) -> GgufEmbeddingEngine:
+    async def load(cls, path: Path, header: GgufHeader, *, context_length: int, threads: int,
+                   gate: Path | None = None) -> GgufEmbeddingEngine:
         pooling = header.pooling
         if pooling not in ("mean", "cls", "last"):
             raise ModelLoadError(f"{path.name}: pooling {pooling!r} does not give one vector per input")
@@ -74,7 +78,7 @@ class GgufEmbeddingEngine(EmbeddingEngine):
         embd = int(header.metadata.get(f"{header.architecture}.embedding_length", 0) or llm.n_embd())
         info = ModelInfo(ModelFormat.GGUF, header.quantization, window, header.context_length, header.size_bytes,
                          header.architecture, embedding_dimensions=embd)
-        return cls(path, llm, info, window)
+        return cls(path, llm, info, window, gate)
 
     @property
     def info(self) -> ModelInfo:
@@ -138,7 +142,8 @@ class GgufEmbeddingEngine(EmbeddingEngine):
 
         def decode() -> None:
             llm._ctx.kv_cache_clear()
-            llm._ctx.decode(llm._batch)
+            with self._gate:
+                llm._ctx.decode(llm._batch)
             for seq, row in enumerate(pending):
                 out[row] = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, seq),
                                                  shape=(n_embd,))
@@ -166,3 +171,4 @@ class GgufEmbeddingEngine(EmbeddingEngine):
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.close)
+        self._gate.close()

@@ -101,13 +101,14 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
     if _embeds(header):
         from laas.daemon.backends.gguf_embed import GgufEmbeddingEngine
 
-        return await GgufEmbeddingEngine.load(path, header, context_length=config.context_length, threads=threads)
+        return await GgufEmbeddingEngine.load(path, header, context_length=config.context_length, threads=threads,
+                                                 gate=shared.gate)
     return await GgufEngine.load(path, header, context_length=config.context_length, threads=threads,
                                  parallel=config.parallel or 1, kv_tokens=config.kv_tokens,
                                  flash_attn=config.flash_attn or "auto", speculation=config.speculation or "ngram",
                                  draft_min=config.speculation_draft_min or 0,
                                  draft_path=Path(config.draft_file) if config.draft_file else None,
-                                 decode_loop=shared.decode_loop,
+                                 decode_loop=shared.decode_loop, gate=shared.gate,
                                  step_costs=StepCosts(shared.cache) if shared.cache is not None else None)
 
 

@@ -49,7 +49,8 @@ def engine_loader(native: NativeCheck, shared: Shared | None = None, *, runners:
         if runners:
             from laas.daemon.runners.engine import RunnerEngine  # its runtime line comes from the runner
 
-            return await RunnerEngine.start(config.name, path, described, config, threads, cache=shared.cache)
+            return await RunnerEngine.start(config.name, path, described, config, threads, cache=shared.cache,
+                                           gate=shared.gate)
         engine = await backend.load(path, described, config, threads, shared)
         if backend.runtime is not None and backend.name not in logged:
             logged.add(backend.name)

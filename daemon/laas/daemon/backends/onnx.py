@@ -43,7 +43,7 @@ class OnnxEngine(Engine):
     """Serves one ONNX package. Construct with :meth:`load` (it checks the files and loads off the loop)."""
 
     def __init__(self, folder: Path, manifest: Manifest, decoder: OnnxDecoder, tokenizer: Any,
-                 template: ChatTemplate | None) -> None:
+                 template: ChatTemplate | None, gate: Path | None = None) -> None:
         self._folder = folder
         self._manifest = manifest
         self._decoder: OnnxDecoder | None = decoder
@@ -54,7 +54,7 @@ class OnnxEngine(Engine):
         self._specials = SpecialTexts(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
         self._template = template
         self._eos = frozenset(manifest.eos_token_ids)
-        self._loop = DecodeLoop()  # the engine's own decode thread (onnxruntime's threads are its own)
+        self._loop = DecodeLoop(gate)  # the engine's own decode thread (onnxruntime's threads are its own)
         self._scheduler = OnnxScheduler(decoder, tokenizer, self._eos, prefill_chunk=PREFILL_CHUNK,
                                         on_token=self._count_token, loop=self._loop)
         vocab = decoder.shape.vocab_size  # the logits' width (may exceed the tokenizer's ids)
@@ -72,12 +72,15 @@ class OnnxEngine(Engine):
         )
 
     @classmethod
-    async def load(cls, folder: Path, *, context_length: int, threads: int, parallel: int = 1) -> OnnxEngine:
-        """`parallel`: requests decoded at once (the KV cache holds a full context for each)."""
-        return await asyncio.to_thread(cls._load, folder, context_length, threads, parallel)
+    async def load(cls, folder: Path, *, context_length: int, threads: int, parallel: int = 1,
+                   gate: Path | None = None) -> OnnxEngine:
+        """`parallel`: requests decoded at once (the KV cache holds a full context for each). `gate`: the
+        daemon's compute lock (Shared.gate), held by every step."""
+        return await asyncio.to_thread(cls._load, folder, context_length, threads, parallel, gate)
 
     @classmethod
-    def _load(cls, folder: Path, context_length: int, threads: int, parallel: int) -> OnnxEngine:
+    def _load(cls, folder: Path, context_length: int, threads: int, parallel: int,
+              gate: Path | None) -> OnnxEngine:
         from tokenizers import Tokenizer
 
         manifest = read_manifest(folder)
@@ -100,7 +103,7 @@ class OnnxEngine(Engine):
                                     eos_token=text(eos))
         n_ctx = min(context_length, manifest.context_length)
         decoder = OnnxDecoder.open(folder / manifest.graph, manifest.decoder, n_ctx, threads, max(parallel, 1))
-        return cls(folder, manifest, decoder, tokenizer, template)
+        return cls(folder, manifest, decoder, tokenizer, template, gate)
 
     @property
     def info(self) -> ModelInfo:

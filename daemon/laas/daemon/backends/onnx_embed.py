@@ -26,6 +26,7 @@ from laas.core.types import (
     ModelFormat,
     ModelInfo,
 )
+from laas.daemon.backends.compute_gate import ComputeGate
 from laas.daemon.backends.embedding_engine import EmbeddingEngine
 from laas.daemon.backends.onnx_decoder import session_options
 from laas.daemon.backends.pooling import check_dimensions, finish, pool
@@ -38,8 +39,10 @@ BATCH = 32  # inputs per forward pass: sorted by length, so each batch pads litt
 class OnnxEmbeddingEngine(EmbeddingEngine):
     """Serves one embedding package. Construct with :meth:`load`."""
 
-    def __init__(self, folder: Path, manifest: Manifest, spec: EmbeddingSpec, session: Any, tokenizer: Any) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, spec: EmbeddingSpec, session: Any, tokenizer: Any,
+                 gate: Path | None = None) -> None:
         self._folder = folder
+        self._gate = ComputeGate.open(gate)  # the daemon's compute lock, held by each forward pass
         self._manifest = manifest
         self._spec = spec
         self._session: Any = session
@@ -55,11 +58,11 @@ class OnnxEmbeddingEngine(EmbeddingEngine):
         )
 
     @classmethod
-    async def load(cls, folder: Path, *, threads: int) -> OnnxEmbeddingEngine:
-        return await asyncio.to_thread(cls.load_blocking, folder, threads)
+    async def load(cls, folder: Path, *, threads: int, gate: Path | None = None) -> OnnxEmbeddingEngine:
+        return await asyncio.to_thread(cls.load_blocking, folder, threads, gate)
 
     @classmethod
-    def load_blocking(cls, folder: Path, threads: int) -> OnnxEmbeddingEngine:
+    def load_blocking(cls, folder: Path, threads: int, gate: Path | None = None) -> OnnxEmbeddingEngine:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -82,7 +85,7 @@ class OnnxEmbeddingEngine(EmbeddingEngine):
         names = {i.name for i in session.get_inputs()}
         if not {"input_ids", "attention_mask"} <= names:
             raise ModelLoadError(f"{folder.name}/{manifest.graph} lacks input_ids/attention_mask inputs")
-        return cls(folder, manifest, spec, session, tokenizer)
+        return cls(folder, manifest, spec, session, tokenizer, gate)
 
     @property
     def info(self) -> ModelInfo:
@@ -154,7 +157,8 @@ class OnnxEmbeddingEngine(EmbeddingEngine):
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        hidden = self._session.run(["last_hidden_state"], feeds)[0]
+        with self._gate:
+            hidden = self._session.run(["last_hidden_state"], feeds)[0]
         return pool(np.asarray(hidden, dtype=np.float32), mask, self._spec.pooling)
 
     async def check_health(self) -> None:
@@ -164,3 +168,4 @@ class OnnxEmbeddingEngine(EmbeddingEngine):
     async def aclose(self) -> None:
         await asyncio.to_thread(self._native.close)
         self._session = None
+        self._gate.close()

@@ -61,11 +61,11 @@ async def load(path: Path, described: Described, config: ModelConfig, threads: i
     if isinstance(described.metadata, Manifest) and described.metadata.embedding is not None:
         from laas.daemon.backends.onnx_embed import OnnxEmbeddingEngine
 
-        return await OnnxEmbeddingEngine.load(path, threads=threads)
+        return await OnnxEmbeddingEngine.load(path, threads=threads, gate=shared.gate)
     from laas.daemon.backends.onnx import OnnxEngine
 
     return await OnnxEngine.load(path, context_length=config.context_length, threads=threads,
-                                 parallel=config.parallel or 1)
+                                 parallel=config.parallel or 1, gate=shared.gate)
 
 
 FORMAT = Backend("onnx", locate, describe, load)

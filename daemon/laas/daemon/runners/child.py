@@ -6,7 +6,7 @@ SIGINT and SIGTERM (a terminal's Ctrl-C and systemd's stop reach the whole group
 its streams first, then closes the runner), loads the engine with the format's own `load`, and serves
 it over the channel until told to close or the channel ends.
 
-Frames, daemon -> runner: ("load", path, described, config, threads, cache); ("call", id, method, args, kwargs);
+Frames, daemon -> runner: ("load", path, described, config, threads, cache, gate); ("call", id, method, args, kwargs);
 ("stream", id, method, args, kwargs); ("cancel", id); ("close",).
 Runner -> daemon: ("loaded", info, runtime line, stats) or ("failed", error); ("result", id, value);
 ("delta", id, text delta's field values, decoded_tokens) (from the engine's decode or relay thread);
@@ -101,10 +101,11 @@ class Runner:
         frames = await read_frames(self._reader, parser)
         if frames is None or frames[0][0] != "load":
             return
-        _, path, described, config, threads, cache = frames[0]
+        _, path, described, config, threads, cache, gate = frames[0]
         try:
             self._engine = await self._load(cast(Path, path), cast(Described, described), cast(ModelConfig, config),
-                                            cast(int, threads), cast(Path | None, cache))
+                                            cast(int, threads), cast(Path | None, cache),
+                                            cast(Path | None, gate))
         except Exception as e:
             self._send(("failed", pack_error(e)))
             return
@@ -121,8 +122,8 @@ class Runner:
         self._send(("closed",))
 
     async def _load(self, path: Path, described: Described, config: ModelConfig, threads: int,
-                    cache: Path | None) -> Engine:
-        return await backend_for(config).load(path, described, config, threads, Shared(cache=cache))
+                    cache: Path | None, gate: Path | None) -> Engine:
+        return await backend_for(config).load(path, described, config, threads, Shared(cache=cache, gate=gate))
 
     def _runtime(self, config: ModelConfig, threads: int) -> str:
         """The native runtime's line for the daemon's log (its version and build)."""

@@ -90,9 +90,9 @@ class RunnerEngine(Engine):
 
     @classmethod
     async def start(cls, name: str, path: Path, described: Described, config: ModelConfig, threads: int, *,
-                    cache: Path | None = None) -> RunnerEngine:
+                    cache: Path | None = None, gate: Path | None = None) -> RunnerEngine:
         """Starts a runner and has it load the model; raises the load's error (ModelLoadError), or
-        EngineCrashed with the cause when the runner dies while loading. `cache`: the daemon's (Shared.cache)."""
+        EngineCrashed with the cause when the runner dies while loading. `cache`, `gate`: the daemon's (Shared)."""
         ours, theirs = socket.socketpair()
         native = NATIVE.get(config.format, config.format)
         try:
@@ -109,7 +109,7 @@ class RunnerEngine(Engine):
         stderr = _StderrTail(proc.stderr, name, proc.pid)
         try:
             transport, channel = await asyncio.get_running_loop().create_unix_connection(FrameProtocol, sock=ours)
-            transport.write(encode(("load", path, described, config, threads, cache)))
+            transport.write(encode(("load", path, described, config, threads, cache, gate)))
             reply = await channel.first
             if reply is None or reply[0] != "loaded":
                 transport.close()
