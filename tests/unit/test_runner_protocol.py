@@ -136,7 +136,7 @@ async def test_a_stream_cancelled_in_the_same_read_as_it_came_still_ends() -> No
             got += parser.feed(await asyncio.wait_for(loop.sock_recv(ours, 1 << 16), 10))
         return got
 
-    await loop.sock_sendall(ours, encode(("load", "m.gguf", None, None, 1, None)))
+    await loop.sock_sendall(ours, encode(("load", "m.gguf", None, None, 1, None, None)))
     assert (await frames("loaded"))[-1][0] == "loaded"
     request = GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=3))
     await loop.sock_sendall(ours, encode(("stream", 1, "generate", (request,), {})) + encode(("cancel", 1)))
