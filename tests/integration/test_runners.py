@@ -150,6 +150,8 @@ def test_models_in_runners_of_their_own_decode_in_turns_under_the_daemons_comput
         for reader in readers:
             reader.join(120)
     assert finished == {DEFAULT: 300, "other": 300}
+    environ = Path(f"/proc/{last_runner_pid(daemon, 'other')}/environ").read_bytes().split(b"\0")
+    assert b"GOMP_SPINCOUNT=30000" in environ  # a turn's end leaves no core spinning through the next
 
 
 def test_a_crafted_gguf_that_aborts_llama_cpp_fails_its_model_and_stops_restarting(

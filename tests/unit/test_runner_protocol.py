@@ -173,3 +173,12 @@ def test_crashes_back_off_then_stop_until_the_file_changes() -> None:
 
 def test_engine_crashed_is_unavailable() -> None:
     assert EngineCrashed("x").code.name == "UNAVAILABLE"
+
+
+def test_a_runner_spins_its_openmp_workers_briefly_unless_the_environment_says() -> None:
+    from laas.daemon.runners.engine import RUNNER_SPINS, runner_env
+
+    env = runner_env({"PATH": "/bin", "GGML_NO_BACKTRACE": "0"})
+    assert env == {"PATH": "/bin", "GOMP_SPINCOUNT": RUNNER_SPINS, "GGML_NO_BACKTRACE": "1"}
+    assert runner_env({"GOMP_SPINCOUNT": "infinite"})["GOMP_SPINCOUNT"] == "infinite"  # the user's, kept
+    assert "GOMP_SPINCOUNT" not in runner_env({"OMP_WAIT_POLICY": "active"})  # a policy set: no count added

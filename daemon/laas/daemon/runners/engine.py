@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -46,6 +46,20 @@ STDERR_LINES = 40  # kept for the cause of a death
 NATIVE = {"gguf": "llama.cpp", "onnx": "onnxruntime"}
 # llama.cpp's abort runs gdb for a backtrace when it finds one: slow, and the assert line says enough.
 RUNNER_ENV = {"GGML_NO_BACKTRACE": "1"}
+# How long llama.cpp's OpenMP workers spin after a step before they sleep, unless the user's environment
+# says (libgomp's default: 300000 spins, about 8 ms on a 2-core AMD EPYC, nearly a step). Models take turns
+# under the compute lock (compute_gate.py), and a model that has just had its turn kept a core spinning
+# through the next model's step: two streams on two models decoded 0.68x one model's tokens/s together,
+# 1.05x at 30000 spins (bench/resident_models.py); one model alone 0.99x of the default's tokens/s at 1
+# and at 4 streams (both as bench/http_vs_llama_server.py runs them, 8 alternating rounds in one run).
+SPIN_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+RUNNER_SPINS = "30000"
+
+
+def runner_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The runner's environment: the daemon's, with RUNNER_ENV, and the spin count where none is set."""
+    spins = {} if any(name in environ for name in SPIN_ENV) else {"GOMP_SPINCOUNT": RUNNER_SPINS}
+    return {**environ, **spins, **RUNNER_ENV}
 
 
 @dataclass(eq=False)
@@ -99,7 +113,7 @@ class RunnerEngine(Engine):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "laas.daemon.runners.child", "--fd", str(theirs.fileno()),
                 "--parent", str(os.getpid()), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, pass_fds=(theirs.fileno(),), env={**os.environ, **RUNNER_ENV})
+                stderr=subprocess.PIPE, pass_fds=(theirs.fileno(),), env=runner_env(os.environ))
         except BaseException:
             ours.close()
             raise
