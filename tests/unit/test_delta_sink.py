@@ -108,3 +108,48 @@ def test_try_send_sends_a_whole_frame_or_nothing() -> None:
     theirs.close()
     assert writer.try_send(("after", 0))  # a broken channel drops the frame (as send does)
     ours.close()
+
+
+class Holding(Counting):
+    """Holds its sinks' deltas as llama.cpp's scheduler does: each step's compute ends with flush_held()."""
+
+    holds_deltas = True
+
+    def __init__(self, loop: DecodeLoop, sink: RefusingSink, silent_first: bool = False) -> None:
+        super().__init__(loop)
+        self.sink = sink
+        self.silent_first = silent_first
+        self.at_compute: list[list[str]] = []  # what the client had as each step's compute began
+
+    def _step(self) -> None:
+        self.at_compute.append([text for _, text in self.sink.got])
+        self.flush_held()  # the compute is done
+        self.stats.steps += 1
+        super()._step()
+
+    def _text(self, seq: Sequence, token: int) -> str:
+        return "" if self.silent_first and token == 0 else f"{token} "
+
+
+@pytest.mark.parametrize("silent_first", [False, True])
+async def test_a_holding_scheduler_sends_text_as_the_next_step_ends_but_the_first_at_once(silent_first: bool) -> None:
+    loop = DecodeLoop()
+    sink = RefusingSink(1)
+    scheduler = Holding(loop, sink, silent_first)
+    relay_sink.set(sink)
+    request = GenerationRequest("", SamplingParams(max_tokens=40, ignore_eos=True))
+    try:
+        items = [item async for item in stream_sequence(
+            scheduler, lambda emit: Sequence(request, [1, 2], 40, emit))]
+    finally:
+        scheduler.close()
+        loop.stop()
+    first = 1 if silent_first else 0  # the token of the first text
+    texts = [f"{i} " for i in range(first, 40)]
+    assert [text for _, text in sink.got] == texts  # every text once, in order, before the end
+    assert [type(i) for i in items] == [Completion]
+    steps = scheduler.at_compute
+    assert len(steps) == 40
+    assert steps[first + 1] == texts[:1]  # the first text was sent by the step that made it
+    for k in range(first + 2, 40):  # a later one waits for the end of the next step's compute, no longer
+        assert steps[k] == texts[:k - first - 1], k

@@ -53,6 +53,7 @@ class Scheduler(SlotScheduler):
     """Owns the llama.cpp context; the decode loop runs it until it is closed."""
 
     runtime = "llama.cpp"
+    holds_deltas = True  # sent as llama_decode returns (SlotScheduler._emit)
 
     def __init__(self, model: Any, ctx: Any, *, parallel: int, n_batch: int, prefill_chunk: int,
                  make_sampler: Callable[[GenerationRequest], Any], on_token: Callable[[], None],
@@ -128,6 +129,7 @@ class Scheduler(SlotScheduler):
             outputs.append((n, seq, draft))
             added.append((seq, [seq.next_token]))
             n += 1 + len(draft)
+        decode_n = n
         # Prompts are prefilled a chunk a step beside running streams; with none running, a whole batch.
         budget = self._n_batch if n == 0 else min(self._n_batch - n, self._prefill_chunk)
         for seq in sorted((s for s in running if s.next_token is None), key=lambda s: s.submitted_at):
@@ -147,8 +149,12 @@ class Scheduler(SlotScheduler):
             budget -= take
         if n == 0:
             return
+        if self._held and n > decode_n:  # a step with a prompt's chunk is long: not held through it
+            self.flush_held()
         b.n_tokens = n
         rc = self._lib.llama_decode(self._ctx.ctx, b)
+        if self._held:
+            self.flush_held()
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         self.stats.steps += 1
