@@ -66,19 +66,23 @@ class RefusingSink:
         self.got.append(("relay", delta.text))
 
 
-@pytest.mark.parametrize("takes", [1, 3])
-async def test_deltas_go_direct_where_the_sink_takes_them_and_stay_in_order(takes: int) -> None:
-    loop = DecodeLoop()
-    scheduler = Counting(loop)
-    sink = RefusingSink(takes)
+async def _stream(scheduler: SlotScheduler, loop: DecodeLoop, sink: RefusingSink, tokens: int) -> list[object]:
+    """What one sequence of `tokens` tokens streams through the loop (its text goes to `sink`)."""
     relay_sink.set(sink)
-    request = GenerationRequest("", SamplingParams(max_tokens=60, ignore_eos=True))
+    request = GenerationRequest("", SamplingParams(max_tokens=tokens, ignore_eos=True))
     try:
-        items = [item async for item in stream_sequence(
-            scheduler, lambda emit: Sequence(request, [1, 2], 60, emit))]
+        return [item async for item in stream_sequence(
+            scheduler, lambda emit: Sequence(request, [1, 2], tokens, emit))]
     finally:
         scheduler.close()
         loop.stop()
+
+
+@pytest.mark.parametrize("takes", [1, 3])
+async def test_deltas_go_direct_where_the_sink_takes_them_and_stay_in_order(takes: int) -> None:
+    loop = DecodeLoop()
+    sink = RefusingSink(takes)
+    items = await _stream(Counting(loop), loop, sink, 60)
     assert [text for _, text in sink.got] == [f"{i} " for i in range(60)]  # every token once, in order
     ways = {how for how, _ in sink.got}
     assert ways == ({"direct"} if takes == 1 else {"direct", "relay"})
@@ -136,14 +140,7 @@ async def test_a_holding_scheduler_sends_text_as_the_next_step_ends_but_the_firs
     loop = DecodeLoop()
     sink = RefusingSink(1)
     scheduler = Holding(loop, sink, silent_first)
-    relay_sink.set(sink)
-    request = GenerationRequest("", SamplingParams(max_tokens=40, ignore_eos=True))
-    try:
-        items = [item async for item in stream_sequence(
-            scheduler, lambda emit: Sequence(request, [1, 2], 40, emit))]
-    finally:
-        scheduler.close()
-        loop.stop()
+    items = await _stream(scheduler, loop, sink, 40)
     first = 1 if silent_first else 0  # the token of the first text
     texts = [f"{i} " for i in range(first, 40)]
     assert [text for _, text in sink.got] == texts  # every text once, in order, before the end
