@@ -40,7 +40,7 @@ def test_the_installed_llama_cpp_is_built_with_laas_patches() -> None:
     version = importlib.metadata.version("llama-cpp-python")
     machine, flags, _ = this_machine()
     patches = patches_in(PATCHES)
-    assert [p.name for p in patches] == ["ggml-cpu-q4_1-dot-2x2-x86.patch"]
+    assert [p.name for p in patches] == ["ggml-cpu-flash-attn-f16-blocks.patch", "ggml-cpu-q4_1-dot-2x2-x86.patch"]
     patched = replace(native_build(machine, flags), patches=patches)
     installed = (Path(sys.prefix) / BUILD_STAMP).read_text().split()[0]
     assert installed == patched.key(version)
