@@ -78,7 +78,10 @@ def test_chat_with_system_message_and_history(client: Client) -> None:
 
 def test_multibyte_characters_are_never_split(client: Client) -> None:
     for prompt in ("日本の首都は", "Emoji party: 😀😃😄😁🎉"):
-        for max_tokens in (7, 8, 9, 40):  # cuts that may fall inside a character
+        # Cuts that may fall inside a character. Not at 40 tokens: there the greedy answer to the first prompt
+        # is itself invalid UTF-8 (a character left unfinished before its last token), which decodes, rightly,
+        # as U+FFFD.
+        for max_tokens in (7, 8, 9, 30):
             chunks = list(client.generate(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True))
             text = "".join(c.text for c in chunks)
             assert "\ufffd" not in text, (prompt, max_tokens, text)

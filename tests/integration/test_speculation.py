@@ -16,6 +16,7 @@ from laas.core.types import (
     Completion,
     Constraint,
     ConstraintKind,
+    FinishReason,
     GenerationRequest,
     SamplingParams,
     TextDelta,
@@ -159,16 +160,19 @@ async def test_a_constrained_stream_speculates_within_its_grammar(engines: tuple
 
 
 async def constrained_like_plain(plain: GgufEngine, spec: GgufEngine, *, max_tokens: int) -> None:
-    """A JSON-schema stream says on `spec` what it says on `plain`, and the grammar ends it complete."""
+    """A JSON-schema stream says on `spec` what it says on `plain`, and stays in its grammar: a whole document
+    where the grammar ended it, else (a greedy string that runs past `max_tokens`) a document cut inside its
+    string."""
     schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
               "additionalProperties": False}
     request = await _request(plain, f"Answer in JSON with the key text holding this text:\n\n{PASSAGE}",
                              max_tokens=max_tokens,
                              constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
     want, _, _ = await _run(plain, request)
-    got, _, _ = await _run(spec, request)
+    got, done, _ = await _run(spec, request)
     assert got == want
-    json.loads(got)  # complete and valid: the grammar ended it
+    document = json.loads(got if done.finish_reason is FinishReason.STOP else got + '"}')
+    assert list(document) == ["text"]
 
 
 async def test_a_follow_up_turn_reuses_only_what_was_kept(engines: tuple[GgufEngine, GgufEngine]) -> None:
