@@ -65,6 +65,7 @@ def run(n_kv: int, rows: int, seed: int = 0) -> dict[str, object]:
         exact[:, h] = (w / w.sum(axis=1, keepdims=True)) @ vh
     return {"max_error": float(np.max(np.abs(got - exact))), "max_magnitude": float(np.max(np.abs(exact)))}
 
+
 if __name__ == "__main__":
     n_kv, rows, *rest = (int(a) for a in sys.argv[1:])
     print(json.dumps(run(n_kv, rows, *rest)))

@@ -79,8 +79,8 @@ def test_chat_with_system_message_and_history(client: Client) -> None:
 def test_multibyte_characters_are_never_split(client: Client) -> None:
     for prompt in ("日本の首都は", "Emoji party: 😀😃😄😁🎉"):
         # Cuts that may fall inside a character. Not at 40 tokens: there the greedy answer to the first prompt
-        # is itself invalid UTF-8 (a character left unfinished before its last token), which decodes, rightly,
-        # as U+FFFD.
+        # ends in U+FFFD just before its last token's text, which points at the model's own bytes being invalid
+        # UTF-8 (a character left unfinished), not at a cut; not checked token by token.
         for max_tokens in (7, 8, 9, 30):
             chunks = list(client.generate(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True))
             text = "".join(c.text for c in chunks)

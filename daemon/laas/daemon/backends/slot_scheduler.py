@@ -143,8 +143,8 @@ class SlotScheduler:
 
     runtime = "the engine"  # named in the error a native failure ends the streams with
     kv_cells = 0  # KV cells in all (the subclass sets it from its cache)
-    # A subclass that calls flush_held() once its step's compute has started the next step (see _emit) holds
-    # a sink's text deltas until then.
+    # A subclass that calls flush_held() as each step's compute ends (see _emit) holds a sink's text deltas
+    # after a stream's first until then.
     holds_deltas = False
 
     def __init__(self, *, parallel: int, n_ctx: int, on_token: Callable[[], None], loop: DecodeLoop,
